@@ -1,0 +1,52 @@
+# ecomrec: every set-up step lives here, so a fresh machine needs only `make demo` / `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Data directory: $ECOMREC_DATA_DIR if set, else ../shared/data.
+export ECOMREC_DATA_DIR ?= $(abspath ../shared/data)
+export OPENBLAS_NUM_THREADS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install protos demo test lint format bench-quality clean
+
+# The venv is created when missing; torch is pinned to the CPU wheel (an unpinned torch pulls
+# a multi-GB CUDA build), then the project with its dev extras.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# gRPC stubs from protos/ with the pinned grpcio-tools (generated code is git-ignored).
+protos: install
+	@if [ -f serving/gen_protos.py ]; then $(BIN)/python serving/gen_protos.py; fi
+
+# The main job, end to end on the embedded default.
+demo: protos
+	$(BIN)/python -m ecomrec demo
+
+lint: install protos
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# All tests (CI runs exactly this). Triton tests need the separate venv (numpy<2).
+test: lint
+	@if [ -f serving/triton_venv.sh ]; then bash serving/triton_venv.sh; fi
+	$(BIN)/python -m pytest -q
+
+bench-quality: install
+	$(BIN)/python benchmarks/quality.py --dataset beauty --models popularity,als,bpr,itemknn --ties file --out results/quality_beauty_file.json
+	$(BIN)/python benchmarks/quality.py --dataset beauty --models popularity,als,bpr,itemknn --ties shuffle --out results/quality_beauty_shuffle.json
+	$(BIN)/python benchmarks/quality.py --dataset online-retail --models popularity,als,bpr,itemknn --out results/quality_online_retail.json
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``ecomrec`` command line: dispatches to each package's ``cli.register``."""

@@ -1,0 +1,1 @@
+"""Training: splits, full-ranking evaluation, baselines, tower training, segment models."""

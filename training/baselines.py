@@ -1,0 +1,289 @@
+"""Baselines behind the :class:`~training.retriever.Retriever` protocol.
+
+Popularity, and from ``implicit``: ALS, BPR and item-item cosine kNN. The
+collaborative-filtering models are refit on train+validation before the test with the
+hyperparameters chosen on validation (``refit_on_train_valid = True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from towers.config import from_dict, to_dict
+from towers.errors import ModelError
+from towers.sequences import Interactions
+from training.splits import Targets
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _check_fitted(x: object, name: str) -> None:
+    if x is None:
+        raise ModelError(f"{name} is not fitted: call fit() or load() first")
+
+
+def _write(path: Path, kind: str, config: Any, arrays: dict[str, np.ndarray]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "weights.npz", **arrays)  # type: ignore[arg-type]
+    (path / "retriever.json").write_text(
+        json.dumps({"kind": kind, "config": to_dict(config)}, indent=2)
+    )
+
+
+def _read(path: Path, kind: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    meta_path = path / "retriever.json"
+    if not meta_path.exists():
+        raise ModelError(f"no saved retriever in {path}")
+    meta = json.loads(meta_path.read_text())
+    if meta["kind"] != kind:
+        raise ModelError(f"{path} holds a {meta['kind']!r} model, not {kind!r}")
+    with np.load(path / "weights.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta["config"], arrays
+
+
+# --- popularity -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PopularityConfig:
+    recent_days: int | None = None  # count only the last N days of the history (None: all)
+
+
+class Popularity:
+    """Ranks items by how often they occur in the fitted history."""
+
+    name = "popularity"
+    refit_on_train_valid = True
+    grid: ClassVar[list[dict[str, Any]]] = [{}]
+
+    def __init__(self, config: PopularityConfig = PopularityConfig()) -> None:
+        self.config = config
+        self.counts: np.ndarray | None = None
+
+    def fit(self, train: Interactions, valid: Targets | None = None) -> None:
+        if self.config.recent_days is not None:
+            cutoff = int(train.ts.max(initial=0)) - self.config.recent_days * 86400
+            items = train.items[train.ts >= cutoff]
+            c = np.bincount(items, minlength=train.n_items + 1).astype(np.float32)
+        else:
+            c = train.item_counts().astype(np.float32)
+        c[0] = 0
+        self.counts = c
+
+    def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
+        _check_fitted(self.counts, self.name)
+        assert self.counts is not None
+        return np.broadcast_to(self.counts, (len(users), len(self.counts))).copy()
+
+    def save(self, path: Path) -> None:
+        _check_fitted(self.counts, self.name)
+        assert self.counts is not None
+        _write(Path(path), self.name, self.config, {"counts": self.counts})
+
+    @classmethod
+    def load(cls, path: Path) -> Popularity:
+        cfg, arr = _read(Path(path), cls.name)
+        m = cls(from_dict(PopularityConfig, cfg))
+        m.counts = arr["counts"]
+        return m
+
+
+# --- matrix factorisation (ALS, BPR) ----------------------------------------------------
+@dataclass(frozen=True)
+class ALSConfig:
+    factors: int = 128
+    regularization: float = 0.1
+    alpha: float = 40.0
+    iterations: int = 15
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BPRConfig:
+    factors: int = 64
+    learning_rate: float = 0.01
+    regularization: float = 0.01
+    iterations: int = 100
+    seed: int = 0
+
+
+class _FactorModel:
+    """Scores = user factors . item factors; users unseen at fit time score zero."""
+
+    name: ClassVar[str]
+    refit_on_train_valid = True
+    user_factors: np.ndarray | None
+    item_factors: np.ndarray | None
+    config: Any
+
+    def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
+        _check_fitted(self.item_factors, self.name)
+        assert self.user_factors is not None and self.item_factors is not None
+        uf = self.user_factors[np.minimum(users, len(self.user_factors) - 1)]  # (B, F)
+        s = uf @ self.item_factors.T  # (B, N+1)
+        out = np.zeros((len(users), history.n_items + 1), np.float32)
+        n = min(out.shape[1], s.shape[1])
+        out[:, :n] = s[:, :n]
+        return out
+
+    def save(self, path: Path) -> None:
+        _check_fitted(self.item_factors, self.name)
+        assert self.user_factors is not None and self.item_factors is not None
+        _write(
+            Path(path),
+            self.name,
+            self.config,
+            {"user": self.user_factors, "item": self.item_factors},
+        )
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return np.asarray(x.to_numpy() if hasattr(x, "to_numpy") else x, dtype=np.float32)
+
+
+class ALS(_FactorModel):
+    """``implicit`` alternating least squares (confidence 1 + alpha * count)."""
+
+    name = "als"
+    grid: ClassVar[list[dict[str, Any]]] = [
+        {"factors": f, "regularization": r, "alpha": a}
+        for f in (128, 256)
+        for r in (0.1, 1.0)
+        for a in (10.0, 40.0)
+    ]
+
+    def __init__(self, config: ALSConfig = ALSConfig()) -> None:
+        self.config = config
+        self.user_factors = None
+        self.item_factors = None
+
+    def fit(self, train: Interactions, valid: Targets | None = None) -> None:
+        from implicit.als import AlternatingLeastSquares
+
+        c = self.config
+        m = AlternatingLeastSquares(
+            factors=c.factors,
+            regularization=c.regularization,
+            alpha=c.alpha,
+            iterations=c.iterations,
+            random_state=c.seed,
+            calculate_training_loss=False,
+        )
+        m.fit(train.to_csr(binary=False), show_progress=False)
+        self.user_factors, self.item_factors = _to_numpy(m.user_factors), _to_numpy(m.item_factors)
+
+    @classmethod
+    def load(cls, path: Path) -> ALS:
+        cfg, arr = _read(Path(path), cls.name)
+        m = cls(from_dict(ALSConfig, cfg))
+        m.user_factors, m.item_factors = arr["user"], arr["item"]
+        return m
+
+
+class BPR(_FactorModel):
+    """``implicit`` Bayesian personalised ranking (SGD on sampled triples)."""
+
+    name = "bpr"
+    grid: ClassVar[list[dict[str, Any]]] = [
+        {"factors": f, "learning_rate": lr} for f in (64, 128) for lr in (0.01, 0.05)
+    ]
+
+    def __init__(self, config: BPRConfig = BPRConfig()) -> None:
+        self.config = config
+        self.user_factors = None
+        self.item_factors = None
+
+    def fit(self, train: Interactions, valid: Targets | None = None) -> None:
+        from implicit.bpr import BayesianPersonalizedRanking
+
+        c = self.config
+        m = BayesianPersonalizedRanking(
+            factors=c.factors,
+            learning_rate=c.learning_rate,
+            regularization=c.regularization,
+            iterations=c.iterations,
+            random_state=c.seed,
+        )
+        m.fit(train.to_csr(), show_progress=False)
+        self.user_factors, self.item_factors = _to_numpy(m.user_factors), _to_numpy(m.item_factors)
+
+    @classmethod
+    def load(cls, path: Path) -> BPR:
+        cfg, arr = _read(Path(path), cls.name)
+        m = cls(from_dict(BPRConfig, cfg))
+        m.user_factors, m.item_factors = arr["user"], arr["item"]
+        return m
+
+
+# --- item-item kNN ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ItemKNNConfig:
+    neighbours: int = 100
+
+
+class ItemKNN:
+    """``implicit`` item-item cosine kNN; a user's score is the sum of similarities to the
+    items of the history passed to :meth:`score` (so it needs no refit for new history)."""
+
+    name = "itemknn"
+    refit_on_train_valid = True
+    grid: ClassVar[list[dict[str, Any]]] = [{"neighbours": k} for k in (20, 100, 400)]
+
+    def __init__(self, config: ItemKNNConfig = ItemKNNConfig()) -> None:
+        self.config = config
+        self.similarity: sp.csr_matrix | None = None
+
+    def fit(self, train: Interactions, valid: Targets | None = None) -> None:
+        from implicit.nearest_neighbours import CosineRecommender
+
+        m = CosineRecommender(K=self.config.neighbours)
+        m.fit(train.to_csr(), show_progress=False)
+        self.similarity = sp.csr_matrix(m.similarity)
+
+    def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
+        _check_fitted(self.similarity, self.name)
+        assert self.similarity is not None
+        ui = history.to_csr()[users]  # (B, N+1)
+        s = ui @ self.similarity
+        out = np.zeros((len(users), history.n_items + 1), np.float32)
+        dense = np.asarray(s.todense(), dtype=np.float32)
+        n = min(out.shape[1], dense.shape[1])
+        out[:, :n] = dense[:, :n]
+        return out
+
+    def save(self, path: Path) -> None:
+        _check_fitted(self.similarity, self.name)
+        assert self.similarity is not None
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sp.save_npz(path / "similarity.npz", self.similarity)
+        (path / "retriever.json").write_text(
+            json.dumps({"kind": self.name, "config": to_dict(self.config)})
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> ItemKNN:
+        path = Path(path)
+        meta_path = path / "retriever.json"
+        if not meta_path.exists():
+            raise ModelError(f"no saved retriever in {path}")
+        meta = json.loads(meta_path.read_text())
+        if meta["kind"] != cls.name:
+            raise ModelError(f"{path} holds a {meta['kind']!r} model, not {cls.name!r}")
+        m = cls(from_dict(ItemKNNConfig, meta["config"]))
+        m.similarity = sp.load_npz(path / "similarity.npz").tocsr()
+        return m
+
+
+BASELINES: dict[str, tuple[Any, Any]] = {
+    "popularity": (Popularity, PopularityConfig),
+    "als": (ALS, ALSConfig),
+    "bpr": (BPR, BPRConfig),
+    "itemknn": (ItemKNN, ItemKNNConfig),
+}

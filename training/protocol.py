@@ -1,0 +1,117 @@
+"""The benchmark protocol: choose hyperparameters on validation, then test honestly.
+
+CF models (``refit_on_train_valid``): every grid point is fit on ``train`` and scored on
+the validation targets; the best (by validation NDCG@10) is refit on ``train_valid`` and
+tested with ``train_valid`` as history. Sequential models are fit once (their own early
+stopping uses validation) and read ``train_valid`` as the input sequence at test time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from towers.config import to_dict
+from training.evaluation import evaluate
+from training.retriever import Retriever
+from training.splits import Split
+
+log = logging.getLogger(__name__)
+
+SELECT_METRIC = "ndcg@10"
+
+
+@dataclass
+class ModelResult:
+    name: str
+    config: dict[str, Any]
+    test: dict[str, float]
+    valid: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+    grid: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_protocol(
+    name: str,
+    make: Callable[[dict[str, Any]], Retriever],
+    grid: list[dict[str, Any]],
+    split: Split,
+    ks: tuple[int, ...] = (5, 10, 20),
+    progress: bool = True,
+) -> ModelResult:
+    """Fit, select on validation, (refit,) and test one model family."""
+    best: tuple[float, dict[str, Any], dict[str, float]] | None = None
+    tried = []
+    train_seconds = 0.0
+    model: Retriever | None = None
+    for params in grid:
+        t0 = time.perf_counter()
+        model = make(params)
+        model.fit(split.train, split.valid)
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        v = evaluate(
+            model.score, split.valid, split.train, ks, progress=progress, desc=f"{name} valid"
+        )
+        tried.append(
+            {"params": params, "valid_" + SELECT_METRIC: v[SELECT_METRIC], "fit_seconds": dt}
+        )
+        log.info("%s %s valid %s=%.4f (%.1fs)", name, params, SELECT_METRIC, v[SELECT_METRIC], dt)
+        if best is None or v[SELECT_METRIC] > best[0]:
+            best = (v[SELECT_METRIC], params, v)
+    assert best is not None and model is not None
+    _, params, valid = best
+    t0 = time.perf_counter()
+    final = make(params)
+    if final.refit_on_train_valid:
+        final.fit(split.train_valid, None)
+    elif params is grid[-1]:
+        final = model  # sequential model: the last one fitted is the chosen one
+    else:
+        final.fit(split.train, split.valid)
+    refit_seconds = time.perf_counter() - t0
+    test = evaluate(
+        final.score, split.test, split.train_valid, ks, progress=progress, desc=f"{name} test"
+    )
+    cfg = getattr(final, "config", None)
+    return ModelResult(
+        name=name,
+        config=to_dict(cfg)
+        if cfg is not None and hasattr(cfg, "__dataclass_fields__")
+        else dict(params),
+        test=test,
+        valid=valid,
+        train_seconds=train_seconds + refit_seconds,
+        eval_seconds=test["eval_seconds"],
+        grid=tried,
+    )
+
+
+def with_params(config: Any, params: dict[str, Any]) -> Any:
+    """A copy of a frozen config with ``params`` replaced."""
+    return replace(config, **params)
+
+
+def model_family(
+    spec: str, dataset: Any = None
+) -> tuple[str, Callable[[dict[str, Any]], Retriever], list[dict[str, Any]]]:
+    """``popularity``, ``als``, ``bpr``, ``itemknn`` or ``two-tower[:CONFIG.toml]`` ->
+    (name, factory from grid params, grid)."""
+    from towers.config import from_dict
+    from towers.errors import ConfigError
+    from training.baselines import BASELINES
+
+    name, _, arg = spec.partition(":")
+    if name in BASELINES:
+        cls, cfg_cls = BASELINES[name]
+        return name, (lambda p: cls(from_dict(cfg_cls, p))), list(cls.grid)
+    if name == "two-tower":
+        from training.two_tower import TwoTowerRetriever
+
+        cfg_path = arg or None
+        return name, (lambda p: TwoTowerRetriever.for_dataset(dataset, cfg_path)), [{}]
+    raise ConfigError(f"unknown model {spec!r}; known: {sorted(BASELINES)} and two-tower[:CONFIG]")
