@@ -23,7 +23,7 @@ install: $(BIN)/.installed
 
 # gRPC stubs from protos/ with the pinned grpcio-tools (generated code is git-ignored).
 protos: install
-	@if [ -f serving/gen_protos.py ]; then $(BIN)/python serving/gen_protos.py; fi
+	$(BIN)/python -m serving.gen_protos
 
 # The main job, end to end on the embedded default.
 demo: protos

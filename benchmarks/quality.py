@@ -132,4 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from towers.errors import EcomrecError
+
+    try:
+        main()
+    except EcomrecError as e:
+        raise SystemExit(f"quality.py: error: {e}") from None

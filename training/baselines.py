@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -191,7 +192,7 @@ class BPR(_FactorModel):
 
     name = "bpr"
     grid: ClassVar[list[dict[str, Any]]] = [
-        {"factors": f, "learning_rate": lr} for f in (64, 128) for lr in (0.01, 0.05)
+        {"factors": f, "learning_rate": lr} for f in (128, 256) for lr in (0.05, 0.1)
     ]
 
     def __init__(self, config: BPRConfig = BPRConfig()) -> None:
@@ -233,7 +234,7 @@ class ItemKNN:
 
     name = "itemknn"
     refit_on_train_valid = True
-    grid: ClassVar[list[dict[str, Any]]] = [{"neighbours": k} for k in (20, 100, 400)]
+    grid: ClassVar[list[dict[str, Any]]] = [{"neighbours": k} for k in (100, 400, 1000)]
 
     def __init__(self, config: ItemKNNConfig = ItemKNNConfig()) -> None:
         self.config = config
@@ -243,7 +244,12 @@ class ItemKNN:
         from implicit.nearest_neighbours import CosineRecommender
 
         m = CosineRecommender(K=self.config.neighbours)
-        m.fit(train.to_csr(), show_progress=False)
+        with warnings.catch_warnings():
+            # implicit's own all_pairs_knn converts an internal COO matrix and warns about it
+            from implicit.utils import ParameterWarning
+
+            warnings.simplefilter("ignore", category=ParameterWarning)
+            m.fit(train.to_csr(), show_progress=False)
         self.similarity = sp.csr_matrix(m.similarity)
 
     def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
