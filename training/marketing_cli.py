@@ -1,0 +1,310 @@
+"""``ecomrec segments|campaign|churn`` subcommands (wired into ``ecomrec/cli.py`` by ``register``).
+
+    ecomrec segments report --dataset online-retail --out DIR [--run RUN_DIR] [--k K]
+    ecomrec segments export --dataset online-retail --out DIR [--raw-ids] [--salt S]
+                            [--previous PREV_EXPORT_DIR]
+    ecomrec campaign audience --text "christmas lights" --k 500 [--segment "At Risk"]
+    ecomrec campaign audience --items 85123A,22423 --k 500
+    ecomrec campaign plan --segment "At Risk" --k 5 [--limit 20]
+    ecomrec campaign evaluate [--n 200]
+    ecomrec churn evaluate --dataset online-retail --horizon-days 90 [--modes frozen,lora,full]
+    ecomrec churn truncate --dataset online-retail --horizon-days 90 --out results/or_pre_cutoff
+
+Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="online-retail", help="dataset name or path")
+    p.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")
+    p.add_argument(
+        "--run", default=None, help="trained towers run directory (user tower embeddings)"
+    )
+    p.add_argument("--horizon-days", type=int, default=90)
+    p.add_argument(
+        "--k-segments", type=int, default=None, help="k for k-means (default: silhouette)"
+    )
+    p.add_argument("--with-rfm", action="store_true", help="cluster on embeddings + RFM features")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from towers.config import from_dict
+    from training.export import MarketingConfig
+
+    seg: dict[str, Any] = {"with_rfm": bool(args.with_rfm)}
+    if args.k_segments is not None:
+        seg["k"] = args.k_segments
+    return from_dict(
+        MarketingConfig,
+        {
+            "dataset": args.dataset,
+            "source": "tower" if args.run else "text",
+            "churn": {"horizon_days": args.horizon_days},
+            "segments": seg,
+        },
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from towers.loaders import load_dataset
+
+    return load_dataset(args.dataset, data_dir=args.data_dir)
+
+
+def _score(args: argparse.Namespace, ds: Any, previous: Any = None) -> Any:
+    from training.export import score_customers
+
+    return score_customers(ds, _config(args), run_dir=args.run, previous=previous)
+
+
+# --------------------------------------------------------------------------- segments
+def _segments_report(args: argparse.Namespace) -> int:
+    from training.churn import TASKS, compare
+    from training.report import write_report
+
+    ds = _load(args)
+    scored = _score(args, ds)
+    cfg = _config(args)
+    comp = compare(ds, cfg.churn, source=cfg.source, run_dir=args.run, modes=("frozen",))
+    preds = {k: v for k, v in comp.predictions.items() if k != "ours"}
+    evaluation = {t: (comp.test.label(t), preds) for t in TASKS}
+    path = write_report(args.out, scored, evaluation, title=f"ecomrec segments: {ds.name}")
+    print(path)
+    return 0
+
+
+def _segments_export(args: argparse.Namespace) -> int:
+    from training.export import load_previous_segments, write_export
+
+    ds = _load(args)
+    prev = load_previous_segments(args.previous) if args.previous else None
+    scored = _score(args, ds, prev)
+    manifest = write_export(args.out, scored, ds, raw_ids=args.raw_ids, salt=args.salt)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- campaign
+def _vectors(args: argparse.Namespace, ds: Any, scored: Any) -> tuple[Any, Any]:
+    """(item_vectors (N+1, D) by item id, embed_text) in the same space as the user vectors."""
+    import numpy as np
+
+    if args.run:
+        from towers.inference import load_run
+
+        tm = load_run(args.run)
+        iv = np.zeros((ds.n_items + 1, tm.dim), np.float32)
+        iv[ds.items["item_id"].to_numpy()] = tm.embed_items(ds.items)
+        return iv, tm.embed_text
+    from towers.text_encoder import catalogue_text_embeddings, encode_texts
+
+    items = ds.items.sort("item_id")
+    txt = catalogue_text_embeddings(items)
+    iv = np.zeros((ds.n_items + 1, txt.shape[1]), np.float32)
+    iv[items["item_id"].to_numpy()] = txt
+    return iv, lambda texts: encode_texts(list(texts))
+
+
+def _campaign_audience(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from training.campaign import ExactUserSearch, query_from_items, segment_mask
+
+    if not args.text and not args.items:
+        print("give --text or --items", file=sys.stderr)
+        return 2
+    ds = _load(args)
+    scored = _score(args, ds)
+    iv, embed = _vectors(args, ds, scored)
+    if args.text:
+        q = embed([args.text])[0]
+    else:
+        ids = [ds.item_ids.to_internal(s.strip()) for s in args.items.split(",") if s.strip()]
+        q = query_from_items(ids, iv)
+    search = ExactUserSearch(scored.users, scored.embeddings)
+    users, scores = search.search(q, args.k, segment_mask(scored.table, args.segment))
+    row = {int(u): i for i, u in enumerate(scored.users.tolist())}
+    t = scored.table
+    out = pl.DataFrame(
+        {
+            "customer": [ds.users.to_external(int(u)) for u in users],
+            "score": scores,
+            "rfm_segment": [t["rfm_segment"][row[int(u)]] for u in users],
+            "segment": [t["segment_name"][row[int(u)]] for u in users],
+            "churn_probability": [t["churn_probability"][row[int(u)]] for u in users],
+        }
+    )
+    _emit(out, args.out)
+    return 0
+
+
+def _campaign_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+    import polars as pl
+
+    from training.campaign import bought_before, plan_for_users, segment_mask
+
+    ds = _load(args)
+    scored = _score(args, ds)
+    iv, _ = _vectors(args, ds, scored)
+    mask = segment_mask(scored.table, args.segment)
+    rows = np.flatnonzero(mask) if mask is not None else np.arange(len(scored.users))
+    # customers most worth a plan first: highest predicted spend
+    spend = scored.table["predicted_spend"].to_numpy()[rows]
+    rows = rows[np.argsort(-spend, kind="stable")][: args.limit]
+    users = scored.users[rows]
+    titles = dict(zip(ds.items["item_id"].to_list(), ds.items["title"].fill_null("").to_list()))
+    plans = plan_for_users(
+        users,
+        scored.embeddings[rows],
+        iv,
+        bought_before(ds, scored.now_ts, users),
+        titles,
+        k=args.k,
+    )
+    recs = []
+    for p in plans:
+        for rank, (it, s, why) in enumerate(zip(p.items, p.scores, p.reasons), start=1):
+            recs.append(
+                {
+                    "customer": ds.users.to_external(p.user_id),
+                    "rank": rank,
+                    "item": ds.item_ids.to_external(it),
+                    "title": titles.get(it, ""),
+                    "score": s,
+                    "reason": why,
+                }
+            )
+    _emit(pl.DataFrame(recs), args.out)
+    return 0
+
+
+def _campaign_evaluate(args: argparse.Namespace) -> int:
+    from training.campaign import theme_precision
+    from training.churn import temporal_split
+    from training.segments import user_embeddings
+
+    ds = _load(args)
+    cfg = _config(args)
+    _, test = temporal_split(ds, cfg.churn)
+    emb = user_embeddings(ds, test.cutoff_ts, test.users, source=cfg.source, run_dir=args.run)
+    _, embed = _vectors(args, ds, None)
+    res = theme_precision(
+        ds, test.table, emb, embed, test.cutoff_ts, cfg.churn.horizon_days, n=args.n
+    )
+    _emit(res, args.out)
+    return 0
+
+
+def _emit(df: Any, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if out.endswith(".parquet"):
+            df.write_parquet(out)
+        else:
+            df.write_csv(out)
+        print(f"wrote {df.height} rows to {out}")
+    else:
+        import polars as pl
+
+        with pl.Config(tbl_rows=50, tbl_cols=10, fmt_str_lengths=60):
+            print(df)
+
+
+# --------------------------------------------------------------------------- churn
+def _churn_evaluate(args: argparse.Namespace) -> int:
+    from towers.config import from_dict
+    from training.churn import ChurnConfig, compare
+
+    ds = _load(args)
+    cfg = from_dict(ChurnConfig, {"horizon_days": args.horizon_days})
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    comp = compare(ds, cfg, source="tower" if args.run else "text", run_dir=args.run, modes=modes)
+    res = {"metrics": comp.metrics, "info": comp.info}
+    text = json.dumps(res, indent=2, default=float)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _churn_truncate(args: argparse.Namespace) -> int:
+    from training.churn import pre_cutoff_dataset
+
+    ds = pre_cutoff_dataset(_load(args), args.horizon_days)
+    ds.save(args.out)
+    print(f"saved {ds.name} ({ds.events.height:,} events) to {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``segments``, ``campaign`` and ``churn`` subcommands."""
+    seg = sub.add_parser("segments", help="RFM and behavioural segments: report, analyst export")
+    ss = seg.add_subparsers(dest="segments_cmd", required=True)
+    p = ss.add_parser("report", help="HTML report with plots")
+    _common(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_segments_report)
+    p = ss.add_parser("export", help="analyst Parquet export (pseudonymised ids by default)")
+    _common(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--raw-ids", action="store_true", help="export RAW customer ids (explicit opt-in)"
+    )
+    p.add_argument(
+        "--salt", default=None, help="pseudonymisation salt (default $ECOMREC_EXPORT_SALT)"
+    )
+    p.add_argument("--previous", default=None, help="previous export dir: keep segment ids stable")
+    p.set_defaults(func=_segments_export)
+
+    camp = sub.add_parser("campaign", help="campaign audiences and per-customer plans")
+    cs = camp.add_subparsers(dest="campaign_cmd", required=True)
+    p = cs.add_parser("audience", help="customers nearest to a text or to products")
+    _common(p)
+    p.add_argument("--text", default=None)
+    p.add_argument("--items", default=None, help="comma-separated external item ids")
+    p.add_argument("--k", type=int, default=500)
+    p.add_argument(
+        "--segment", default=None, help="RFM segment name or behavioural segment id/name"
+    )
+    p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
+    p.set_defaults(func=_campaign_audience)
+    p = cs.add_parser("plan", help="top products with a reason for each customer of a segment")
+    _common(p)
+    p.add_argument("--segment", default=None)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument(
+        "--limit", type=int, default=20, help="customers (highest predicted spend first)"
+    )
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_campaign_plan)
+    p = cs.add_parser("evaluate", help="offline audience precision@N per product theme")
+    _common(p)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_campaign_evaluate)
+
+    ch = sub.add_parser("churn", help="churn / high-value models")
+    chs = ch.add_subparsers(dest="churn_cmd", required=True)
+    p = chs.add_parser("evaluate", help="BG/NBD vs GBDT vs heads on the temporal split")
+    _common(p)
+    p.add_argument("--modes", default="frozen", help="comma list of frozen,lora,full")
+    p.add_argument("--out", default=None, help="JSON file")
+    p.set_defaults(func=_churn_evaluate)
+    p = chs.add_parser(
+        "truncate", help="save the dataset cut before the test cutoff (to train a leak-free tower)"
+    )
+    _common(p)
+    p.add_argument("--out", required=True, help="output directory (a saved Dataset)")
+    p.set_defaults(func=_churn_truncate)

@@ -1,0 +1,234 @@
+"""HTML segment report with inline PNG plots (matplotlib, Agg backend).
+
+Sections: behavioural segment sizes and profiles, a 2-D map of the customers coloured
+by segment (PCA of the embeddings), the RFM heatmap (customers and mean spend per R x F
+score), churn rate by behavioural and RFM segment, and calibration and lift charts of
+the churn / high-value models evaluated on the held-out cutoff.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from training.churn import Predictions, binary_metrics, calibration_curve
+from training.export import ScoredCustomers
+from training.rfm import SEGMENTS
+
+log = logging.getLogger(__name__)
+
+
+def _fig_png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """(n, 2) projection on the first two principal components."""
+    z = x.astype(np.float64) - x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    return np.asarray(z @ vt[:2].T)
+
+
+def plot_sizes(scored: ScoredCustomers) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = [f"{p['segment']}: {p['name']}" for p in scored.profiles]
+    ax.barh(names[::-1], [p["size"] for p in scored.profiles][::-1], color="#4c72b0")
+    ax.set_xlabel("customers")
+    ax.set_title("Behavioural segment sizes")
+    return _fig_png(fig)
+
+
+def plot_map(scored: ScoredCustomers, max_points: int = 4000, seed: int = 0) -> str:
+    plt = _plt()
+    xy = pca_2d(scored.embeddings)
+    seg = scored.table["segment_id"].to_numpy()
+    idx = np.arange(len(xy))
+    if len(idx) > max_points:
+        idx = np.random.default_rng(seed).choice(idx, max_points, replace=False)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    cmap = plt.get_cmap("tab10")
+    for j, s in enumerate(sorted(set(seg.tolist()))):
+        m = idx[seg[idx] == s]
+        ax.scatter(xy[m, 0], xy[m, 1], s=5, alpha=0.6, color=cmap(j % 10), label=str(s))
+    ax.legend(title="segment", markerscale=3, fontsize=8)
+    ax.set_title("Customers (PCA of user embeddings)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _fig_png(fig)
+
+
+def rfm_grid(table: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(5, 5) customer counts and mean monetary per (R score row, F score column)."""
+    cnt = np.zeros((5, 5))
+    mon = np.full((5, 5), np.nan)
+    g = table.group_by("r_score", "f_score").agg(pl.len(), pl.col("monetary").mean())
+    for r, f, n, m in g.iter_rows():
+        cnt[int(r) - 1, int(f) - 1] = n
+        mon[int(r) - 1, int(f) - 1] = m
+    return cnt, mon
+
+
+def plot_rfm_heatmap(table: pl.DataFrame) -> str:
+    plt = _plt()
+    cnt, mon = rfm_grid(table)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(np.nan_to_num(mon), origin="lower", cmap="viridis")
+    for r in range(5):
+        for f in range(5):
+            ax.text(f, r, f"{int(cnt[r, f])}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(5), [str(i) for i in range(1, 6)])
+    ax.set_yticks(range(5), [str(i) for i in range(1, 6)])
+    ax.set_xlabel("F score")
+    ax.set_ylabel("R score")
+    ax.set_title("RFM: customers (numbers), mean spend (colour)")
+    fig.colorbar(im, ax=ax, label="mean monetary")
+    return _fig_png(fig)
+
+
+def plot_churn_by_segment(scored: ScoredCustomers) -> str:
+    plt = _plt()
+    t = scored.table
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    g = t.group_by("segment_id").agg(pl.col("churn_probability").mean()).sort("segment_id")
+    axes[0].bar(
+        [str(s) for s in g["segment_id"].to_list()],
+        g["churn_probability"].to_numpy(),
+        color="#dd8452",
+    )
+    axes[0].set_title("Predicted churn by behavioural segment")
+    axes[0].set_xlabel("segment id")
+    g2 = t.group_by("rfm_segment").agg(pl.col("churn_probability").mean())
+    order = [s for s in SEGMENTS if s in set(g2["rfm_segment"].to_list())]
+    d = dict(g2.iter_rows())
+    axes[1].barh(order[::-1], [d[s] for s in order][::-1], color="#55a868")
+    axes[1].set_title("Predicted churn by RFM segment")
+    return _fig_png(fig)
+
+
+def plot_calibration_and_lift(y: np.ndarray, preds: dict[str, np.ndarray], task: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([0, 1], [0, 1], "k--", lw=0.8)
+    for name, p in preds.items():
+        c = calibration_curve(y, p)
+        axes[0].plot(c["predicted"], c["observed"], "o-", ms=3, label=name)
+    axes[0].set_xlabel("predicted probability")
+    axes[0].set_ylabel("observed rate")
+    axes[0].set_title(f"Calibration: {task}")
+    axes[0].legend()
+    frac = np.linspace(0.01, 1.0, 100)
+    for name, p in preds.items():
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(y[order]) / max(y.sum(), 1)
+        gains = cum[np.maximum((frac * len(y)).astype(int) - 1, 0)]
+        axes[1].plot(frac, gains, label=name)
+    axes[1].plot([0, 1], [0, 1], "k--", lw=0.8)
+    axes[1].set_xlabel("share of customers targeted")
+    axes[1].set_ylabel("share of positives reached")
+    axes[1].set_title(f"Cumulative gains (lift): {task}")
+    axes[1].legend()
+    return _fig_png(fig)
+
+
+def _table_html(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            elif isinstance(v, list):
+                v = ", ".join(str(x) for x in v)
+            cells.append(f"<td>{html.escape(str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(
+    out_dir: str | Path,
+    scored: ScoredCustomers,
+    evaluation: dict[str, tuple[np.ndarray, dict[str, Predictions]]] | None = None,
+    title: str = "ecomrec customer segments",
+) -> Path:
+    """Write ``report.html`` (self-contained, inline PNGs) into ``out_dir``; returns its path.
+
+    ``evaluation`` maps a task (``churn``/``high_value``) to (labels at the held-out cutoff,
+    {model name: predictions}) for the calibration and lift charts and the metric table.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Model version <code>{html.escape(scored.model_version)}</code>, config hash "
+        f"<code>{scored.config_hash}</code>, {scored.table.height:,} customers.</p>",
+        "<h2>Behavioural segments</h2>",
+        _table_html(
+            scored.profiles,
+            [
+                "segment",
+                "name",
+                "size",
+                "share",
+                "churn_rate",
+                "mean_monetary",
+                "mean_recency_days",
+                "price_tier",
+                "top_rfm_segment",
+                "top_products",
+                "top_words",
+            ],
+        ),
+        f'<img src="{plot_sizes(scored)}">',
+        f'<img src="{plot_map(scored)}">',
+        "<h2>RFM</h2>",
+        f'<img src="{plot_rfm_heatmap(scored.table)}">',
+        "<h2>Churn by segment</h2>",
+        f'<img src="{plot_churn_by_segment(scored)}">',
+    ]
+    if evaluation:
+        parts.append("<h2>Models on the held-out cutoff</h2>")
+        rows = []
+        for task, (y, preds) in evaluation.items():
+            for name, pr in preds.items():
+                rows.append({"task": task, "model": name, **binary_metrics(y, pr.of(task))})
+            parts.append(
+                f'<img src="{plot_calibration_and_lift(y, {n: p.of(task) for n, p in preds.items()}, task)}">'
+            )
+        parts.insert(
+            -len(evaluation),
+            _table_html(rows, ["task", "model", "roc_auc", "pr_auc", "brier", "lift@10"]),
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px}"
+        "img{max-width:100%;display:block;margin:8px 0}"
+    )
+    doc = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    path = out / "report.html"
+    path.write_text(doc)
+    log.info("report written to %s", path)
+    return path
