@@ -40,7 +40,7 @@ format: install
 
 # All tests (CI runs exactly this). Triton tests need the separate venv (numpy<2).
 test: lint
-	@if [ -f serving/triton_venv.sh ]; then bash serving/triton_venv.sh; fi
+	bash serving/triton_venv.sh
 	$(BIN)/python -m pytest -q
 
 bench-quality: install

@@ -1,0 +1,554 @@
+"""Build, verify, swap, roll back and incrementally update an index (backend-agnostic).
+
+Every write goes to a NEW version; the alias moves only after the version is sealed
+(HNSW built), verified (point count and recall@k of ANN vs exact search on real query
+vectors) and its manifest committed.  Any failure, or a crash, leaves the alias on the
+previous version; the next writer deletes the leftover incomplete version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from indexing.base import (
+    PAYLOAD_INDEXES,
+    IndexConfig,
+    IndexManifest,
+    ItemIndex,
+    VerificationError,
+    check_vectors,
+    config_dict,
+    new_version_name,
+)
+from indexing.store import IndexStore, exact_search, plain_payload
+from towers.config import config_hash as _config_hash
+from towers.errors import DataError, IndexUnavailableError, NotFoundError
+from towers.schema import ITEMS_SCHEMA, require_columns
+
+log = logging.getLogger(__name__)
+
+#: Catalogue columns an index build needs.
+CATALOG_COLUMNS: tuple[str, ...] = tuple(ITEMS_SCHEMA)
+
+
+def open_store(cfg: IndexConfig) -> IndexStore:
+    """The store for ``cfg.backend`` at ``cfg.location``."""
+    if cfg.backend == "edge":
+        from indexing.qdrant_edge import EdgeStore
+
+        return EdgeStore(cfg)
+    from indexing.qdrant_server import ServerStore
+
+    return ServerStore(cfg)
+
+
+def open_index(cfg: IndexConfig, alias: str | None = None) -> ItemIndex:
+    """A reader following ``alias`` (default ``cfg.alias``): what serving uses."""
+    return open_store(cfg).open(alias=alias)
+
+
+# -- payloads --------------------------------------------------------------------------------
+def category_path(category: str | None) -> list[str]:
+    """Every prefix of every ``" | "``-separated ``" > "`` path, in order, deduplicated."""
+    if not category:
+        return []
+    out: dict[str, None] = {}
+    for path in str(category).split(" | "):
+        parts = [p.strip() for p in path.split(">") if p.strip()]
+        for i in range(1, len(parts) + 1):
+            out[" > ".join(parts[:i])] = None
+    return list(out)
+
+
+def item_payloads(
+    items: pl.DataFrame,
+    model_version: str,
+    popularity: np.ndarray | None = None,
+    *,
+    source: str = "catalogue",
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Point ids ``(N,)`` and payloads for a canonical items frame.
+
+    ``popularity`` is indexed by item id (e.g. ``Interactions.item_counts()``); optional
+    catalogue columns ``in_stock`` (bool/0-1) and ``popularity`` override the defaults
+    (in stock, popularity from ``popularity`` or 0).
+    """
+    require_columns(items, CATALOG_COLUMNS, file=source)
+    if items.height == 0:
+        raise DataError("the catalogue has no items", file=source)
+    ids = items["item_id"].cast(pl.Int64).to_numpy()
+    if (ids < 1).any():
+        row = int(np.flatnonzero(ids < 1)[0])
+        raise DataError(
+            f"item ids must be >= 1, got {ids[row]}", file=source, row=row, column="item_id"
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise DataError("duplicate item ids", file=source, column="item_id")
+    stock = (
+        items["in_stock"].cast(pl.Int64).fill_null(1).to_list()
+        if "in_stock" in items.columns
+        else [1] * items.height
+    )
+    if "popularity" in items.columns:
+        pop = items["popularity"].cast(pl.Int64).fill_null(0).to_list()
+    elif popularity is not None:
+        pc = np.asarray(popularity)
+        pop = [int(pc[i]) if i < len(pc) else 0 for i in ids]
+    else:
+        pop = [0] * items.height
+    payloads = []
+    rows = items.select("external_id", "brand", "category", "price").iter_rows()
+    for (ext, brand, cat, price), s_flag, p in zip(rows, stock, pop):
+        payloads.append(
+            {
+                "external_id": str(ext),
+                "brand": brand,
+                "category": cat,
+                "category_path": category_path(cat),
+                "price": None if price is None or price != price else float(price),
+                "in_stock": 1 if s_flag else 0,
+                "popularity": int(p),
+                "model_version": model_version,
+            }
+        )
+    return ids, payloads
+
+
+# -- verification ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of verifying a version: recall of ANN vs exact, counts, latency."""
+
+    version: str
+    k: int
+    n_queries: int
+    recall: float
+    count: int
+    expected_count: int
+    p50_ms: float
+    p99_ms: float
+    hnsw_ef: int
+    ok: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sample_queries(
+    queries: np.ndarray | None, vectors: np.ndarray | None, n: int, seed: int
+) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    src = queries if queries is not None and len(queries) else vectors
+    if src is None or not len(src):
+        raise DataError("no query vectors to verify with")
+    take = rng.choice(len(src), size=min(n, len(src)), replace=False)
+    return np.asarray(src, dtype=np.float32)[np.sort(take)]
+
+
+def verify_version(
+    store: IndexStore,
+    version: str,
+    *,
+    expected_count: int,
+    queries: np.ndarray | None = None,
+    vectors: np.ndarray | None = None,
+    ids: np.ndarray | None = None,
+    k: int | None = None,
+    hnsw_ef: int | None = None,
+    min_recall: float | None = None,
+) -> VerifyReport:
+    """Recall@k of the version's ANN vs exact search, count check and latency.
+
+    The exact answer comes from numpy brute force over ``vectors``/``ids`` when given
+    (an independent check of the engine), else from the engine's own exact search.
+    Queries: a sample of ``queries`` (real user vectors), else of ``vectors``.
+    """
+    cfg = store.cfg
+    k = k or cfg.verify_k
+    ef = hnsw_ef or cfg.hnsw_ef
+    min_recall = cfg.verify_min_recall if min_recall is None else min_recall
+    if queries is None and vectors is None:
+        # no user vectors given: query with stored item vectors (first scroll batch)
+        vectors_for_q = next(
+            iter(store.scroll_all(version, with_vectors=True)), (None, None, None)
+        )[1]
+    else:
+        vectors_for_q = vectors
+    reader = store.open(version=version)
+    try:
+        count = reader.count()
+        q = _sample_queries(queries, vectors_for_q, cfg.verify_sample, cfg.seed)  # (Q, D)
+        if q.shape[1] != reader.dim:
+            raise DataError(
+                f"query vectors have dimension {q.shape[1]}, the index has {reader.dim}"
+            )
+        lat = []
+        ann: list[list[int]] = []
+        for row in q:
+            t = time.perf_counter()
+            hits = reader.search(row, k, hnsw_ef=ef, with_payload=False)
+            lat.append((time.perf_counter() - t) * 1e3)
+            ann.append([h.item_id for h in hits])
+        if vectors is not None and ids is not None:
+            ex_ids, _ = exact_search(vectors, ids, q, k, cfg.distance)
+            exact = [[int(i) for i in row if i >= 0] for row in ex_ids]
+        else:
+            res = reader.search_batch(q, k, hnsw_ef=ef, exact=True, with_payload=False)
+            exact = [[h.item_id for h in r] for r in res]
+        denom = sum(len(e) for e in exact)
+        hit = sum(len(set(a) & set(e)) for a, e in zip(ann, exact))
+        recall = hit / denom if denom else 1.0
+    finally:
+        reader.close()
+    reasons = []
+    if count != expected_count:
+        reasons.append(f"count {count} != expected {expected_count}")
+    if recall < min_recall:
+        reasons.append(f"recall@{k} {recall:.4f} < {min_recall}")
+    return VerifyReport(
+        version=version,
+        k=k,
+        n_queries=len(q),
+        recall=float(recall),
+        count=int(count),
+        expected_count=int(expected_count),
+        p50_ms=float(np.percentile(lat, 50)),
+        p99_ms=float(np.percentile(lat, 99)),
+        hnsw_ef=int(ef),
+        ok=not reasons,
+        reason="; ".join(reasons),
+    )
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+def _cleanup_incomplete(store: IndexStore, alias: str) -> None:
+    live = store.alias_target(alias)
+    for v in store.incomplete_versions(alias):
+        if v != live:
+            log.warning("removing incomplete version %s (failed or interrupted build)", v)
+            store.drop_version(v)
+
+
+def prune(store: IndexStore, alias: str, keep: int) -> list[str]:
+    """Drop complete versions beyond the newest ``keep`` (the live one is always kept)."""
+    live = store.alias_target(alias)
+    names = [m.version for m in store.versions(alias)]
+    keep_set = set(names[-keep:]) | ({live} if live else set())
+    dropped = [n for n in names if n not in keep_set]
+    for n in dropped:
+        store.drop_version(n)
+        log.info("pruned old version %s", n)
+    return dropped
+
+
+def _validate_points(
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    payloads: Sequence[dict[str, Any]],
+    dim: int | None,
+    source: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(
+            f"ids must be a 1-d integer array, got {ids.dtype} {ids.shape}", file=source
+        )
+    vecs = check_vectors(vectors, dim, source=source)
+    if len(ids) != len(vecs) or len(ids) != len(payloads):
+        raise DataError(
+            f"{len(ids)} ids, {len(vecs)} vectors and {len(payloads)} payloads do not line up",
+            file=source,
+        )
+    if (ids < 1).any():
+        row = int(np.flatnonzero(ids < 1)[0])
+        raise DataError(f"ids must be >= 1 (0 is padding), got {ids[row]}", file=source, row=row)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"duplicate id {uniq[counts > 1][0]}", file=source)
+    norms = np.linalg.norm(vecs, axis=1)
+    if (norms == 0).any():
+        row = int(np.flatnonzero(norms == 0)[0])
+        raise DataError("zero vector (no direction under cosine distance)", file=source, row=row)
+    return ids.astype(np.int64), vecs
+
+
+def _finish(
+    store: IndexStore,
+    alias: str,
+    version: str,
+    report: VerifyReport,
+    *,
+    model_version: str,
+    config_hash: str,
+    t0: float,
+    kind: str,
+    parent: str | None,
+    dim: int,
+) -> IndexManifest:
+    if not report.ok:
+        store.drop_version(version)
+        raise VerificationError(
+            f"version {version} failed verification: {report.reason}; alias {alias!r} unchanged"
+        )
+    manifest = IndexManifest(
+        version=version,
+        alias=alias,
+        dim=dim,
+        count=report.count,
+        distance=store.cfg.distance,
+        model_version=model_version,
+        config_hash=config_hash,
+        build_seconds=round(time.perf_counter() - t0, 3),
+        created_at=time.time(),
+        index_config=config_dict(store.cfg),
+        verify=report.to_dict(),
+        kind=kind,  # type: ignore[arg-type]
+        parent=parent,
+    )
+    store.commit(version, manifest)
+    store.set_alias(alias, version)
+    log.info(
+        "alias %s -> %s (%d points, recall@%d %.4f)",
+        alias,
+        version,
+        report.count,
+        report.k,
+        report.recall,
+    )
+    prune(store, alias, store.cfg.keep_versions)
+    return manifest
+
+
+def build_version(
+    store: IndexStore,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    payloads: Sequence[dict[str, Any]],
+    *,
+    model_version: str,
+    config_hash: str = "",
+    queries: np.ndarray | None = None,
+    alias: str | None = None,
+    kind: str = "items",
+    payload_indexes: dict[str, str] | None = None,
+    progress: bool = False,
+) -> IndexManifest:
+    """Write a new version with these points, verify it and point the alias at it.
+
+    ``ids (N,)`` ints >= 1, ``vectors (N, D)`` finite, ``payloads`` one dict per point.
+    ``queries (Q, D)``: real user vectors for the recall check (a sample of the item
+    vectors is used when None).  Raises DataError on bad input before anything is
+    written, VerificationError when the version fails verification (alias untouched).
+    """
+    alias = alias or store.cfg.alias
+    ids, vecs = _validate_points(ids, vectors, payloads, None, "vectors")
+    if queries is not None:
+        queries = check_vectors(queries, vecs.shape[1], source="verification queries")
+    t0 = time.perf_counter()
+    with store.build_lock(alias):
+        _cleanup_incomplete(store, alias)
+        version = new_version_name(alias)
+        indexes = dict(PAYLOAD_INDEXES if payload_indexes is None else payload_indexes)
+        store.create_version(version, vecs.shape[1], indexes)
+        try:
+            _upsert_batches(store, version, ids, vecs, list(payloads), progress)
+            store.seal(version)
+            report = verify_version(
+                store, version, expected_count=len(ids), queries=queries, vectors=vecs, ids=ids
+            )
+        except BaseException:
+            store.drop_version(version)
+            raise
+        return _finish(
+            store,
+            alias,
+            version,
+            report,
+            model_version=model_version,
+            config_hash=config_hash or _config_hash(store.cfg),
+            t0=t0,
+            kind=kind,
+            parent=store.alias_target(alias),
+            dim=vecs.shape[1],
+        )
+
+
+def _upsert_batches(
+    store: IndexStore,
+    version: str,
+    ids: np.ndarray,
+    vecs: np.ndarray,
+    payloads: list[dict[str, Any]],
+    progress: bool,
+) -> None:
+    bs = store.cfg.upsert_batch
+    starts = range(0, len(ids), bs)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"upsert {version}", unit="batch")  # type: ignore[assignment]
+    for a in starts:
+        store.upsert(version, ids[a : a + bs], vecs[a : a + bs], payloads[a : a + bs])
+
+
+def _live(store: IndexStore, alias: str) -> IndexManifest:
+    live = store.alias_target(alias)
+    if live is None:
+        raise IndexUnavailableError(f"index alias {alias!r} does not exist: build it first")
+    for m in store.versions(alias):
+        if m.version == live:
+            return m
+    raise IndexUnavailableError(f"alias {alias!r} points at {live}, which has no manifest")
+
+
+def _unchanged(
+    store: IndexStore,
+    alias: str,
+    ids: np.ndarray,
+    vecs: np.ndarray,
+    payloads: Sequence[dict[str, Any]],
+) -> bool:
+    """True when every point already exists with the same payload and vector direction."""
+    reader = store.open(alias=alias)
+    try:
+        try:
+            stored = reader.get_vectors(ids.tolist())  # (N, D)
+            stored_payloads = reader.get_payloads(ids.tolist())
+        except NotFoundError:
+            return False
+    finally:
+        reader.close()
+    want = vecs
+    if store.cfg.distance == "cosine":
+        want = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    same_vec = np.allclose(stored, want, atol=1e-5)
+    same_payload = all(sp == plain_payload(p) for sp, p in zip(stored_payloads, payloads))
+    return bool(same_vec and same_payload)
+
+
+def upsert_points(
+    store: IndexStore,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    payloads: Sequence[dict[str, Any]],
+    *,
+    queries: np.ndarray | None = None,
+    alias: str | None = None,
+) -> IndexManifest:
+    """Insert or replace points: clone the live version, apply, verify, swap.
+
+    Idempotent: when every point is already stored unchanged, nothing is written and
+    the live manifest is returned.
+    """
+    alias = alias or store.cfg.alias
+    t0 = time.perf_counter()
+    with store.build_lock(alias):
+        live = _live(store, alias)
+        ids, vecs = _validate_points(ids, vectors, payloads, live.dim, "upsert")
+        if _unchanged(store, alias, ids, vecs, payloads):
+            log.info("upsert: all %d point(s) already stored unchanged; nothing to do", len(ids))
+            return live
+        _cleanup_incomplete(store, alias)
+        reader = store.open(alias=alias)
+        try:
+            existing = reader.existing_ids(ids.tolist())
+        finally:
+            reader.close()
+        expected = live.count + len(ids) - len(existing)
+        version = new_version_name(alias)
+        store.clone_version(live.version, version)
+        try:
+            _upsert_batches(store, version, ids, vecs, list(payloads), False)
+            store.seal(version)
+            report = verify_version(store, version, expected_count=expected, queries=queries)
+        except BaseException:
+            store.drop_version(version)
+            raise
+        return _finish(
+            store, alias, version, report,
+            model_version=live.model_version, config_hash=live.config_hash, t0=t0,
+            kind=live.kind, parent=live.version, dim=live.dim,
+        )  # fmt: skip
+
+
+def delete_points(
+    store: IndexStore,
+    ids: Sequence[int],
+    *,
+    alias: str | None = None,
+    missing_ok: bool = True,
+    queries: np.ndarray | None = None,
+) -> IndexManifest:
+    """Delete points: clone, delete, verify, swap.  Idempotent (absent ids are no-ops)
+
+    unless ``missing_ok=False``, which raises NotFoundError for ids not in the index.
+    """
+    alias = alias or store.cfg.alias
+    want = [int(i) for i in ids]
+    t0 = time.perf_counter()
+    with store.build_lock(alias):
+        live = _live(store, alias)
+        reader = store.open(alias=alias)
+        try:
+            stored = reader.existing_ids(want)
+            present = [i for i in dict.fromkeys(want) if i in stored]
+        finally:
+            reader.close()
+        missing = sorted(set(want) - set(present))
+        if missing and not missing_ok:
+            raise NotFoundError(f"item id(s) {missing[:10]} are not in index {alias!r}")
+        if not present:
+            log.info("delete: none of the %d id(s) is in the index; nothing to do", len(want))
+            return live
+        _cleanup_incomplete(store, alias)
+        version = new_version_name(alias)
+        store.clone_version(live.version, version)
+        try:
+            store.delete(version, present)
+            store.seal(version)
+            report = verify_version(
+                store, version, expected_count=live.count - len(present), queries=queries
+            )
+        except BaseException:
+            store.drop_version(version)
+            raise
+        return _finish(
+            store, alias, version, report,
+            model_version=live.model_version, config_hash=live.config_hash, t0=t0,
+            kind=live.kind, parent=live.version, dim=live.dim,
+        )  # fmt: skip
+
+
+def rollback(store: IndexStore, alias: str | None = None, to: str | None = None) -> IndexManifest:
+    """Point the alias at ``to`` or, by default, the complete version before the live one."""
+    alias = alias or store.cfg.alias
+    with store.build_lock(alias):
+        versions = store.versions(alias)
+        live = store.alias_target(alias)
+        names = [m.version for m in versions]
+        if to is None:
+            if live not in names or names.index(live) == 0:
+                raise NotFoundError(f"no version older than {live} to roll back to for {alias!r}")
+            to = names[names.index(live) - 1]
+        if to not in names:
+            raise NotFoundError(
+                f"version {to!r} is not a complete version of {alias!r}; have {names}"
+            )
+        store.set_alias(alias, to)
+        log.info("rolled back alias %s: %s -> %s", alias, live, to)
+        return versions[names.index(to)]
+
+
+def list_versions(store: IndexStore, alias: str | None = None) -> list[tuple[IndexManifest, bool]]:
+    """Complete versions of ``alias``, oldest first, with a flag for the live one."""
+    alias = alias or store.cfg.alias
+    live = store.alias_target(alias)
+    return [(m, m.version == live) for m in store.versions(alias)]

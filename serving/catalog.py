@@ -1,0 +1,161 @@
+"""Item metadata serving needs without the index: category, price, title, stock, popularity.
+
+Used for response enrichment, re-ranking features and the index-down fallback
+(per-segment popularity lists filtered with the request's filters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from indexing.base import SearchFilter
+from serving.rerank import popularity_scores
+from towers.schema import EVENT_TYPE_IDS
+
+
+def category_prefixes(category: str | None) -> list[str]:
+    """Every prefix of every ``" | "``-separated ``" > "`` path (the index's ``category_path``)."""
+    if not category:
+        return []
+    out: list[str] = []
+    for path in str(category).split(" | "):
+        parts = [p.strip() for p in path.split(">") if p.strip()]
+        for i in range(1, len(parts) + 1):
+            pre = " > ".join(parts[:i])
+            if pre not in out:
+                out.append(pre)
+    return out
+
+
+@dataclass(frozen=True)
+class ItemCatalog:
+    """Per-item arrays indexed by internal item id (row 0 is padding)."""
+
+    external_ids: tuple[str, ...]  # (n_items + 1,), "" at 0
+    titles: tuple[str, ...]
+    categories: tuple[str | None, ...]
+    price: np.ndarray  # (n_items + 1,) float64, NaN unknown
+    in_stock: np.ndarray  # (n_items + 1,) bool
+    paths: tuple[frozenset[str], ...]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.external_ids) - 1
+
+    @classmethod
+    def from_items(cls, items: pl.DataFrame, n_items: int | None = None) -> ItemCatalog:
+        """From a canonical items frame (``towers.schema.ITEMS_SCHEMA``)."""
+        n = int(items["item_id"].cast(pl.Int64).max() or 0) if n_items is None else n_items  # type: ignore[arg-type]
+        ext = [""] * (n + 1)
+        titles = [""] * (n + 1)
+        cats: list[str | None] = [None] * (n + 1)
+        price = np.full(n + 1, np.nan)
+        stock = np.ones(n + 1, bool)
+        stock[0] = False
+        has_stock = "in_stock" in items.columns
+        for row in items.iter_rows(named=True):
+            i = int(row["item_id"])
+            if not 1 <= i <= n:
+                continue
+            ext[i] = str(row["external_id"])
+            titles[i] = row.get("title") or ""
+            cats[i] = row.get("category")
+            if row.get("price") is not None:
+                price[i] = float(row["price"])
+            if has_stock and row["in_stock"] is not None:
+                stock[i] = bool(row["in_stock"])
+        paths = tuple(frozenset(category_prefixes(c)) for c in cats)
+        return cls(tuple(ext), tuple(titles), tuple(cats), price, stock, paths)
+
+    def mask(self, flt: SearchFilter | None) -> np.ndarray:
+        """(n_items + 1,) bool: items that pass ``flt`` (same semantics as the index)."""
+        m = np.ones(self.n_items + 1, bool)
+        m[0] = False
+        if flt is None:
+            return m
+        if flt.categories:
+            want = set(flt.categories)
+            m &= np.array([bool(p & want) for p in self.paths])
+        if flt.price_min is not None or flt.price_max is not None:
+            p = self.price
+            ok = np.isfinite(p)
+            if flt.price_min is not None:
+                ok &= p >= flt.price_min
+            if flt.price_max is not None:
+                ok &= p <= flt.price_max
+            m &= ok
+        if flt.in_stock is not None:
+            m &= self.in_stock == flt.in_stock
+        if flt.exclude_ids:
+            m[np.asarray(flt.exclude_ids, np.int64)] = False
+        return m
+
+
+class SegmentPopularity:
+    """Popularity of every item within each segment (and overall), from the histories."""
+
+    def __init__(self, overall: np.ndarray, by_segment: Mapping[str, np.ndarray]) -> None:
+        self.overall_counts = overall
+        self.by_segment_counts = dict(by_segment)
+        self._overall = popularity_scores(overall)
+        self._scores = {k: popularity_scores(v) for k, v in by_segment.items()}
+        self._order = {k: np.argsort(-v, kind="stable") for k, v in by_segment.items()}
+        self._overall_order = np.argsort(-overall, kind="stable")
+
+    @classmethod
+    def from_histories(
+        cls,
+        users: np.ndarray,
+        items: np.ndarray,
+        n_items: int,
+        segment_of: Mapping[int, str],
+        event_type: np.ndarray | None = None,
+    ) -> SegmentPopularity:
+        """Count events (``users[i]`` did ``items[i]``); returns are not counted."""
+        keep = np.ones(len(items), bool)
+        if event_type is not None:
+            keep = np.asarray(event_type) != EVENT_TYPE_IDS["return"]
+        users, items = np.asarray(users)[keep], np.asarray(items)[keep]
+        overall = np.bincount(items, minlength=n_items + 1).astype(np.int64)
+        overall[0] = 0
+        seg_names = sorted(set(segment_of.values()))
+        by: dict[str, np.ndarray] = {}
+        if seg_names:
+            code = {s: i for i, s in enumerate(seg_names)}
+            seg_idx = np.array([code.get(segment_of.get(int(u), ""), -1) for u in users], np.int64)
+            for s, i in code.items():
+                c = np.bincount(items[seg_idx == i], minlength=n_items + 1).astype(np.int64)
+                c[0] = 0
+                by[s] = c
+        return cls(overall, by)
+
+    def scores(self, segment: str | None) -> np.ndarray:
+        """(n_items + 1,) popularity in [0, 1] within ``segment`` (overall when unknown)."""
+        if segment is not None and segment in self._scores:
+            return self._scores[segment]
+        return self._overall
+
+    def top(self, segment: str | None, k: int, mask: np.ndarray | None = None) -> np.ndarray:
+        """The ``k`` most popular items of ``segment`` passing ``mask`` (then overall ones)."""
+        order = self._order.get(segment or "", self._overall_order)
+        counts = self.by_segment_counts.get(segment or "", self.overall_counts)
+        keep = counts[order] > 0
+        if mask is not None:
+            keep &= mask[order]
+        ranked = order[keep][:k]
+        if len(ranked) < k:
+            rest = self._overall_order[self._overall_order != 0]
+            if mask is not None:
+                rest = rest[mask[rest]]
+            rest = rest[~np.isin(rest, ranked)]
+            ranked = np.concatenate([ranked, rest[: k - len(ranked)]])
+        return ranked.astype(np.int64)
+
+
+def lookup_external(catalog: ItemCatalog, ids: Sequence[int]) -> list[str]:
+    """External ids of internal item ids."""
+    return [catalog.external_ids[int(i)] for i in ids]

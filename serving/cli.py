@@ -1,0 +1,248 @@
+"""``ecomrec serve | export triton | recommend | demo``: the serving commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``export``, ``recommend`` and ``demo``."""
+    s = sub.add_parser("serve", help="run the gRPC Recommend service")
+    s.add_argument("--model", required=True, help="training run directory")
+    s.add_argument("--dataset", required=True, help="dataset name/path (histories and catalogue)")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument(
+        "--index", default="artifacts/index", help="embedded index directory (IndexConfig.location)"
+    )
+    s.add_argument("--index-alias", default="items")
+    s.add_argument(
+        "--segments",
+        default=None,
+        help="segments.parquet (user_id, rfm_segment, ...) or an `ecomrec segments export --raw-ids` directory",
+    )
+    s.add_argument(
+        "--config", default=None, help="TOML with a [serve] table (configs/serving/serve.toml)"
+    )
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--metrics-port", type=int, default=None)
+    s.add_argument("--encoder", choices=["inprocess", "onnx", "triton"], default=None)
+    s.add_argument("--triton-url", default=None)
+    s.add_argument(
+        "--start-triton",
+        default=None,
+        metavar="REPO",
+        help="start a local pytriton server for this exported repository (dev)",
+    )
+    s.add_argument("--json-logs", action="store_true")
+    s.set_defaults(func=_serve)
+
+    e = sub.add_parser("export", help="export models for other runtimes")
+    esub = e.add_subparsers(dest="export_command", required=True, metavar="TARGET")
+    t = esub.add_parser("triton", help="Triton model repository: ONNX user tower + config.pbtxt")
+    t.add_argument("--model", required=True, help="training run directory")
+    t.add_argument("--out", required=True, help="model repository directory")
+    t.add_argument("--name", default="user_tower")
+    t.add_argument("--max-batch-size", type=int, default=64)
+    t.add_argument("--instances", type=int, default=1)
+    t.add_argument("--kind", choices=["KIND_CPU", "KIND_GPU"], default="KIND_CPU")
+    t.add_argument("--queue-delay-us", type=int, default=200)
+    t.set_defaults(func=_export_triton)
+
+    r = sub.add_parser("recommend", help="call a running service (client)")
+    r.add_argument("--target", default="127.0.0.1:50051")
+    r.add_argument("--user", default="", help="external user id")
+    r.add_argument(
+        "--event",
+        action="append",
+        default=[],
+        metavar="ITEM[:TYPE]",
+        help="recent event (repeatable)",
+    )
+    r.add_argument("-k", type=int, default=10)
+    r.add_argument("--category", action="append", default=[])
+    r.add_argument("--price-min", type=float, default=None)
+    r.add_argument("--price-max", type=float, default=None)
+    r.add_argument("--api-key", default=None, help="default: first key of $ECOMREC_API_KEYS")
+    r.add_argument("--timeout", type=float, default=2.0)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_recommend)
+
+    d = sub.add_parser(
+        "demo",
+        help="train quick, build index, fit segments, serve, call: recommendations with reasons",
+    )
+    d.add_argument("--dataset", default="beauty")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--work", default="artifacts/demo", help="run, index and segments go here")
+    d.add_argument("--customers", type=int, default=3)
+    d.add_argument("-k", type=int, default=5)
+    d.add_argument("--retrain", action="store_true")
+    d.set_defaults(func=_demo)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from indexing.base import IndexConfig
+    from indexing.build import open_index
+    from serving.assemble import build_recommender, load_parts
+    from serving.config import load_serve_config
+    from serving.observability import Metrics, configure_logging
+    from serving.segments import TableSegmentLookup
+    from serving.server import install_signal_handlers, start_server
+    from serving.service import RecommendServicer
+    from towers.loaders import load_dataset
+
+    if args.json_logs:
+        configure_logging("INFO", json_logs=True)
+    import torch
+
+    # many RPC threads share 2 cores: one intra-op thread each avoids oversubscription
+    torch.set_num_threads(1)
+    triton_proc = None
+    if args.start_triton:
+        from serving.triton import TritonProcess
+
+        triton_proc = TritonProcess(args.start_triton).start()
+        args.triton_url = triton_proc.url
+        args.encoder = args.encoder or "triton"
+    cfg = load_serve_config(
+        args.config,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        encoder=args.encoder,
+        triton_url=args.triton_url,
+    )
+    metrics = Metrics()
+    servicer = RecommendServicer(None, cfg, metrics)
+    handle = start_server(cfg, servicer, metrics)  # health NOT_SERVING while loading
+    done = install_signal_handlers(handle, cfg.grace_s)
+    t0 = time.perf_counter()
+    ds = load_dataset(args.dataset, args.data_dir)
+    parts = load_parts(args.model, ds)
+    index = open_index(IndexConfig(location=args.index, alias=args.index_alias))
+    segments = None
+    if args.segments:
+        seg_path = Path(args.segments)
+        segments = (
+            TableSegmentLookup.from_marketing_export(seg_path, ds.users)
+            if seg_path.is_dir()
+            else TableSegmentLookup.load(seg_path)
+        )
+    engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
+    servicer.attach(engine)
+    handle.set_ready(True)
+    if engine.user_vectors is not None:
+        engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path
+    log.info(
+        "serving %s (index %s) on %s:%d, metrics port %s, loaded in %.1f s",
+        engine.model_version,
+        engine.index_version(index),
+        cfg.host,
+        handle.port,
+        handle.metrics_port,
+        time.perf_counter() - t0,
+    )
+    try:
+        done.wait()
+    finally:
+        handle.stop(cfg.grace_s)
+        index.close()
+        if triton_proc is not None:
+            triton_proc.stop()
+    return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from serving.triton import export_triton
+
+    mdir = export_triton(
+        args.model,
+        args.out,
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        instances=args.instances,
+        kind=args.kind,
+        queue_delay_us=args.queue_delay_us,
+    )
+    print(f"wrote {mdir}/config.pbtxt and {mdir}/1/model.onnx")
+    return 0
+
+
+def _api_key(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    env = os.environ.get("ECOMREC_API_KEYS", "")
+    return env.split(",")[0].strip() or None
+
+
+def format_response(resp: Any) -> str:
+    """A human-readable block for one RecommendResponse."""
+    head = f"segment {resp.segment or '-'}  model {resp.model_version}  index {resp.index_version or '-'}"
+    if resp.degraded:
+        head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
+    lines = [head]
+    for n, it in enumerate(resp.items, 1):
+        title = (it.title[:60] + "...") if len(it.title) > 63 else it.title
+        lines.append(
+            f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(it.reasons):<32} {title}"
+        )
+    return "\n".join(lines)
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    import time
+
+    from google.protobuf.json_format import MessageToDict
+
+    from serving.client import RecommendClient
+
+    events = []
+    for e in args.event:
+        item, _, et = e.partition(":")
+        events.append((item, et or "view", int(time.time())))
+    import grpc
+
+    with RecommendClient(args.target, api_key=_api_key(args.api_key), timeout_s=args.timeout) as c:
+        try:
+            resp = c.recommend(
+                args.user,
+                args.k,
+                events=events,
+                categories=args.category,
+                price_min=args.price_min,
+                price_max=args.price_max,
+            )
+        except grpc.RpcError as e:
+            print(f"ecomrec: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(MessageToDict(resp), indent=2))
+    else:
+        print(format_response(resp))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from serving.demo import run_demo
+
+    run_demo(
+        args.dataset,
+        data_dir=args.data_dir,
+        work=Path(args.work),
+        customers=args.customers,
+        k=args.k,
+        retrain=args.retrain,
+        out=sys.stdout,
+    )
+    return 0

@@ -1,0 +1,91 @@
+"""``ServeConfig``: how the service runs, built from TOML (unknown keys are an error)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from towers.config import from_dict, load_toml
+from towers.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server, request-path and security settings of the Recommend service.
+
+    ``api_keys`` may be left empty and supplied through the environment variable named
+    by ``api_keys_env`` (comma-separated) so keys never sit in a config file; when both
+    are empty, authentication is OFF (development only; logged as a warning).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Prometheus metrics on their own port (0 = pick a free one, -1 = disabled).
+    metrics_port: int = -1
+    workers: int = 8
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 1 << 20
+    # Requests without a deadline get this one (seconds).
+    default_deadline_s: float = 2.0
+    grace_s: float = 5.0
+    # Request limits.
+    max_k: int = 200
+    max_recent_events: int = 200
+    max_exclude_ids: int = 1000
+    max_id_length: int = 128
+    max_text_length: int = 1000
+    # Retrieval: ANN fetches k * overfetch candidates (at least min_candidates) for re-ranking.
+    overfetch: int = 4
+    min_candidates: int = 50
+    hnsw_ef: int = 128
+    # User encoder: "inprocess" (torch), "onnx" (the exported tower on onnxruntime, in
+    # process) or "triton" (tritonclient.grpc, in-process torch as fallback).
+    encoder: Literal["inprocess", "onnx", "triton"] = "inprocess"
+    # In-process micro-batching: concurrent requests share one forward (0 = off).
+    batch_max: int = 16
+    batch_wait_ms: float = 0.5
+    # In-process tower precision: "int8" = dynamic int8 quantisation of the Linear layers (CPU).
+    quantize: Literal["none", "int8"] = "none"
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "user_tower"
+    triton_timeout_s: float = 1.0
+    # Triton down -> in-process encoder when the model is local (answers marked degraded).
+    fallback_to_inprocess: bool = True
+    # Security.
+    api_keys: tuple[str, ...] = ()
+    api_keys_env: str = "ECOMREC_API_KEYS"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Salt of the keyed hash that pseudonymises user ids in logs.
+    pseudonym_salt: str = "ecomrec-logs"
+    # Re-ranking policies per segment (TOML, see configs/serving/rerank.toml).
+    rerank_policies: str = "configs/serving/rerank.toml"
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_k", "overfetch", "max_message_bytes", "max_concurrent_rpcs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"ServeConfig.port must be in [0, 65535], got {self.port}")
+        if self.default_deadline_s <= 0 or self.triton_timeout_s <= 0:
+            raise ConfigError("ServeConfig deadlines must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """Keys from the config plus those in ``$api_keys_env`` (comma-separated)."""
+        env = os.environ.get(self.api_keys_env, "")
+        extra = tuple(k.strip() for k in env.split(",") if k.strip())
+        return tuple(dict.fromkeys((*self.api_keys, *extra)))
+
+
+def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    """Read ``[serve]`` (or the top level) of a TOML file, then apply ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        raw = load_toml(path)
+        data = dict(raw.get("serve", raw))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(ServeConfig, data)

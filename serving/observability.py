@@ -1,0 +1,108 @@
+"""Prometheus metrics, structured (JSON) logs and user-id pseudonymisation."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Milliseconds-scale buckets, in seconds.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+def pseudonymise(user_id: str, salt: str) -> str:
+    """Keyed hash of a user id for logs (stable per salt, not reversible without it)."""
+    if not user_id:
+        return ""
+    return hmac.new(salt.encode(), user_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+class Metrics:
+    """The service's Prometheus metrics, in their own registry (one per server)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ecomrec_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "ecomrec_request_seconds",
+            "RPC latency",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "ecomrec_stage_seconds",
+            "Latency per request stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.degraded = Counter(
+            "ecomrec_degraded",
+            "Answers served degraded, by reason",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.versions = Info(
+            "ecomrec_versions", "Model and index versions being served", registry=r
+        )
+        self.ready = Gauge("ecomrec_ready", "1 when model and index are loaded", registry=r)
+
+    def set_versions(self, model_version: str, index_version: str) -> None:
+        self.versions.info({"model_version": model_version, "index_version": index_version})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; extra fields passed as ``extra={"fields": {...}}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            d.update(fields)
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d, default=str)
+
+
+def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
+    """Root logging to stderr, JSON lines by default."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if json_logs
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

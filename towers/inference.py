@@ -1,0 +1,202 @@
+"""The towers' inference API used by indexing, serving and segments.
+
+:func:`load_run` opens a training run directory and returns a :class:`TrainedModel`:
+item vectors for the index, content-only vectors for catalogue rows never seen in
+training, an in-process :class:`UserEncoder` over :class:`~towers.sequences.SequenceBatch`
+(the same feature path as training) and text queries embedded into the item space.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import polars as pl
+import torch
+
+from towers.dataset import IdMap
+from towers.errors import ModelError, NotFoundError
+from towers.item_tower import build_item_features
+from towers.model import Checkpoint, TwoTower, load_checkpoint
+from towers.sequences import Interactions, SequenceBatch, batch_for_users
+from towers.text_encoder import encode_texts, item_texts
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+@runtime_checkable
+class UserEncoder(Protocol):
+    """Turns padded behaviour sequences into L2-normalised user vectors."""
+
+    dim: int
+
+    def encode(self, batch: SequenceBatch) -> np.ndarray:
+        """(B, D) float32, L2-normalised."""
+        ...
+
+
+def batch_tensors(
+    batch: SequenceBatch, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The int64 tensors of a :class:`SequenceBatch` (the user tower's four inputs)."""
+    return {
+        "items": torch.as_tensor(batch.items, dtype=torch.long, device=device),
+        "event_type": torch.as_tensor(batch.event_type, dtype=torch.long, device=device),
+        "gap": torch.as_tensor(batch.gap, dtype=torch.long, device=device),
+        "lengths": torch.as_tensor(batch.lengths, dtype=torch.long, device=device),
+    }
+
+
+class TorchUserEncoder:
+    """In-process user encoder; the item table is computed once and reused."""
+
+    def __init__(self, model: TwoTower, max_len: int) -> None:
+        self.model = model
+        self.max_len = max_len
+        self.dim = model.dim
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            self._table = model.item_table()  # (N+1, D)
+            model.train(was)
+        self._device = dev
+
+    @torch.no_grad()
+    def encode(self, batch: SequenceBatch) -> np.ndarray:
+        """(B, D) float32 L2-normalised user vectors; empty sequences give zero vectors."""
+        was = self.model.training
+        self.model.eval()
+        t = batch_tensors(batch, self._device)
+        if t["items"].shape[1] > self.max_len:
+            t = {k: (v[:, -self.max_len :] if v.dim() == 2 else v) for k, v in t.items()}
+        u = self.model.encode(
+            t["items"], t["event_type"], t["gap"], t["lengths"], table=self._table
+        )
+        u = u * (t["lengths"] > 0).unsqueeze(1).to(u.dtype)
+        self.model.train(was)
+        return u.float().cpu().numpy()
+
+
+@torch.no_grad()
+def score_users(
+    model: TwoTower, users: np.ndarray, history: Interactions, max_len: int, batch_size: int = 1024
+) -> np.ndarray:
+    """(B, N+1) cosine scores of every item for ``users`` given their ``history``."""
+    was = model.training
+    model.eval()
+    table = model.item_table()  # (N+1, D)
+    vn = model.item_vectors(table)  # (N+1, D)
+    out = []
+    for s in range(0, len(users), batch_size):
+        t = batch_tensors(batch_for_users(history, users[s : s + batch_size], max_len), vn.device)
+        u = model.encode(t["items"], t["event_type"], t["gap"], t["lengths"], table=table)  # (b, D)
+        out.append((u @ vn.T).float().cpu().numpy())  # (b, N+1)
+    model.train(was)
+    return np.concatenate(out) if out else np.zeros((0, model.n_items + 1), np.float32)
+
+
+@dataclass
+class TrainedModel:
+    """A trained two-tower model loaded from a run directory."""
+
+    run_dir: Path
+    model_version: str
+    config_hash: str
+    max_len: int
+    dim: int
+    item_ids: IdMap
+    model: TwoTower = field(repr=False)
+    checkpoint: Checkpoint = field(repr=False)
+
+    @torch.no_grad()
+    def item_vectors(self) -> np.ndarray:
+        """(n_items + 1, D) float32 L2-normalised item vectors; row 0 is zeros."""
+        v = self.model.item_vectors().float().cpu().numpy()
+        v[0] = 0.0
+        return v
+
+    @torch.no_grad()
+    def embed_items(self, items: pl.DataFrame) -> np.ndarray:
+        """(N, D) vectors for catalogue rows (canonical items frame), in frame order.
+
+        Rows whose ``external_id`` was seen in training get their trained vector; others
+        (new products) get the content-only vector from title/brand/category/price.
+        """
+        n = items.height
+        out = np.zeros((n, self.dim), np.float32)
+        if n == 0:
+            return out
+        ext = items["external_id"].cast(pl.Utf8).to_list()
+        ids = [self.item_ids.get(e) for e in ext]
+        trained = self.item_vectors()
+        known = self.model.item_tower.known.cpu().numpy()
+        cold = [i for i, x in enumerate(ids) if x is None or known[x] == 0]
+        for i, x in enumerate(ids):
+            if x is not None and known[x] > 0:
+                out[i] = trained[x]
+        if cold:
+            sub = items[cold].with_columns(
+                pl.int_range(1, len(cold) + 1, dtype=pl.Int32).alias("item_id")
+            )
+            cfg = self.model.item_cfg
+            text = (
+                encode_texts(item_texts(sub, cfg.text_fields), cfg.text_max_tokens)
+                if cfg.use_text
+                else None
+            )
+            f = build_item_features(sub, len(cold), text, vocab=self.checkpoint.vocab)
+            it = self.model.item_tower
+            v = it.content(
+                it.reduce_text(torch.from_numpy(f.text[1:])),
+                torch.from_numpy(f.brand[1:]),
+                torch.from_numpy(f.category[1:]),
+                torch.from_numpy(f.price[1:]),
+            )  # (C, D)
+            out[cold] = TwoTower.normalise(v).float().cpu().numpy()
+        return out
+
+    def user_encoder(self) -> UserEncoder:
+        """The in-process torch user encoder."""
+        return TorchUserEncoder(self.model, self.max_len)
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """(N, D) L2-normalised query vectors in item space via the item tower's text path."""
+        if not self.model.item_cfg.use_text:
+            raise ModelError("this model's item tower has no text path")
+        emb = encode_texts(texts, self.model.item_cfg.text_max_tokens)  # (N, 384)
+        it = self.model.item_tower
+        z = torch.zeros(len(texts), dtype=torch.long)
+        v = it.content(it.reduce_text(torch.from_numpy(emb)), z, z, z)
+        return TwoTower.normalise(v).float().cpu().numpy()
+
+
+def load_run(run_dir: str | Path) -> TrainedModel:
+    """Load the best checkpoint of a training run directory."""
+    d = Path(run_dir)
+    path = d / MODEL_FILE
+    if not path.exists():
+        raise NotFoundError(f"no trained model in {d} (missing {MODEL_FILE})")
+    ck, _ = load_checkpoint(path)
+    meta = ck.meta
+    manifest = d / MANIFEST_FILE
+    if manifest.exists():
+        meta = {**json.loads(manifest.read_text()), **meta}
+    return TrainedModel(
+        run_dir=d,
+        model_version=str(meta.get("model_version", d.name)),
+        config_hash=str(meta.get("config_hash", "")),
+        max_len=ck.user_cfg.max_len,
+        dim=ck.item_cfg.dim,
+        item_ids=IdMap(ck.item_ids),
+        model=ck.model,
+        checkpoint=ck,
+    )

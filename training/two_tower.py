@@ -1,0 +1,177 @@
+"""The two-tower model behind the :class:`~training.retriever.Retriever` protocol.
+
+``refit_on_train_valid`` is False: the model is chosen on validation and, at test
+time, reads each user's train+validation sequence as its input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from towers.config import to_dict
+from towers.errors import ModelError
+from towers.inference import MANIFEST_FILE, MODEL_FILE, load_run, score_users
+from towers.model import TwoTower
+from towers.sequences import Interactions
+from training.evaluation import evaluate
+from training.splits import Split, Targets
+from training.trainer import RunConfig, Trainer, load_run_config, peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+
+class TwoTowerRetriever:
+    """Retriever over a trained :class:`TwoTower` (cosine scores against every item)."""
+
+    name = "two-tower"
+    refit_on_train_valid = False
+
+    def __init__(
+        self,
+        items: pl.DataFrame,
+        item_ids: list[str],
+        config: RunConfig | str | Path | None = None,
+        run_dir: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(config, RunConfig):
+            self.cfg = (
+                config
+                if not overrides
+                else load_run_config(None, **{**to_dict(config), **overrides})
+            )
+        else:
+            from training.cli import default_config_path
+
+            self.cfg = load_run_config(
+                config if config is not None else default_config_path(), **(overrides or {})
+            )
+        self.items = items
+        self.item_ids = list(item_ids)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if run_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="two-tower-")
+            run_dir = self._tmp.name
+        self.run_dir = Path(run_dir)
+        self.model: TwoTower | None = None
+        self.manifest: dict[str, Any] = {}
+
+    @property
+    def config(self) -> RunConfig:
+        """The run configuration (recorded by the benchmark protocol)."""
+        return self.cfg
+
+    @classmethod
+    def for_dataset(
+        cls,
+        ds: Any,
+        config: RunConfig | str | Path | None = None,
+        run_dir: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> TwoTowerRetriever:
+        """Retriever for a loaded :class:`towers.dataset.Dataset` (its catalogue and id map)."""
+        return cls(ds.items, ds.item_ids.external_ids, config, run_dir, overrides)
+
+    def fit(
+        self,
+        train: Interactions,
+        valid: Targets | None = None,
+        resume: bool = True,
+        t_start: float | None = None,
+    ) -> None:
+        """Train (stage 1 and/or 2); early stopping on ``valid`` NDCG@10 when given."""
+        trainer = Trainer(self.cfg, self.items, self.item_ids, self.run_dir, t_start=t_start)
+        self.model, self.manifest = trainer.fit(train, valid, resume=resume)
+        self.model.eval()
+
+    def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
+        """(B, n_items + 1) cosine scores; column 0 is padding."""
+        if self.model is None:
+            raise ModelError("TwoTowerRetriever.score called before fit/load")
+        return score_users(self.model, np.asarray(users, np.int64), history, self.cfg.user.max_len)
+
+    def save(self, path: Path) -> None:
+        """Copy the best checkpoint and manifest into ``path``."""
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        for f in (MODEL_FILE, MANIFEST_FILE):
+            src = self.run_dir / f
+            if src.exists() and src.resolve() != (p / f).resolve():
+                shutil.copy2(src, p / f)
+
+    @classmethod
+    def load(cls, path: Path) -> TwoTowerRetriever:
+        """Open a saved run directory (scores only; training needs the catalogue)."""
+        tm = load_run(path)
+        ck = tm.checkpoint
+        from towers.config import from_dict
+
+        cfg = from_dict(RunConfig, ck.meta["run_config"])
+        r = cls.__new__(cls)
+        r.cfg = cfg
+        r.items = pl.DataFrame()
+        r.item_ids = ck.item_ids
+        r._tmp = None
+        r.run_dir = Path(path)
+        r.model = tm.model
+        mf = Path(path) / MANIFEST_FILE
+        r.manifest = json.loads(mf.read_text()) if mf.exists() else {}
+        return r
+
+
+def train_and_evaluate(
+    ds: Any,
+    split: Split,
+    config: RunConfig | str | Path | None,
+    out_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = True,
+    test: bool = True,
+    t_start: float | None = None,
+) -> dict[str, Any]:
+    """Fit on ``split.train`` (early stopping on validation), then evaluate on test.
+
+    Writes ``results.json`` in ``out_dir``; returns the same dict.
+    """
+    t0 = t_start if t_start is not None else time.perf_counter()
+    r = TwoTowerRetriever.for_dataset(ds, config, out_dir, overrides)
+    r.fit(split.train, split.valid, resume=resume, t_start=t0)
+    out: dict[str, Any] = {
+        "dataset": ds.name,
+        "split": split.protocol,
+        "config_hash": r.manifest.get("config_hash"),
+        "chosen_stage": r.manifest.get("chosen_stage"),
+        "valid": r.manifest["stages"][r.manifest["chosen_stage"]]["best_metrics"],
+        "stages": {
+            k: {
+                kk: v[kk]
+                for kk in (
+                    "best_ndcg",
+                    "best_epoch",
+                    "epochs_run",
+                    "seconds",
+                    "seconds_to_best",
+                    "trainable_params",
+                )
+            }
+            for k, v in r.manifest["stages"].items()
+        },
+        # seconds from process start (raw files) to the chosen checkpoint
+        "seconds_to_best": r.manifest["stages"][r.manifest["chosen_stage"]]["seconds_to_best"],
+        "train_seconds_total": r.manifest.get("total_seconds"),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    if test:
+        out["test"] = evaluate(r.score, split.test, split.train_valid, ks=(5, 10, 20))
+    out["peak_rss_mb"] = peak_rss_mb()
+    (out_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
+    return out
