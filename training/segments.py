@@ -439,7 +439,8 @@ def _name(p: dict[str, Any], overall_churn: float | None = None) -> str:
     compares the segment's churn rate with the overall one (else its main RFM segment)."""
     tier = p.get("price_tier") or ""
     theme_src = p.get("top_categories") or p.get("top_words") or []
-    theme = " & ".join(str(w).title() for w in theme_src[:2]) or "Mixed"
+    # category paths ("Beauty > Makeup > Nails") are named by their leaf
+    theme = " & ".join(str(w).split(">")[-1].strip().title() for w in theme_src[:2]) or "Mixed"
     rs = p.get("top_rfm_segment")
     cr = p.get("churn_rate")
     if overall_churn is not None and cr is not None and overall_churn > 0:
