@@ -245,19 +245,7 @@ def ablation(args: argparse.Namespace) -> None:
 
 
 def _drop_items(inter: Interactions, cold: np.ndarray) -> Interactions:
-    keep = ~np.isin(inter.items, cold)
-    users = inter.user_of_row()[keep]
-    counts = np.bincount(users, minlength=inter.n_users + 1)[: inter.n_users + 1]
-    indptr = np.zeros(inter.n_users + 2, np.int64)
-    indptr[1:] = np.cumsum(counts)
-    return Interactions(
-        inter.n_users,
-        inter.n_items,
-        indptr,
-        inter.items[keep],
-        inter.ts[keep],
-        inter.event_type[keep],
-    )
+    return inter.filter(~np.isin(inter.items, cold))
 
 
 def coldstart(args: argparse.Namespace) -> None:

@@ -146,6 +146,21 @@ class Interactions:
             m.data[:] = 1.0
         return m
 
+    def filter(self, keep: np.ndarray) -> Interactions:
+        """A copy holding only the events where the boolean mask ``keep`` (nnz,) is True."""
+        users = self.user_of_row()[keep]
+        counts = np.bincount(users, minlength=self.n_users + 1)[: self.n_users + 1]
+        indptr = np.zeros(self.n_users + 2, np.int64)
+        indptr[1:] = np.cumsum(counts)
+        return Interactions(
+            self.n_users,
+            self.n_items,
+            indptr,
+            self.items[keep],
+            self.ts[keep],
+            self.event_type[keep],
+        )
+
     def item_counts(self) -> np.ndarray:
         """(n_items + 1,) number of events per item (index 0 is padding, always 0)."""
         c = np.bincount(self.items, minlength=self.n_items + 1).astype(np.int64)

@@ -122,19 +122,7 @@ def leave_one_out(
 
 
 def _without(inter: Interactions, drop: np.ndarray) -> Interactions:
-    keep = ~drop
-    users = inter.user_of_row()[keep]
-    counts = np.bincount(users, minlength=inter.n_users + 1)[: inter.n_users + 1]
-    indptr = np.zeros(inter.n_users + 2, np.int64)
-    indptr[1:] = np.cumsum(counts)
-    return Interactions(
-        inter.n_users,
-        inter.n_items,
-        indptr,
-        inter.items[keep],
-        inter.ts[keep],
-        inter.event_type[keep],
-    )
+    return inter.filter(~drop)
 
 
 def _window_targets(
