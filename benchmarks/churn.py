@@ -5,7 +5,7 @@
         [--run RUN_DIR --modes frozen,lora,full]
 
 One temporal split (test cutoff = the latest whose window fits the data, training
-cutoff one horizon earlier; see ``training/churn.py``). JSON:
+cutoff one horizon earlier; see ``segments/churn.py``). JSON:
 ``{"churn": {model: {roc_auc, pr_auc, brier, lift@10, positive_rate}}, "high_value": {...},
 "cdnow_bgnbd": {r, alpha, a, b, log_likelihood, published, from_raw_sample},
 "campaign": [per-theme precision@N rows], "info": {...}}``; ``ours`` is the mode chosen on
@@ -39,8 +39,8 @@ def cdnow_fit(data_dir: str | None) -> dict[str, Any]:
     """BG/NBD on the published CDNOW summary and on our summary of the raw sample file."""
     import polars as pl
 
+    from segments.bgnbd import BGNBD, transaction_summary
     from towers.loaders import load_dataset, resolve_data_dir
-    from training.bgnbd import BGNBD, transaction_summary
 
     d = Path(resolve_data_dir(data_dir))
     s = pl.read_csv(d / "cdnow" / "cdnow_customers_summary.csv")
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from segments.churn import ChurnConfig, compare
     from towers.config import from_dict, to_dict
     from towers.loaders import load_dataset
-    from training.churn import ChurnConfig, compare
 
     t0 = time.perf_counter()
     cfg = from_dict(ChurnConfig, {"horizon_days": args.horizon_days})
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "info": info,
     }
     if args.campaign_n > 0:
-        from training.campaign import theme_precision
-        from training.segments import user_embeddings
+        from segments.behaviour import user_embeddings
+        from segments.campaign import theme_precision
 
         test = comp.test
         emb = user_embeddings(ds, test.cutoff_ts, test.users, source=source, run_dir=args.run)  # type: ignore[arg-type]

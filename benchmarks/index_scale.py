@@ -73,10 +73,10 @@ def from_model(
         )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     if dataset:
-        from indexing.cli import _user_queries
+        from indexing.build import user_query_vectors
         from towers.loaders import load_dataset
 
-        q, _, _ = _user_queries(model, load_dataset(dataset), n_queries, seed)
+        q, _, _ = user_query_vectors(model, load_dataset(dataset), n_queries, seed)
         q = q[np.linalg.norm(q, axis=1) > 0]
         kind = f"trained item vectors of {run_dir} (tiled with noise 0.05 beyond {len(base)}), user vectors as queries"
     else:

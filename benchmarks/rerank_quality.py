@@ -54,12 +54,12 @@ def title_categories(items: Any) -> Any:
 def evaluate(
     ds: Any, run_dir: Path, n_users: int, n_cand: int, k: int, seed: int, policies_path: Path
 ) -> dict[str, Any]:
+    from segments.rfm import rfm_table
     from serving import rerank as rr
     from serving.catalog import ItemCatalog, SegmentPopularity
     from serving.history import History, to_batch
     from towers.inference import load_run
     from towers.sequences import Interactions
-    from training.rfm import rfm_table
     from training.splits import leave_one_out
 
     tm = load_run(run_dir)

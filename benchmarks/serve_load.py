@@ -148,14 +148,14 @@ def _wait_health(target: str, timeout_s: float, proc: subprocess.Popen[bytes] | 
 
 
 def fit_segments_table(parts: Any, k: int = 6) -> Any:
-    """RFM segments (training.rfm) and k-means behavioural segments over user-tower vectors."""
+    """RFM segments (segments.rfm) and k-means behavioural segments over user-tower vectors."""
     import polars as pl
 
+    from segments.behaviour import SegmentConfig, fit_segments
+    from segments.rfm import rfm_table
     from serving.assemble import all_user_vectors
     from serving.encoders import TowerEncoder
     from serving.segments import TableSegmentLookup
-    from training.rfm import rfm_table
-    from training.segments import SegmentConfig, fit_segments
 
     ds = parts.dataset
     cutoff = int(ds.events["ts"].max()) + 1

@@ -19,7 +19,7 @@ from towers.errors import EcomrecError
 COMMAND_MODULES = [
     "towers.cli",  # data
     "training.cli",  # train
-    "training.marketing_cli",  # segments, campaign, churn
+    "segments.cli",  # segments, campaign, churn
     "indexing.cli",  # index
     "serving.cli",  # serve, export, recommend, demo
 ]

@@ -552,3 +552,21 @@ def list_versions(store: IndexStore, alias: str | None = None) -> list[tuple[Ind
     alias = alias or store.cfg.alias
     live = store.alias_target(alias)
     return [(m, m.version == live) for m in store.versions(alias)]
+
+
+def user_query_vectors(model: Any, ds: Any, n: int, seed: int) -> Any:
+    """(Q, D) user vectors of up to ``n`` dataset users with history (real queries)."""
+    import numpy as np
+
+    from towers.sequences import Interactions, batch_for_users
+
+    inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
+    users = np.flatnonzero(inter.lengths() > 0)
+    rng = np.random.default_rng(seed)
+    users = np.sort(rng.choice(users, size=min(n, len(users)), replace=False))
+    enc = model.user_encoder()
+    out = [
+        enc.encode(batch_for_users(inter, users[a : a + 256], model.max_len))
+        for a in range(0, len(users), 256)
+    ]
+    return np.concatenate(out), users, inter

@@ -150,24 +150,6 @@ def _load_npy(path: str) -> Any:
         raise DataError(f"cannot read vectors: {e}", file=path) from e
 
 
-def _user_queries(model: Any, ds: Any, n: int, seed: int) -> Any:
-    """(Q, D) user vectors of up to ``n`` dataset users with history (real queries)."""
-    import numpy as np
-
-    from towers.sequences import Interactions, batch_for_users
-
-    inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
-    users = np.flatnonzero(inter.lengths() > 0)
-    rng = np.random.default_rng(seed)
-    users = np.sort(rng.choice(users, size=min(n, len(users)), replace=False))
-    enc = model.user_encoder()
-    out = [
-        enc.encode(batch_for_users(inter, users[a : a + 256], model.max_len))
-        for a in range(0, len(users), 256)
-    ]
-    return np.concatenate(out), users, inter
-
-
 def _print_manifest(m: Any) -> None:
     v = m.verify
     print(
@@ -181,7 +163,7 @@ def _print_manifest(m: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from indexing.build import build_version, item_payloads, open_store
+    from indexing.build import build_version, item_payloads, open_store, user_query_vectors
     from towers.errors import ConfigError, DataError
 
     cfg = _config(args)
@@ -212,7 +194,7 @@ def _build(args: argparse.Namespace) -> int:
             [model.embed_items(items[a : a + 4096]) for a in range(0, items.height, 4096)]
         )  # (N, D)
         if ds is not None:
-            uq, users, inter = _user_queries(model, ds, cfg.verify_sample, cfg.seed)
+            uq, users, inter = user_query_vectors(model, ds, cfg.verify_sample, cfg.seed)
             popularity = inter.item_counts()
             queries = uq if queries is None else queries
             ids, payloads = item_payloads(items, model_version, popularity)
@@ -244,7 +226,7 @@ def _build(args: argparse.Namespace) -> int:
             raise ConfigError("--users needs --model and --dataset")
         from indexing.users import build_user_index, user_payloads
 
-        uvec, users, _ = _user_queries(model, ds, 10**9, cfg.seed)
+        uvec, users, _ = user_query_vectors(model, ds, 10**9, cfg.seed)
         extra: dict[str, dict[int, Any]] = {"segment": {}, "rfm_segment": {}, "churn_risk": {}}
         if args.user_payload:
             up = _read_frame(args.user_payload)

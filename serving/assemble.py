@@ -1,4 +1,4 @@
-"""Wire a :class:`~serving.service.Recommender` from a run directory, a dataset and an index.
+"""Wire a :class:`~serving.engine.Recommender` from a run directory, a dataset and an index.
 
 Shared by ``ecomrec serve``, the demo, the load benchmark and the tests, so every entry
 point serves the same way.
@@ -24,11 +24,11 @@ from serving.encoders import (
     TowerEncoder,
     TritonEncoder,
 )
+from serving.engine import Recommender, UserVectors
 from serving.history import EmbeddedHistoryStore, to_batch
 from serving.observability import Metrics
 from serving.rerank import RerankPolicies
 from serving.segments import NoSegments, SegmentLookup
-from serving.service import Recommender, UserVectors
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -186,26 +185,12 @@ def _api_key(arg: str | None) -> str | None:
     return env.split(",")[0].strip() or None
 
 
-def format_response(resp: Any) -> str:
-    """A human-readable block for one RecommendResponse."""
-    head = f"segment {resp.segment or '-'}  model {resp.model_version}  index {resp.index_version or '-'}"
-    if resp.degraded:
-        head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
-    lines = [head]
-    for n, it in enumerate(resp.items, 1):
-        title = (it.title[:60] + "...") if len(it.title) > 63 else it.title
-        lines.append(
-            f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(it.reasons):<32} {title}"
-        )
-    return "\n".join(lines)
-
-
 def _recommend(args: argparse.Namespace) -> int:
     import time
 
     from google.protobuf.json_format import MessageToDict
 
-    from serving.client import RecommendClient
+    from serving.client import RecommendClient, format_response
 
     events = []
     for e in args.event:

@@ -166,3 +166,17 @@ class RecommendClient:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def format_response(resp: Any) -> str:
+    """A human-readable block for one RecommendResponse."""
+    head = f"segment {resp.segment or '-'}  model {resp.model_version}  index {resp.index_version or '-'}"
+    if resp.degraded:
+        head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
+    lines = [head]
+    for n, it in enumerate(resp.items, 1):
+        title = (it.title[:60] + "...") if len(it.title) > 63 else it.title
+        lines.append(
+            f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(it.reasons):<32} {title}"
+        )
+    return "\n".join(lines)

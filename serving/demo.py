@@ -131,8 +131,7 @@ def run_demo(
     from indexing.base import IndexConfig
     from indexing.build import open_index
     from serving.assemble import build_recommender, load_parts
-    from serving.cli import format_response
-    from serving.client import RecommendClient
+    from serving.client import RecommendClient, format_response
     from serving.config import ServeConfig
     from serving.observability import Metrics
     from serving.segments import TableSegmentLookup

@@ -1,4 +1,5 @@
-"""Imports flow one way: towers <- training, indexing <- serving; nothing imports serving."""
+"""Imports flow one way: towers <- training <- segments, towers <- indexing, and serving on
+top; nothing imports serving; no import circle between modules."""
 
 from __future__ import annotations
 
@@ -12,20 +13,35 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "towers": {"towers"},
     "training": {"towers", "training"},
+    "segments": {"towers", "training", "segments"},
     "indexing": {"towers", "indexing"},
-    "serving": {"towers", "indexing", "serving", "protos"},
+    "lifecycle": {"towers", "training", "segments", "indexing", "lifecycle"},
+    "serving": {"towers", "training", "segments", "indexing", "lifecycle", "serving", "protos"},
 }
-OURS = {"towers", "training", "indexing", "serving", "ecomrec", "protos"}
+OURS = {
+    "towers",
+    "training",
+    "segments",
+    "indexing",
+    "lifecycle",
+    "serving",
+    "ecomrec",
+    "protos",
+}
+PACKAGES = ("towers", "training", "segments", "indexing", "lifecycle", "serving", "ecomrec")
 
 
-def _imports(path: Path) -> set[str]:
+def _modules(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports (at top level or inside functions)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
+            # `from pkg import mod` imports the module pkg.mod when it is one
+            found |= {f"{node.module}.{a.name}" for a in node.names}
         elif (
             isinstance(node, ast.Call)
             and getattr(node.func, "attr", "") == "import_module"
@@ -33,8 +49,19 @@ def _imports(path: Path) -> set[str]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            found.add(node.args[0].value.split(".")[0])
-    return found & OURS
+            found.add(node.args[0].value)
+    return {m for m in found if m.split(".")[0] in OURS}
+
+
+def _imports(path: Path) -> set[str]:
+    return {m.split(".")[0] for m in _modules(path)}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -52,8 +79,79 @@ def test_imports_flow_one_way(package: str) -> None:
 def test_serving_is_a_leaf() -> None:
     importers = [
         str(f.relative_to(ROOT))
-        for pkg in ("towers", "training", "indexing")
+        for pkg in ("towers", "training", "segments", "indexing", "lifecycle")
         for f in (ROOT / pkg).rglob("*.py")
         if "serving" in _imports(f)
     ]
     assert importers == [], importers
+
+
+def test_every_package_is_covered() -> None:
+    """A new top-level package of ours must be added to the rule above."""
+    ours = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "benchmarks"}
+    assert ours <= set(ALLOWED) | {"ecomrec", "protos"}, ours - set(ALLOWED)
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """No module imports (even lazily, inside a function) a module that imports it back,
+    directly or through others."""
+    files = {
+        _module_name(f): f
+        for pkg in PACKAGES
+        for f in (ROOT / pkg).rglob("*.py")
+        if "_generated" not in f.parts
+    }
+    graph = {m: {d for d in _modules(f) if d in files and d != m} for m, f in files.items()}
+    # Tarjan's strongly connected components: any component of size > 1 is a circle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert cycles == [], cycles
+
+
+def test_benchmarks_use_public_api_only() -> None:
+    """Benchmarks import no private name (``_x``) from our packages."""
+    bad = []
+    for f in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] in OURS
+            ):
+                bad += [
+                    f"{f.name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                ]
+    assert bad == [], bad

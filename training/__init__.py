@@ -1,1 +1,1 @@
-"""Training: splits, full-ranking evaluation, baselines, tower training, segment models."""
+"""Training: splits, full-ranking evaluation, retriever baselines, two-tower training."""

@@ -1,6 +1,7 @@
 """Baselines behind the :class:`~training.retriever.Retriever` protocol.
 
-Popularity, and from ``implicit``: ALS, BPR and item-item cosine kNN. The
+Popularity, EASE (closed-form item-item, Steck 2019), and from ``implicit``: ALS, BPR
+and item-item cosine kNN. The
 collaborative-filtering models are refit on train+validation before the test with the
 hyperparameters chosen on validation (``refit_on_train_valid = True``).
 """
@@ -287,9 +288,107 @@ class ItemKNN:
         return m
 
 
+# --- EASE (Steck 2019) -----------------------------------------------------------------
+@dataclass(frozen=True)
+class EASEConfig:
+    l2: float = 500.0  # lambda on the diagonal of the Gram matrix
+    neighbours: int = 0  # keep the top-N weights per item column (0: dense, exact)
+    max_dense_items: int = 40_000  # the closed form inverts an (N, N) matrix in memory
+
+
+class EASE:
+    """Embarrassingly shallow autoencoder: closed-form item-item weights
+    ``B = I - P / diag(P)``, ``P = (X^T X + lambda I)^-1``, diagonal zero (Steck, WWW 2019).
+    A user's scores are ``x_u B`` over the binary history passed to :meth:`score` (so it
+    needs no refit for new history). ``neighbours > 0`` sparsifies B to its top weights per
+    item column (for catalogues where a dense (N, N) matrix is too large to serve)."""
+
+    name = "ease"
+    refit_on_train_valid = True
+    grid: ClassVar[list[dict[str, Any]]] = [{"l2": lam} for lam in (50.0, 200.0, 500.0, 1000.0)]
+
+    def __init__(self, config: EASEConfig = EASEConfig()) -> None:
+        self.config = config
+        self.weights: np.ndarray | sp.csr_matrix | None = None  # (N+1, N+1)
+
+    def fit(self, train: Interactions, valid: Targets | None = None) -> None:
+        n = train.n_items + 1
+        if n > self.config.max_dense_items:
+            raise ModelError(
+                f"EASE needs a dense {n:,} x {n:,} inverse; the catalogue is larger than "
+                f"max_dense_items={self.config.max_dense_items:,}"
+            )
+        x = train.to_csr(binary=True)  # (U+1, N+1)
+        gram = np.asarray((x.T @ x).todense(), dtype=np.float64)  # (N+1, N+1)
+        gram[np.diag_indices(n)] += self.config.l2
+        p = np.linalg.inv(gram)  # (N+1, N+1)
+        b = -p / np.diag(p)[None, :]
+        np.fill_diagonal(b, 0.0)
+        b[0, :] = 0.0
+        b[:, 0] = 0.0
+        b32 = b.astype(np.float32)
+        del gram, p, b
+        self.weights = (
+            _top_per_column(b32, self.config.neighbours) if self.config.neighbours else b32
+        )
+
+    def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
+        _check_fitted(self.weights, self.name)
+        assert self.weights is not None
+        x = history.to_csr(binary=True)[users]  # (B, N+1)
+        w = self.weights
+        m = w.shape[0]
+        s = x[:, :m] @ w  # (B, N+1)
+        dense = np.asarray(s.todense() if sp.issparse(s) else s, dtype=np.float32)
+        out = np.zeros((len(users), history.n_items + 1), np.float32)
+        k = min(out.shape[1], dense.shape[1])
+        out[:, :k] = dense[:, :k]
+        return out
+
+    def save(self, path: Path) -> None:
+        _check_fitted(self.weights, self.name)
+        assert self.weights is not None
+        path = Path(path)
+        if sp.issparse(self.weights):
+            path.mkdir(parents=True, exist_ok=True)
+            sp.save_npz(path / "weights_sparse.npz", sp.csr_matrix(self.weights))
+            (path / "retriever.json").write_text(
+                json.dumps({"kind": self.name, "config": to_dict(self.config)}, indent=2)
+            )
+        else:
+            _write(path, self.name, self.config, {"weights": np.asarray(self.weights)})
+
+    @classmethod
+    def load(cls, path: Path) -> EASE:
+        path = Path(path)
+        if (path / "weights_sparse.npz").exists():
+            meta = json.loads((path / "retriever.json").read_text())
+            if meta["kind"] != cls.name:
+                raise ModelError(f"{path} holds a {meta['kind']!r} model, not {cls.name!r}")
+            m = cls(from_dict(EASEConfig, meta["config"]))
+            m.weights = sp.load_npz(path / "weights_sparse.npz").tocsr()
+            return m
+        cfg, arr = _read(path, cls.name)
+        m = cls(from_dict(EASEConfig, cfg))
+        m.weights = arr["weights"]
+        return m
+
+
+def _top_per_column(b: np.ndarray, k: int) -> sp.csr_matrix:
+    """Keep the ``k`` largest weights of each column of ``b`` (N, N) as a sparse matrix."""
+    n = b.shape[0]
+    k = min(k, n)
+    rows = np.argpartition(-b, k - 1, axis=0)[:k]  # (k, N)
+    cols = np.broadcast_to(np.arange(n), rows.shape)
+    vals = b[rows, cols]
+    keep = vals > 0
+    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=b.shape)
+
+
 BASELINES: dict[str, tuple[Any, Any]] = {
     "popularity": (Popularity, PopularityConfig),
     "als": (ALS, ALSConfig),
     "bpr": (BPR, BPRConfig),
     "itemknn": (ItemKNN, ItemKNNConfig),
+    "ease": (EASE, EASEConfig),
 }

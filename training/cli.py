@@ -74,12 +74,9 @@ def make_split(ds: Any, spec: str) -> Any:
     raise SystemExit(f"unknown split {spec!r}")
 
 
-def default_config_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs" / "towers" / "default.toml"
-
-
 def _run(args: argparse.Namespace) -> int:
     from towers.loaders import load_dataset
+    from training.trainer import default_config_path
     from training.two_tower import train_and_evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -99,7 +99,7 @@ def with_params(config: Any, params: dict[str, Any]) -> Any:
 def model_family(
     spec: str, dataset: Any = None
 ) -> tuple[str, Callable[[dict[str, Any]], Retriever], list[dict[str, Any]]]:
-    """``popularity``, ``als``, ``bpr``, ``itemknn`` or ``two-tower[:CONFIG.toml]`` ->
+    """``popularity``, ``als``, ``bpr``, ``itemknn``, ``ease`` or ``two-tower[:CONFIG.toml]`` ->
     (name, factory from grid params, grid)."""
     from towers.config import from_dict
     from towers.errors import ConfigError

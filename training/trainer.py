@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from towers.config import config_hash, from_dict, load_toml, to_dict
 from towers.errors import ConfigError
@@ -86,6 +87,11 @@ class RunConfig:
             raise ConfigError("pretrain.objective='masked' needs user.attention='bidirectional'")
         if self.pretrain.objective == "next" and self.user.attention != "causal":
             raise ConfigError("pretrain.objective='next' needs user.attention='causal'")
+
+
+def default_config_path() -> Path:
+    """The default two-tower run config (``configs/towers/default.toml``)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "towers" / "default.toml"
 
 
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -216,13 +222,6 @@ def fast_evaluate(
     out = metrics_from_topk(top, targets, ks, history.n_items)
     out["users"] = float(len(targets))
     return out
-
-
-def _schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    p = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
 @dataclass
@@ -431,8 +430,9 @@ class Trainer:
         )  # varies by a few batches between epochs when max_tokens splits batches
         total = max(1, steps_per_epoch * scfg.epochs)
         warmup = int(scfg.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: _schedule(s, total, warmup, scfg.min_lr_ratio)
+        # Linear warmup, then cosine decay to min_lr_ratio x lr (transformers' schedule).
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=scfg.min_lr_ratio
         )
         best_ndcg, best_epoch, bad, start_epoch = -1.0, -1, 0, 0
         best_metrics: dict[str, float] = {}

@@ -24,7 +24,13 @@ from towers.model import TwoTower
 from towers.sequences import Interactions
 from training.evaluation import evaluate
 from training.splits import Split, Targets
-from training.trainer import RunConfig, Trainer, load_run_config, peak_rss_mb
+from training.trainer import (
+    RunConfig,
+    Trainer,
+    default_config_path,
+    load_run_config,
+    peak_rss_mb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,6 @@ class TwoTowerRetriever:
                 else load_run_config(None, **{**to_dict(config), **overrides})
             )
         else:
-            from training.cli import default_config_path
-
             self.cfg = load_run_config(
                 config if config is not None else default_config_path(), **(overrides or {})
             )

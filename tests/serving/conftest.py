@@ -103,9 +103,9 @@ def index_dir(parts: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def segments(serve_shop: Any) -> Any:
-    """Real RFM segments of the synthetic shop (training.rfm)."""
+    """Real RFM segments of the synthetic shop (segments.rfm)."""
+    from segments.rfm import rfm_table
     from serving.segments import TableSegmentLookup
-    from training.rfm import rfm_table
 
     ev = serve_shop.events
     cutoff = int(ev["ts"].max()) + 1

@@ -15,7 +15,7 @@ from tests.serving.conftest import Served
 
 def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
     from serving import validation as val
-    from serving.service import DeadlineExceededError, RequestContext
+    from serving.engine import DeadlineExceededError, RequestContext
 
     ext = parts.dataset.users.to_external(int(parts.history.users()[0]))
     q = val.validate_recommend(
@@ -28,14 +28,15 @@ def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
     with pytest.raises(DeadlineExceededError, match="history"):
         served.engine.recommend(q, ctx)
     cancelled = RequestContext(deadline=time.monotonic() + 5, is_active=lambda: False)
-    from serving.service import CancelledError
+    from serving.engine import CancelledError
 
     with pytest.raises(CancelledError):
         served.engine.recommend(q, cancelled)
 
 
 def test_status_mapping_never_leaks_internals() -> None:
-    from serving.service import DeadlineExceededError, UnavailableError, status_for
+    from serving.engine import DeadlineExceededError, UnavailableError
+    from serving.status import status_for
     from towers.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 
     assert status_for(InvalidArgumentError("k", "bad"))[0] == grpc.StatusCode.INVALID_ARGUMENT

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from towers.sequences import Interactions
-from training.baselines import ALS, BPR, ALSConfig, BPRConfig, ItemKNN, ItemKNNConfig, Popularity
+from training.baselines import (
+    ALS,
+    BPR,
+    EASE,
+    ALSConfig,
+    BPRConfig,
+    EASEConfig,
+    ItemKNN,
+    ItemKNNConfig,
+    Popularity,
+)
 from training.evaluation import evaluate
 from training.retriever import Retriever
 from training.splits import leave_one_out
@@ -18,6 +28,8 @@ MODELS = {
     "als": lambda: ALS(ALSConfig(factors=16, iterations=10)),
     "bpr": lambda: BPR(BPRConfig(factors=16, iterations=60, learning_rate=0.05)),
     "itemknn": lambda: ItemKNN(ItemKNNConfig(neighbours=50)),
+    "ease": lambda: EASE(EASEConfig(l2=50.0)),
+    "ease-sparse": lambda: EASE(EASEConfig(l2=50.0, neighbours=10)),
 }
 
 
@@ -45,12 +57,33 @@ def test_retriever_contract(name: str, split, tmp_path: Path) -> None:  # type: 
 
 def test_personalised_models_beat_popularity_on_planted_tastes(split) -> None:  # type: ignore[no-untyped-def]
     res = {}
-    for name in ("popularity", "als", "itemknn"):
+    for name in ("popularity", "als", "itemknn", "ease"):
         m = MODELS[name]()
         m.fit(split.train_valid)
         res[name] = evaluate(m.score, split.test, split.train_valid, ks=(10,))["ndcg@10"]
     assert res["als"] > 1.5 * res["popularity"]
     assert res["itemknn"] > 1.5 * res["popularity"]
+    assert res["ease"] > 1.5 * res["popularity"]
+
+
+def test_ease_matches_its_closed_form_and_learns_a_planted_pair() -> None:
+    """Item 2 always follows item 1: EASE must give (1 -> 2) the largest weight, and B must
+    solve the normal equations of ||X - XB||^2 + lambda ||B||^2 off the diagonal."""
+    lists = [[1, 2], [1, 2, 3], [1, 2], [3, 4], [4, 3], [1, 2, 4]] * 5
+    inter = Interactions.from_lists(lists, n_items=4)
+    m = EASE(EASEConfig(l2=1.0))
+    m.fit(inter)
+    b = np.asarray(m.weights)
+    assert np.all(np.diag(b) == 0)
+    assert b[1, 2] == b[1].max() and b[2, 1] == b[2].max()
+    x = inter.to_csr().toarray()[:, 1:].astype(np.float64)
+    g = x.T @ x + 1.0 * np.eye(4)
+    bb = b[1:, 1:].astype(np.float64)
+    resid = g @ bb - x.T @ x  # zero off the diagonal for the constrained optimum
+    off = ~np.eye(4, dtype=bool)
+    np.testing.assert_allclose(resid[off], 0.0, atol=1e-4)
+    top = np.argsort(-m.score(np.array([1]), Interactions.from_lists([[1]], n_items=4))[0])
+    assert top[0] == 2
 
 
 def test_popularity_ranks_by_count() -> None:

@@ -14,7 +14,8 @@ report and the campaign commands:
 :func:`write_export` writes ``customers.parquet`` (one row per customer),
 ``segments.parquet`` (one row per behavioural segment, with its centroid embedding and
 profile), ``segments_model.json`` (for the next refresh) and ``manifest.json``.
-Customer ids are pseudonymised with a salted SHA-256 by default; raw external ids
+Customer ids are pseudonymised with HMAC-SHA256 under a key (``--salt`` /
+``$ECOMREC_EXPORT_SALT``) by default; raw external ids
 only with ``raw_ids=True``. The salt is never written to the export.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -34,12 +36,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from towers.config import config_hash, to_dict
-from towers.dataset import Dataset
-from towers.errors import ConfigError, NotFoundError
-from training.churn import ChurnConfig, GBDTModel, TowerHeads, prepare
-from training.labels import cutoff_for
-from training.segments import (
+from segments.behaviour import (
     EmbeddingSource,
     SegmentConfig,
     SegmentModel,
@@ -48,6 +45,11 @@ from training.segments import (
     profile_segments,
     user_embeddings,
 )
+from segments.churn import ChurnConfig, GBDTModel, TowerHeads, prepare
+from segments.labels import cutoff_for
+from towers.config import config_hash, to_dict
+from towers.dataset import Dataset
+from towers.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +196,13 @@ def resolve_salt(salt: str | None) -> tuple[str, bool]:
 
 
 def pseudonymise(external_ids: list[str], salt: str) -> list[str]:
-    """Salted SHA-256 pseudonyms (20 hex chars) of external ids; deterministic per salt."""
+    """HMAC-SHA256 pseudonyms (20 hex chars) of external ids keyed by ``salt`` (the export
+    key): deterministic per key, so exports with the same key join; not recomputable
+    without it."""
     if not salt:
-        raise ConfigError("pseudonymisation needs a non-empty salt")
+        raise ConfigError("pseudonymisation needs a non-empty key")
     key = salt.encode()
-    return [hashlib.sha256(key + b"\x00" + str(e).encode()).hexdigest()[:20] for e in external_ids]
+    return [hmac.new(key, str(e).encode(), hashlib.sha256).hexdigest()[:20] for e in external_ids]
 
 
 # --------------------------------------------------------------------------- tables
@@ -294,7 +298,7 @@ def write_export(
         "as_of": dt.datetime.fromtimestamp(scored.now_ts, dt.UTC).isoformat(),
         "customers": cust.height,
         "segments": segs.height,
-        "ids": "raw" if raw_ids else "salted-sha256",
+        "ids": "raw" if raw_ids else "hmac-sha256",
         "ids_stable_across_exports": persistent,
         "model_version": scored.model_version,
         "config_hash": scored.config_hash,

@@ -1,7 +1,7 @@
 """Labels from the window after a cutoff: churn, future spend (CLV) and high value.
 
 The label window of a cutoff ``c`` and horizon ``H`` days is ``[c, c + H * 86400)``;
-features (:mod:`training.rfm`) read only ``ts < c``. Labels are computed for an
+features (:mod:`segments.rfm`) read only ``ts < c``. Labels are computed for an
 explicit list of customers (normally those with a purchase before the cutoff), and
 read nothing before the cutoff, so editing pre-cutoff history never changes a label
 and editing post-cutoff events never changes a feature.

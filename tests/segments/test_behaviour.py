@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from training.segments import (
+from segments.behaviour import (
     SegmentConfig,
     SegmentModel,
     cluster_inputs,
@@ -58,7 +58,7 @@ def test_ids_stable_under_permutation_and_perturbation() -> None:
     assert (m2.assign(xx2) == ids1[perm]).all()
     assert m2.next_id == m1.next_id
     # a cold k-means (other seed) on the refreshed data, ids only from Hungarian matching
-    from training.segments import match_ids
+    from segments.behaviour import match_ids
 
     cold = fit_segments(xx2, SegmentConfig(k=5, seed=11))
     ids, _ = match_ids(m1, cold.centroids)
@@ -67,7 +67,7 @@ def test_ids_stable_under_permutation_and_perturbation() -> None:
 
 
 def test_hungarian_matching_without_warm_start_and_new_cluster_gets_fresh_id() -> None:
-    from training.segments import match_ids
+    from segments.behaviour import match_ids
 
     x, y = blobs(k=4)
     cfg = SegmentConfig(k=4)

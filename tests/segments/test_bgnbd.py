@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from segments.bgnbd import BGNBD, GammaGamma, transaction_summary
 from towers.errors import ModelError
-from training.bgnbd import BGNBD, GammaGamma, transaction_summary
 
 PUBLISHED = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
 CAL_END = int(dt.datetime(1997, 10, 1, tzinfo=dt.UTC).timestamp())  # 39-week calibration

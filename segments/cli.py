@@ -39,8 +39,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from segments.export import MarketingConfig
     from towers.config import from_dict
-    from training.export import MarketingConfig
 
     seg: dict[str, Any] = {"with_rfm": bool(args.with_rfm)}
     if args.k_segments is not None:
@@ -63,15 +63,15 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _score(args: argparse.Namespace, ds: Any, previous: Any = None) -> Any:
-    from training.export import score_customers
+    from segments.export import score_customers
 
     return score_customers(ds, _config(args), run_dir=args.run, previous=previous)
 
 
 # --------------------------------------------------------------------------- segments
 def _segments_report(args: argparse.Namespace) -> int:
-    from training.churn import TASKS, compare
-    from training.report import write_report
+    from segments.churn import TASKS, compare
+    from segments.report import write_report
 
     ds = _load(args)
     scored = _score(args, ds)
@@ -85,7 +85,7 @@ def _segments_report(args: argparse.Namespace) -> int:
 
 
 def _segments_export(args: argparse.Namespace) -> int:
-    from training.export import load_previous_segments, write_export
+    from segments.export import load_previous_segments, write_export
 
     ds = _load(args)
     prev = load_previous_segments(args.previous) if args.previous else None
@@ -119,7 +119,7 @@ def _vectors(args: argparse.Namespace, ds: Any, scored: Any) -> tuple[Any, Any]:
 def _campaign_audience(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from training.campaign import ExactUserSearch, query_from_items, segment_mask
+    from segments.campaign import ExactUserSearch, query_from_items, segment_mask
 
     if not args.text and not args.items:
         print("give --text or --items", file=sys.stderr)
@@ -153,7 +153,7 @@ def _campaign_plan(args: argparse.Namespace) -> int:
     import numpy as np
     import polars as pl
 
-    from training.campaign import bought_before, plan_for_users, segment_mask
+    from segments.campaign import bought_before, plan_for_users, segment_mask
 
     ds = _load(args)
     scored = _score(args, ds)
@@ -191,9 +191,9 @@ def _campaign_plan(args: argparse.Namespace) -> int:
 
 
 def _campaign_evaluate(args: argparse.Namespace) -> int:
-    from training.campaign import theme_precision
-    from training.churn import temporal_split
-    from training.segments import user_embeddings
+    from segments.behaviour import user_embeddings
+    from segments.campaign import theme_precision
+    from segments.churn import temporal_split
 
     ds = _load(args)
     cfg = _config(args)
@@ -224,8 +224,8 @@ def _emit(df: Any, out: str | None) -> None:
 
 # --------------------------------------------------------------------------- churn
 def _churn_evaluate(args: argparse.Namespace) -> int:
+    from segments.churn import ChurnConfig, compare
     from towers.config import from_dict
-    from training.churn import ChurnConfig, compare
 
     ds = _load(args)
     cfg = from_dict(ChurnConfig, {"horizon_days": args.horizon_days})
@@ -240,7 +240,7 @@ def _churn_evaluate(args: argparse.Namespace) -> int:
 
 
 def _churn_truncate(args: argparse.Namespace) -> int:
-    from training.churn import pre_cutoff_dataset
+    from segments.churn import pre_cutoff_dataset
 
     ds = pre_cutoff_dataset(_load(args), args.horizon_days)
     ds.save(args.out)

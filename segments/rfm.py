@@ -1,7 +1,7 @@
 """Customer features at a cutoff, RFM 1-5 scores and the ten named RFM segments.
 
 Everything here reads only events with ``ts < cutoff_ts`` (the cutoff instant itself
-belongs to the label window, see :mod:`training.labels`), so nothing after the
+belongs to the label window, see :mod:`segments.labels`), so nothing after the
 cutoff can leak into features.
 
 Features (one row per customer with at least one purchase before the cutoff):

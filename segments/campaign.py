@@ -27,9 +27,9 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
+from segments.rfm import SEGMENTS
 from towers.dataset import Dataset
 from towers.errors import InvalidArgumentError, NotFoundError
-from training.rfm import SEGMENTS
 
 log = logging.getLogger(__name__)
 

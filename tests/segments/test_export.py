@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from towers.dataset import Dataset
-from training.churn import ChurnConfig
-from training.export import (
+from segments.behaviour import SegmentConfig
+from segments.churn import ChurnConfig
+from segments.export import (
     CUSTOMER_COLUMNS,
     SEGMENT_COLUMNS,
     MarketingConfig,
@@ -20,7 +20,7 @@ from training.export import (
     score_customers,
     write_export,
 )
-from training.segments import SegmentConfig
+from towers.dataset import Dataset
 
 
 def category_mix(ds: Dataset, cutoff: int, users: np.ndarray) -> np.ndarray:
@@ -70,7 +70,7 @@ def test_export_schema_and_manifest(tmp_path: Path, shop, scored) -> None:  # ty
     assert cust["model_version"].n_unique() == 1 and cust["config_hash"][0] == man["config_hash"]
     for pj in segs["profile_json"].to_list():
         assert "name" in json.loads(pj)
-    assert man["ids"] == "salted-sha256"
+    assert man["ids"] == "hmac-sha256"
     # embeddings round-trip exactly
     assert np.allclose(cust["embedding"].to_numpy(), scored.embeddings)
 
@@ -91,6 +91,27 @@ def test_ids_are_pseudonymised_by_default(tmp_path: Path, shop, scored) -> None:
     assert a[0] == expected
     for f in (tmp_path / "a").iterdir():  # the salt never lands in the export
         assert b"s3cret" not in f.read_bytes()
+
+
+def test_exported_id_cannot_be_recomputed_without_the_key(tmp_path: Path, shop, scored) -> None:  # type: ignore[no-untyped-def]
+    """HMAC, not a salted hash: every keyless or naive recomputation misses, the keyed
+    HMAC-SHA256 (stdlib) hits."""
+    import hashlib
+    import hmac
+
+    write_export(tmp_path, scored, shop, salt="k3y")
+    exported = pl.read_parquet(tmp_path / "customers.parquet")["customer_id"].to_list()[0]
+    raw = shop.users.to_external(int(scored.users[0])).encode()
+    naive = {
+        hashlib.sha256(raw).hexdigest()[:20],
+        hashlib.sha256(b"k3y" + b"\x00" + raw).hexdigest()[:20],  # the old salted sha256
+        hashlib.sha256(b"k3y" + raw).hexdigest()[:20],
+        hashlib.sha256(raw + b"k3y").hexdigest()[:20],
+        hmac.new(b"", raw, hashlib.sha256).hexdigest()[:20],
+        hmac.new(b"other", raw, hashlib.sha256).hexdigest()[:20],
+    }
+    assert exported not in naive
+    assert exported == hmac.new(b"k3y", raw, hashlib.sha256).hexdigest()[:20]
 
 
 def test_raw_ids_only_with_the_flag(tmp_path: Path, shop, scored) -> None:  # type: ignore[no-untyped-def]
@@ -129,7 +150,7 @@ def test_cli_export_and_truncate_on_synthetic(tmp_path: Path) -> None:
         check=True,
     )
     man = json.loads(out.stdout)
-    assert man["ids"] == "salted-sha256" and man["segments"] == 3
+    assert man["ids"] == "hmac-sha256" and man["segments"] == 3
     cust = pl.read_parquet(tmp_path / "exp" / "customers.parquet")
     assert tuple(cust.columns) == CUSTOMER_COLUMNS and cust.height == man["customers"]
     assert not cust["customer_id"].str.starts_with("C0").any()  # synthetic raw ids are C00042
@@ -141,8 +162,8 @@ def test_cli_export_and_truncate_on_synthetic(tmp_path: Path) -> None:
         check=True,
     )
     pre = Dataset.load(tmp_path / "pre")
+    from segments.labels import cutoff_for
     from towers.synthetic import make_shop
-    from training.labels import cutoff_for
 
     full = make_shop()
     assert int(pre.events["ts"].max()) < cutoff_for(full.events, 60)  # type: ignore[arg-type]

@@ -6,8 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from towers.errors import InvalidArgumentError, NotFoundError
-from training.campaign import (
+from segments.campaign import (
     ExactUserSearch,
     bought_before,
     plan_for_users,
@@ -15,7 +14,8 @@ from training.campaign import (
     segment_mask,
     theme_precision,
 )
-from training.rfm import rfm_table
+from segments.rfm import rfm_table
+from towers.errors import InvalidArgumentError, NotFoundError
 
 
 def test_exact_search_matches_brute_force_and_respects_the_filter() -> None:

@@ -31,11 +31,11 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from segments.bgnbd import BGNBD, GammaGamma, transaction_summary
+from segments.labels import LabelConfig, cutoff_for, make_labels
+from segments.rfm import FEATURE_COLUMNS, RFMScorer, customer_features
 from towers.dataset import Dataset
 from towers.errors import DataError, ModelError
-from training.bgnbd import BGNBD, GammaGamma, transaction_summary
-from training.labels import LabelConfig, cutoff_for, make_labels
-from training.rfm import FEATURE_COLUMNS, RFMScorer, customer_features
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,17 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def calibration_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
-    """Mean predicted vs observed rate in equal-count bins of the prediction."""
-    order = np.argsort(p, kind="stable")
-    bins = np.array_split(order, n_bins)
-    return {
-        "predicted": [float(np.mean(p[b])) for b in bins if len(b)],
-        "observed": [float(np.mean(y[b])) for b in bins if len(b)],
-    }
+    """Mean predicted vs observed rate in quantile bins of the prediction (scikit-learn's
+    ``calibration_curve`` with ``strategy="quantile"``; empty bins are dropped)."""
+    from sklearn.calibration import calibration_curve as sk_calibration_curve
+
+    observed, predicted = sk_calibration_curve(
+        np.asarray(y, dtype=np.int64),
+        np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0),
+        n_bins=n_bins,
+        strategy="quantile",
+    )
+    return {"predicted": [float(v) for v in predicted], "observed": [float(v) for v in observed]}
 
 
 @dataclass
@@ -525,7 +529,7 @@ def compare(
     *training* cutoff (never chosen on test). Modes ``lora``/``full`` need ``run_dir``;
     mode ``rfm_only`` is the ablation "same head, no embedding" (``heads_rfm_only``).
     """
-    from training.segments import tower_batches, user_embeddings
+    from segments.behaviour import tower_batches, user_embeddings
 
     train, test = temporal_split(ds, cfg)
     preds: dict[str, Predictions] = {}

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from training.churn import Predictions, binary_metrics, calibration_curve
-from training.export import ScoredCustomers
-from training.rfm import SEGMENTS
+from segments.churn import Predictions, binary_metrics, calibration_curve
+from segments.export import ScoredCustomers
+from segments.rfm import SEGMENTS
 
 log = logging.getLogger(__name__)
 

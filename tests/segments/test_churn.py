@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.churn import (
+from segments.churn import (
     BGNBDModel,
     ChurnConfig,
     GBDTModel,
@@ -52,10 +52,10 @@ def test_baselines_find_planted_lapsers(split) -> None:  # type: ignore[no-untyp
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_tower_fine_tuning_modes(shop, split, mode) -> None:  # type: ignore[no-untyped-def]
+    from segments.behaviour import tower_batches
     from towers.item_tower import ItemTowerConfig, build_item_features
     from towers.model import TwoTower
     from towers.user_tower import UserTowerConfig
-    from training.segments import tower_batches
 
     train, test = split
     torch.manual_seed(0)
