@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,37 @@ class Dataset:
     def n_items(self) -> int:
         return len(self.item_ids)
 
+    def fingerprint(self) -> dict[str, object]:
+        """What this dataset is, for artifacts made from it to record and compare.
+
+        ``items``: hash of the item id map (a model's item table follows it), ``users``:
+        of the user id map, ``catalogue``: of the catalogue columns, ``events``: of the
+        events; ``id``: all four together. Same data -> same fingerprint, on any machine.
+        """
+        cat = self.items.select(
+            [c for c in ("external_id", "title", "brand", "category", "price") if c in self.items.columns]
+        )
+        ev = self.events
+        h = hashlib.sha256()
+        for col in ("user_id", "item_id", "ts", "quantity"):
+            h.update(ev[col].to_numpy().tobytes())
+        h.update("\n".join(ev["event_type"].to_list()).encode())
+        parts = {
+            "items": id_map_hash(self.item_ids.external_ids),
+            "users": id_map_hash(self.users.external_ids),
+            "catalogue": hashlib.sha256(cat.write_csv().encode()).hexdigest()[:16],
+            "events": h.hexdigest()[:16],
+        }
+        whole = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        return {
+            "id": whole,
+            **parts,
+            "name": self.name,
+            "n_items": self.n_items,
+            "n_users": self.n_users,
+            "n_events": ev.height,
+        }
+
     def describe(self) -> dict[str, object]:
         """Counts, sequence-length quantiles and time range."""
         ev = self.events
@@ -122,15 +154,45 @@ class Dataset:
         }
 
     def save(self, directory: str | Path) -> None:
-        """Write events/items/id maps as Parquet plus ``dataset.json``."""
+        """Write events/items/id maps as Parquet plus ``dataset.json`` (with the fingerprint).
+
+        Written into a temporary sibling folder first and moved into place at the end, so
+        a crash never leaves a half-written dataset; an existing dataset folder is replaced.
+        """
+        import shutil
+        import tempfile
+
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.events.write_parquet(d / "events.parquet")
-        self.items.write_parquet(d / "items.parquet")
-        self.users.to_frame("user_id").write_parquet(d / "users.parquet")
-        self.item_ids.to_frame("item_id").write_parquet(d / "item_ids.parquet")
-        meta = {"name": self.name, "report": self.report.to_dict(), "extra": self.extra}
-        (d / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+        d.parent.mkdir(parents=True, exist_ok=True)
+        if d.exists() and not (d.is_dir() and (d / "dataset.json").exists()):
+            if not d.is_dir() or any(d.iterdir()):
+                raise DataError(
+                    f"{d} exists and is not a saved dataset; refusing to overwrite it"
+                )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+        try:
+            self.events.write_parquet(tmp / "events.parquet")
+            self.items.write_parquet(tmp / "items.parquet")
+            self.users.to_frame("user_id").write_parquet(tmp / "users.parquet")
+            self.item_ids.to_frame("item_id").write_parquet(tmp / "item_ids.parquet")
+            meta = {
+                "name": self.name,
+                "report": self.report.to_dict(),
+                "extra": self.extra,
+                "fingerprint": self.fingerprint(),
+            }
+            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+            if d.exists():
+                old = d.with_name(f".{d.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                d.rename(old)
+                tmp.rename(d)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(d)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> Dataset:
@@ -150,6 +212,15 @@ class Dataset:
             report=rep,
             extra=meta.get("extra", {}),
         )
+
+
+def id_map_hash(external_ids: Sequence[str]) -> str:
+    """Short stable hash of an ordered list of external ids (an :class:`IdMap`'s content)."""
+    h = hashlib.sha256()
+    for e in external_ids:
+        h.update(str(e).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def densify(

@@ -12,7 +12,11 @@ class EcomrecError(Exception):
 
 
 class DataError(EcomrecError, ValueError):
-    """Input data is malformed: names the file, row and column where known."""
+    """Input data is malformed: names the file, row and column where known.
+
+    ``line`` is a 1-based line number of a text file (the header is line 1); ``row`` is a
+    0-based row index of a table (Parquet, a frame).
+    """
 
     def __init__(
         self,
@@ -21,10 +25,13 @@ class DataError(EcomrecError, ValueError):
         file: str | None = None,
         row: int | None = None,
         column: str | None = None,
+        line: int | None = None,
     ) -> None:
         parts = []
         if file is not None:
             parts.append(f"file {file}")
+        if line is not None:
+            parts.append(f"line {line}")
         if row is not None:
             parts.append(f"row {row}")
         if column is not None:
@@ -34,6 +41,7 @@ class DataError(EcomrecError, ValueError):
         self.file = file
         self.row = row
         self.column = column
+        self.line = line
 
 
 class ConfigError(EcomrecError, ValueError):

@@ -13,6 +13,7 @@ Everything is returned in ``Dataset.extra["planted"]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -148,3 +149,183 @@ def make_shop(cfg: SyntheticConfig = SyntheticConfig()) -> Dataset:
         report=DropReport("synthetic", rows_in=events.height),
         extra={"format": "synthetic", "planted": planted, "config": cfg.__dict__},
     )
+
+
+# ---------------------------------------------------------------------------------------
+# A realistic synthetic shop written in the data contract (docs/data.md).
+
+_THEMES: list[tuple[str, list[str]]] = [
+    ("Home > Kitchen > Tea", ["Teapot", "Tea Cup", "Loose Tea", "Tea Strainer", "Kettle"]),
+    ("Home > Living > Candles", ["Candle", "Lantern", "Candle Holder", "Wax Melt", "Diffuser"]),
+    ("Beauty > Skin Care", ["Sunscreen", "Moisturiser", "Face Mask", "Serum", "Cleanser"]),
+    ("Beauty > Hair", ["Shampoo", "Conditioner", "Hair Oil", "Brush", "Hair Clip"]),
+    ("Fashion > Accessories", ["Scarf", "Wallet", "Belt", "Sunglasses", "Hat"]),
+    ("Fashion > Shoes", ["Sneakers", "Boots", "Sandals", "Slippers", "Insoles"]),
+    ("Stationery > Paper", ["Notebook", "Planner", "Sketchbook", "Envelope", "Postcard"]),
+    ("Electronics > Audio", ["Headphones", "Speaker", "Earbuds", "Cable", "Charger"]),
+    ("Toys > Games", ["Puzzle", "Board Game", "Card Game", "Dice Set", "Building Kit"]),
+    ("Garden > Outdoor", ["Plant Pot", "Watering Can", "Seed Kit", "Garden Gloves", "Bird Feeder"]),
+]
+_BRANDS = ["Nordlys", "Maple & Co", "Brightwell", "Oakhaven", "Lumen", "Tidewater", "Kestrel"]
+
+
+@dataclass(frozen=True)
+class ShopConfig:
+    """Size and behaviour of :func:`generate_shop` (deterministic for a given config)."""
+
+    customers: int = 400
+    products: int = 80
+    days: int = 365
+    end: str = "2026-06-30"  # last day of the log (UTC)
+    repeat_fraction: float = 0.45  # customers who come back regularly
+    loyal_fraction: float = 0.15  # frequent buyers
+    churn_fraction: float = 0.3  # of repeat/loyal customers: stop at a random time
+    return_rate: float = 0.08  # purchases returned a few days later
+    views_per_session: float = 3.0
+    seed: int = 0
+
+
+def generate_shop(cfg: ShopConfig = ShopConfig()) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(events, catalogue) frames in the data contract: string ids, four event types.
+
+    Planted: each product belongs to a theme (category path); each customer has one or
+    two favourite themes; one-off, repeat and loyal customers; churners stop visiting;
+    sessions are view -> cart -> purchase funnels with order ids; some purchases are
+    returned; visits peak in November-December and at weekends.
+    """
+    import datetime as dt
+
+    if cfg.customers < 1 or cfg.products < 1 or cfg.days < 1:
+        raise ValueError("customers, products and days must be >= 1")
+    rng = np.random.default_rng(cfg.seed)
+    n_th = min(len(_THEMES), max(1, cfg.products // 4))
+    p_theme = np.arange(cfg.products) % n_th
+    kinds = [_THEMES[t][1][(i // n_th) % len(_THEMES[t][1])] for i, t in enumerate(p_theme)]
+    base_price = rng.lognormal(2.8, 0.6, cfg.products).round(2)
+    # ids of different shapes: leading zeros, letters, dashes
+    pids = [
+        f"{i:05d}" if i % 5 == 0 else f"SKU-{_THEMES[t][0][:2].upper()}-{i:04d}"
+        for i, t in enumerate(p_theme)
+    ]
+    catalogue = pl.DataFrame(
+        {
+            "product_id": pids,
+            "title": [f"{_ADJ[i % len(_ADJ)]} {k}" for i, k in enumerate(kinds)],
+            "description": [
+                f"A {_ADJ[(i * 3) % len(_ADJ)].lower()} {k.lower()} from our "
+                f"{_THEMES[t][0].split(' > ')[-1].lower()} range."
+                for i, (k, t) in enumerate(zip(kinds, p_theme))
+            ],
+            "category": [_THEMES[t][0] for t in p_theme],
+            "brand": [_BRANDS[(i * 7 + t) % len(_BRANDS)] for i, t in enumerate(p_theme)],
+            "price": base_price,
+            "available": rng.random(cfg.products) > 0.05,
+        }
+    )
+    by_theme = [np.flatnonzero(p_theme == t) for t in range(n_th)]
+    pop = rng.pareto(1.5, cfg.products) + 1.0  # within-theme popularity
+    end = dt.datetime.fromisoformat(cfg.end).replace(tzinfo=dt.UTC) + dt.timedelta(days=1)
+    t_end = int(end.timestamp())
+    t_start = t_end - cfg.days * 86400
+    # seasonality: day weights (Nov-Dec x2.5, weekends x1.4)
+    days = np.arange(cfg.days)
+    dates = [end - dt.timedelta(days=int(cfg.days - d)) for d in days]
+    season = np.array(
+        [(2.5 if d.month in (11, 12) else 1.0) * (1.4 if d.weekday() >= 5 else 1.0) for d in dates]
+    )
+    u_kind = rng.random(cfg.customers)
+    loyal = u_kind < cfg.loyal_fraction
+    repeat = (u_kind >= cfg.loyal_fraction) & (u_kind < cfg.loyal_fraction + cfg.repeat_fraction)
+    churn = (loyal | repeat) & (rng.random(cfg.customers) < cfg.churn_fraction)
+    rows: list[tuple[str, str, int, str, int, float, str | None, str]] = []
+    n_order = 0
+    for u in range(cfg.customers):
+        cid = f"cust-{rng.integers(16**6):06x}-{u}"
+        favs = rng.choice(n_th, size=1 + int(rng.random() < 0.4), replace=False)
+        n_sessions = (
+            int(rng.poisson(14)) + 4 if loyal[u] else int(rng.poisson(5)) + 2 if repeat[u] else 1
+        )
+        first = rng.integers(0, max(1, cfg.days - 30))
+        last = (
+            first + rng.integers(20, max(21, (cfg.days - first) // 1 * 2 // 3 + 21))
+            if churn[u]
+            else cfg.days
+        )
+        last = int(min(last, cfg.days))
+        window = season[first:last] if last > first else season[first : first + 1]
+        sess_days = first + rng.choice(len(window), n_sessions, p=window / window.sum())
+        for s_i, day in enumerate(np.sort(sess_days)):
+            t0 = t_start + int(day) * 86400 + int(rng.integers(8 * 3600, 22 * 3600))
+            sid = f"s{u}-{s_i}"
+            theme = int(rng.choice(favs)) if rng.random() < 0.85 else int(rng.integers(n_th))
+            pool = by_theme[theme]
+            w = pop[pool] / pop[pool].sum()
+            n_view = 1 + int(rng.poisson(cfg.views_per_session - 1))
+            viewed = rng.choice(pool, size=min(n_view, len(pool)), replace=False, p=w)
+            t = t0
+            carted = []
+            for p in viewed:
+                rows.append((cid, pids[p], t, "view", 1, float(base_price[p]), None, sid))
+                t += int(rng.integers(20, 300))
+                if rng.random() < 0.35:
+                    rows.append((cid, pids[p], t, "cart", 1, float(base_price[p]), None, sid))
+                    carted.append(p)
+                    t += int(rng.integers(10, 120))
+            buy_p = 0.75 if (loyal[u] or repeat[u]) else 0.5
+            if carted and rng.random() < buy_p:
+                n_order += 1
+                oid = f"ORD{n_order:07d}"
+                for p in carted:
+                    q = 1 + int(rng.random() < 0.2) * int(rng.integers(1, 4))
+                    rows.append((cid, pids[p], t, "purchase", q, float(base_price[p]), oid, sid))
+                    if rng.random() < cfg.return_rate:
+                        rt = t + int(rng.integers(2, 20)) * 86400
+                        if rt < t_end:
+                            rows.append(
+                                (cid, pids[p], rt, "return", q, float(base_price[p]), oid, sid)
+                            )
+    cols = list(zip(*rows)) if rows else [[] for _ in range(8)]
+    events = pl.DataFrame(
+        {
+            "customer_id": pl.Series(cols[0], dtype=pl.Utf8),
+            "product_id": pl.Series(cols[1], dtype=pl.Utf8),
+            "ts": pl.Series(cols[2], dtype=pl.Int64),
+            "event_type": pl.Series(cols[3], dtype=pl.Utf8),
+            "quantity": pl.Series(cols[4], dtype=pl.Int64),
+            "price": pl.Series(cols[5], dtype=pl.Float64),
+            "order_id": pl.Series(cols[6], dtype=pl.Utf8),
+            "session_id": pl.Series(cols[7], dtype=pl.Utf8),
+        }
+    ).sort(["ts", "customer_id"])
+    events = events.with_columns(
+        pl.from_epoch("ts", time_unit="s")
+        .dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        .alias("timestamp")
+    ).select(
+        "customer_id",
+        "product_id",
+        "timestamp",
+        "event_type",
+        "quantity",
+        "price",
+        "order_id",
+        "session_id",
+    )
+    return events, catalogue
+
+
+def write_shop(cfg: ShopConfig, out: str | Path, fmt: str = "csv") -> tuple[Path, Path]:
+    """Write ``events.<fmt>`` and ``catalogue.<fmt>`` (csv or parquet) into ``out``."""
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"format must be csv or parquet, got {fmt!r}")
+    events, catalogue = generate_shop(cfg)
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    ep, cp = d / f"events.{fmt}", d / f"catalogue.{fmt}"
+    if fmt == "csv":
+        events.write_csv(ep)
+        catalogue.write_csv(cp)
+    else:
+        events.write_parquet(ep)
+        catalogue.write_parquet(cp)
+    return ep, cp

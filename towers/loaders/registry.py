@@ -1,9 +1,14 @@
-"""Resolve a dataset name or path to a loader."""
+"""Resolve a ``--dataset`` value (a bundled name, a dataset folder, a shop's files) to a Dataset.
+
+One path in: a shop's own files are read through the data contract
+(:mod:`towers.loaders.contract`, docs/data.md); ``ecomrec data import`` writes a dataset
+folder from them, and that folder is what every command takes. The bundled datasets
+have importers producing the same :class:`~towers.dataset.Dataset`.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from towers.dataset import Dataset
@@ -19,6 +24,11 @@ DATASETS: dict[str, tuple[str, str]] = {
     "cdnow-sample": ("cdnow/CDNOW_sample.txt", "cdnow"),
     "synthetic": ("", "synthetic"),
 }
+DATASET_HELP = (
+    "a dataset folder written by `ecomrec data import` / `data synth` (the usual case), a "
+    "shop's events file in the data contract (.csv/.parquet, docs/data.md), or a bundled "
+    "name: " + ", ".join(DATASETS)
+)
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -34,41 +44,68 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return p
 
 
-def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None) -> Dataset:
-    """Load a dataset by name (see :data:`DATASETS`) or by path.
+def _contract_files(folder: Path) -> tuple[Path, Path | None] | None:
+    """(events, catalogue) of a folder holding ``events.*`` (+ ``catalogue.*``/``items.*``)."""
+    for ext in ("csv", "parquet", "tsv"):
+        ev = folder / f"events.{ext}"
+        if ev.exists() or (ext == "parquet" and (folder / "events").is_dir()):
+            ev = ev if ev.exists() else folder / "events"
+            for stem in ("catalogue", "catalog", "items", "products"):
+                for e2 in ("csv", "parquet", "tsv"):
+                    if (folder / f"{stem}.{e2}").exists():
+                        return ev, folder / f"{stem}.{e2}"
+            return ev, None
+    return None
 
-    Paths: an S3-Rec prefix (``.../Sports`` with ``Sports.txt`` beside it), a saved
-    Dataset directory, an Online Retail parquet, a CDNOW text file.
+
+def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None) -> Dataset:
+    """Load a dataset by bundled name (:data:`DATASETS`) or by path.
+
+    Paths: a saved dataset folder (``dataset.json``); a folder with ``events.csv|parquet``
+    (+ ``catalogue.*``) in the data contract; a contract events file; an S3-Rec prefix
+    (``.../Sports`` with ``Sports.txt`` beside it); a CDNOW text file; a file with the
+    UCI Online Retail columns. Anything else is an error saying what is accepted.
     """
     key = str(name_or_path)
     if key == "synthetic":
         from towers.synthetic import make_shop
 
         return make_shop()
-    loaders: dict[str, Callable[[Path, str], Dataset]] = {}
     from towers.loaders.cdnow import load_cdnow
+    from towers.loaders.online_retail import COLUMNS as OR_COLUMNS
     from towers.loaders.online_retail import load_online_retail
     from towers.loaders.s3rec import load_s3rec
 
-    loaders = {
-        "s3rec": lambda p, n: load_s3rec(p, n),
-        "online_retail": lambda p, n: load_online_retail(p, n),
-        "cdnow": lambda p, n: load_cdnow(p, n),
-    }
     if key in DATASETS:
         rel, kind = DATASETS[key]
-        return loaders[kind](resolve_data_dir(data_dir) / rel, key)
+        path = resolve_data_dir(data_dir) / rel
+        if kind == "s3rec":
+            return load_s3rec(path, key)
+        if kind == "online_retail":
+            return load_online_retail(path, key)
+        return load_cdnow(path, key)
     p = Path(key).expanduser()
-    if (p / "dataset.json").exists():
+    if p.is_dir() and (p / "dataset.json").exists():
         return Dataset.load(p)
+    from towers.loaders.contract import ContractOptions, load_contract, read_source
+
+    if p.is_dir():
+        files = _contract_files(p)
+        if files is not None:
+            return load_contract(files[0], files[1], ContractOptions(name=p.name))
     s3 = p.with_name(p.name.removesuffix(".txt") + ".txt") if p.suffix in ("", ".txt") else None
-    if s3 is not None and s3.exists():
+    if s3 is not None and s3.exists() and not p.is_dir():
         return load_s3rec(p)
-    if p.suffix == ".parquet" and p.exists():
-        return load_online_retail(p, p.stem)
-    if p.name.startswith("CDNOW") and p.exists():
+    if p.name.startswith("CDNOW") and p.is_file():
         return load_cdnow(p, p.stem.lower())
+    if p.suffix.lower() in (".csv", ".tsv", ".parquet") and p.exists():
+        cols = read_source(p).frame.columns
+        if set(OR_COLUMNS) <= set(cols):
+            return load_online_retail(p, p.stem)
+        return load_contract(p, None, ContractOptions(name=p.stem))
+    if not p.exists() and ("/" in key or p.suffix):
+        raise DataError(f"unknown dataset {key!r}: no such file or folder")
     raise DataError(
-        f"unknown dataset {key!r}: not one of {sorted(DATASETS)} and not an S3-Rec prefix, "
-        "saved dataset directory, Online Retail parquet or CDNOW file"
+        f"unknown dataset {key!r}: give {DATASET_HELP}. A shop's own files: "
+        "`ecomrec data import --events FILE --items FILE --out DATASET` (docs/data.md)"
     )
