@@ -173,6 +173,7 @@ class Table:
     file: str
     csv: bool  # True: errors give file line numbers (header = line 1)
     renamed: dict[str, str] = field(default_factory=dict)  # canonical -> source column
+    source_columns: list[str] = field(default_factory=list)  # the file's own header
 
     def where(self, row: int, column: str | None = None) -> dict[str, Any]:
         """DataError keyword arguments locating 0-based ``row`` (and the SOURCE column name)."""
@@ -260,6 +261,7 @@ def _rename(table: Table, opts: ContractOptions, kind: str) -> Table:
     # a source column already carrying a canonical name that another column is mapped onto
     clash = [c for c in ren.values() if c in table.frame.columns and c not in ren]
     df = table.frame.drop(clash) if clash else table.frame
+    table.source_columns = list(table.frame.columns)
     df = df.rename(ren)
     table.frame = df.select([c for c in df.columns if c in canon])
     table.renamed = {v: k for k, v in ren.items()}
@@ -271,7 +273,7 @@ def _require(table: Table, cols: tuple[str, ...], kind: str) -> None:
     if missing:
         raise DataError(
             f"missing required {kind} column(s) {missing}; the file has "
-            f"{table.frame.columns or '(none mapped)'}. Rename them or map them, e.g. "
+            f"{table.source_columns}. Rename them or map them, e.g. "
             f"--map {missing[0]}=YourColumn (docs/data.md)",
             file=table.file,
             column=missing[0],
