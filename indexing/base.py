@@ -254,6 +254,9 @@ class IndexManifest:
     verify: dict[str, Any] = field(default_factory=dict)
     kind: Literal["items", "users"] = "items"
     parent: str | None = None
+    # what the vectors were made from: model_version, model_items (hash of the model's item
+    # id map), run_dir, dataset (Dataset.fingerprint); {} for versions from before issue 11
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -292,6 +292,7 @@ def _finish(
     kind: str,
     parent: str | None,
     dim: int,
+    provenance: dict[str, Any] | None = None,
 ) -> IndexManifest:
     if not report.ok:
         store.drop_version(version)
@@ -312,6 +313,7 @@ def _finish(
         verify=report.to_dict(),
         kind=kind,  # type: ignore[arg-type]
         parent=parent,
+        provenance=dict(provenance or {}),
     )
     store.commit(version, manifest)
     store.set_alias(alias, version)
@@ -340,8 +342,12 @@ def build_version(
     kind: str = "items",
     payload_indexes: dict[str, str] | None = None,
     progress: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> IndexManifest:
     """Write a new version with these points, verify it and point the alias at it.
+
+    ``provenance`` (model id, catalogue hash, dataset fingerprint) is recorded in the
+    manifest; updates of the version carry it over.
 
     ``ids (N,)`` ints >= 1, ``vectors (N, D)`` finite, ``payloads`` one dict per point.
     ``queries (Q, D)``: real user vectors for the recall check (a sample of the item
@@ -378,6 +384,7 @@ def build_version(
             kind=kind,
             parent=store.alias_target(alias),
             dim=vecs.shape[1],
+            provenance=provenance,
         )
 
 
@@ -475,7 +482,7 @@ def upsert_points(
         return _finish(
             store, alias, version, report,
             model_version=live.model_version, config_hash=live.config_hash, t0=t0,
-            kind=live.kind, parent=live.version, dim=live.dim,
+            kind=live.kind, parent=live.version, dim=live.dim, provenance=live.provenance,
         )  # fmt: skip
 
 
@@ -523,7 +530,7 @@ def delete_points(
         return _finish(
             store, alias, version, report,
             model_version=live.model_version, config_hash=live.config_hash, t0=t0,
-            kind=live.kind, parent=live.version, dim=live.dim,
+            kind=live.kind, parent=live.version, dim=live.dim, provenance=live.provenance,
         )  # fmt: skip
 
 

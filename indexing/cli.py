@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--dataset", default=None, help="dataset name/path: catalogue, popularity, user sequences"
     )
-    b.add_argument("--data-dir", default=None)
+    b.add_argument(
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
+    )
     b.add_argument(
         "--catalog", default=None, help="catalogue file (.parquet/.csv, canonical item columns)"
     )
@@ -66,9 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--queries", default=None, help=".npy (Q, D) query vectors (default: stored item vectors)"
     )
-    v.add_argument("--k", type=int, default=10)
+    v.add_argument("--k", type=int, default=10, help="neighbours compared per query")
     v.add_argument("--ef", type=int, default=None, help="HNSW search width (default: config)")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=_verify)
 
     u = isub.add_parser("upsert", help="add or replace products (embedded by the item tower)")
@@ -76,7 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument(
         "--items", required=True, help="catalogue rows (.parquet/.csv) with external_id, title, ..."
     )
-    u.add_argument("--model", default=None)
+    u.add_argument(
+        "--model",
+        default=None,
+        help="run directory the live version was built from (its item tower embeds the rows)",
+    )
     u.add_argument(
         "--vectors", default=None, help=".npy (N, D) aligned with --items (instead of --model)"
     )
@@ -97,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ls = isub.add_parser("list", help="versions, the live one marked")
     _common(ls)
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=_list)
 
 
@@ -120,6 +126,20 @@ def _config(args: argparse.Namespace) -> Any:
     if args.alias:
         data["alias"] = args.alias
     return IndexConfig.from_dict(data)
+
+
+def _existing_store(cfg: Any) -> Any:
+    """The store of an index that must already exist: a missing edge path is an error and
+    nothing is created."""
+    from indexing.build import open_store
+    from towers.errors import IndexUnavailableError
+
+    if cfg.backend == "edge" and cfg.location != ":memory:" and not Path(cfg.location).exists():
+        raise IndexUnavailableError(
+            f"index {cfg.location} does not exist (nothing created): build one with "
+            f"`ecomrec index build --index {cfg.location} ...`, or check --index"
+        )
+    return open_store(cfg)
 
 
 def _read_frame(path: str) -> Any:
@@ -185,6 +205,13 @@ def _build(args: argparse.Namespace) -> int:
         from towers.inference import load_run
 
         model = load_run(args.model)
+        if ds is not None:
+            model.check_dataset(ds, "index build")
+        else:
+            _check_catalog_overlap(model, items, args.catalog)
+        provenance = model.provenance()
+        if ds is not None:
+            provenance["dataset"] = ds.fingerprint()
         model_version, chash = model.model_version, model.config_hash
         ids, payloads = item_payloads(
             items, model_version, None, source=args.catalog or "catalogue"
@@ -201,6 +228,9 @@ def _build(args: argparse.Namespace) -> int:
     elif args.vectors:
         vectors = _load_npy(args.vectors)
         model_version, chash = Path(args.vectors).stem, ""
+        provenance = {"model_version": model_version, "vectors": str(args.vectors)}
+        if ds is not None:
+            provenance["dataset"] = ds.fingerprint()
         ids, payloads = item_payloads(
             items, model_version, None, source=args.catalog or "catalogue"
         )
@@ -219,6 +249,7 @@ def _build(args: argparse.Namespace) -> int:
         config_hash=chash,
         queries=queries,
         progress=True,
+        provenance=provenance,
     )
     _print_manifest(m)
     if args.users:
@@ -249,10 +280,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from indexing.build import open_store, verify_version
+    from indexing.build import verify_version
 
     cfg = _config(args)
-    store = open_store(cfg)
+    store = _existing_store(cfg)
     live = store.alias_target(cfg.alias)
     if live is None:
         from towers.errors import IndexUnavailableError
@@ -274,6 +305,45 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+def _check_catalog_overlap(model: Any, items: Any, source: str | None) -> None:
+    """A catalogue file none of whose products the model knows is another shop's."""
+    import polars as pl
+
+    from towers.errors import MismatchError
+
+    ext = items["external_id"].cast(pl.Utf8).to_list() if "external_id" in items.columns else []
+    known = sum(model.item_ids.get(e) is not None for e in ext)
+    if ext and known == 0:
+        raise MismatchError(
+            f"index build: none of the {len(ext):,} products in {source} is in the catalogue "
+            f"run {model.run_dir} was trained on ({len(model.item_ids):,} products): another "
+            "shop's catalogue or model. Pass the matching --model, or --dataset to check fully"
+        )
+
+
+def _check_upsert_model(model: Any, live: Any, location: str) -> None:
+    """Upserted vectors must come from the model (and catalogue) the live version was built
+    from, else they land in another vector space or overwrite other products."""
+    from towers.errors import MismatchError
+
+    prov = getattr(live, "provenance", None) or {}
+    want_items = prov.get("model_items")
+    if want_items and want_items != model.items_hash:
+        raise MismatchError(
+            f"index upsert: index {location} ({live.version}) was built from model "
+            f"{live.model_version} over another catalogue (items fingerprint {want_items}) "
+            f"than run {model.run_dir} ({model.items_hash}): nothing written. Use that model, "
+            "or build a new version with `ecomrec index build`"
+        )
+    if live.model_version != model.model_version:
+        raise MismatchError(
+            f"index upsert: index {location} ({live.version}) holds vectors of model "
+            f"{live.model_version}, not of {model.model_version} (run {model.run_dir}): its "
+            "vectors would not be comparable; nothing written. Build a new version with "
+            "`ecomrec index build --model ...` instead"
+        )
+
+
 def _external_map(store: Any, alias: str) -> dict[str, int]:
     live = store.alias_target(alias)
     out: dict[str, int] = {}
@@ -289,12 +359,12 @@ def _upsert(args: argparse.Namespace) -> int:
     import numpy as np
     import polars as pl
 
-    from indexing.build import CATALOG_COLUMNS, _live, item_payloads, open_store, upsert_points
+    from indexing.build import CATALOG_COLUMNS, _live, item_payloads, upsert_points
     from towers.errors import ConfigError, DataError
     from towers.schema import require_columns
 
     cfg = _config(args)
-    store = open_store(cfg)
+    store = _existing_store(cfg)
     live = _live(store, cfg.alias)
     items = _read_frame(args.items)
     require_columns(items, [c for c in CATALOG_COLUMNS if c != "item_id"], file=args.items)
@@ -305,6 +375,7 @@ def _upsert(args: argparse.Namespace) -> int:
         from towers.inference import load_run
 
         model = load_run(args.model)
+        _check_upsert_model(model, live, cfg.location)
     next_id = max([*ext_map.values(), len(model.item_ids) if model else 0]) + 1
     new_ids = []
     for e in items["external_id"].cast(pl.Utf8).to_list():
@@ -346,11 +417,11 @@ def _upsert(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from indexing.build import delete_points, open_store
+    from indexing.build import delete_points
     from towers.errors import ConfigError, NotFoundError
 
     cfg = _config(args)
-    store = open_store(cfg)
+    store = _existing_store(cfg)
     ids: list[int] = []
     externals: list[str] = []
     if args.ids:
@@ -379,19 +450,19 @@ def _delete(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from indexing.build import open_store, rollback
+    from indexing.build import rollback
 
     cfg = _config(args)
-    m = rollback(open_store(cfg), cfg.alias, args.to)
+    m = rollback(_existing_store(cfg), cfg.alias, args.to)
     print(f"{cfg.alias} -> {m.version} ({m.count:,} points, model {m.model_version})")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from indexing.build import list_versions, open_store
+    from indexing.build import list_versions
 
     cfg = _config(args)
-    rows = list_versions(open_store(cfg), cfg.alias)
+    rows = list_versions(_existing_store(cfg), cfg.alias)
     if args.json:
         print(json.dumps([{**json.loads(m.to_json()), "live": live} for m, live in rows], indent=2))
         return 0
@@ -403,3 +474,26 @@ def _list(args: argparse.Namespace) -> int:
             f"recall@{m.verify.get('k')} {m.verify.get('recall', float('nan')):.4f}  {m.build_seconds:.1f}s"
         )
     return 0
+
+
+def build_index(
+    index: str, model: str, dataset: str, data_dir: str | None = None, alias: str | None = None
+) -> int:
+    """``ecomrec index build --index I --model M --dataset D`` as a function (``serve
+    --build-index`` uses it): a new verified version from the run, swapped in."""
+    ns = argparse.Namespace(
+        index=index,
+        backend=None,
+        api_key=None,
+        alias=alias,
+        config=None,
+        model=model,
+        dataset=dataset,
+        data_dir=data_dir,
+        catalog=None,
+        vectors=None,
+        queries=None,
+        users=False,
+        user_payload=None,
+    )
+    return _build(ns)

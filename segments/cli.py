@@ -26,12 +26,24 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="online-retail", help="dataset name or path")
-    p.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")
+    from towers.loaders.registry import DATASET_HELP
+
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument(
-        "--run", default=None, help="trained towers run directory (user tower embeddings)"
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
     )
-    p.add_argument("--horizon-days", type=int, default=90)
+    p.add_argument(
+        "--run",
+        default=None,
+        help="trained towers run of THIS dataset (user-tower embeddings; default: text "
+        "embeddings of the products bought)",
+    )
+    p.add_argument(
+        "--horizon-days",
+        type=int,
+        default=90,
+        help="churn / value horizon; the data must span at least 3x this many days",
+    )
     p.add_argument(
         "--k-segments", type=int, default=None, help="k for k-means (default: silhouette)"
     )
@@ -59,7 +71,41 @@ def _config(args: argparse.Namespace) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     from towers.loaders import load_dataset
 
-    return load_dataset(args.dataset, data_dir=args.data_dir)
+    ds = load_dataset(args.dataset, data_dir=args.data_dir)
+    check_horizon(ds, args.horizon_days)
+    if args.run:
+        from towers.inference import load_run
+
+        load_run(args.run).check_dataset(ds, f"--run {args.run}")
+    return ds
+
+
+def check_horizon(ds: Any, horizon_days: int) -> None:
+    """The churn split needs history before the training cutoff (end - 2 horizons) and two
+    horizon-long label windows: at least 3 horizons of data. Say what to change if not."""
+    import datetime as _dt
+
+    from towers.errors import ConfigError
+
+    if horizon_days < 1:
+        raise ConfigError(f"--horizon-days must be >= 1, got {horizon_days}")
+    ev = ds.events.filter(ds.events["event_type"] == "purchase")
+    if ev.height == 0:
+        raise ConfigError(f"dataset {ds.name!r} has no purchase events: segments need purchases")
+    lo, hi = int(ev["ts"].min()), int(ev["ts"].max())
+    span = (hi - lo) / 86400
+    if span < 3 * horizon_days:
+
+        def day(t: int) -> str:
+            return _dt.datetime.fromtimestamp(t, _dt.UTC).date().isoformat()
+
+        raise ConfigError(
+            f"--horizon-days {horizon_days} is too long for dataset {ds.name!r}: its purchases "
+            f"span {span:.0f} days ({day(lo)} .. {day(hi)}), and the churn models need 3 x "
+            f"{horizon_days} = {3 * horizon_days} days (history before a training cutoff, then "
+            f"two {horizon_days}-day outcome windows). Use --horizon-days {max(1, int(span // 3))} "
+            "or less, or more history"
+        )
 
 
 def _score(args: argparse.Namespace, ds: Any, previous: Any = None) -> Any:
@@ -86,11 +132,22 @@ def _segments_report(args: argparse.Namespace) -> int:
 
 def _segments_export(args: argparse.Namespace) -> int:
     from segments.export import load_previous_segments, write_export
+    from towers.errors import ConfigError
 
+    if Path(args.out).exists():
+        raise ConfigError(
+            f"--out {args.out} already exists: exports are never overwritten; choose a new "
+            "folder (pass the old one as --previous to keep segment ids stable)"
+        )
     ds = _load(args)
     prev = load_previous_segments(args.previous) if args.previous else None
     scored = _score(args, ds, prev)
     manifest = write_export(args.out, scored, ds, raw_ids=args.raw_ids, salt=args.salt)
+    if args.run:
+        from towers.inference import load_run
+
+        manifest["run"] = load_run(args.run).provenance()
+        (Path(args.out) / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
     return 0
 
@@ -207,6 +264,104 @@ def _campaign_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- customers
+def _customer_row(ds: Any, scored: Any, customer: str) -> int:
+    from towers.errors import NotFoundError
+
+    uid = ds.users.get(customer)
+    if uid is None:
+        raise NotFoundError(f"customer {customer!r} is not in dataset {ds.name!r}")
+    rows = {int(u): i for i, u in enumerate(scored.users.tolist())}
+    if uid not in rows:
+        raise NotFoundError(
+            f"customer {customer!r} has no purchases before the as-of date: no profile"
+        )
+    return rows[uid]
+
+
+def _customers_show(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    import polars as pl
+
+    ds = _load(args)
+    scored = _score(args, ds)
+    r = _customer_row(ds, scored, args.customer)
+    row = scored.table.row(r, named=True)
+    uid = int(row["user_id"])
+    ev = ds.events.filter(pl.col("user_id") == uid)
+    buys = ev.filter(pl.col("event_type") == "purchase")
+    top = (
+        buys.group_by("item_id")
+        .agg(pl.col("quantity").sum().alias("bought"))
+        .sort(["bought", "item_id"], descending=[True, False])
+        .head(args.top)
+    )
+    titles = dict(zip(ds.items["item_id"].to_list(), ds.items["title"].to_list()))
+
+    def day(t: int) -> str:
+        return _dt.datetime.fromtimestamp(t, _dt.UTC).date().isoformat()
+
+    info = {
+        "customer": args.customer,
+        "as_of": day(scored.now_ts),
+        "first_seen": day(int(ev["ts"].min())),  # type: ignore[arg-type]
+        "last_seen": day(int(ev["ts"].max())),  # type: ignore[arg-type]
+        "events": dict(sorted(ev.group_by("event_type").len().iter_rows())),
+        "rfm_segment": row["rfm_segment"],
+        "rfm_code": row["rfm_code"],
+        "segment": row["segment_name"],
+        "churn_probability": round(float(row["churn_probability"]), 4),
+        "high_value_probability": round(float(row["high_value_probability"]), 4),
+        "predicted_spend": round(float(row["predicted_spend"]), 2),
+        "recency_days": row["recency_days"],
+        "frequency": row["frequency"],
+        "monetary": round(float(row["monetary"]), 2),
+        "top_items": [
+            {"item": ds.item_ids.to_external(int(i)), "title": titles.get(int(i)), "bought": int(q)}
+            for i, q in top.iter_rows()
+        ],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for k, v in info.items():
+        if k != "top_items":
+            print(f"{k:24s} {v}")
+    print("top items")
+    for t in info["top_items"]:  # type: ignore[union-attr]
+        print(f"  {t['bought']:>4}  {t['item']}  {t['title'] or ''}")  # type: ignore[index]
+    return 0
+
+
+def _customers_similar(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from segments.campaign import ExactUserSearch
+
+    ds = _load(args)
+    scored = _score(args, ds)
+    r = _customer_row(ds, scored, args.customer)
+    search = ExactUserSearch(scored.users, scored.embeddings)
+    users, scores = search.search(scored.embeddings[r], args.k + 1, None)
+    me = int(scored.users[r])
+    rows = {int(u): i for i, u in enumerate(scored.users.tolist())}
+    t = scored.table
+    keep = [(int(u), float(s)) for u, s in zip(users, scores) if int(u) != me][: args.k]
+    out = pl.DataFrame(
+        {
+            "customer": [ds.users.to_external(u) for u, _ in keep],
+            "similarity": [s for _, s in keep],
+            "rfm_segment": [t["rfm_segment"][rows[u]] for u, _ in keep],
+            "segment": [t["segment_name"][rows[u]] for u, _ in keep],
+            "churn_probability": [t["churn_probability"][rows[u]] for u, _ in keep],
+        },
+        schema_overrides={"similarity": pl.Float64},
+    )
+    _emit(out, args.out)
+    return 0
+
+
 def _emit(df: Any, out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -272,9 +427,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cs = camp.add_subparsers(dest="campaign_cmd", required=True)
     p = cs.add_parser("audience", help="customers nearest to a text or to products")
     _common(p)
-    p.add_argument("--text", default=None)
+    p.add_argument("--text", default=None, help="describe the campaign, e.g. 'christmas lights'")
     p.add_argument("--items", default=None, help="comma-separated external item ids")
-    p.add_argument("--k", type=int, default=500)
+    p.add_argument("--k", type=int, default=500, help="audience size")
     p.add_argument(
         "--segment", default=None, help="RFM segment name or behavioural segment id/name"
     )
@@ -282,18 +437,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_campaign_audience)
     p = cs.add_parser("plan", help="top products with a reason for each customer of a segment")
     _common(p)
-    p.add_argument("--segment", default=None)
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument(
+        "--segment", default=None, help="RFM segment name or behavioural segment id/name"
+    )
+    p.add_argument("--k", type=int, default=5, help="products per customer")
     p.add_argument(
         "--limit", type=int, default=20, help="customers (highest predicted spend first)"
     )
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
     p.set_defaults(func=_campaign_plan)
     p = cs.add_parser("evaluate", help="offline audience precision@N per product theme")
     _common(p)
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--out", default=None)
+    p.add_argument("--n", type=int, default=200, help="audience size per theme")
+    p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
     p.set_defaults(func=_campaign_evaluate)
+
+    cu = sub.add_parser("customers", help="one customer: profile, segment, churn, similar ones")
+    cus = cu.add_subparsers(dest="customers_cmd", required=True)
+    p = cus.add_parser("show", help="profile, RFM and behavioural segment, churn score, top items")
+    p.add_argument("customer", metavar="ID", help="external customer id (as in the events)")
+    _common(p)
+    p.add_argument("--top", type=int, default=5, help="number of top items")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_customers_show)
+    p = cus.add_parser("similar", help="customers nearest in the behaviour embedding space")
+    p.add_argument("customer", metavar="ID", help="external customer id (as in the events)")
+    _common(p)
+    p.add_argument("--k", type=int, default=10, help="number of similar customers")
+    p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
+    p.set_defaults(func=_customers_similar)
 
     ch = sub.add_parser("churn", help="churn / high-value models")
     chs = ch.add_subparsers(dest="churn_cmd", required=True)

@@ -295,6 +295,7 @@ def write_export(
     manifest = {
         "export_version": EXPORT_VERSION,
         "dataset": ds.name,
+        "dataset_fingerprint": ds.fingerprint(),
         "as_of": dt.datetime.fromtimestamp(scored.now_ts, dt.UTC).isoformat(),
         "customers": cust.height,
         "segments": segs.height,

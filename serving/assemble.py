@@ -111,10 +111,9 @@ def build_recommender(
 ) -> Recommender:
     """The engine over loaded parts."""
     segments = segments or NoSegments()
+    # ServeConfig checked that a configured file exists; "" means re-ranking off
     policies = policies or (
-        RerankPolicies.load(cfg.rerank_policies)
-        if Path(cfg.rerank_policies).exists()
-        else RerankPolicies()
+        RerankPolicies.load(cfg.rerank_policies) if cfg.rerank_policies else RerankPolicies()
     )
     inter = parts.history.inter
     seg_of: dict[int, str] = {}

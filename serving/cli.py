@@ -14,34 +14,54 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``export``, ``recommend`` and ``demo``."""
+    from towers.loaders.registry import DATASET_HELP
+
     s = sub.add_parser("serve", help="run the gRPC Recommend service")
     s.add_argument("--model", required=True, help="training run directory")
-    s.add_argument("--dataset", required=True, help="dataset name/path (histories and catalogue)")
-    s.add_argument("--data-dir", default=None)
+    s.add_argument("--dataset", required=True, help="histories and catalogue: " + DATASET_HELP)
+    s.add_argument(
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
+    )
     s.add_argument(
         "--index", default="artifacts/index", help="embedded index directory (IndexConfig.location)"
     )
-    s.add_argument("--index-alias", default="items")
+    s.add_argument("--index-alias", default="items", help="index alias the service reads")
+    s.add_argument(
+        "--build-index",
+        action="store_true",
+        help="first build a new index version from --model and --dataset into --index "
+        "(what `ecomrec index build` does), then serve it",
+    )
     s.add_argument(
         "--segments",
         default=None,
         help="segments.parquet (user_id, rfm_segment, ...) or an `ecomrec segments export --raw-ids` directory",
     )
     s.add_argument(
-        "--config", default=None, help="TOML with a [serve] table (configs/serving/serve.toml)"
+        "--config",
+        default=None,
+        help="TOML with a [serve] table (example: configs/serving/serve.toml; default: "
+        "built-in ServeConfig, re-rank policies from the package)",
     )
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--metrics-port", type=int, default=None)
-    s.add_argument("--encoder", choices=["inprocess", "onnx", "triton"], default=None)
-    s.add_argument("--triton-url", default=None)
+    s.add_argument("--host", default=None, help="bind address (default: the config's, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's)")
+    s.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus port (default: the config's)"
+    )
+    s.add_argument(
+        "--encoder",
+        choices=["inprocess", "onnx", "triton"],
+        default=None,
+        help="user-tower runtime (default: the config's, inprocess)",
+    )
+    s.add_argument("--triton-url", default=None, help="Triton gRPC URL for --encoder triton")
     s.add_argument(
         "--start-triton",
         default=None,
         metavar="REPO",
         help="start a local pytriton server for this exported repository (dev)",
     )
-    s.add_argument("--json-logs", action="store_true")
+    s.add_argument("--json-logs", action="store_true", help="log JSON lines")
     s.set_defaults(func=_serve)
 
     e = sub.add_parser("export", help="export models for other runtimes")
@@ -49,15 +69,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = esub.add_parser("triton", help="Triton model repository: ONNX user tower + config.pbtxt")
     t.add_argument("--model", required=True, help="training run directory")
     t.add_argument("--out", required=True, help="model repository directory")
-    t.add_argument("--name", default="user_tower")
-    t.add_argument("--max-batch-size", type=int, default=64)
-    t.add_argument("--instances", type=int, default=1)
-    t.add_argument("--kind", choices=["KIND_CPU", "KIND_GPU"], default="KIND_CPU")
-    t.add_argument("--queue-delay-us", type=int, default=200)
+    t.add_argument("--name", default="user_tower", help="model name in the repository")
+    t.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
+    t.add_argument("--instances", type=int, default=1, help="model instances")
+    t.add_argument(
+        "--kind", choices=["KIND_CPU", "KIND_GPU"], default="KIND_CPU", help="instance kind"
+    )
+    t.add_argument(
+        "--queue-delay-us", type=int, default=200, help="dynamic batching max queue delay"
+    )
     t.set_defaults(func=_export_triton)
 
     r = sub.add_parser("recommend", help="call a running service (client)")
-    r.add_argument("--target", default="127.0.0.1:50051")
+    r.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the service")
     r.add_argument("--user", default="", help="external user id")
     r.add_argument(
         "--event",
@@ -66,25 +90,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="ITEM[:TYPE]",
         help="recent event (repeatable)",
     )
-    r.add_argument("-k", type=int, default=10)
-    r.add_argument("--category", action="append", default=[])
-    r.add_argument("--price-min", type=float, default=None)
-    r.add_argument("--price-max", type=float, default=None)
+    r.add_argument("-k", type=int, default=10, help="number of recommendations")
+    r.add_argument(
+        "--category", action="append", default=[], help="only this category (repeatable)"
+    )
+    r.add_argument("--price-min", type=float, default=None, help="lowest price")
+    r.add_argument("--price-max", type=float, default=None, help="highest price")
     r.add_argument("--api-key", default=None, help="default: first key of $ECOMREC_API_KEYS")
-    r.add_argument("--timeout", type=float, default=2.0)
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=_recommend)
 
     d = sub.add_parser(
         "demo",
         help="train quick, build index, fit segments, serve, call: recommendations with reasons",
     )
-    d.add_argument("--dataset", default="beauty")
-    d.add_argument("--data-dir", default=None)
+    d.add_argument(
+        "--dataset", default="beauty", help="dataset the demo runs on (bundled name or folder)"
+    )
+    d.add_argument(
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
+    )
     d.add_argument("--work", default="artifacts/demo", help="run, index and segments go here")
-    d.add_argument("--customers", type=int, default=3)
-    d.add_argument("-k", type=int, default=5)
-    d.add_argument("--retrain", action="store_true")
+    d.add_argument("--customers", type=int, default=3, help="customers to recommend to")
+    d.add_argument("-k", type=int, default=5, help="recommendations per customer")
+    d.add_argument("--retrain", action="store_true", help="train again even if a run exists")
     d.set_defaults(func=_demo)
 
 
@@ -127,18 +157,29 @@ def _serve(args: argparse.Namespace) -> int:
     handle = start_server(cfg, servicer, metrics)  # health NOT_SERVING while loading
     done = install_signal_handlers(handle, cfg.grace_s)
     t0 = time.perf_counter()
-    ds = load_dataset(args.dataset, args.data_dir)
-    parts = load_parts(args.model, ds)
-    index = open_index(IndexConfig(location=args.index, alias=args.index_alias))
-    segments = None
-    if args.segments:
-        seg_path = Path(args.segments)
-        segments = (
-            TableSegmentLookup.from_marketing_export(seg_path, ds.users)
-            if seg_path.is_dir()
-            else TableSegmentLookup.load(seg_path)
-        )
-    engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
+    try:
+        ds = load_dataset(args.dataset, args.data_dir)
+        parts = load_parts(args.model, ds)
+        if args.build_index:
+            from indexing.cli import build_index
+
+            build_index(args.index, args.model, args.dataset, args.data_dir, args.index_alias)
+        index = open_index(IndexConfig(location=args.index, alias=args.index_alias))
+        check_index_matches_model(index, parts.model, args.index)
+        segments = None
+        if args.segments:
+            seg_path = Path(args.segments)
+            segments = (
+                TableSegmentLookup.from_marketing_export(seg_path, ds.users)
+                if seg_path.is_dir()
+                else TableSegmentLookup.load(seg_path)
+            )
+        engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
+    except BaseException:
+        handle.stop(0)  # refuse at once: no half-started service answering INTERNAL
+        if triton_proc is not None:
+            triton_proc.stop()
+        raise
     servicer.attach(engine)
     handle.set_ready(True)
     if engine.user_vectors is not None:
@@ -160,6 +201,31 @@ def _serve(args: argparse.Namespace) -> int:
         if triton_proc is not None:
             triton_proc.stop()
     return 0
+
+
+def check_index_matches_model(index: object, model: object, location: str) -> None:
+    """Refuse an index whose vectors come from another model (or catalogue) than ``model``."""
+    from towers.errors import MismatchError
+
+    get = getattr(index, "manifest", None)
+    if get is None:
+        return
+    m = get()
+    prov = getattr(m, "provenance", None) or {}
+    want = getattr(model, "model_version", None)
+    items = prov.get("model_items")
+    if items and items != getattr(model, "items_hash", items):
+        raise MismatchError(
+            f"serve: index {location} ({m.version}) was built over another catalogue "
+            f"(items fingerprint {items}) than run {getattr(model, 'run_dir', '?')}: rebuild it "
+            "with `ecomrec index build --model RUN --dataset DATASET` (or serve --build-index)"
+        )
+    if m.model_version != want:
+        raise MismatchError(
+            f"serve: index {location} ({m.version}) holds vectors of model {m.model_version}, "
+            f"not of the served model {want}: rebuild it with `ecomrec index build --model "
+            f"{getattr(model, 'run_dir', 'RUN')} --dataset DATASET` (or serve --build-index)"
+        )
 
 
 def _export_triton(args: argparse.Namespace) -> int:

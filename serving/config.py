@@ -10,6 +10,9 @@ from typing import Any, Literal
 from towers.config import from_dict, load_toml
 from towers.errors import ConfigError
 
+#: The re-rank policies shipped with the package (configs/serving/rerank.toml).
+DEFAULT_RERANK = Path(__file__).resolve().parent.parent / "configs" / "serving" / "rerank.toml"
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -60,8 +63,10 @@ class ServeConfig:
     tls_key: str | None = None
     # Salt of the keyed hash that pseudonymises user ids in logs.
     pseudonym_salt: str = "ecomrec-logs"
-    # Re-ranking policies per segment (TOML, see configs/serving/rerank.toml).
-    rerank_policies: str = "configs/serving/rerank.toml"
+    # Re-ranking policies per segment (TOML). Default: the file shipped with the package
+    # (resolved from the package, not the working directory); "" turns re-ranking off; a
+    # path that does not exist is an error.
+    rerank_policies: str = str(DEFAULT_RERANK)
 
     def __post_init__(self) -> None:
         for name in ("workers", "max_k", "overfetch", "max_message_bytes", "max_concurrent_rpcs"):
@@ -71,6 +76,11 @@ class ServeConfig:
             raise ConfigError(f"ServeConfig.port must be in [0, 65535], got {self.port}")
         if self.default_deadline_s <= 0 or self.triton_timeout_s <= 0:
             raise ConfigError("ServeConfig deadlines must be > 0")
+        if self.rerank_policies and not Path(self.rerank_policies).is_file():
+            raise ConfigError(
+                f"ServeConfig.rerank_policies: {self.rerank_policies} does not exist "
+                f'(default: {DEFAULT_RERANK}; "" turns re-ranking off)'
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
 
@@ -87,5 +97,9 @@ def load_serve_config(path: str | Path | None = None, **overrides: Any) -> Serve
     if path is not None:
         raw = load_toml(path)
         data = dict(raw.get("serve", raw))
+        rp = data.get("rerank_policies")
+        if isinstance(rp, str) and rp and not Path(rp).is_absolute():
+            # relative to the TOML file, not to the working directory
+            data["rerank_policies"] = str(Path(path).resolve().parent / rp)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(ServeConfig, data)

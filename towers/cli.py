@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cdnow-sample, or an S3-Rec prefix / CDNOW file path)",
     )
     i.add_argument(
-        "--data-dir", default=None, help="folder of the bundled datasets (default: $ECOMREC_DATA_DIR)"
+        "--data-dir",
+        default=None,
+        help="folder of the bundled datasets (default: $ECOMREC_DATA_DIR)",
     )
     i.add_argument("--out", required=True, help="dataset folder to write")
     i.add_argument(
@@ -196,7 +198,9 @@ def _contract_options(args: argparse.Namespace) -> Any:
 
         zoneinfo.ZoneInfo(tz)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"unknown time zone {tz!r} (want an IANA name like Europe/Berlin)") from None
+        raise ConfigError(
+            f"unknown time zone {tz!r} (want an IANA name like Europe/Berlin)"
+        ) from None
     return ContractOptions(**fields)
 
 

@@ -101,7 +101,11 @@ class Dataset:
         events; ``id``: all four together. Same data -> same fingerprint, on any machine.
         """
         cat = self.items.select(
-            [c for c in ("external_id", "title", "brand", "category", "price") if c in self.items.columns]
+            [
+                c
+                for c in ("external_id", "title", "brand", "category", "price")
+                if c in self.items.columns
+            ]
         )
         ev = self.events
         h = hashlib.sha256()
@@ -164,11 +168,9 @@ class Dataset:
 
         d = Path(directory)
         d.parent.mkdir(parents=True, exist_ok=True)
-        if d.exists() and not (d.is_dir() and (d / "dataset.json").exists()):
-            if not d.is_dir() or any(d.iterdir()):
-                raise DataError(
-                    f"{d} exists and is not a saved dataset; refusing to overwrite it"
-                )
+        not_dataset = d.exists() and not (d.is_dir() and (d / "dataset.json").exists())
+        if not_dataset and (not d.is_dir() or any(d.iterdir())):
+            raise DataError(f"{d} exists and is not a saved dataset; refusing to overwrite it")
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
         try:
             self.events.write_parquet(tmp / "events.parquet")

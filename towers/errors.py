@@ -69,3 +69,8 @@ class InvalidArgumentError(EcomrecError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class MismatchError(EcomrecError):
+    """Two artifacts were made from different data or models (run vs dataset, index vs
+    model, export vs run); the message names both and what to do."""

@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from towers.dataset import IdMap
-from towers.errors import ModelError, NotFoundError
+from towers.dataset import Dataset, IdMap, id_map_hash
+from towers.errors import MismatchError, ModelError, NotFoundError
 from towers.item_tower import build_item_features
 from towers.model import Checkpoint, TwoTower, load_checkpoint
 from towers.sequences import Interactions, SequenceBatch, batch_for_users
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
+FINGERPRINT_FILE = "fingerprint.json"  # the training dataset's fingerprint (Dataset.fingerprint)
 
 
 @runtime_checkable
@@ -112,6 +113,27 @@ class TrainedModel:
     item_ids: IdMap
     model: TwoTower = field(repr=False)
     checkpoint: Checkpoint = field(repr=False)
+    dataset_fingerprint: dict[str, object] | None = None  # None: a run from before issue 11
+
+    @property
+    def items_hash(self) -> str:
+        """Hash of the item id map the model was trained with (its catalogue)."""
+        return id_map_hash(self.item_ids.external_ids)
+
+    def provenance(self) -> dict[str, object]:
+        """What an artifact made from this model records: model id, catalogue, dataset."""
+        return {
+            "model_version": self.model_version,
+            "model_items": self.items_hash,
+            "run_dir": str(self.run_dir),
+            "dataset": self.dataset_fingerprint or {},
+        }
+
+    def check_dataset(self, ds: Dataset, what: str) -> None:
+        """Raise :class:`MismatchError` unless ``ds`` has the catalogue this model was trained on."""
+        check_same_catalogue(
+            self.item_ids.external_ids, ds, f"run {self.run_dir}", what, self.dataset_fingerprint
+        )
 
     @torch.no_grad()
     def item_vectors(self) -> np.ndarray:
@@ -176,6 +198,40 @@ class TrainedModel:
         return TwoTower.normalise(v).float().cpu().numpy()
 
 
+def check_same_catalogue(
+    model_items: list[str],
+    ds: Dataset,
+    source: str,
+    what: str,
+    fingerprint: dict[str, object] | None = None,
+) -> None:
+    """Raise :class:`MismatchError` when ``ds``'s item id map differs from ``model_items``."""
+    if model_items == ds.item_ids.external_ids:
+        return
+    name = (fingerprint or {}).get("name", "?")
+    shared = len(set(model_items) & set(ds.item_ids.external_ids))
+    raise MismatchError(
+        f"{what}: {source} was trained on another catalogue ({len(model_items):,} products, "
+        f"items fingerprint {id_map_hash(model_items)}, dataset {name!r}) than dataset "
+        f"{ds.name!r} ({ds.n_items:,} products, {ds.fingerprint()['items']}; {shared:,} ids in "
+        f"common). Use the dataset the run was trained on, or train a run on this one "
+        f"(ecomrec train --dataset ... --out NEW_RUN)"
+    )
+
+
+def read_run_fingerprint(run_dir: str | Path) -> dict[str, object] | None:
+    """The training dataset's fingerprint recorded in a run directory, or None."""
+    p = Path(run_dir) / FINGERPRINT_FILE
+    if not p.exists():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{p}: invalid JSON: {e}") from e
+    fp = data.get("dataset") if isinstance(data, dict) else None
+    return fp if isinstance(fp, dict) else None
+
+
 def load_run(run_dir: str | Path) -> TrainedModel:
     """Load the best checkpoint of a training run directory."""
     d = Path(run_dir)
@@ -196,4 +252,5 @@ def load_run(run_dir: str | Path) -> TrainedModel:
         item_ids=IdMap(ck.item_ids),
         model=ck.model,
         checkpoint=ck,
+        dataset_fingerprint=read_run_fingerprint(d),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -245,13 +246,10 @@ def generate_shop(cfg: ShopConfig = ShopConfig()) -> tuple[pl.DataFrame, pl.Data
         n_sessions = (
             int(rng.poisson(14)) + 4 if loyal[u] else int(rng.poisson(5)) + 2 if repeat[u] else 1
         )
-        first = rng.integers(0, max(1, cfg.days - 30))
-        last = (
-            first + rng.integers(20, max(21, (cfg.days - first) // 1 * 2 // 3 + 21))
-            if churn[u]
-            else cfg.days
-        )
-        last = int(min(last, cfg.days))
+        first = int(rng.integers(0, max(1, cfg.days - 30)))
+        # churners stop somewhere in the first two thirds of their remaining time
+        stop = first + int(rng.integers(20, max(21, (cfg.days - first) * 2 // 3 + 21)))
+        last = min(stop if churn[u] else cfg.days, cfg.days)
         window = season[first:last] if last > first else season[first : first + 1]
         sess_days = first + rng.choice(len(window), n_sessions, p=window / window.sum())
         for s_i, day in enumerate(np.sort(sess_days)):
@@ -284,7 +282,7 @@ def generate_shop(cfg: ShopConfig = ShopConfig()) -> tuple[pl.DataFrame, pl.Data
                             rows.append(
                                 (cid, pids[p], rt, "return", q, float(base_price[p]), oid, sid)
                             )
-    cols = list(zip(*rows)) if rows else [[] for _ in range(8)]
+    cols: list[tuple[Any, ...]] = list(zip(*rows)) if rows else [() for _ in range(8)]
     events = pl.DataFrame(
         {
             "customer_id": pl.Series(cols[0], dtype=pl.Utf8),
@@ -298,9 +296,7 @@ def generate_shop(cfg: ShopConfig = ShopConfig()) -> tuple[pl.DataFrame, pl.Data
         }
     ).sort(["ts", "customer_id"])
     events = events.with_columns(
-        pl.from_epoch("ts", time_unit="s")
-        .dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-        .alias("timestamp")
+        pl.from_epoch("ts", time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp")
     ).select(
         "customer_id",
         "product_id",

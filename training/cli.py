@@ -9,20 +9,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
-    p = sub.add_parser("train", help="train the two-tower model (pretraining + fine-tuning)")
-    p.add_argument(
-        "--dataset", required=True, help="dataset name or path (beauty, online-retail, ...)"
+    from towers.loaders.registry import DATASET_HELP
+
+    p = sub.add_parser(
+        "train",
+        help="train the two-tower model (pretraining + fine-tuning)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument(
-        "--config", default=None, help="TOML run config (default: configs/towers/default.toml)"
+        "--config",
+        default=None,
+        help="TOML run config (default: the package's configs/towers/default.toml)",
     )
     p.add_argument(
         "--out", required=True, help="run directory (checkpoints, manifest, TensorBoard)"
     )
-    p.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run in --out that was trained on other data (else: refused)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
+    )
     p.add_argument(
         "--split",
         default="loo-file",
@@ -35,7 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (TOML literal), e.g. --set user.dropout=0.3",
     )
-    p.add_argument("--no-resume", action="store_true", help="ignore last.pt and start over")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore last.pt and start over (a run of the same data only)",
+    )
     p.add_argument("--no-test", action="store_true", help="skip the test evaluation")
     p.set_defaults(func=_run)
 
@@ -74,6 +93,50 @@ def make_split(ds: Any, spec: str) -> Any:
     raise SystemExit(f"unknown split {spec!r}")
 
 
+RUN_FILES = ("model.pt", "last.pt", "manifest.json", "results.json", "fingerprint.json")
+
+
+def prepare_run_dir(out: Path, ds: Any, *, overwrite: bool) -> None:
+    """Record ``ds``'s fingerprint in ``out``; refuse a run dir holding a run of other data.
+
+    Same data: kept (training resumes from ``last.pt``). Other or unknown data: a
+    :class:`MismatchError` unless ``overwrite``, which empties the run directory first.
+    A non-empty folder that is not a run directory is never emptied.
+    """
+    import shutil
+
+    from towers.errors import MismatchError
+    from towers.inference import FINGERPRINT_FILE, read_run_fingerprint
+
+    fp = ds.fingerprint()
+    if out.exists() and not out.is_dir():
+        raise MismatchError(f"--out {out} is a file, not a run directory")
+    if out.is_dir() and any(out.iterdir()):
+        is_run = any((out / f).exists() for f in RUN_FILES)
+        old = read_run_fingerprint(out) if is_run else None
+        if old is None or old.get("id") != fp["id"]:
+            if not is_run:
+                raise MismatchError(
+                    f"--out {out} is a non-empty folder that is not a run directory; "
+                    "choose an empty or new folder"
+                )
+            if not overwrite:
+                was = (
+                    f"dataset {old.get('name')!r} (fingerprint {old.get('id')})"
+                    if old
+                    else "unknown data (no fingerprint.json)"
+                )
+                raise MismatchError(
+                    f"--out {out} holds a run trained on {was}, not on dataset {ds.name!r} "
+                    f"(fingerprint {fp['id']}): choose another --out, or pass --overwrite "
+                    "to replace that run"
+                )
+            log.warning("--overwrite: removing the run in %s", out)
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FINGERPRINT_FILE).write_text(json.dumps({"dataset": fp}, indent=2, default=str))
+
+
 def _run(args: argparse.Namespace) -> int:
     from towers.loaders import load_dataset
     from training.trainer import default_config_path
@@ -82,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
+    prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
     split = make_split(ds, args.split)
     config = Path(args.config) if args.config else default_config_path()
     out = train_and_evaluate(

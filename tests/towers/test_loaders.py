@@ -9,7 +9,7 @@ import pytest
 
 from towers.errors import DataError
 from towers.loaders import load_dataset
-from towers.loaders.generic import ColumnMapping, load_table
+from towers.loaders.contract import ContractOptions, load_contract, parse_mapping
 from towers.loaders.s3rec import load_s3rec
 
 
@@ -94,29 +94,31 @@ def test_s3rec_non_integer_item(tmp_path: Path) -> None:
         load_s3rec(prefix)
 
 
-def test_generic_table_mapping_and_errors(tmp_path: Path) -> None:
+def test_contract_mapping_and_errors(tmp_path: Path) -> None:
     f = tmp_path / "ev.csv"
     f.write_text(
         "cust,sku,when,kind,qty,amount\na,x,2024-01-01T10:00:00,view,1,2.5\na,y,2024-01-02T10:00:00,PURCHASE,2,3.0\nb,x,2024-01-03T10:00:00,cart,1,2.5\n"
     )
-    mapping = ColumnMapping(
-        user_id="cust", item_id="sku", ts="when", event_type="kind", quantity="qty", price="amount"
+    mapping = parse_mapping(
+        "customer_id=cust,product_id=sku,timestamp=when,event_type=kind,quantity=qty,price=amount"
     )
-    ds = load_table(f, mapping)
+    ds = load_contract(f, None, ContractOptions(columns=mapping))
     assert (ds.n_users, ds.n_items) == (2, 2)
     assert ds.events.sort("order")["event_type"].to_list() == ["view", "purchase", "cart"]
     assert ds.events["ts"][0] == 1704103200
 
     bad = tmp_path / "bad.csv"
     bad.write_text("cust,sku,when\na,x,2024-01-01\nb,y,not-a-date\n")
-    with pytest.raises(DataError, match=r"bad.csv, row 1, column 'when'.*not-a-date"):
-        load_table(bad, ColumnMapping(user_id="cust", item_id="sku", ts="when"))
-    with pytest.raises(DataError, match=r"missing required column.*'price'"):
-        load_table(f, ColumnMapping(user_id="cust", item_id="sku", ts="when", price="price"))
+    m3 = ContractOptions(columns=parse_mapping("customer_id=cust,product_id=sku,timestamp=when"))
+    with pytest.raises(DataError, match=r"bad.csv, line 3, column 'when'.*not-a-date"):
+        load_contract(bad, None, m3)
     kinds = tmp_path / "kinds.csv"
     kinds.write_text("u,i,t,e\na,x,1,view\na,x,2,wishlist\n")
-    with pytest.raises(DataError, match=r"row 1, column 'e'.*wishlist"):
-        load_table(kinds, ColumnMapping(user_id="u", item_id="i", ts="t", event_type="e"))
+    opts = ContractOptions(
+        columns=parse_mapping("customer_id=u,product_id=i,timestamp=t,event_type=e")
+    )
+    with pytest.raises(DataError, match=r"line 3, column 'e'.*wishlist"):
+        load_contract(kinds, None, opts)
 
 
 def test_unknown_dataset_and_missing_data_dir(

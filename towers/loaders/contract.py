@@ -326,8 +326,10 @@ def parse_timestamps(s: pl.Series, opts: ContractOptions, table: Table) -> pl.Se
             v = pl.Series([x / 1000 if x > 1e11 else x for x in v]).cast(pl.Int64)
             out = out.scatter(is_int.arg_true(), v)
         if has_off.any():
-            v = txt.filter(has_off).str.replace(r"Z$", "+00:00").str.to_datetime(
-                strict=False, time_unit="us"
+            v = (
+                txt.filter(has_off)
+                .str.replace(r"Z$", "+00:00")
+                .str.to_datetime(strict=False, time_unit="us")
             )
             out = out.scatter(has_off.arg_true(), v.dt.convert_time_zone("UTC").dt.epoch("s"))
         naive = is_iso & ~has_off
@@ -458,8 +460,7 @@ def load_contract(
             )
     if df.height == 0:
         raise DataError(
-            f"no events left after validation ({report.rows_dropped:,} dropped: "
-            f"{report.dropped})",
+            f"no events left after validation ({report.rows_dropped:,} dropped: {report.dropped})",
             file=ev.file,
         )
     df = df.sort(["ts", "_row"])  # time order; file order breaks ties
@@ -478,9 +479,7 @@ def load_contract(
     ).with_columns(pl.col("quantity").cast(pl.Int32))
     base = item_map.to_frame("item_id")
     items_out = (
-        base.join(items_frame, on="external_id", how="left")
-        if items_frame is not None
-        else base
+        base.join(items_frame, on="external_id", how="left") if items_frame is not None else base
     )
     ts_min, ts_max = int(df["ts"].min()), int(df["ts"].max())  # type: ignore[arg-type]
     ds = Dataset(
