@@ -241,7 +241,7 @@ def generate_shop(cfg: ShopConfig = ShopConfig()) -> tuple[pl.DataFrame, pl.Data
     rows: list[tuple[str, str, int, str, int, float, str | None, str]] = []
     n_order = 0
     for u in range(cfg.customers):
-        cid = f"cust-{rng.integers(16**6):06x}-{u}"
+        cid = f"cust-{u + 1:05d}"
         favs = rng.choice(n_th, size=1 + int(rng.random() < 0.4), replace=False)
         n_sessions = (
             int(rng.poisson(14)) + 4 if loyal[u] else int(rng.poisson(5)) + 2 if repeat[u] else 1

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         default=None,
-        help="TOML run config (default: the package's configs/towers/default.toml)",
+        help="TOML run config, or the name of one shipped in configs/towers (quick, default, "
+        "gpu_minilm) (default: default)",
     )
     p.add_argument(
         "--out", required=True, help="run directory (checkpoints, manifest, TensorBoard)"
@@ -93,6 +94,21 @@ def make_split(ds: Any, spec: str) -> Any:
     raise SystemExit(f"unknown split {spec!r}")
 
 
+def resolve_config(name_or_path: str) -> Path:
+    """A TOML path, or the name of a config shipped with the package (``quick``)."""
+    from towers.errors import ConfigError
+    from training.trainer import default_config_path
+
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = default_config_path().parent / f"{name_or_path.removesuffix('.toml')}.toml"
+    if "/" not in name_or_path and shipped.exists():
+        return shipped
+    names = sorted(x.stem for x in default_config_path().parent.glob("*.toml"))
+    raise ConfigError(f"--config {name_or_path}: no such file, and not one of {names}")
+
+
 RUN_FILES = ("model.pt", "last.pt", "manifest.json", "results.json", "fingerprint.json")
 
 
@@ -147,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, args.data_dir)
     prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
     split = make_split(ds, args.split)
-    config = Path(args.config) if args.config else default_config_path()
+    config = resolve_config(args.config) if args.config else default_config_path()
     out = train_and_evaluate(
         ds,
         split,
