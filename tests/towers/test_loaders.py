@@ -85,12 +85,12 @@ def test_s3rec_misaligned_time_file_names_row_and_column(tmp_path: Path) -> None
     with pytest.raises(DataError) as e:
         load_s3rec(prefix)
     msg = str(e.value)
-    assert "Sports_time.txt" in msg and "row 2" in msg and "'ts'" in msg
+    assert "Sports_time.txt" in msg and "line 2" in msg and "'ts'" in msg
 
 
 def test_s3rec_non_integer_item(tmp_path: Path) -> None:
     prefix = _write_s3rec(tmp_path, ["1 3 x 2"])
-    with pytest.raises(DataError, match=r"row 1.*item_id\[2\]"):
+    with pytest.raises(DataError, match=r"line 1.*item_id\[2\]"):
         load_s3rec(prefix)
 
 

@@ -40,18 +40,18 @@ def load_cdnow(path: str | Path, name: str = "cdnow") -> Dataset:
                 ncols = len(parts)
                 if ncols not in (4, 5):
                     raise DataError(
-                        f"expected 4 or 5 columns, got {ncols}", file=str(path), row=lineno
+                        f"expected 4 or 5 columns, got {ncols}", file=str(path), line=lineno
                     )
             if len(parts) != ncols:
                 raise DataError(
-                    f"expected {ncols} columns, got {len(parts)}", file=str(path), row=lineno
+                    f"expected {ncols} columns, got {len(parts)}", file=str(path), line=lineno
                 )
             c, d, n, v = (parts[0], parts[-3], parts[-2], parts[-1])
             try:
                 day = dt.datetime.strptime(d, "%Y%m%d").replace(tzinfo=dt.UTC)
             except ValueError:
                 raise DataError(
-                    f"unparsable date {d!r}", file=str(path), row=lineno, column="date"
+                    f"unparsable date {d!r}", file=str(path), line=lineno, column="date"
                 ) from None
             try:
                 n_i, v_f = int(n), float(v)
@@ -59,7 +59,7 @@ def load_cdnow(path: str | Path, name: str = "cdnow") -> Dataset:
                 raise DataError(
                     f"bad number in {n!r} / {v!r}",
                     file=str(path),
-                    row=lineno,
+                    line=lineno,
                     column="number_of_cds",
                 ) from None
             cust.append(c)

@@ -21,8 +21,16 @@ from towers.schema import DropReport
 
 def _read_lines(path: Path, what: str) -> list[list[int]]:
     rows: list[list[int]] = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                    file=str(path),
+                    line=lineno,
+                ) from None
             parts = line.split()
             if not parts:
                 continue
@@ -33,7 +41,7 @@ def _read_lines(path: Path, what: str) -> list[list[int]]:
                 raise DataError(
                     f"non-integer {what} {parts[bad]!r}",
                     file=str(path),
-                    row=lineno,
+                    line=lineno,
                     column="user_id" if bad == 0 else f"{what}[{bad}]",
                 ) from None
     return rows
@@ -49,13 +57,15 @@ def load_s3rec(prefix: str | Path, name: str | None = None) -> Dataset:
     report = DropReport(str(seq_path))
     seqs = _read_lines(seq_path, "item_id")
     report.rows_in = sum(len(s) - 1 for s in seqs)
+    if not seqs:
+        raise DataError("file is empty (no user sequences)", file=str(seq_path))
 
     for lineno, s in enumerate(seqs, start=1):
         if len(s) < 2:
-            raise DataError("user has no items", file=str(seq_path), row=lineno, column="item_id")
+            raise DataError("user has no items", file=str(seq_path), line=lineno, column="item_id")
         if min(s[1:]) < 1:
             raise DataError(
-                "item ids must be >= 1", file=str(seq_path), row=lineno, column="item_id"
+                "item ids must be >= 1", file=str(seq_path), line=lineno, column="item_id"
             )
     user_ids = np.array([s[0] for s in seqs], dtype=np.int64)
     if len(np.unique(user_ids)) != len(user_ids):
@@ -76,14 +86,14 @@ def load_s3rec(prefix: str | Path, name: str | None = None) -> Dataset:
                 raise DataError(
                     f"user id {t[0]} does not match {s[0]} in {seq_path.name}",
                     file=str(time_path),
-                    row=lineno,
+                    line=lineno,
                     column="user_id",
                 )
             if len(t) != len(s):
                 raise DataError(
                     f"{len(t) - 1} timestamps for {len(s) - 1} items (misaligned time file)",
                     file=str(time_path),
-                    row=lineno,
+                    line=lineno,
                     column="ts",
                 )
         ts = np.concatenate([np.asarray(t[1:], dtype=np.int64) for t in tseqs])
