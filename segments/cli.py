@@ -125,7 +125,15 @@ def _segments_report(args: argparse.Namespace) -> int:
     comp = compare(ds, cfg.churn, source=cfg.source, run_dir=args.run, modes=("frozen",))
     preds = {k: v for k, v in comp.predictions.items() if k != "ours"}
     evaluation = {t: (comp.test.label(t), preds) for t in TASKS}
-    path = write_report(args.out, scored, evaluation, title=f"ecomrec segments: {ds.name}")
+    path = write_report(
+        args.out,
+        scored,
+        evaluation,
+        title=f"ecomrec segments: {ds.name}",
+        cutoffs=(comp.train.cutoff_ts, comp.test.cutoff_ts),
+        horizon_days=args.horizon_days,
+        currency=args.currency,
+    )
     print(path)
     return 0
 
@@ -410,6 +418,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = ss.add_parser("report", help="HTML report with plots")
     _common(p)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--currency", default="the shop's currency", help="currency named in the report, e.g. GBP"
+    )
     p.set_defaults(func=_segments_report)
     p = ss.add_parser("export", help="analyst Parquet export (pseudonymised ids by default)")
     _common(p)

@@ -9,6 +9,7 @@ the churn / high-value models evaluated on the held-out cutoff.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 import logging
@@ -173,21 +174,63 @@ def write_report(
     scored: ScoredCustomers,
     evaluation: dict[str, tuple[np.ndarray, dict[str, Predictions]]] | None = None,
     title: str = "ecomrec customer segments",
+    *,
+    cutoffs: tuple[int, int] | None = None,
+    horizon_days: int | None = None,
+    currency: str = "the shop's currency",
 ) -> Path:
     """Write ``report.html`` (self-contained, inline PNGs) into ``out_dir``; returns its path.
 
     ``evaluation`` maps a task (``churn``/``high_value``) to (labels at the held-out cutoff,
     {model name: predictions}) for the calibration and lift charts and the metric table.
+    The header states the as-of date, the (train, test) ``cutoffs``, the horizon and the
+    currency; every chart has a line saying how to read it; shares are percentages.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def day(ts: int) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+
+    h = scored.cfg.churn.horizon_days if horizon_days is None else horizon_days
+    facts = [
+        f"As of <b>{day(scored.now_ts)}</b> (the last event in the data; dates in UTC).",
+        f"Horizon <b>{h} days</b>: <i>churn</i> = no purchase in the {h} days after a cutoff, "
+        f"<i>high value</i> = spend in those {h} days in the top quintile.",
+    ]
+    if cutoffs:
+        facts.append(
+            f"Models trained at the cutoff <b>{day(cutoffs[0])}</b> and checked at "
+            f"<b>{day(cutoffs[1])}</b> (outcomes known up to the as-of date)."
+        )
+    facts.append(f"Amounts (monetary, spend) in {html.escape(currency)}.")
+    profiles = [
+        {
+            **p,
+            **{
+                k: f"{100 * float(p[k]):.1f} %"
+                for k in ("share", "churn_rate")
+                if isinstance(p.get(k), int | float)
+            },
+        }
+        for p in scored.profiles
+    ]
+
+    def caption(text: str) -> str:
+        return f"<p class='cap'>{html.escape(text)}</p>"
+
     parts = [
         f"<h1>{html.escape(title)}</h1>",
+        "<p>" + " ".join(facts) + "</p>",
         f"<p>Model version <code>{html.escape(scored.model_version)}</code>, config hash "
         f"<code>{scored.config_hash}</code>, {scored.table.height:,} customers.</p>",
         "<h2>Behavioural segments</h2>",
+        caption(
+            "Customers grouped by what they buy (k-means on behaviour embeddings); share = "
+            "percentage of all customers, churn_rate = percentage predicted to churn."
+        ),
         _table_html(
-            scored.profiles,
+            profiles,
             [
                 "segment",
                 "name",
@@ -202,11 +245,24 @@ def write_report(
                 "top_words",
             ],
         ),
+        caption("Number of customers in each behavioural segment."),
         f'<img src="{plot_sizes(scored)}">',
+        caption(
+            "Each dot is a customer, placed by the first two principal components of their "
+            "behaviour embedding; nearby customers buy alike."
+        ),
         f'<img src="{plot_map(scored)}">',
         "<h2>RFM</h2>",
+        caption(
+            "Recency score (rows) by frequency score (columns), 5 = best: the number is "
+            f"customers, the colour their mean spend in {currency}."
+        ),
         f'<img src="{plot_rfm_heatmap(scored.table)}">',
         "<h2>Churn by segment</h2>",
+        caption(
+            f"Mean predicted probability of no purchase in the next {h} days, per "
+            "behavioural and per RFM segment."
+        ),
         f'<img src="{plot_churn_by_segment(scored)}">',
     ]
     if evaluation:
@@ -216,7 +272,12 @@ def write_report(
             for name, pr in preds.items():
                 rows.append({"task": task, "model": name, **binary_metrics(y, pr.of(task))})
             parts.append(
-                f'<img src="{plot_calibration_and_lift(y, {n: p.of(task) for n, p in preds.items()}, task)}">'
+                caption(
+                    f"{task}: left, predicted probability against the observed rate (on the "
+                    "diagonal = calibrated); right, share of positives reached when targeting "
+                    "the top share of customers by score (higher = better)."
+                )
+                + f'<img src="{plot_calibration_and_lift(y, {n: p.of(task) for n, p in preds.items()}, task)}">'
             )
         parts.insert(
             -len(evaluation),
@@ -225,7 +286,7 @@ def write_report(
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px}"
-        "img{max-width:100%;display:block;margin:8px 0}"
+        "img{max-width:100%;display:block;margin:8px 0}.cap{color:#444;margin:4px 0}"
     )
     doc = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     path = out / "report.html"
