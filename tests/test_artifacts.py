@@ -187,3 +187,36 @@ def test_serve_rerank_default_from_the_package_and_missing_path(tmp_path: Path) 
     (tmp_path / "mine.toml").write_text((DEFAULT_RERANK).read_text())
     cfg.write_text('[serve]\nrerank_policies = "mine.toml"\n')
     assert load_serve_config(cfg).rerank_policies == str(tmp_path / "mine.toml")
+
+
+def test_customers_show_and_similar(
+    world: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import polars as pl
+
+    ev = pl.read_csv(world["a"] / "events.csv", infer_schema_length=0)
+    buyers = ev.filter(pl.col("event_type") == "purchase")["customer_id"].value_counts(sort=True)
+    who = str(buyers["customer_id"][0])  # the most frequent buyer has a profile
+    argv = ["customers", "show", who, "--dataset", str(world["a"]), "--json"]
+    assert main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    mine = ev.filter(pl.col("customer_id") == who)
+    assert info["first_seen"] == min(mine["timestamp"].to_list())[:10]
+    assert info["events"] == dict(mine["event_type"].value_counts().iter_rows())
+    bought = (
+        mine.filter(pl.col("event_type") == "purchase")
+        .group_by("product_id")
+        .agg(pl.col("quantity").cast(pl.Int64).sum())
+    )
+    assert info["top_items"][0]["bought"] == bought["quantity"].max()
+    assert 0.0 <= info["churn_probability"] <= 1.0 and info["rfm_segment"]
+    out = world["a"].parent / "similar.csv"
+    argv = ["customers", "similar", who, "--dataset", str(world["a"]), "--k", "4",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    sim = pl.read_csv(out, infer_schema_length=0)
+    assert sim.height == 4 and who not in sim["customer"].to_list()
+    s = sim["similarity"].cast(pl.Float64).to_list()
+    assert s == sorted(s, reverse=True)
+    assert main(["customers", "show", "nobody", "--dataset", str(world["a"])]) == 2
+    assert "customer 'nobody' is not in dataset" in capsys.readouterr().err
