@@ -41,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", default=None, help="training run directory (towers.inference.load_run)"
     )
     b.add_argument(
-        "--dataset", default=None, help="dataset name/path: catalogue, popularity, user sequences"
+        "--dataset",
+        default=None,
+        help="catalogue, popularity and user sequences from this dataset folder (or name / "
+        "contract file); the model must have been trained on it",
     )
     b.add_argument(
         "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"

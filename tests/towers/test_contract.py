@@ -241,3 +241,22 @@ def test_a_contract_parquet_is_not_read_as_online_retail(tmp_path: Path) -> None
     assert ds.users.external_ids == ["alice", "bob"]
     assert sorted(ds.item_ids.external_ids) == ["X1", "tea-pot"]
     assert ds.events["event_type"].to_list() == ["view", "cart"]
+
+
+def test_online_retail_columns_with_text_customer_ids(tmp_path: Path) -> None:
+    f = tmp_path / "or.csv"
+    f.write_text(
+        "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+        "536365,85123A,LANTERN,6,2010-12-01 08:26:00,2.55,C-17850,UK\n"
+        "536366,22423,CAKESTAND,1,2010-12-01 09:00:00,12.75,17851.0,UK\n"
+    )
+    ds = load_dataset(str(f))
+    assert ds.users.external_ids == ["17851", "C-17850"]
+
+
+def test_import_bundled_synthetic_keeps_its_fingerprint(tmp_path: Path) -> None:
+    from towers.synthetic import make_shop
+
+    out = tmp_path / "syn"
+    assert main(["data", "import", "--bundled", "synthetic", "--out", str(out)]) == 0
+    assert load_dataset(str(out)).fingerprint()["id"] == make_shop().fingerprint()["id"]

@@ -34,6 +34,14 @@ COLUMNS = [
 PRODUCT_CODE = r"^(\d{5}|DCGS)"
 
 
+def _customer_ids(dtype: pl.DataType) -> pl.Expr:
+    """CustomerID as text: ``17850.0`` (a float column) -> ``17850``; text ids kept as they are."""
+    c = pl.col("CustomerID")
+    if dtype.is_float():
+        return c.cast(pl.Int64).cast(pl.Utf8)
+    return c.cast(pl.Utf8).str.strip_chars().str.replace(r"^(\d+)\.0$", "$1")
+
+
 def load_online_retail(path: str | Path, name: str = "online-retail") -> Dataset:
     path = Path(path)
     if not path.exists():
@@ -103,7 +111,7 @@ def load_online_retail(path: str | Path, name: str = "online-retail") -> Dataset
     report.note("'nan' or empty Description -> missing title", df.filter(nan_desc).height)
 
     df = df.with_columns(
-        pl.col("CustomerID").cast(pl.Int64).cast(pl.Utf8).alias("customer"),
+        _customer_ids(df.schema["CustomerID"]).alias("customer"),
         pl.when(is_cancel).then(pl.lit("return")).otherwise(pl.lit("purchase")).alias("event_type"),
         pl.col("Quantity").abs().cast(pl.Int32).alias("quantity"),
         pl.col("UnitPrice").alias("price"),
