@@ -79,7 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     u = isub.add_parser("upsert", help="add or replace products (embedded by the item tower)")
     _common(u)
     u.add_argument(
-        "--items", required=True, help="catalogue rows (.parquet/.csv) with external_id, title, ..."
+        "--items",
+        required=True,
+        help="catalogue rows (.parquet/.csv): the data contract's columns (product_id, title, "
+        "...) or the canonical ones (external_id, title, ...)",
     )
     u.add_argument(
         "--model",
@@ -370,6 +373,18 @@ def _upsert(args: argparse.Namespace) -> int:
     store = _existing_store(cfg)
     live = _live(store, cfg.alias)
     items = _read_frame(args.items)
+    if "product_id" in items.columns and "external_id" not in items.columns:
+        from towers.loaders.contract import read_catalogue
+        from towers.schema import ITEMS_SCHEMA
+
+        items = read_catalogue(args.items)  # a catalogue in the data contract (docs/data.md)
+        items = items.with_columns(
+            [
+                pl.lit(None, dtype=t).alias(c)
+                for c, t in ITEMS_SCHEMA.items()
+                if c not in items.columns and c != "item_id"
+            ]
+        )
     require_columns(items, [c for c in CATALOG_COLUMNS if c != "item_id"], file=args.items)
     # Ids: the index's id for a known external id, else the model's, else a new one.
     ext_map = _external_map(store, cfg.alias)

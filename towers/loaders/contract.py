@@ -223,13 +223,6 @@ def read_source(path: str | Path) -> Table:
     elif p.suffix.lower() in (".csv", ".tsv", ".txt"):
         if p.stat().st_size == 0:
             raise DataError("file is empty (no header, no rows)", file=file)
-        bad = _bad_utf8_line(p)
-        if bad is not None:
-            raise DataError(
-                f"not UTF-8 text ({bad[1]}); re-save the file as UTF-8",
-                file=file,
-                line=bad[0],
-            )
         try:
             df = pl.read_csv(
                 p,
@@ -237,6 +230,13 @@ def read_source(path: str | Path) -> Table:
                 infer_schema_length=0,  # every column as text: ids keep leading zeros
             )
         except pl.exceptions.PolarsError as e:
+            bad = _bad_utf8_line(p)  # only scanned on failure: big files stay fast
+            if bad is not None:
+                raise DataError(
+                    f"not UTF-8 text ({bad[1]}); re-save the file as UTF-8",
+                    file=file,
+                    line=bad[0],
+                ) from None
             raise DataError(f"cannot parse CSV: {_first_line(e)}", file=file) from e
         csv = True
     else:
@@ -290,13 +290,31 @@ def _first(mask: pl.Series) -> int:
     return int(mask.arg_true()[0])
 
 
+def _unix(v: pl.Series) -> pl.Series:
+    """Unix seconds from numbers: above 10^11 they are milliseconds."""
+    return (
+        pl.DataFrame({"v": v})
+        .select(pl.when(pl.col("v") > 1e11).then(pl.col("v") / 1000).otherwise(pl.col("v")))
+        .to_series()
+        .cast(pl.Int64)
+        .alias("timestamp")
+    )
+
+
+def _ids(s: pl.Series) -> pl.Series:
+    """Ids as text; a float column of whole numbers (``17850.0``) reads as ``17850``."""
+    if s.dtype.is_float():
+        whole = s.is_null() | (s == s.round(0))
+        if bool(whole.all()):
+            s = s.cast(pl.Int64)
+    return _as_text(s)
+
+
 def parse_timestamps(s: pl.Series, opts: ContractOptions, table: Table) -> pl.Series:
     """Unix seconds (Int64) from ints, datetimes or text, by the documented time-zone rule."""
     name = "timestamp"
     if s.dtype.is_integer() or s.dtype.is_float():
-        v = s.cast(pl.Float64)
-        v = pl.Series(name, [None if x is None else (x / 1000 if x > 1e11 else x) for x in v])
-        return v.cast(pl.Int64)
+        return _unix(s.cast(pl.Float64))
     if isinstance(s.dtype, pl.Datetime):
         if s.dtype.time_zone is None:  # type: ignore[union-attr]
             s = s.dt.replace_time_zone(opts.timezone, ambiguous="earliest", non_existent="null")
@@ -322,9 +340,7 @@ def parse_timestamps(s: pl.Series, opts: ContractOptions, table: Table) -> pl.Se
         is_iso = txt.str.contains(_ISO)
         has_off = txt.str.contains(_OFFSET) & is_iso
         if is_int.any():
-            v = txt.filter(is_int).cast(pl.Float64)
-            v = pl.Series([x / 1000 if x > 1e11 else x for x in v]).cast(pl.Int64)
-            out = out.scatter(is_int.arg_true(), v)
+            out = out.scatter(is_int.arg_true(), _unix(txt.filter(is_int).cast(pl.Float64)))
         if has_off.any():
             v = (
                 txt.filter(has_off)
@@ -402,8 +418,8 @@ def load_contract(
     report = DropReport(ev.file, rows_in=ev.frame.height)
     f = ev.frame
     cols: dict[str, pl.Series] = {
-        "_customer": _as_text(f["customer_id"]),
-        "_product": _as_text(f["product_id"]),
+        "_customer": _ids(f["customer_id"]),
+        "_product": _ids(f["product_id"]),
         "ts": parse_timestamps(f["timestamp"], options, ev),
         "event_type": _event_types(ev)
         if "event_type" in f.columns
@@ -507,11 +523,16 @@ def _iso(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
+def read_catalogue(path: str | Path, options: ContractOptions = ContractOptions()) -> pl.DataFrame:
+    """A catalogue file in the contract as canonical item rows (``external_id``, title, ...)."""
+    return _load_catalogue(path, options)
+
+
 def _load_catalogue(path: str | Path, options: ContractOptions) -> pl.DataFrame:
     t = _rename(read_source(path), options, "items")
     _require(t, ("product_id",), "catalogue")
     f = t.frame
-    pid = _as_text(f["product_id"])
+    pid = _ids(f["product_id"])
     miss = pid.is_null()
     if miss.any():
         raise DataError("empty product_id", **t.where(_first(miss), "product_id"))
