@@ -194,7 +194,8 @@ def write_report(
 
     h = scored.cfg.churn.horizon_days if horizon_days is None else horizon_days
     facts = [
-        f"As of <b>{day(scored.now_ts)}</b> (the last event in the data; dates in UTC).",
+        f"As of <b>{day(scored.now_ts)}</b> 00:00 UTC (data up to {day(scored.now_ts - 1)} "
+        "inclusive; all dates UTC).",
         f"Horizon <b>{h} days</b>: <i>churn</i> = no purchase in the {h} days after a cutoff, "
         f"<i>high value</i> = spend in those {h} days in the top quintile.",
     ]

@@ -94,7 +94,8 @@ def test_readme_your_own_shop_commands(tmp_path: Path) -> None:
     man = json.loads(versions[0].read_text())
     assert man["provenance"]["dataset"]["id"] == fp["id"]
     report = (tmp_path / "reports" / "shop" / "report.html").read_text()
-    assert "As of <b>2026-06-30</b>" in report and "Horizon <b>90 days</b>" in report
+    assert "As of <b>2026-07-01</b>" in report and "data up to 2026-06-30" in report
+    assert "Horizon <b>90 days</b>" in report and "checked at <b>" in report
     assert re.search(r"<td>\d+\.\d %</td>", report)  # shares as percentages
     assert report.count("class='cap'") >= 5  # a line of text per chart
     assert "<img" in report or "<svg" in report or "data:image/png" in report
