@@ -14,14 +14,18 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``export``, ``recommend`` and ``demo``."""
-    s = sub.add_parser("serve", help="run the gRPC Recommend service")
+    s = sub.add_parser(
+        "serve",
+        help="run the gRPC Recommend service",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     s.add_argument("--model", required=True, help="training run directory")
     s.add_argument("--dataset", required=True, help="dataset name/path (histories and catalogue)")
-    s.add_argument("--data-dir", default=None)
+    s.add_argument("--data-dir", default=None, help="data root (default: $ECOMREC_DATA_DIR)")
     s.add_argument(
         "--index", default="artifacts/index", help="embedded index directory (IndexConfig.location)"
     )
-    s.add_argument("--index-alias", default="items")
+    s.add_argument("--index-alias", default="items", help="index alias to serve")
     s.add_argument(
         "--segments",
         default=None,
@@ -30,18 +34,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--config", default=None, help="TOML with a [serve] table (configs/serving/serve.toml)"
     )
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--metrics-port", type=int, default=None)
-    s.add_argument("--encoder", choices=["inprocess", "onnx", "triton"], default=None)
-    s.add_argument("--triton-url", default=None)
+    s.add_argument("--host", default=None, help="gRPC host (None: ServeConfig.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="gRPC port (None: ServeConfig.port)")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port, 0 = any free, -1 = off (None: ServeConfig.metrics_port)",
+    )
+    s.add_argument(
+        "--metrics-host",
+        default=None,
+        help="Prometheus host, plain HTTP (None: ServeConfig.metrics_host, 127.0.0.1)",
+    )
+    s.add_argument(
+        "--encoder",
+        choices=["inprocess", "onnx", "triton"],
+        default=None,
+        help="user encoder (None: ServeConfig.encoder)",
+    )
+    s.add_argument("--triton-url", default=None, help="Triton gRPC host:port (encoder=triton)")
     s.add_argument(
         "--start-triton",
         default=None,
         metavar="REPO",
         help="start a local pytriton server for this exported repository (dev)",
     )
-    s.add_argument("--json-logs", action="store_true")
+    s.add_argument("--json-logs", action="store_true", help="one JSON object per log line")
     s.set_defaults(func=_serve)
 
     e = sub.add_parser("export", help="export models for other runtimes")
@@ -119,44 +138,58 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         encoder=args.encoder,
         triton_url=args.triton_url,
     )
     metrics = Metrics()
     servicer = RecommendServicer(None, cfg, metrics)
-    handle = start_server(cfg, servicer, metrics)  # health NOT_SERVING while loading
-    done = install_signal_handlers(handle, cfg.grace_s)
-    t0 = time.perf_counter()
-    ds = load_dataset(args.dataset, args.data_dir)
-    parts = load_parts(args.model, ds)
-    index = open_index(IndexConfig(location=args.index, alias=args.index_alias))
-    segments = None
-    if args.segments:
-        seg_path = Path(args.segments)
-        segments = (
-            TableSegmentLookup.from_marketing_export(seg_path, ds.users)
-            if seg_path.is_dir()
-            else TableSegmentLookup.load(seg_path)
-        )
-    engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
-    servicer.attach(engine)
-    handle.set_ready(True)
-    if engine.user_vectors is not None:
-        engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path
-    log.info(
-        "serving %s (index %s) on %s:%d, metrics port %s, loaded in %.1f s",
-        engine.model_version,
-        engine.index_version(index),
-        cfg.host,
-        handle.port,
-        handle.metrics_port,
-        time.perf_counter() - t0,
-    )
     try:
+        handle = start_server(cfg, servicer, metrics)  # health NOT_SERVING while loading
+    except Exception:
+        if triton_proc is not None:
+            triton_proc.stop()
+        raise
+    done = install_signal_handlers(handle, cfg.grace_s, cfg.shutdown_delay_s)
+    index = None
+    try:
+        t0 = time.perf_counter()
+        ds = load_dataset(args.dataset, args.data_dir)
+        parts = load_parts(args.model, ds)
+        local_copy: bool | str = (cfg.index_copy_dir or True) if cfg.index_local_copy else False
+        index = open_index(
+            IndexConfig(location=args.index, alias=args.index_alias), local_copy=local_copy
+        )
+        segments = None
+        if args.segments:
+            seg_path = Path(args.segments)
+            segments = (
+                TableSegmentLookup.from_marketing_export(seg_path, ds.users)
+                if seg_path.is_dir()
+                else TableSegmentLookup.load(seg_path)
+            )
+        engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
+        servicer.attach(engine)
+        # opens and checks the live index version; a failure is logged as an ERROR
+        # ("index could not be opened: ...") and health stays NOT_SERVING
+        problem, _ = handle.check_index()
+        handle.set_ready(True)
+        if engine.user_vectors is not None:
+            engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path
+        log.info(
+            "serving %s (index %s) on %s:%d, metrics %s, loaded in %.1f s",
+            engine.model_version,
+            engine.index_version(index) if problem is None else "UNAVAILABLE: " + problem,
+            cfg.host,
+            handle.port,
+            f"{cfg.metrics_host}:{handle.metrics_port}" if handle.metrics_port else "off",
+            time.perf_counter() - t0,
+        )
         done.wait()
     finally:
         handle.stop(cfg.grace_s)
-        index.close()
+        if index is not None:
+            index.close()
         if triton_proc is not None:
             triton_proc.stop()
     return 0
