@@ -372,7 +372,8 @@ class QdrantReader(abc.ABC, ItemIndex):
         if not want:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = np.stack([np.asarray(got[i][0], dtype=np.float32) for i in want])  # (N, D)
-        norms = np.linalg.norm(out, axis=1)  # (N,) unit under cosine
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(out.astype(np.float64), axis=1)  # (N,) unit under cosine
         bad = ~np.isfinite(norms)
         if self.manifest().distance == "cosine":
             bad |= np.abs(norms - 1.0) > 1e-2
