@@ -369,7 +369,7 @@ def test_not_found_after_delete_names_the_external_id(
 
 # -- NOT_SERVING before the port closes -------------------------------------------------------
 def test_stop_reports_not_serving_before_closing_the_port(fresh: Served, parts: Any) -> None:
-    stopper = threading.Thread(target=fresh.handle.stop, args=(0.5, 1.5))
+    stopper = threading.Thread(target=fresh.handle.stop, args=(0.5, 4.0))
     stopper.start()
     try:
         time.sleep(0.3)

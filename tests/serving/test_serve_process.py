@@ -106,7 +106,7 @@ def test_serve_process_damaged_index_truncation_and_sigterm(
     damage(_vector_file(d), "truncate")  # broken before start-up
     cfg = tmp_path / "serve.toml"
     cfg.write_text(
-        "[serve]\nport = 0\nindex_check_s = 0.5\nshutdown_delay_s = 1.5\ngrace_s = 1.0\n"
+        "[serve]\nport = 0\nindex_check_s = 0.5\nshutdown_delay_s = 4.0\ngrace_s = 1.0\n"
         f'index_copy_dir = "{tmp_path / "copies"}"\n'
     )
     user = parts.dataset.users.to_external(int(parts.history.users()[0]))
