@@ -499,12 +499,18 @@ class EdgeItemIndex(QdrantReader):
             err = IndexCorruptError(
                 f"index version {version} is damaged: {'; '.join(rep.problems[:3])}"
             )
-            with self._lock:
-                self._failed[version] = (time.monotonic(), err)
-                shard = self._shards.pop(version, None)
-            if shard is not None:
-                shard.close()
+            self._quarantine(version, err)
         return rep
+
+    def _quarantine(self, version: str, err: Exception) -> None:
+        """Queries raise ``err`` for this version until the retry period passed (then
+        it is copied/checked/loaded again).  The shard is dropped, not closed: a query
+        in another thread may still hold it; it is released with the last reference."""
+        if not isinstance(err, IndexUnavailableError):
+            err = IndexCorruptError(str(err))
+        with self._lock:
+            self._failed[version] = (time.monotonic(), err)
+            self._shards.pop(version, None)
 
     @property
     def serves_local_copy(self) -> bool:

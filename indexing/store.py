@@ -137,6 +137,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         self.alias = alias or cfg.alias
         self._pinned = version
         self._lock = threading.Lock()
+        self._tls = threading.local()  # .version: what this thread's last query ran on
 
     # -- backend primitives -------------------------------------------------------------
     @abc.abstractmethod
@@ -245,12 +246,18 @@ class QdrantReader(abc.ABC, ItemIndex):
         if bad.any():
             from indexing.integrity import IndexCorruptError
 
+            version = getattr(self._tls, "version", "?")
             err = IndexCorruptError(
-                f"index {self.alias!r} returned {int(bad.sum())} impossible score(s) "
+                f"index version {version} returned {int(bad.sum())} impossible score(s) "
                 f"(e.g. {scores[bad][0]!r}): its vector data is damaged"
             )
             log.error("%s", err)
+            self._quarantine(version, err)
             raise err
+
+    def _quarantine(self, version: str, err: Exception) -> None:
+        """Stop serving a version found damaged (backends that can; default: nothing)."""
+        return None
 
     def _search_batch(
         self,
@@ -270,6 +277,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         if ef < 1:
             raise InvalidArgumentError("hnsw_ef", f"must be >= 1, got {ef}")
         version, handle = self._resolve()
+        self._tls.version = version
         dim = self._manifest(version).dim
         arr = np.asarray(vectors, dtype=np.float32)
         if _single:
@@ -361,7 +369,7 @@ class QdrantReader(abc.ABC, ItemIndex):
 
     def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors ``(N, D)`` (unit-normalised under cosine distance)."""
-        _, handle = self._resolve()
+        version, handle = self._resolve()
         want = [int(i) for i in ids]
         got = self._retrieve(handle, want, True)
         missing = [i for i in want if i not in got]
@@ -381,10 +389,11 @@ class QdrantReader(abc.ABC, ItemIndex):
             from indexing.integrity import IndexCorruptError
 
             err = IndexCorruptError(
-                f"index {self.alias!r} holds {int(bad.sum())} damaged vector(s) "
+                f"index version {version} holds {int(bad.sum())} damaged vector(s) "
                 f"(item id {want[int(np.flatnonzero(bad)[0])]})"
             )
             log.error("%s", err)
+            self._quarantine(version, err)
             raise err
         return out
 

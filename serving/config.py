@@ -83,7 +83,14 @@ class ServeConfig:
     rerank_policies: str = "configs/serving/rerank.toml"
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_k", "overfetch", "max_message_bytes", "max_concurrent_rpcs"):
+        for name in (
+            "workers",
+            "max_k",
+            "overfetch",
+            "max_message_bytes",
+            "max_concurrent_rpcs",
+            "index_full_check_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
