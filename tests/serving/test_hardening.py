@@ -136,10 +136,14 @@ def test_keyed_streams_are_bounded_and_watch_holds_no_worker(fresh: Served, part
             s.close()
         for w in watches:
             w.cancel()
-    # closed streams give their slots back
-    time.sleep(0.3)
-    again = _Stream(fresh.channel, fresh.md)
-    again.close()
+    # closed streams give their slots back (once the server has seen the cancellations)
+    end = time.monotonic() + 10
+    while True:
+        again = _Stream(fresh.channel, fresh.md)
+        again.close()
+        if again.code == grpc.StatusCode.OK or time.monotonic() > end:
+            break
+        time.sleep(0.2)
     assert again.code == grpc.StatusCode.OK
 
 
