@@ -49,8 +49,19 @@ def open_store(cfg: IndexConfig) -> IndexStore:
     return ServerStore(cfg)
 
 
-def open_index(cfg: IndexConfig, alias: str | None = None) -> ItemIndex:
-    """A reader following ``alias`` (default ``cfg.alias``): what serving uses."""
+def open_index(
+    cfg: IndexConfig, alias: str | None = None, *, local_copy: bool | str = False
+) -> ItemIndex:
+    """A reader following ``alias`` (default ``cfg.alias``): what serving uses.
+
+    ``local_copy`` (embedded backend): serve from checked private copies of the versions
+    (True = under the system temp dir, or a parent directory), so damage to the published
+    files cannot reach the reader's memory maps (a truncated file would be a SIGBUS).
+    """
+    if cfg.backend == "edge":
+        from indexing.qdrant_edge import EdgeStore
+
+        return EdgeStore(cfg).open(alias=alias, local_copy=local_copy)
     return open_store(cfg).open(alias=alias)
 
 

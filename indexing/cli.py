@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,24 @@ def _verify(args: argparse.Namespace) -> int:
 
         raise IndexUnavailableError(f"index alias {cfg.alias!r} does not exist in {cfg.location}")
     manifest = next(m for m in store.versions(cfg.alias) if m.version == live)
+    check = getattr(store, "check_integrity", None)  # embedded backend: file checksums
+    if check is not None:
+        integ = check(live)
+        if not integ.ok:
+            print(
+                f"{cfg.alias} -> {live}: DAMAGED, {len(integ.problems)} file(s) do not match "
+                f"the checksums written at build time:",
+                file=sys.stderr,
+            )
+            for prob in integ.problems[:20]:
+                print(f"  {prob}", file=sys.stderr)
+            return 1
+        print(
+            f"{cfg.alias} -> {live}: checksums OK ({integ.files} files, {integ.bytes / 1e6:.1f} MB)"
+            if integ.has_checksums
+            else f"{cfg.alias} -> {live}: no checksums (built before they existed)",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     queries = _load_npy(args.queries) if args.queries else None
     rep = verify_version(
         store, live, expected_count=manifest.count, queries=queries, k=args.k, hnsw_ef=args.ef

@@ -5,11 +5,15 @@ Layout of ``IndexConfig.location``::
     aliases/<alias>.json          {"version": "<alias>_v..."}: swapped with os.replace
     versions/<version>/shard/     one EdgeShard (WAL disabled: durable at flush, and
                                   openable by several reader processes at once)
+    versions/<version>/checksums.json  size + SHA-256 of every shard file, written at commit
     versions/<version>/manifest.json   written last: its presence marks the version complete
     .<alias>.lock                 flock held by a build/upsert/delete/rollback
 
 A reader re-reads the alias file (one ``stat`` per query, parsed only when it
-changed) when a query starts and runs the whole query on that version's shard.
+changed) when a query starts and runs the whole query on that version's shard.  Before
+it loads a version it checks the version's checksums (:mod:`indexing.integrity`); with
+``local_copy`` it first copies the version to a private directory and checks and loads
+the copy, so a later truncation of the published files cannot SIGBUS the reader.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
+import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,14 @@ from indexing.base import (
     UserFilter,
     provisional_manifest,
 )
+from indexing.integrity import (
+    CHECKSUMS_FILE,
+    IndexCorruptError,
+    IntegrityReport,
+    check_version_dir,
+    require_intact,
+    write_checksums,
+)
 from indexing.store import QdrantReader
 from indexing.store import plain_payload as _plain
 from towers.errors import IndexUnavailableError, NotFoundError
@@ -42,6 +57,8 @@ from towers.errors import IndexUnavailableError, NotFoundError
 log = logging.getLogger(__name__)
 
 _OPEN_SHARDS_KEPT = 3
+# A version that failed to open is retried after this many seconds (not on every query).
+_RETRY_FAILED_S = 10.0
 
 
 def _edge() -> Any:
@@ -214,6 +231,9 @@ class EdgeStore:
         del self._writing[version]
 
     def commit(self, version: str, manifest: IndexManifest) -> None:
+        # Checksums now, not at seal: the first load (verification) still rewrites some
+        # engine files (journals are folded in); later loads leave the contents alone.
+        write_checksums(self._vdir(version))
         manifest.save(self._vdir(version) / "manifest.json")
 
     # -- versions and aliases --------------------------------------------------------------
@@ -278,8 +298,20 @@ class EdgeStore:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def open(self, alias: str | None = None, version: str | None = None) -> EdgeItemIndex:
-        return EdgeItemIndex(self.cfg, alias=alias, version=version, root=self.root)
+    def open(
+        self,
+        alias: str | None = None,
+        version: str | None = None,
+        *,
+        local_copy: bool | str | Path = False,
+    ) -> EdgeItemIndex:
+        return EdgeItemIndex(
+            self.cfg, alias=alias, version=version, root=self.root, local_copy=local_copy
+        )
+
+    def check_integrity(self, version: str, full: bool = True) -> IntegrityReport:
+        """Compare a version's files with the checksums written when it was sealed."""
+        return check_version_dir(self._vdir(version), full=full)
 
     def scroll_all(
         self, version: str, with_vectors: bool = True
@@ -316,8 +348,31 @@ class EdgeStore:
             self._writing.pop(v).close()
 
 
+def _remove_orphan_copies(parent: Path) -> None:
+    """Delete private copies left by reader processes that died without closing."""
+    for d in parent.glob("ecomrec-index-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 class EdgeItemIndex(QdrantReader):
-    """ItemIndex over the embedded engine: follows an alias file or is pinned to a version."""
+    """ItemIndex over the embedded engine: follows an alias file or is pinned to a version.
+
+    Each version is checked against its checksums before it is loaded; a damaged or
+    unloadable version raises :class:`IndexUnavailableError` (``IndexCorruptError``),
+    logged once and retried every ``_RETRY_FAILED_S`` seconds, never a crash.
+    ``local_copy`` (True = a private directory under the system temp dir, or a parent
+    directory): serve from a checked private copy of each version, so damage to the
+    published files (truncation, overwrite) cannot reach the memory-mapped data.
+    """
 
     def __init__(
         self,
@@ -326,6 +381,7 @@ class EdgeItemIndex(QdrantReader):
         alias: str | None = None,
         version: str | None = None,
         root: Path | None = None,
+        local_copy: bool | str | Path = False,
     ) -> None:
         super().__init__(cfg, alias, version)
         self.root = Path(cfg.location) if root is None else root
@@ -334,6 +390,16 @@ class EdgeItemIndex(QdrantReader):
         self._alias_version: str | None = None
         self._shards: dict[str, Any] = {}
         self._manifests: dict[str, IndexManifest] = {}
+        self._failed: dict[str, tuple[float, IndexUnavailableError]] = {}
+        self._copy_root: Path | None = None
+        if local_copy:
+            parent = Path(tempfile.gettempdir()) if local_copy is True else Path(local_copy)
+            parent.mkdir(parents=True, exist_ok=True)
+            _remove_orphan_copies(parent)
+            self._copy_root = Path(
+                tempfile.mkdtemp(prefix=f"ecomrec-index-{os.getpid()}-", dir=parent)
+            )
+            weakref.finalize(self, shutil.rmtree, str(self._copy_root), True)
 
     def _current_version(self) -> str:
         if self._pinned is not None:
@@ -346,7 +412,10 @@ class EdgeItemIndex(QdrantReader):
             ) from None
         stamp = (st.st_mtime_ns, st.st_ino)
         if stamp != self._alias_stamp or self._alias_version is None:
-            self._alias_version = str(json.loads(self._alias_file.read_text())["version"])
+            try:
+                self._alias_version = str(json.loads(self._alias_file.read_text())["version"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise IndexUnavailableError(f"index alias file {self._alias_file}: {e}") from e
             self._alias_stamp = stamp
         return self._alias_version
 
@@ -364,21 +433,99 @@ class EdgeItemIndex(QdrantReader):
                     raise IndexUnavailableError(
                         f"index version {version} has no data in {self.root}"
                     )
-                shard = q.EdgeShard.load(str(path))
+                shard = self._load_checked(q, version)
                 self._shards[version] = shard
                 # Keep a few recent shards open: a query that resolved the old version a
                 # moment before a swap still holds a live handle.
                 for old in list(self._shards)[:-_OPEN_SHARDS_KEPT]:
                     self._shards.pop(old).close()
+                    self._drop_copy(old)
                 log.info("index %s now serving version %s", self.alias, version)
             return version, shard
+
+    def _load_checked(self, q: Any, version: str) -> Any:
+        """Check (a private copy of) a version against its checksums, then load it."""
+        failed = self._failed.get(version)
+        if failed is not None and time.monotonic() - failed[0] < _RETRY_FAILED_S:
+            raise failed[1]
+        vdir = self.root / "versions" / version
+        try:
+            src = vdir
+            if self._copy_root is not None:
+                src = self._copy_root / version
+                shutil.rmtree(src, ignore_errors=True)
+                src.mkdir(parents=True)
+                for name in ("meta.json", CHECKSUMS_FILE):
+                    if (vdir / name).exists():
+                        shutil.copy2(vdir / name, src / name)
+                _copy_sparse(vdir / "shard", src / "shard")
+            rep = require_intact(src)
+            if not rep.has_checksums and (vdir / "manifest.json").exists():
+                log.warning(
+                    "index version %s has no checksums (built before they existed); "
+                    "loading it unchecked",
+                    version,
+                )
+            shard = q.EdgeShard.load(str(src / "shard"))
+        except Exception as e:
+            self._drop_copy(version)
+            err = (
+                e
+                if isinstance(e, IndexUnavailableError)
+                else IndexUnavailableError(f"index version {version} could not be opened: {e}")
+            )
+            self._failed[version] = (time.monotonic(), err)
+            log.error("index %s: %s", self.alias, err)
+            raise err from e
+        self._failed.pop(version, None)
+        return shard
+
+    def _drop_copy(self, version: str) -> None:
+        if self._copy_root is not None:
+            shutil.rmtree(self._copy_root / version, ignore_errors=True)
+
+    def check_integrity(self, full: bool = True) -> IntegrityReport:
+        """Check the PUBLISHED files of the live version against their checksums.
+
+        Without ``local_copy`` those files are what this reader serves: a mismatch
+        quarantines the version (queries raise IndexCorruptError until it is rebuilt or
+        the alias moves).  With ``local_copy`` the checked private copy keeps serving;
+        the damage is reported (a restart or another reader would refuse the version).
+        """
+        with self._lock:
+            version = self._current_version()
+        rep = check_version_dir(self.root / "versions" / version, full=full)
+        if not rep.ok and self._copy_root is None:
+            err = IndexCorruptError(
+                f"index version {version} is damaged: {'; '.join(rep.problems[:3])}"
+            )
+            self._quarantine(version, err)
+        return rep
+
+    def _quarantine(self, version: str, err: Exception) -> None:
+        """Queries raise ``err`` for this version until the retry period passed (then
+        it is copied/checked/loaded again).  The shard is dropped, not closed: a query
+        in another thread may still hold it; it is released with the last reference."""
+        if not isinstance(err, IndexUnavailableError):
+            err = IndexCorruptError(str(err))
+        with self._lock:
+            self._failed[version] = (time.monotonic(), err)
+            self._shards.pop(version, None)
+
+    @property
+    def serves_local_copy(self) -> bool:
+        """True when queries run on private, checked copies of the versions."""
+        return self._copy_root is not None
 
     def _manifest(self, version: str) -> IndexManifest:
         m = self._manifests.get(version)
         if m is None:
             path = self.root / "versions" / version / "manifest.json"
             if path.exists():
-                m = self._manifests[version] = IndexManifest.load(path)
+                try:
+                    m = self._manifests[version] = IndexManifest.load(path)
+                except (OSError, ValueError) as e:  # DataError is a ValueError
+                    raise IndexUnavailableError(f"index version {version}: {e}") from e
             elif version == self._pinned and (path.parent / "meta.json").exists():
                 # sealed, not yet committed: being verified
                 meta = json.loads((path.parent / "meta.json").read_text())
@@ -446,3 +593,5 @@ class EdgeItemIndex(QdrantReader):
         with self._lock:
             for v in list(self._shards):
                 self._shards.pop(v).close()
+            if self._copy_root is not None:
+                shutil.rmtree(self._copy_root, ignore_errors=True)

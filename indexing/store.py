@@ -137,6 +137,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         self.alias = alias or cfg.alias
         self._pinned = version
         self._lock = threading.Lock()
+        self._tls = threading.local()  # .version: what this thread's last query ran on
 
     # -- backend primitives -------------------------------------------------------------
     @abc.abstractmethod
@@ -224,12 +225,59 @@ class QdrantReader(abc.ABC, ItemIndex):
         exact: bool = False,
         _single: bool = False,
     ) -> list[list[Hit]]:
-        """Top-``k`` hits for each row of ``vectors`` ``(B, D)``; one version for the batch."""
+        """Top-``k`` hits for each row of ``vectors`` ``(B, D)``; one version for the batch.
+
+        Scores a healthy index cannot produce (NaN, infinite, a cosine outside [-1, 1]:
+        a damaged vector file) raise :class:`~indexing.integrity.IndexCorruptError`.
+        """
+        out = self._search_batch(
+            vectors, k, flt, exclude_ids, hnsw_ef,
+            overfetch=overfetch, with_payload=with_payload, exact=exact, _single=_single,
+        )  # fmt: skip
+        self._check_scores(out)
+        return out
+
+    def _check_scores(self, results: list[list[Hit]]) -> None:
+        scores = np.fromiter((h.score for hits in results for h in hits), np.float64)
+        if not len(scores):
+            return
+        bound = 1.0 + 1e-3 if self.manifest().distance == "cosine" else np.inf
+        bad = ~np.isfinite(scores) | (np.abs(scores) > bound)
+        if bad.any():
+            from indexing.integrity import IndexCorruptError
+
+            version = getattr(self._tls, "version", "?")
+            err = IndexCorruptError(
+                f"index version {version} returned {int(bad.sum())} impossible score(s) "
+                f"(e.g. {scores[bad][0]!r}): its vector data is damaged"
+            )
+            log.error("%s", err)
+            self._quarantine(version, err)
+            raise err
+
+    def _quarantine(self, version: str, err: Exception) -> None:
+        """Stop serving a version found damaged (backends that can; default: nothing)."""
+        return None
+
+    def _search_batch(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        flt: SearchFilter | None,
+        exclude_ids: Sequence[Sequence[int]] | None,
+        hnsw_ef: int | None,
+        *,
+        overfetch: float,
+        with_payload: bool,
+        exact: bool,
+        _single: bool,
+    ) -> list[list[Hit]]:
         limit = fetch_limit(k, overfetch)
         ef = self.cfg.hnsw_ef if hnsw_ef is None else int(hnsw_ef)
         if ef < 1:
             raise InvalidArgumentError("hnsw_ef", f"must be >= 1, got {ef}")
         version, handle = self._resolve()
+        self._tls.version = version
         dim = self._manifest(version).dim
         arr = np.asarray(vectors, dtype=np.float32)
         if _single:
@@ -321,7 +369,7 @@ class QdrantReader(abc.ABC, ItemIndex):
 
     def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors ``(N, D)`` (unit-normalised under cosine distance)."""
-        _, handle = self._resolve()
+        version, handle = self._resolve()
         want = [int(i) for i in ids]
         got = self._retrieve(handle, want, True)
         missing = [i for i in want if i not in got]
@@ -331,7 +379,23 @@ class QdrantReader(abc.ABC, ItemIndex):
             raise NotFoundError(f"unknown item id(s) {missing[:10]} in index {self.alias!r}")
         if not want:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([np.asarray(got[i][0], dtype=np.float32) for i in want])  # (N, D)
+        out = np.stack([np.asarray(got[i][0], dtype=np.float32) for i in want])  # (N, D)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(out.astype(np.float64), axis=1)  # (N,) unit under cosine
+        bad = ~np.isfinite(norms)
+        if self.manifest().distance == "cosine":
+            bad |= np.abs(norms - 1.0) > 1e-2
+        if bad.any():
+            from indexing.integrity import IndexCorruptError
+
+            err = IndexCorruptError(
+                f"index version {version} holds {int(bad.sum())} damaged vector(s) "
+                f"(item id {want[int(np.flatnonzero(bad)[0])]})"
+            )
+            log.error("%s", err)
+            self._quarantine(version, err)
+            raise err
+        return out
 
     def existing_ids(self, ids: Sequence[int]) -> set[int]:
         """The subset of ``ids`` stored in the live version (one round trip)."""

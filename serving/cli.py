@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--metrics-port", type=int, default=None, help="Prometheus port (default: the config's)"
     )
     s.add_argument(
+        "--metrics-host",
+        default=None,
+        help="Prometheus host, plain HTTP (default: the config's, 127.0.0.1)",
+    )
+    s.add_argument(
         "--encoder",
         choices=["inprocess", "onnx", "triton"],
         default=None,
@@ -149,22 +154,33 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         encoder=args.encoder,
         triton_url=args.triton_url,
     )
     metrics = Metrics()
     servicer = RecommendServicer(None, cfg, metrics)
-    handle = start_server(cfg, servicer, metrics)  # health NOT_SERVING while loading
-    done = install_signal_handlers(handle, cfg.grace_s)
-    t0 = time.perf_counter()
     try:
+        handle = start_server(cfg, servicer, metrics)  # health NOT_SERVING while loading
+    except Exception:
+        if triton_proc is not None:
+            triton_proc.stop()
+        raise
+    done = install_signal_handlers(handle, cfg.grace_s, cfg.shutdown_delay_s)
+    index = None
+    try:
+        t0 = time.perf_counter()
         ds = load_dataset(args.dataset, args.data_dir)
         parts = load_parts(args.model, ds)
         if args.build_index:
             from indexing.cli import build_index
 
             build_index(args.index, args.model, args.dataset, args.data_dir, args.index_alias)
-        index = open_index(IndexConfig(location=args.index, alias=args.index_alias))
+        local_copy: bool | str = (cfg.index_copy_dir or True) if cfg.index_local_copy else False
+        index = open_index(
+            IndexConfig(location=args.index, alias=args.index_alias), local_copy=local_copy
+        )
+        # an index built from another model refuses at once (no service answering INTERNAL)
         check_index_matches_model(index, parts.model, args.index)
         segments = None
         if args.segments:
@@ -175,29 +191,27 @@ def _serve(args: argparse.Namespace) -> int:
                 else TableSegmentLookup.load(seg_path)
             )
         engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
-    except BaseException:
-        handle.stop(0)  # refuse at once: no half-started service answering INTERNAL
-        if triton_proc is not None:
-            triton_proc.stop()
-        raise
-    servicer.attach(engine)
-    handle.set_ready(True)
-    if engine.user_vectors is not None:
-        engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path
-    log.info(
-        "serving %s (index %s) on %s:%d, metrics port %s, loaded in %.1f s",
-        engine.model_version,
-        engine.index_version(index),
-        cfg.host,
-        handle.port,
-        handle.metrics_port,
-        time.perf_counter() - t0,
-    )
-    try:
+        servicer.attach(engine)
+        # opens and checks the live index version; a failure is logged as an ERROR
+        # ("index could not be opened: ...") and health stays NOT_SERVING
+        problem, _ = handle.check_index()
+        handle.set_ready(True)
+        if engine.user_vectors is not None:
+            engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path
+        log.info(
+            "serving %s (index %s) on %s:%d, metrics %s, loaded in %.1f s",
+            engine.model_version,
+            engine.index_version(index) if problem is None else "UNAVAILABLE: " + problem,
+            cfg.host,
+            handle.port,
+            f"{cfg.metrics_host}:{handle.metrics_port}" if handle.metrics_port else "off",
+            time.perf_counter() - t0,
+        )
         done.wait()
     finally:
         handle.stop(cfg.grace_s)
-        index.close()
+        if index is not None:
+            index.close()
         if triton_proc is not None:
             triton_proc.stop()
     return 0

@@ -25,14 +25,33 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
-    # Prometheus metrics on their own port (0 = pick a free one, -1 = disabled).
+    # Prometheus metrics on their own port (0 = pick a free one, -1 = disabled), plain
+    # HTTP on their own host (default: this machine only).
     metrics_port: int = -1
+    metrics_host: str = "127.0.0.1"
     workers: int = 8
+    # Long-lived streams (reflection) open at once; must be < workers so unary calls
+    # always find a worker (further streams get RESOURCE_EXHAUSTED).
+    max_streams: int = 2
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 1 << 20
     # Requests without a deadline get this one (seconds).
     default_deadline_s: float = 2.0
+    # SIGTERM: health NOT_SERVING while still answering for shutdown_delay_s (load
+    # balancers drain), then the port closes and in-flight calls get grace_s.
+    shutdown_delay_s: float = 2.0
     grace_s: float = 5.0
+    # Index health: check the live version every index_check_s (0 = off; sizes vs the
+    # checksums, full hashes every index_full_check_every checks).  A broken index turns
+    # health NOT_SERVING unless unhealthy_on_index_error is false (answers are degraded
+    # segment popularity either way).
+    index_check_s: float = 30.0
+    index_full_check_every: int = 10
+    unhealthy_on_index_error: bool = True
+    # Serve from a checked private copy of each index version (a truncated published
+    # file cannot SIGBUS the server); index_copy_dir "" = the system temp directory.
+    index_local_copy: bool = True
+    index_copy_dir: str = ""
     # Request limits.
     max_k: int = 200
     max_recent_events: int = 200
@@ -69,7 +88,14 @@ class ServeConfig:
     rerank_policies: str = str(DEFAULT_RERANK)
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_k", "overfetch", "max_message_bytes", "max_concurrent_rpcs"):
+        for name in (
+            "workers",
+            "max_k",
+            "overfetch",
+            "max_message_bytes",
+            "max_concurrent_rpcs",
+            "index_full_check_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
@@ -81,6 +107,13 @@ class ServeConfig:
                 f"ServeConfig.rerank_policies: {self.rerank_policies} does not exist "
                 f'(default: {DEFAULT_RERANK}; "" turns re-ranking off)'
             )
+        if not 0 <= self.max_streams < self.workers:
+            raise ConfigError(
+                f"ServeConfig.max_streams must be in [0, workers={self.workers}), "
+                f"got {self.max_streams} (streams would starve unary calls)"
+            )
+        if self.shutdown_delay_s < 0 or self.grace_s < 0 or self.index_check_s < 0:
+            raise ConfigError("ServeConfig shutdown_delay_s, grace_s, index_check_s must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
 

@@ -54,6 +54,14 @@ class UnavailableError(EcomrecError):
     """A dependency is down and no fallback exists."""
 
 
+def _require_finite(ranked: Sequence[rr.Ranked]) -> None:
+    """A damaged index must degrade, never answer NaN/inf scores (issue 14)."""
+    for r in ranked:
+        if not (np.isfinite(r.score) and np.isfinite(r.relevance)):
+            log.error("non-finite score for item %d: the index data is damaged", r.item_id)
+            raise IndexUnavailableError("the index returned non-finite scores")
+
+
 class IdMapLike(Protocol):
     def get(self, external_id: str) -> int | None: ...
     def to_external(self, internal_id: int) -> str: ...
@@ -267,6 +275,30 @@ class Recommender:
         return dict(self._search_kw_for(type(index)))
 
     # -- helpers ------------------------------------------------------------------------
+    def _item_vectors(self, index: ItemIndex | None, items: list[int], field: str) -> np.ndarray:
+        """Stored vectors of catalogue items; NOT_FOUND names the shop's ids, every index
+        fault (missing, unloadable, damaged) is IndexUnavailableError."""
+        if index is None:
+            raise IndexUnavailableError("no index loaded")
+        try:
+            vecs = np.asarray(index.get_vectors(items), np.float32)  # (n, D)
+        except NotFoundError:
+            try:
+                have = index.existing_ids(items)  # type: ignore[attr-defined]
+            except Exception:
+                have = set()
+            gone = [self.catalog.external_ids[i] for i in items if i not in have]
+            raise NotFoundError(
+                f"{field}: {', '.join(map(repr, gone[:10]))} is not in the index (deleted?)"
+            ) from None
+        except (InvalidArgumentError, IndexUnavailableError):
+            raise
+        except Exception as e:
+            raise IndexUnavailableError(f"index lookup failed: {e}") from e
+        if not np.isfinite(vecs).all():
+            raise IndexUnavailableError("the index returned non-finite vectors")
+        return vecs
+
     def _user_segments(self, user: int | None) -> UserSegments | None:
         return None if user is None else self.segments.user(user)
 
@@ -381,6 +413,7 @@ class Recommender:
                     if q.skip_rerank
                     else rr.rerank(cands, user_ctx, policy, q.k)
                 )
+                _require_finite(ranked)
             except IndexUnavailableError as e:
                 log.warning("index unavailable, serving segment popularity: %s", e)
                 reasons.append(INDEX_UNAVAILABLE)
@@ -410,14 +443,10 @@ class Recommender:
         try:
             if index is None:
                 raise IndexUnavailableError("no index loaded")
-            try:
-                vec = index.get_vectors([q.item])[0]
-            except NotFoundError:
-                raise
-            except Exception as e:
-                raise IndexUnavailableError(f"index lookup failed: {e}") from e
+            vec = self._item_vectors(index, [q.item], "item_id")[0]
             hits, version = self._search(index, vec, q.k, q.filters, [q.item])
             ranked = [rr.Ranked(h.item_id, h.score, h.score, (rr.SIMILAR,)) for h in hits[: q.k]]
+            _require_finite(ranked)
         except IndexUnavailableError as e:
             log.warning("index unavailable for SimilarItems: %s", e)
             reasons.append(INDEX_UNAVAILABLE)
@@ -472,10 +501,8 @@ class Recommender:
                 )
             parts.append(np.asarray(self.text_embedder([q.text]), np.float32)[0])
         if q.items:
-            index = self._index
-            if index is None:
-                raise UnavailableError("no index loaded")
-            parts.append(np.asarray(index.get_vectors(list(q.items)), np.float32).mean(axis=0))
+            vecs = self._item_vectors(self._index, list(q.items), "item_ids")  # (n, D)
+            parts.append(np.asarray(vecs, np.float32).mean(axis=0))
         vec = np.mean(parts, axis=0)  # (D,)
         vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
         ctx.check("audience")

@@ -7,9 +7,12 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import InfoMetricFamily
+from prometheus_client.registry import Collector
 
 # Milliseconds-scale buckets, in seconds.
 LATENCY_BUCKETS = (
@@ -45,6 +48,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # label values come from fixed sets only (serving.server.method_label)
         self.requests = Counter(
             "ecomrec_requests", "RPCs by method and status code", ["method", "code"], registry=r
         )
@@ -68,13 +72,51 @@ class Metrics:
             ["method", "reason"],
             registry=r,
         )
-        self.versions = Info(
-            "ecomrec_versions", "Model and index versions being served", registry=r
+        self.versions = _VersionsCollector()
+        r.register(self.versions)
+        self.ready = Gauge("ecomrec_ready", "1 when health reports SERVING", registry=r)
+        self.index_ok = Gauge(
+            "ecomrec_index_ok", "1 when the served index version can be searched", registry=r
         )
-        self.ready = Gauge("ecomrec_ready", "1 when model and index are loaded", registry=r)
+        self.index_ok.set(1)
+        self.index_published_ok = Gauge(
+            "ecomrec_index_published_ok",
+            "1 when the live version's published files match their checksums",
+            registry=r,
+        )
+        self.index_published_ok.set(1)
 
     def set_versions(self, model_version: str, index_version: str) -> None:
-        self.versions.info({"model_version": model_version, "index_version": index_version})
+        """Versions for ``ecomrec_versions_info`` (the index's is read live once a source is set)."""
+        self.versions.model_version = model_version
+        self.versions.index_version = index_version
+
+    def set_index_source(self, source: Callable[[], str]) -> None:
+        """Read the index version at every scrape (an alias moved by ``ecomrec index
+        build/rollback/delete`` shows up without a restart)."""
+        self.versions.index_source = source
+
+
+class _VersionsCollector(Collector):
+    """``ecomrec_versions_info{model_version, index_version}``, the index version read live."""
+
+    def __init__(self) -> None:
+        self.model_version = ""
+        self.index_version = ""
+        self.index_source: Callable[[], str] | None = None
+
+    def collect(self) -> Iterator[InfoMetricFamily]:
+        index_version = self.index_version
+        if self.index_source is not None:
+            try:
+                index_version = self.index_source() or ""
+            except Exception:  # a broken index must not break the scrape
+                index_version = ""
+        yield InfoMetricFamily(
+            "ecomrec_versions",
+            "Model and index versions being served",
+            value={"model_version": self.model_version, "index_version": index_version},
+        )
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,16 +1,19 @@
 """The gRPC server: health, reflection, API-key auth, TLS, limits, metrics, graceful stop.
 
 Health (``grpc.health.v1``) answers NOT_SERVING until :meth:`ServiceHandle.set_ready` is
-called with a loaded model and index; health and reflection need no API key, every
-``ecomrec.v1`` method does (``x-api-key: KEY`` or ``authorization: Bearer KEY``).
+called with a loaded model and index, and while the index cannot be searched
+(:class:`IndexMonitor`).  Health needs no API key; reflection and every ``ecomrec.v1``
+method do (``x-api-key: KEY`` or ``authorization: Bearer KEY``).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -22,25 +25,75 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.config import ServeConfig
+from serving.index_health import NOT_ATTACHED, IndexMonitor, index_version
 from serving.observability import Metrics
+from towers.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "ecomrec.v1.RecommendService"
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_OPEN_PREFIX = "/grpc.health.v1.Health/"
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def method_label(method: str) -> str:
+    """Metric label of a full method path: one of a FIXED set (:data:`_LABELS`), else
+    ``"unknown"`` (caller-chosen method names must never become label values)."""
+    return _labels().get(method, "unknown")
+
+
+@functools.cache
+def _labels() -> dict[str, str]:
+    from serving._generated.ecomrec.v1 import recommend_pb2
+
+    svc = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"]
+    out = {f"/{SERVICE_NAME}/{m.name}": m.name for m in svc.methods}
+    out.update(
+        {
+            "/grpc.health.v1.Health/Check": "health.Check",
+            "/grpc.health.v1.Health/Watch": "health.Watch",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "reflection",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "reflection",
+        }
+    )
+    return out
 
 
 class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without a valid API key with UNAUTHENTICATED (health/reflection exempt)."""
+    """The server's gate, run before any handler (and before a request message is read).
 
-    def __init__(self, keys: Sequence[str], metrics: Metrics | None = None) -> None:
+    - Calls without a valid API key are rejected with UNAUTHENTICATED by a handler that
+      does not wait for the request message, so a client without a key never holds a
+      worker thread.  Only health (``grpc.health.v1``) is open; reflection needs a key.
+    - Long-lived streams (reflection) take one of ``max_streams`` slots (fewer than the
+      workers) or get RESOURCE_EXHAUSTED: streams can never starve unary calls.
+      Health ``Watch`` is non-blocking (it holds no worker) and is not limited.
+    - A request that is not a valid protobuf message answers INVALID_ARGUMENT with one
+      warning line (gRPC's default is INTERNAL plus a traceback per call).
+    - Rejections are counted in ``ecomrec_requests_total`` under a fixed label set.
+    """
+
+    def __init__(
+        self, keys: Sequence[str], metrics: Metrics | None = None, max_streams: int = 2
+    ) -> None:
         self._keys = [k.encode() for k in keys]
         self._metrics = metrics
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        def deny(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+            # request-streaming on purpose: returns without reading a message
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny = grpc.stream_unary_rpc_method_handler(deny)
 
     def _ok(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         for k, v in metadata or ():
@@ -55,52 +108,184 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
                 return True
         return False
 
+    def _count(self, label: str, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.requests.labels(label, code.name).inc()
+
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         method = details.method or ""
+        label = method_label(method)
         if (
-            not self._keys
-            or method.startswith(_OPEN_PREFIXES)
-            or self._ok(details.invocation_metadata)
+            self._keys
+            and not method.startswith(_OPEN_PREFIX)
+            and not self._ok(details.invocation_metadata)
         ):
-            return continuation(details)
-        if self._metrics is not None:
-            self._metrics.requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
-        return self._deny
+            self._count(label, grpc.StatusCode.UNAUTHENTICATED)
+            return self._deny
+        handler = continuation(details)
+        if handler is None:
+            return None  # unknown method: UNIMPLEMENTED
+        behavior = handler.unary_unary or handler.unary_stream
+        if behavior is not None and handler.request_deserializer is not None:
+            handler = self._safe_decode(handler, label)
+        if handler.request_streaming or handler.response_streaming:
+            inner = (
+                handler.unary_unary
+                or handler.unary_stream
+                or handler.stream_unary
+                or handler.stream_stream
+            )
+            if not getattr(inner, "experimental_non_blocking", False):
+                handler = self._limit_stream(handler, label)
+        return handler
+
+    def _safe_decode(self, handler: Any, label: str) -> Any:
+        decode = handler.request_deserializer
+        inner = handler.unary_unary or handler.unary_stream
+
+        def safe(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as e:  # DecodeError and friends
+                return _Undecodable(e)
+
+        def reject(request: _Undecodable, context: grpc.ServicerContext) -> None:
+            log.warning("%s: request is not a valid protobuf message (%s)", label, request.error)
+            self._count(label, grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message")
+
+        def behavior(request: Any, context: grpc.ServicerContext, *args: Any, **kw: Any) -> Any:
+            if isinstance(request, _Undecodable):
+                reject(request, context)
+            return inner(request, context, *args, **kw)
+
+        if getattr(inner, "experimental_non_blocking", False):
+            behavior.experimental_non_blocking = True  # type: ignore[attr-defined]
+        make = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return make(behavior, safe, handler.response_serializer)
+
+    def _limit_stream(self, handler: Any, label: str) -> Any:
+        slots = self._streams
+        limit = self.max_streams
+
+        def acquire(context: grpc.ServicerContext) -> None:
+            if slots is None or not slots.acquire(blocking=False):
+                self._count(label, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many open streams (at most {limit}); close one or retry later",
+                )
+
+        def release() -> None:
+            assert slots is not None
+            slots.release()
+
+        if handler.response_streaming:
+            inner_s = handler.unary_stream or handler.stream_stream
+
+            def streaming(request: Any, context: grpc.ServicerContext) -> Any:
+                acquire(context)
+                try:
+                    yield from inner_s(request, context)
+                finally:
+                    release()
+
+            make_s = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return make_s(streaming, handler.request_deserializer, handler.response_serializer)
+        inner_u = handler.stream_unary
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            acquire(context)
+            try:
+                return inner_u(request, context)
+            finally:
+                release()
+
+        return grpc.stream_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
 
 
 @dataclass
 class ServiceHandle:
-    """A started server: its ports, health servicer and a graceful ``stop``."""
+    """A started server: its ports, health servicer and a graceful ``stop``.
+
+    Health is SERVING when the service was marked ready (:meth:`set_ready`) AND the
+    index is usable (:meth:`set_index_ok`; with ``ServeConfig.unhealthy_on_index_error``
+    off a broken index leaves health SERVING, answers stay degraded).
+    """
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     metrics: Metrics
     metrics_port: int | None = None
+    unhealthy_on_index_error: bool = True
     _metrics_server: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _ready: bool = False
+    _index_ok: bool = True
+    _state_lock: threading.Lock = field(default_factory=threading.Lock)
+    _monitor: IndexMonitor | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _publish(self) -> None:
+        with self._state_lock:
+            if self._stopped.is_set():
+                return
+            ok = self._ready and (self._index_ok or not self.unhealthy_on_index_error)
+            st = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            self.health.set("", st)
+            self.health.set(SERVICE_NAME, st)
+            self.metrics.ready.set(1 if ok else 0)
+
     def set_ready(self, ready: bool = True) -> None:
         """Flip health to SERVING (model and index loaded) or NOT_SERVING."""
-        st = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        self.health.set("", st)
-        self.health.set(SERVICE_NAME, st)
-        self.metrics.ready.set(1 if ready else 0)
+        self._ready = ready
+        self._publish()
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """NOT_SERVING first (load balancers drain), then finish in-flight RPCs for ``grace_s``."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        self.health.enter_graceful_shutdown()
+    def set_index_ok(self, ok: bool) -> None:
+        """Record whether the index can be searched (health follows, see the class doc)."""
+        self._index_ok = ok
+        self.metrics.index_ok.set(1 if ok else 0)
+        self._publish()
+
+    def check_index(self) -> tuple[str | None, str | None]:
+        """Check the index now (start-up, tests): see :func:`index_problem`."""
+        if self._monitor is None:
+            return None, None
+        return self._monitor.check_now()
+
+    def stop(self, grace_s: float = 5.0, delay_s: float = 0.0) -> None:
+        """NOT_SERVING first, keep answering for ``delay_s`` (load balancers see the
+        health change and drain), then close the port and finish in-flight RPCs for
+        ``grace_s``."""
+        with self._state_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+            self.health.enter_graceful_shutdown()
+            self.metrics.ready.set(0)
+        if self._monitor is not None:
+            self._monitor.stop()
+        if delay_s > 0:
+            log.info("NOT_SERVING; still answering for %.1f s before closing the port", delay_s)
+            time.sleep(delay_s)
         self.server.stop(grace_s).wait(grace_s + 1)
         if self._metrics_server is not None:
             srv, thread = self._metrics_server
@@ -113,23 +298,41 @@ class ServiceHandle:
         self.server.wait_for_termination()
 
 
+def _engine_index(servicer: Any) -> Any:
+    engine = getattr(servicer, "_engine", None)
+    return NOT_ATTACHED if engine is None else engine.index
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"ServeConfig.{what}: cannot read {path}: {e.strerror or e}") from e
+
+
 def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
     if cfg.tls_cert is None or cfg.tls_key is None:
         return None
-    key = Path(cfg.tls_key).read_bytes()
-    cert = Path(cfg.tls_cert).read_bytes()
-    return grpc.ssl_server_credentials([(key, cert)])
+    key = _read(cfg.tls_key, "tls_key")
+    cert = _read(cfg.tls_cert, "tls_cert")
+    try:
+        return grpc.ssl_server_credentials([(key, cert)])
+    except Exception as e:
+        raise ConfigError(f"ServeConfig.tls_cert/tls_key: not a usable PEM pair: {e}") from e
 
 
 def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None) -> ServiceHandle:
     """Start a server with health NOT_SERVING; ``cfg.port = 0`` picks a free port.
 
     ``servicer`` may have no engine yet (it answers UNAVAILABLE until ``attach``).
+    Raises ConfigError (one line, no traceback in the CLI) when a TLS file cannot be
+    read or a port cannot be bound.
     """
     metrics = metrics or getattr(servicer, "metrics", None) or Metrics()
     keys = cfg.resolved_api_keys()
     if not keys:
         log.warning("no API keys configured: authentication is OFF (development only)")
+    creds = _credentials(cfg)
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -137,7 +340,7 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ecomrec-rpc"),
-        interceptors=[ApiKeyInterceptor(keys, metrics)],
+        interceptors=[ApiKeyInterceptor(keys, metrics, cfg.max_streams)],
         options=options,
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
@@ -147,21 +350,42 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
     reflection.enable_server_reflection(names, server)
     add_servicer(server, servicer)
     addr = f"{cfg.host}:{cfg.port}"
-    creds = _credentials(cfg)
-    port = (
-        server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
-    )
+    try:
+        port = (
+            server.add_secure_port(addr, creds)
+            if creds is not None
+            else server.add_insecure_port(addr)
+        )
+    except RuntimeError as e:  # grpcio raises RuntimeError("Failed to bind to address ...")
+        port = 0
+        log.debug("bind %s: %s", addr, e)
     if port == 0:
-        raise OSError(f"cannot bind {addr}")
+        raise ConfigError(f"cannot listen on {addr}: the port is in use or the host is not local")
     server.start()
-    handle = ServiceHandle(server, port, hs, metrics)
+    handle = ServiceHandle(
+        server, port, hs, metrics, unhealthy_on_index_error=cfg.unhealthy_on_index_error
+    )
     handle.set_ready(False)
+    metrics.set_index_source(lambda: index_version(_engine_index(servicer)))
     if cfg.metrics_port >= 0:
         from prometheus_client import start_http_server
 
-        srv, thread = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
+        try:
+            srv, thread = start_http_server(
+                cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry
+            )
+        except OSError as e:
+            server.stop(0)
+            raise ConfigError(
+                f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e.strerror or e}"
+            ) from e
         handle._metrics_server = (srv, thread)
         handle.metrics_port = int(srv.server_port)
+    handle._monitor = IndexMonitor(
+        handle, lambda: _engine_index(servicer), cfg.index_check_s, cfg.index_full_check_every
+    )
+    if cfg.index_check_s > 0:
+        handle._monitor.start()
     log.info(
         "gRPC server listening on %s (tls=%s, auth=%s)",
         f"{cfg.host}:{port}",
@@ -178,13 +402,18 @@ def add_servicer(server: grpc.Server, servicer: Any) -> None:
     recommend_pb2_grpc.add_RecommendServiceServicer_to_server(servicer, server)
 
 
-def install_signal_handlers(handle: ServiceHandle, grace_s: float) -> threading.Event:
-    """SIGTERM/SIGINT -> graceful stop; returns an event set when stopped."""
+def install_signal_handlers(
+    handle: ServiceHandle, grace_s: float, delay_s: float = 0.0
+) -> threading.Event:
+    """SIGTERM/SIGINT -> health NOT_SERVING, answer for ``delay_s`` more, then close the
+    port and drain in-flight calls for ``grace_s``; returns an event set when stopped."""
     done = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
-        log.info("signal %d: draining for %.1f s", signum, grace_s)
-        handle.stop(grace_s)
+        log.info(
+            "signal %d: NOT_SERVING for %.1f s, then draining for %.1f s", signum, delay_s, grace_s
+        )
+        handle.stop(grace_s, delay_s)
         done.set()
 
     signal.signal(signal.SIGTERM, on_signal)

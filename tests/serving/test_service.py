@@ -30,12 +30,24 @@ def test_health_serving_and_reflection(served: Served) -> None:
     resp = next(
         iter(
             refl.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                timeout=5,
+                metadata=served.md,
             )
         )
     )
     names = {s.name for s in resp.list_services_response.service}
     assert "ecomrec.v1.RecommendService" in names
+    # reflection needs the API key (issue 14: keyless streams must not hold workers)
+    with pytest.raises(grpc.RpcError) as e:
+        next(
+            iter(
+                refl.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+                )
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_health_not_serving_until_loaded(parts: Any) -> None:
