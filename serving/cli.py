@@ -218,13 +218,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def check_index_matches_model(index: object, model: object, location: str) -> None:
-    """Refuse an index whose vectors come from another model (or catalogue) than ``model``."""
-    from towers.errors import MismatchError
+    """Refuse an index whose vectors come from another model (or catalogue) than ``model``.
+
+    An index that cannot be opened at all (damaged, missing) is not a mismatch: the service
+    starts degraded (popularity, health NOT_SERVING) and the index monitor reports it."""
+    from towers.errors import IndexUnavailableError, MismatchError
 
     get = getattr(index, "manifest", None)
     if get is None:
         return
-    m = get()
+    try:
+        m = get()
+    except IndexUnavailableError as e:
+        log.error("index could not be checked against the model: %s", e)
+        return
     prov = getattr(m, "provenance", None) or {}
     want = getattr(model, "model_version", None)
     items = prov.get("model_items")
