@@ -94,6 +94,20 @@ def _self_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def wait_idle(pids: list[int], timeout_s: float = 180.0, busy: float = 0.05) -> float:
+    """Wait until the server processes use < ``busy`` of a core over a second (start-up
+    work such as FindAudience's user vectors is done); returns the seconds waited."""
+    t0 = time.monotonic()
+    last = proc_cpu_s(pids)
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(1.0)
+        now = proc_cpu_s(pids)
+        if now - last < busy:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 # -- the load generator (runs in its own processes) -----------------------------------------
 def client_worker(
     target: str,
@@ -389,13 +403,13 @@ def start_servers(
         Path(a.model)
         if a.model
         else train_quick(a.dataset, work / f"run-{ds.name}", data_dir=a.data_dir)
-    )
-    index_dir = Path(a.index) if a.index else work / f"index-{ds.name}"
+    ).resolve()
+    index_dir = (Path(a.index) if a.index else work / f"index-{ds.name}").resolve()
     parts = None
     if not (index_dir / "aliases").exists():
         parts = load_parts(run_dir, ds)
         build_item_index(parts, index_dir)
-    seg_path = work / f"segments-{ds.name}.parquet"
+    seg_path = (work / f"segments-{ds.name}.parquet").resolve()
     if not seg_path.exists():
         parts = parts or load_parts(run_dir, ds)
         fit_segments_table(parts).save(seg_path)
@@ -406,7 +420,7 @@ def start_servers(
     sets.setdefault("rerank_policies", str(ROOT / "configs/serving/rerank.toml"))
     if a.server_procs > 1:
         sets["reuse_port"] = "true"
-    port_cfg = work / f"serve_load.{os.getpid()}.toml"
+    port_cfg = (work / f"serve_load.{os.getpid()}.toml").resolve()
     port_cfg.write_text(
         "[serve]\nport = 0\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
     )
@@ -445,8 +459,10 @@ def start_servers(
         triton = TritonProcess(repo).start()
         cmd += ["--triton-url", triton.url]
     env = dict(os.environ, ECOMREC_API_KEYS=key, OMP_NUM_THREADS="1")
+    cwd = ROOT
     if a.server_code:  # A/B: serve another checkout's code (e.g. main) under the same load
-        env["PYTHONPATH"] = str(Path(a.server_code).resolve())
+        cwd = Path(a.server_code).resolve()  # `python -m` puts the working directory first
+        env["PYTHONPATH"] = str(cwd)
     servers = []
     target = f"127.0.0.1:{port}"
     for j in range(a.server_procs):
@@ -454,7 +470,7 @@ def start_servers(
             subprocess.Popen(
                 cmd,
                 env=env,
-                cwd=ROOT,
+                cwd=cwd,
                 stdout=subprocess.DEVNULL,
                 stderr=open(work / f"serve_load.server{j}.log", "wb"),  # noqa: SIM115
             )
@@ -586,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # SIGTERM -> SystemExit, so `finally` stops the servers this run started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from serving.gen_protos import OUT_DIR, generate
     from towers.loaders import load_dataset
@@ -607,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             pids = [p.pid for p in servers]
             if triton is not None and getattr(triton, "proc", None) is not None:
                 pids.append(triton.proc.pid)
+            log.info("server idle after %.0f s of start-up work", wait_idle(pids))
 
         def point(mode: str, amount: float) -> dict[str, Any]:
             row = run_point(

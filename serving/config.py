@@ -44,7 +44,7 @@ class ServeConfig:
     # Catalogues up to this many items are searched exactly in numpy (one matrix product
     # per batch of requests) instead of through HNSW; 0 = always the index.  Crossover
     # measured by benchmarks/exact_crossover.py (docs/serving.md).
-    exact_max_items: int = 200_000
+    exact_max_items: int = 100_000
     # User encoder: "inprocess" (torch), "onnx" (the exported tower on onnxruntime, in
     # process) or "triton" (tritonclient.grpc, in-process torch as fallback).
     encoder: Literal["inprocess", "onnx", "triton"] = "inprocess"
