@@ -58,7 +58,7 @@ def hnsw_cost(location: str, n: int, queries: int = 200) -> tuple[int, float, fl
     from indexing.base import IndexConfig
     from indexing.build import open_index
 
-    idx = open_index(IndexConfig(location=location))
+    idx: Any = open_index(IndexConfig(location=location))  # the embedded reader (with_payload)
     try:
         count = idx.manifest().count
         rng = np.random.default_rng(1)
