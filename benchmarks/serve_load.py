@@ -137,6 +137,7 @@ def client_worker(
     trailers: list[str] = []
     errors: dict[str, int] = {}
     done_in_window = [0]
+    lags: list[float] = []  # open loop: actual send time - scheduled time (client lag)
     state = {"i": seed * 7919, "inflight": 0}
     finished = threading.Event()
 
@@ -153,7 +154,7 @@ def client_worker(
                             trailers.append(v)
                 else:
                     errors[code.name] = errors.get(code.name, 0) + 1
-            if t_measure <= t1 < t_end:
+            if t_measure <= t1 < t_end and code == grpc.StatusCode.OK:
                 done_in_window[0] += 1
 
     def send(t_sched: float, then: Any) -> None:
@@ -198,6 +199,8 @@ def client_worker(
                 cpu0, measuring = _self_cpu_s(), True
             if t > now:
                 time.sleep(t - now)
+            if t >= t_measure:
+                lags.append(time.monotonic() - t)
             send(t, record)
         cpu1 = _self_cpu_s()
         end = time.monotonic() + 5.0
@@ -211,6 +214,7 @@ def client_worker(
             "trailers": trailers,
             "cpu_s": cpu1 - cpu0,
             "done_in_window": done_in_window[0],
+            "lags": lags,
         }
     )
 
@@ -269,6 +273,7 @@ def run_point(
                 stages.setdefault(name, []).append(float(ms))
     done = sum(r["done_in_window"] for r in res)
     client_cpu = sum(r["cpu_s"] for r in res)
+    lags = np.concatenate([np.asarray(r["lags"], np.float64) for r in res]) * 1e3  # ms
     n_err = sum(errors.values())
     row: dict[str, Any] = {
         "mode": mode,
@@ -290,6 +295,10 @@ def run_point(
         "server_cpu_cores": (s1 - s0) / seconds,
         "loadgen_cpu_cores": client_cpu / seconds,
         "client_procs": procs,
+        # open loop: how late the generator sent (included in the latencies: a busy machine
+        # delays the sender too, so read p99 next to this)
+        "send_lag_p50_ms": _pct(lags, 50) if len(lags) else None,
+        "send_lag_p99_ms": _pct(lags, 99) if len(lags) else None,
         "load_avg": [round(load0, 2), round(load1, 2)],
         "stages": {
             k: {"p50_ms": _pct(v, 50), "p99_ms": _pct(v, 99), "mean_ms": float(np.mean(v))}
@@ -491,8 +500,8 @@ def start_servers(
 def write_table(res: dict[str, Any], path: Path) -> None:
     head = (
         "| mode | conc. / offered | requests | errors | req/s | p50 ms | p95 ms | p99 ms "
-        "| server cpu ms/req | loadgen cpu ms/req | encode p50 | ann p50 | rerank p50 | load avg |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| server cpu ms/req | loadgen cpu ms/req | encode p50 | ann p50 | rerank p50 | send lag p99 | load avg |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in res["runs"]:
@@ -506,6 +515,7 @@ def write_table(res: dict[str, Any], path: Path) -> None:
                 f"{st.get(s, {}).get('p50_ms', float('nan')):.2f}"
                 for s in ("encode", "ann", "rerank")
             )
+            + (f" | {r['send_lag_p99_ms']:.1f}" if r.get("send_lag_p99_ms") is not None else " | ")
             + f" | {r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f} |"
         )
     title = (
@@ -528,6 +538,8 @@ def plot_open_loop(res: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for q in ("p50_ms", "p95_ms", "p99_ms"):
         ax[0].plot(x, [r[q] for r in rows], marker="o", label=q.split("_")[0])
+    lag = [r.get("send_lag_p99_ms") or float("nan") for r in rows]
+    ax[0].plot(x, lag, ls=":", color="k", label="generator send lag p99")
     ax[0].axhline(15, color="grey", ls="--", lw=0.8)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("offered load (req/s, Poisson)")
@@ -640,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = 100.0
             while rate <= 5000:
                 row = point("open", rate)
-                if row["rps"] < 0.9 * rate or row["p99_ms"] > 1000:
+                if row["rps"] < 0.9 * rate or row["p99_ms"] > 1000 or row["errors"] > 0:
                     break  # saturated
                 rate += 100.0 if rate < 600 else 200.0
         else:
