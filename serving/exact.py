@@ -90,6 +90,10 @@ class ExactSearch:
             vecs = np.ascontiguousarray(index.get_vectors(ids.tolist()), np.float32)  # (N, D)
             if index.version != version:  # the alias moved while reading: not this version
                 return
+            if not np.isfinite(vecs).all():  # damaged data: the index path degrades instead
+                log.error("exact search off for version %s: non-finite vectors", version)
+                self._too_big.add(version)
+                return
             row_of = np.full(self.catalog.n_items + 1, -1, np.int64)
             row_of[ids] = np.arange(len(ids))
             self._mats[version] = ExactMatrix(version, ids, vecs, row_of)

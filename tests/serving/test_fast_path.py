@@ -164,6 +164,27 @@ def test_exact_search_equals_index_search_with_filters(parts: Any, index_dir: Pa
         reader.close()
 
 
+def test_exact_search_refuses_damaged_vectors(parts: Any, index_dir: Path) -> None:
+    """Non-finite stored vectors are never served from memory (the index path degrades)."""
+    from serving.exact import ExactSearch
+
+    reader = open_reader(index_dir)
+    real = reader.get_vectors
+
+    def damaged(ids: Any) -> Any:
+        v = np.array(real(ids))
+        v[3, 0] = np.nan
+        return v
+
+    try:
+        reader.get_vectors = damaged  # type: ignore[method-assign]
+        ex = ExactSearch(parts.catalog, max_items=10_000)
+        assert ex.matrix(reader, reader.version, block=True) is None
+        assert ex.matrix(reader, reader.version) is None  # not retried per request
+    finally:
+        reader.close()
+
+
 def test_top_rows_is_exact() -> None:
     from serving.exact import top_rows
 
