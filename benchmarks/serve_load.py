@@ -1,29 +1,46 @@
-"""Load test of the gRPC Recommend service (grpc.aio load generator).
+"""Load test of the gRPC Recommend service with a load generator cheaper than the server.
 
 Starts what it needs unless ``--target`` is given: trains the quick tower config (unless
-``--model``), builds the embedded index, fits segments, optionally exports the tower
-and starts a real Triton server (``--encoder triton``), starts ``ecomrec serve`` in a
-subprocess, then drives it with ``--concurrency`` in-flight requests for ``--seconds``
-from real users (80% by user id, 20% with their newest item as a session event).
+``--model``), builds the embedded index, fits segments, optionally exports the tower and
+starts a real Triton server (``--encoder triton``), starts ``ecomrec serve`` in one or
+more subprocesses (``--server-procs``: SO_REUSEPORT on one port), then drives it from
+real users (80% by user id, 20% with their newest item as a session event).
 
-    python benchmarks/serve_load.py --dataset beauty --encoder inprocess \
-        --concurrency 8 --seconds 60 --out results/serve_load_inprocess.json
+The load generator runs in its own processes (``--client-procs``): requests are
+serialised once up front and sent as bytes on a raw ``unary_unary`` channel (no protobuf
+work per call), completions arrive as gRPC future callbacks.  Two modes:
 
-Writes JSON (p50_ms, p95_ms, p99_ms, rps, errors, requests, stages: per-stage p50/p99
-from the server's ``ecomrec-stages`` trailer) and a markdown table next to it.
+* closed loop: ``--concurrency 1,8`` requests in flight, each answer sends the next;
+* open loop: ``--offered 100,200,...`` requests/s with Poisson arrivals; latency counts
+  from the *scheduled* send time, so a server that falls behind shows it (no coordinated
+  omission).  ``--offered auto`` steps up until the server saturates.
+
+CPU milliseconds per request are measured separately for the server processes (``/proc``
+utime+stime) and the load generator (``getrusage`` in each client process) over the
+measured window: the headline, since it does not depend on other jobs on the machine.
+The load average is recorded beside every row.
+
+    python benchmarks/serve_load.py --dataset beauty --encoder onnx \
+        --concurrency 1,8 --offered auto --seconds 20 --out results/serve_load_onnx.json
+
+Writes JSON (``runs``: one row per point with rps, p50/p95/p99, errors,
+cpu_ms_per_request {server, loadgen}, stages, load average; the top level repeats the
+concurrency-8 closed-loop row), a markdown table and a latency-vs-offered-load PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,75 +52,278 @@ sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("serve_load")
 
+METHOD = "/ecomrec.v1.RecommendService/Recommend"
+_CLK = os.sysconf("SC_CLK_TCK")
 
-def _pct(x: list[float], q: float) -> float:
-    return float(np.percentile(x, q)) if x else float("nan")
+
+def _pct(x: np.ndarray | list[float], q: float) -> float:
+    return float(np.percentile(x, q)) if len(x) else float("nan")
 
 
-async def drive(
-    target: str, key: str, requests: list[Any], concurrency: int, seconds: float, warmup_s: float
-) -> dict[str, Any]:
+# -- CPU accounting -------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                for c in f.read().split():
+                    out += _descendants(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def proc_cpu_s(pids: list[int]) -> float:
+    """utime + stime of ``pids`` and their descendants, seconds (from /proc)."""
+    total = 0
+    for root in pids:
+        for p in _descendants(root):
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+            except OSError:
+                pass
+    return total / _CLK
+
+
+def _self_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_idle(pids: list[int], timeout_s: float = 180.0, busy: float = 0.05) -> float:
+    """Wait until the server processes use < ``busy`` of a core over a second (start-up
+    work such as FindAudience's user vectors is done); returns the seconds waited."""
+    t0 = time.monotonic()
+    last = proc_cpu_s(pids)
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(1.0)
+        now = proc_cpu_s(pids)
+        if now - last < busy:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
+# -- the load generator (runs in its own processes) -----------------------------------------
+def client_worker(
+    target: str,
+    key: str,
+    payloads: list[bytes],
+    mode: str,
+    amount: float,
+    t_measure: float,
+    t_end: float,
+    seed: int,
+    out: Any,
+) -> None:
+    """Closed loop (``amount`` = in-flight requests) or open loop (``amount`` = req/s).
+
+    ``t_measure``/``t_end`` are ``time.monotonic()`` values (system-wide on Linux).  Puts
+    one dict on ``out``: latencies of requests *sent* in the window, error codes, stage
+    trailers, and this process's CPU seconds over the window.
+    """
     import grpc
 
-    from serving._generated.ecomrec.v1 import recommend_pb2_grpc
-
-    lat: list[float] = []
-    stages: dict[str, list[float]] = {}
-    errors: dict[str, int] = {}
+    ch = grpc.insecure_channel(target)
+    call = ch.unary_unary(METHOD)  # bytes in, bytes out: no protobuf work per request
     md = (("x-api-key", key),)
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = recommend_pb2_grpc.RecommendServiceStub(ch)
-        t_start = time.perf_counter()
-        t_measure = t_start + warmup_s
-        t_end = t_measure + seconds
-        counter = 0
+    n_pay = len(payloads)
+    lock = threading.Lock()
+    lat: list[float] = []
+    trailers: list[str] = []
+    errors: dict[str, int] = {}
+    done_in_window = [0]
+    lags: list[float] = []  # open loop: actual send time - scheduled time (client lag)
+    state = {"i": seed * 7919, "inflight": 0}
+    finished = threading.Event()
 
-        async def worker(n: int) -> None:
-            nonlocal counter
-            i = n
-            while True:
-                now = time.perf_counter()
-                if now >= t_end:
-                    return
-                req = requests[i % len(requests)]
-                i += concurrency
-                t0 = time.perf_counter()
-                try:
-                    call = stub.Recommend(req, metadata=md, timeout=2.0)
-                    await call
-                    trailer = await call.trailing_metadata()
-                    dt = time.perf_counter() - t0
-                    if t0 >= t_measure:
-                        lat.append(dt)
-                        for k, v in trailer or ():
-                            if k == "ecomrec-stages":
-                                for kv in v.split(","):
-                                    name, ms = kv.split("=")
-                                    stages.setdefault(name, []).append(float(ms))
-                except grpc.aio.AioRpcError as e:
-                    if t0 >= t_measure:
-                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                counter += 1
+    def record(fut: Any, t_sched: float) -> None:
+        t1 = time.monotonic()
+        code = fut.code()
+        with lock:
+            state["inflight"] -= 1
+            if t_measure <= t_sched < t_end:
+                if code == grpc.StatusCode.OK:
+                    lat.append(t1 - t_sched)
+                    for k, v in fut.trailing_metadata() or ():
+                        if k == "ecomrec-stages":
+                            trailers.append(v)
+                else:
+                    errors[code.name] = errors.get(code.name, 0) + 1
+            if t_measure <= t1 < t_end and code == grpc.StatusCode.OK:
+                done_in_window[0] += 1
 
-        await asyncio.gather(*[worker(n) for n in range(concurrency)])
-    ms = [x * 1e3 for x in lat]
+    def send(t_sched: float, then: Any) -> None:
+        with lock:
+            i = state["i"]
+            state["i"] = i + 1
+            state["inflight"] += 1
+        fut = call.future(payloads[i % n_pay], metadata=md, timeout=2.0)
+        fut.add_done_callback(lambda f: then(f, t_sched))
+
+    # warm the channel (connection set-up is not part of the measurement)
+    with contextlib.suppress(grpc.RpcError):
+        call(payloads[0], metadata=md, timeout=10.0)
+    cpu0 = cpu1 = 0.0
+    if mode == "closed":
+
+        def again(fut: Any, t_sched: float) -> None:
+            record(fut, t_sched)
+            now = time.monotonic()
+            if now < t_end:
+                send(now, again)
+            else:
+                with lock:
+                    if state["inflight"] == 0:
+                        finished.set()
+
+        for _ in range(int(amount)):
+            send(time.monotonic(), again)
+        time.sleep(max(t_measure - time.monotonic(), 0))
+        cpu0 = _self_cpu_s()
+        time.sleep(max(t_end - time.monotonic(), 0))
+        cpu1 = _self_cpu_s()
+        finished.wait(5.0)
+    else:
+        rng = np.random.default_rng(seed)
+        t = time.monotonic()
+        measuring = False
+        while t < t_end:
+            t += float(rng.exponential(1.0 / amount))  # Poisson arrivals
+            now = time.monotonic()
+            if not measuring and now >= t_measure:
+                cpu0, measuring = _self_cpu_s(), True
+            if t > now:
+                time.sleep(t - now)
+            if t >= t_measure:
+                lags.append(time.monotonic() - t)
+            send(t, record)
+        cpu1 = _self_cpu_s()
+        end = time.monotonic() + 5.0
+        while state["inflight"] > 0 and time.monotonic() < end:
+            time.sleep(0.01)
+    ch.close()
+    out.put(
+        {
+            "lat": lat,
+            "errors": errors,
+            "trailers": trailers,
+            "cpu_s": cpu1 - cpu0,
+            "done_in_window": done_in_window[0],
+            "lags": lags,
+        }
+    )
+
+
+def run_point(
+    target: str,
+    key: str,
+    payloads: list[bytes],
+    mode: str,
+    amount: float,
+    seconds: float,
+    warmup_s: float,
+    client_procs: int,
+    server_pids: list[int],
+) -> dict[str, Any]:
+    """One measured point: ``client_procs`` generator processes, server CPU from /proc."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = max(1, min(client_procs, int(amount)) if mode == "closed" else client_procs)
+    shares = (
+        [int(amount) // procs + (1 if j < int(amount) % procs else 0) for j in range(procs)]
+        if mode == "closed"
+        else [amount / procs] * procs
+    )
+    start = time.monotonic() + 1.5  # process start-up (spawn + import grpc) before the clock
+    t_measure, t_end = start + warmup_s, start + warmup_s + seconds
+    workers = [
+        ctx.Process(
+            target=client_worker,
+            args=(target, key, payloads, mode, shares[j], t_measure, t_end, j + 1, q),
+            daemon=True,
+        )
+        for j in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(max(t_measure - time.monotonic(), 0))
+    s0 = proc_cpu_s(server_pids)
+    load0 = os.getloadavg()[0]
+    time.sleep(max(t_end - time.monotonic(), 0))
+    s1 = proc_cpu_s(server_pids)
+    load1 = os.getloadavg()[0]
+    res = [q.get(timeout=seconds + warmup_s + 60) for _ in workers]
+    for w in workers:
+        w.join(10)
+    lat = np.concatenate([np.asarray(r["lat"], np.float64) for r in res]) * 1e3  # ms
+    errors: dict[str, int] = {}
+    for r in res:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    stages: dict[str, list[float]] = {}
+    for r in res:
+        for v in r["trailers"]:
+            for kv in v.split(","):
+                name, _, ms = kv.partition("=")
+                stages.setdefault(name, []).append(float(ms))
+    done = sum(r["done_in_window"] for r in res)
+    client_cpu = sum(r["cpu_s"] for r in res)
+    lags = np.concatenate([np.asarray(r["lags"], np.float64) for r in res]) * 1e3  # ms
     n_err = sum(errors.values())
-    return {
-        "requests": len(ms) + n_err,
+    row: dict[str, Any] = {
+        "mode": mode,
+        "concurrency": int(amount) if mode == "closed" else None,
+        "offered_rps": float(amount) if mode == "open" else None,
+        "seconds": seconds,
+        "requests": len(lat) + n_err,
         "errors": n_err,
         "error_codes": errors,
-        "rps": len(ms) / seconds,
-        "p50_ms": _pct(ms, 50),
-        "p95_ms": _pct(ms, 95),
-        "p99_ms": _pct(ms, 99),
-        "mean_ms": float(np.mean(ms)) if ms else float("nan"),
+        "rps": done / seconds,
+        "p50_ms": _pct(lat, 50),
+        "p95_ms": _pct(lat, 95),
+        "p99_ms": _pct(lat, 99),
+        "mean_ms": float(lat.mean()) if len(lat) else float("nan"),
+        "cpu_ms_per_request": {
+            "server": (s1 - s0) * 1e3 / max(done, 1),
+            "loadgen": client_cpu * 1e3 / max(done, 1),
+        },
+        "server_cpu_cores": (s1 - s0) / seconds,
+        "loadgen_cpu_cores": client_cpu / seconds,
+        "client_procs": procs,
+        # open loop: how late the generator sent (included in the latencies: a busy machine
+        # delays the sender too, so read p99 next to this)
+        "send_lag_p50_ms": _pct(lags, 50) if len(lags) else None,
+        "send_lag_p99_ms": _pct(lags, 99) if len(lags) else None,
+        "load_avg": [round(load0, 2), round(load1, 2)],
         "stages": {
-            k: {"p50_ms": _pct(v, 50), "p99_ms": _pct(v, 99)} for k, v in sorted(stages.items())
+            k: {"p50_ms": _pct(v, 50), "p99_ms": _pct(v, 99), "mean_ms": float(np.mean(v))}
+            for k, v in sorted(stages.items())
         },
     }
+    log.info(
+        "%s %s: %.0f req/s p50 %.2f p99 %.2f ms errors %d | cpu ms/req server %.2f loadgen %.2f"
+        " | load %.1f",
+        mode,
+        amount,
+        row["rps"],
+        row["p50_ms"],
+        row["p99_ms"],
+        n_err,
+        row["cpu_ms_per_request"]["server"],
+        row["cpu_ms_per_request"]["loadgen"],
+        load1,
+    )
+    return row
 
 
+# -- requests and server set-up ---------------------------------------------------------------
 def make_requests(ds: Any, n: int, seed: int) -> list[Any]:
+    """Recommend requests of ``n`` real users (every 5th with its newest item as a session event)."""
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
     from towers.sequences import Interactions
 
@@ -125,7 +345,7 @@ def make_requests(ds: Any, n: int, seed: int) -> list[Any]:
     return out
 
 
-def _wait_health(target: str, timeout_s: float, proc: subprocess.Popen[bytes] | None) -> None:
+def _wait_health(target: str, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -133,8 +353,9 @@ def _wait_health(target: str, timeout_s: float, proc: subprocess.Popen[bytes] | 
     with grpc.insecure_channel(target) as ch:
         h = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < end:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"server exited with {p.returncode}")
             try:
                 if (
                     h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -170,51 +391,231 @@ def fit_segments_table(parts: Any, k: int = 6) -> Any:
     return TableSegmentLookup(table)
 
 
-def write_table(res: dict[str, Any], path: Path) -> None:
-    st = res.get("stages", {})
-    lines = [
-        "| dataset | encoder | conc. | seconds | requests | errors | req/s | p50 ms | p95 ms | p99 ms | encode p50 | ann p50 | rerank p50 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {res['dataset']} | {res['encoder']} | {res['concurrency']} | {res['seconds']} | {res['requests']} | "
-        f"{res['errors']} | {res['rps']:.0f} | {res['p50_ms']:.2f} | {res['p95_ms']:.2f} | {res['p99_ms']:.2f} | "
-        + " | ".join(
-            f"{st.get(s, {}).get('p50_ms', float('nan')):.2f}" for s in ("encode", "ann", "rerank")
-        )
-        + " |",
+def _toml_value(v: str) -> str:
+    try:
+        float(v)
+        return v
+    except ValueError:
+        return v if v in ("true", "false") else json.dumps(v)
+
+
+def start_servers(
+    a: argparse.Namespace, ds: Any, work: Path
+) -> tuple[str, str, list[subprocess.Popen[bytes]], Any]:
+    """Build what is missing and start ``--server-procs`` ``ecomrec serve`` processes."""
+    import socket
+
+    from serving.assemble import load_parts
+    from serving.demo import build_item_index, train_quick
+
+    run_dir = (
+        Path(a.model)
+        if a.model
+        else train_quick(a.dataset, work / f"run-{ds.name}", data_dir=a.data_dir)
+    ).resolve()
+    index_dir = (Path(a.index) if a.index else work / f"index-{ds.name}").resolve()
+    parts = None
+    if not (index_dir / "aliases").exists():
+        parts = load_parts(run_dir, ds)
+        build_item_index(parts, index_dir)
+    seg_path = (work / f"segments-{ds.name}.parquet").resolve()
+    if not seg_path.exists():
+        parts = parts or load_parts(run_dir, ds)
+        fit_segments_table(parts).save(seg_path)
+    del parts
+    sets = dict(kv.split("=", 1) for kv in a.set)
+    sets.setdefault("workers", str(a.workers))
+    sets.setdefault("batch_max", str(a.batch_max))
+    sets.setdefault("rerank_policies", str(ROOT / "configs/serving/rerank.toml"))
+    if a.server_procs > 1:
+        sets["reuse_port"] = "true"
+    port_cfg = (work / f"serve_load.{os.getpid()}.toml").resolve()
+    port_cfg.write_text(
+        "[serve]\nport = 0\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
+    )
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    key = secrets.token_hex(8)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ecomrec",
+        "serve",
+        "--model",
+        str(run_dir),
+        "--dataset",
+        a.dataset,
+        "--index",
+        str(index_dir),
+        "--segments",
+        str(seg_path),
+        "--config",
+        str(port_cfg),
+        "--port",
+        str(port),
+        "--encoder",
+        a.encoder,
     ]
-    path.write_text("\n".join(lines) + "\n")
+    if a.data_dir:
+        cmd += ["--data-dir", a.data_dir]
+    triton = None
+    if a.encoder == "triton":
+        from serving.triton import TritonProcess, export_triton
+
+        repo = work / f"triton-{ds.name}"
+        export_triton(run_dir, repo)
+        triton = TritonProcess(repo).start()
+        cmd += ["--triton-url", triton.url]
+    env = dict(os.environ, ECOMREC_API_KEYS=key, OMP_NUM_THREADS="1")
+    cwd = ROOT
+    if a.server_code:  # A/B: serve another checkout's code (e.g. main) under the same load
+        cwd = Path(a.server_code).resolve()  # `python -m` puts the working directory first
+        env["PYTHONPATH"] = str(cwd)
+    servers = []
+    target = f"127.0.0.1:{port}"
+    for j in range(a.server_procs):
+        servers.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=open(work / f"serve_load.server{j}.log", "wb"),  # noqa: SIM115
+            )
+        )
+        _wait_health(target, 300, servers)
+    # every process must be SERVING before the clock starts: wait until each has logged it
+    end = time.monotonic() + 300
+    for j in range(a.server_procs):
+        logf = work / f"serve_load.server{j}.log"
+        while "serving " not in logf.read_text(errors="replace"):
+            if servers[j].poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"server {j} did not start; see {logf}")
+            time.sleep(0.2)
+    return target, key, servers, triton
+
+
+# -- output -----------------------------------------------------------------------------------
+def write_table(res: dict[str, Any], path: Path) -> None:
+    head = (
+        "| mode | conc. / offered | requests | errors | req/s | p50 ms | p95 ms | p99 ms "
+        "| server cpu ms/req | loadgen cpu ms/req | encode p50 | ann p50 | rerank p50 | send lag p99 | load avg |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in res["runs"]:
+        st = r["stages"]
+        amount = r["concurrency"] if r["mode"] == "closed" else f"{r['offered_rps']:.0f}/s"
+        lines.append(
+            f"| {r['mode']} | {amount} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['cpu_ms_per_request']['server']:.2f} | {r['cpu_ms_per_request']['loadgen']:.2f} | "
+            + " | ".join(
+                f"{st.get(s, {}).get('p50_ms', float('nan')):.2f}"
+                for s in ("encode", "ann", "rerank")
+            )
+            + (f" | {r['send_lag_p99_ms']:.1f}" if r.get("send_lag_p99_ms") is not None else " | ")
+            + f" | {r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f} |"
+        )
+    title = (
+        f"{res['dataset']}, encoder {res['encoder']}, {res['server_procs']} server process(es), "
+        f"{res['seconds']} s per row\n\n"
+    )
+    path.write_text(title + head + "\n".join(lines) + "\n")
+
+
+def plot_open_loop(res: dict[str, Any], path: Path) -> bool:
+    rows = [r for r in res["runs"] if r["mode"] == "open"]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["offered_rps"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for q in ("p50_ms", "p95_ms", "p99_ms"):
+        ax[0].plot(x, [r[q] for r in rows], marker="o", label=q.split("_")[0])
+    lag = [r.get("send_lag_p99_ms") or float("nan") for r in rows]
+    ax[0].plot(x, lag, ls=":", color="k", label="generator send lag p99")
+    ax[0].axhline(15, color="grey", ls="--", lw=0.8)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("offered load (req/s, Poisson)")
+    ax[0].set_ylabel("latency (ms)")
+    ax[0].legend()
+    ax[0].set_title(f"{res['dataset']} / {res['encoder']}: latency vs offered load")
+    ax[1].plot(x, [r["rps"] for r in rows], marker="o", label="achieved req/s")
+    ax[1].plot(x, x, color="grey", ls="--", lw=0.8, label="offered")
+    ax2 = ax[1].twinx()
+    ax2.plot(x, [r["cpu_ms_per_request"]["server"] for r in rows], "r.-", label="server CPU ms/req")
+    ax2.set_ylabel("server CPU ms / request", color="r")
+    ax[1].set_xlabel("offered load (req/s)")
+    ax[1].set_ylabel("achieved (req/s)")
+    ax[1].legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--dataset", default="beauty")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--encoder", choices=["inprocess", "onnx", "triton"], default="inprocess")
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--warmup", type=float, default=3.0)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--dataset", default="beauty", help="dataset name or path")
+    ap.add_argument("--data-dir", default=None, help="dataset root (default: $ECOMREC_DATA_DIR)")
+    ap.add_argument("--encoder", choices=["inprocess", "onnx", "triton"], default="onnx")
+    ap.add_argument(
+        "--concurrency",
+        default="1,8",
+        help="closed-loop in-flight requests, comma list ('' = none)",
+    )
+    ap.add_argument(
+        "--offered",
+        default="",
+        help="open-loop offered req/s, comma list; 'auto' = 100, 200, ... until saturation",
+    )
+    ap.add_argument("--seconds", type=float, default=20, help="measured seconds per point")
+    ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per point")
+    ap.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--server-procs", type=int, default=1, help="server processes (SO_REUSEPORT)")
     ap.add_argument(
         "--model", default=None, help="trained run directory (default: train the quick config)"
     )
+    ap.add_argument("--index", default=None, help="index location (default: WORK/index-DATASET)")
     ap.add_argument(
         "--work", default="artifacts/demo", help="where the run, index and segments live"
     )
     ap.add_argument(
         "--target", default=None, help="drive an already running service (needs --api-key)"
     )
-    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api-key", default=None, help="API key for --target")
     ap.add_argument("--workers", type=int, default=8, help="server thread pool")
+    ap.add_argument("--batch-max", type=int, default=16, help="server batch size (1 = off)")
     ap.add_argument(
-        "--batch-max", type=int, default=16, help="in-process micro-batch size (1 = off)"
+        "--set",
+        action="append",
+        default=[],
+        help="extra [serve] key=value for the server config (repeatable)",
+    )
+    ap.add_argument(
+        "--server-code",
+        default=None,
+        help="run the server from this checkout (PYTHONPATH), e.g. /work/main for an A/B",
     )
     ap.add_argument("--users", type=int, default=2000, help="distinct users in the request mix")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0, help="user sample seed")
+    ap.add_argument("--out", required=True, help="JSON output (.md table and .png plot beside)")
     a = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # SIGTERM -> SystemExit, so `finally` stops the servers this run started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from serving.gen_protos import OUT_DIR, generate
     from towers.loaders import load_dataset
@@ -222,119 +623,98 @@ def main(argv: list[str] | None = None) -> int:
     if not (OUT_DIR / "ecomrec" / "v1" / "recommend_pb2.py").exists():
         generate()
     ds = load_dataset(a.dataset, a.data_dir)
-    requests = make_requests(ds, a.users, a.seed)
-    server = None
+    payloads = [r.SerializeToString() for r in make_requests(ds, a.users, a.seed)]
+    servers: list[subprocess.Popen[bytes]] = []
     triton = None
     work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
     try:
         if a.target:
-            target, key = a.target, a.api_key or ""
+            target, key, pids = a.target, a.api_key or "", []
         else:
-            from serving.assemble import load_parts
-            from serving.demo import build_item_index, train_quick
+            target, key, servers, triton = start_servers(a, ds, work)
+            pids = [p.pid for p in servers]
+            if triton is not None and getattr(triton, "proc", None) is not None:
+                pids.append(triton.proc.pid)
+            log.info("server idle after %.0f s of start-up work", wait_idle(pids))
 
-            run_dir = (
-                Path(a.model)
-                if a.model
-                else train_quick(a.dataset, work / f"run-{ds.name}", data_dir=a.data_dir)
+        def point(mode: str, amount: float) -> dict[str, Any]:
+            row = run_point(
+                target, key, payloads, mode, amount, a.seconds, a.warmup, a.client_procs, pids
             )
-            index_dir = work / f"index-{ds.name}"
-            parts = None
-            if not (index_dir / "aliases").exists():
-                parts = load_parts(run_dir, ds)
-                build_item_index(parts, index_dir)
-            seg_path = work / f"segments-{ds.name}.parquet"
-            if not seg_path.exists():
-                parts = parts or load_parts(run_dir, ds)
-                fit_segments_table(parts).save(seg_path)
-            del parts
-            port_cfg = work / "serve_load.toml"
-            port_cfg.write_text(
-                f'[serve]\nport = 0\nworkers = {a.workers}\nbatch_max = {a.batch_max}\nrerank_policies = "{ROOT / "configs/serving/rerank.toml"}"\n'
-            )
-            import socket
+            runs.append(row)
+            return row
 
-            with socket.socket() as so:
-                so.bind(("127.0.0.1", 0))
-                port = so.getsockname()[1]
-            key = secrets.token_hex(8)
-            cmd = [
-                sys.executable,
-                "-m",
-                "ecomrec",
-                "serve",
-                "--model",
-                str(run_dir),
-                "--dataset",
-                a.dataset,
-                "--index",
-                str(index_dir),
-                "--segments",
-                str(seg_path),
-                "--config",
-                str(port_cfg),
-                "--port",
-                str(port),
-                "--encoder",
-                a.encoder,
-            ]
-            if a.data_dir:
-                cmd += ["--data-dir", a.data_dir]
-            if a.encoder == "triton":
-                from serving.triton import TritonProcess, export_triton
-
-                repo = work / f"triton-{ds.name}"
-                export_triton(run_dir, repo)
-                triton = TritonProcess(repo).start()
-                cmd += ["--triton-url", triton.url]
-            env = dict(os.environ, ECOMREC_API_KEYS=key, OMP_NUM_THREADS="1")
-            server = subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=open(work / "serve_load.server.log", "wb"),  # noqa: SIM115
-            )
-            target = f"127.0.0.1:{port}"
-            _wait_health(target, 300, server)
-        res = asyncio.run(drive(target, key, requests, a.concurrency, a.seconds, a.warmup))
+        for c in [int(x) for x in a.concurrency.split(",") if x.strip()]:
+            point("closed", c)
+        if a.offered == "auto":
+            rate = 100.0
+            while rate <= 5000:
+                row = point("open", rate)
+                if row["rps"] < 0.9 * rate or row["p99_ms"] > 1000 or row["errors"] > 0:
+                    break  # saturated
+                rate += 100.0 if rate < 600 else 200.0
+        else:
+            for r in [float(x) for x in a.offered.split(",") if x.strip()]:
+                point("open", r)
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+        for s in servers:
+            if s.poll() is None:
+                s.send_signal(signal.SIGTERM)
+        for s in servers:
             try:
-                server.wait(30)
+                s.wait(30)
             except subprocess.TimeoutExpired:
-                server.kill()
+                s.kill()
         if triton is not None:
             triton.stop()
-    st = res["stages"]
-    base = st.get("encode", {}).get("p50_ms", float("nan")) + st.get("ann", {}).get(
-        "p50_ms", float("nan")
+    head = next(
+        (r for r in runs if r["mode"] == "closed" and r["concurrency"] == 8),
+        runs[0] if runs else {},
     )
-    res.update(
-        {
-            "dataset": a.dataset,
-            "encoder": a.encoder,
-            "batch_max": a.batch_max,
-            "concurrency": a.concurrency,
-            "seconds": a.seconds,
-            "users_in_mix": len(requests),
-            "encode_plus_ann_p50_ms": base,
-            "p50_over_encode_plus_ann": res["p50_ms"] / base if base == base and base > 0 else None,
-            "machine": {"cpus": os.cpu_count()},
-        }
-    )
+    res: dict[str, Any] = {
+        **{
+            k: head.get(k)
+            for k in (
+                "requests",
+                "errors",
+                "rps",
+                "p50_ms",
+                "p95_ms",
+                "p99_ms",
+                "cpu_ms_per_request",
+                "stages",
+                "concurrency",
+                "load_avg",
+            )
+        },
+        "dataset": a.dataset,
+        "encoder": a.encoder,
+        "server_procs": a.server_procs,
+        "client_procs": a.client_procs,
+        "server_config": dict(kv.split("=", 1) for kv in a.set),
+        "seconds": a.seconds,
+        "users_in_mix": len(payloads),
+        "machine": {"cpus": os.cpu_count()},
+        "offered_load": [
+            {
+                k: r[k]
+                for k in ("offered_rps", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "load_avg")
+            }
+            for r in runs
+            if r["mode"] == "open"
+        ],
+        "runs": runs,
+    }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     write_table(res, out.with_suffix(".md"))
-    print(
-        json.dumps(
-            {k: res[k] for k in ("requests", "errors", "rps", "p50_ms", "p95_ms", "p99_ms")},
-            indent=None,
-        )
-    )
-    return 0 if res["errors"] == 0 else 1
+    if plot_open_loop(res, out.with_suffix(".png")):
+        log.info("plot: %s", out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+    return 0 if all(r["errors"] == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@ Used for response enrichment, re-ranking features and the index-down fallback
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from indexing.base import SearchFilter
-from serving.rerank import popularity_scores
+from serving.rerank import Boost, boost_vector, category_key, popularity_scores
 from towers.schema import EVENT_TYPE_IDS
 
 
@@ -41,10 +43,48 @@ class ItemCatalog:
     price: np.ndarray  # (n_items + 1,) float64, NaN unknown
     in_stock: np.ndarray  # (n_items + 1,) bool
     paths: tuple[frozenset[str], ...]
+    # derived per-item arrays, built once on first use (category codes, boosts)
+    _derived: dict[Any, np.ndarray] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
+    _derived_lock: threading.Lock = field(
+        default_factory=threading.Lock, compare=False, repr=False, hash=False
+    )
 
     @property
     def n_items(self) -> int:
         return len(self.external_ids) - 1
+
+    def _cached(self, key: Any, build: Any) -> np.ndarray:
+        got = self._derived.get(key)
+        if got is None:
+            with self._derived_lock:
+                got = self._derived.get(key)
+                if got is None:
+                    got = self._derived[key] = build()
+        return got
+
+    def category_codes(self, depth: int) -> np.ndarray:
+        """(n_items + 1,) int64 code of each item's :func:`~serving.rerank.category_key` at
+        ``depth`` (equal keys, equal codes; -1 = unknown), computed once per depth."""
+
+        def build() -> np.ndarray:
+            code_of: dict[str, int] = {}
+            keys = (category_key(c, depth) for c in self.categories)
+            return np.array(
+                [code_of.setdefault(k, len(code_of)) if k else -1 for k in keys], np.int64
+            )
+
+        return self._cached(("codes", depth), build)
+
+    def boosts(self, boosts: tuple[Boost, ...]) -> np.ndarray | None:
+        """(n_items + 1,) float64 summed boost of each item (None when there are none)."""
+        if not boosts:
+            return None
+        return self._cached(
+            ("boost", boosts),
+            lambda: boost_vector(self.categories, self.external_ids, boosts),
+        )
 
     @classmethod
     def from_items(cls, items: pl.DataFrame, n_items: int | None = None) -> ItemCatalog:

@@ -55,6 +55,7 @@ class ServeConfig:
     # Request limits.
     max_k: int = 200
     max_recent_events: int = 200
+    max_batch_requests: int = 1000  # RecommendBatch: requests per call
     max_exclude_ids: int = 1000
     max_id_length: int = 128
     max_text_length: int = 1000
@@ -62,12 +63,18 @@ class ServeConfig:
     overfetch: int = 4
     min_candidates: int = 50
     hnsw_ef: int = 128
+    # Catalogues up to this many items are searched exactly in numpy (one matrix product
+    # per batch of requests) instead of through HNSW; 0 = always the index.  Crossover
+    # measured by benchmarks/exact_crossover.py (docs/serving.md).
+    exact_max_items: int = 100_000
     # User encoder: "inprocess" (torch), "onnx" (the exported tower on onnxruntime, in
     # process) or "triton" (tritonclient.grpc, in-process torch as fallback).
     encoder: Literal["inprocess", "onnx", "triton"] = "inprocess"
     # In-process micro-batching: concurrent requests share one forward (0 = off).
     batch_max: int = 16
     batch_wait_ms: float = 0.5
+    # Several server processes on one port (SO_REUSEPORT): start N `ecomrec serve` with this on.
+    reuse_port: bool = False
     # In-process tower precision: "int8" = dynamic int8 quantisation of the Linear layers (CPU).
     quantize: Literal["none", "int8"] = "none"
     triton_url: str = "127.0.0.1:8001"
@@ -95,6 +102,7 @@ class ServeConfig:
             "max_message_bytes",
             "max_concurrent_rpcs",
             "index_full_check_every",
+            "max_batch_requests",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -8,11 +8,12 @@ status codes and :mod:`serving.service` is the gRPC edge around it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,9 +22,16 @@ import numpy as np
 from indexing.base import Hit, ItemIndex, SearchFilter
 from serving import rerank as rr
 from serving import validation as val
+from serving.batching import Batcher
 from serving.catalog import ItemCatalog, SegmentPopularity
 from serving.config import ServeConfig
-from serving.encoders import EncoderUnavailableError, encode_with_status
+from serving.encoders import (
+    EncoderUnavailableError,
+    MicroBatchingEncoder,
+    concat_batches,
+    encode_with_status,
+)
+from serving.exact import ExactSearch, supports_exact
 from serving.history import History, HistoryStore, merge, to_batch
 from serving.observability import Metrics
 from serving.segments import COLD_START, SegmentInfo, SegmentLookup, UserSegments, segment_info
@@ -33,6 +41,7 @@ from towers.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from towers.sequences import SequenceBatch
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ecomrec.serving.access")
@@ -132,6 +141,45 @@ class AudienceResult:
     degraded: bool
 
 
+@dataclass
+class RetrievalWork:
+    """One request's user-tower input and search, for the (batched) retrieval stage."""
+
+    batch: SequenceBatch  # one row
+    n: int  # candidates wanted
+    flt: SearchFilter
+    exclude: np.ndarray  # (E,) int64 item ids the answer must not hold
+    index: ItemIndex | None
+    deadline: float  # time.monotonic()
+
+
+@dataclass
+class Retrieved:
+    """Candidates of one request, best first, and how they were found."""
+
+    ids: np.ndarray  # (n,) int64
+    scores: np.ndarray  # (n,) float32 cosine
+    version: str  # index version that answered
+    encoder_degraded: bool
+    encode_s: float  # this request's share of the batch: the batch's encode time
+    ann_s: float
+    exact: bool
+
+
+@dataclass
+class _Prepared:
+    """A request after the history stage."""
+
+    q: val.RecommendQuery
+    hist: History
+    seg_name: str
+    policy: rr.RerankPolicy
+    pop_segment: str | None
+    exclude: set[int]
+    index: ItemIndex | None
+    work: RetrievalWork | None  # None: cold start (nothing to encode)
+
+
 class UserVectors:
     """Every known customer's vector in memory, computed lazily on first use (FindAudience)."""
 
@@ -203,6 +251,30 @@ class Recommender:
         self.metrics = metrics
         self.text_embedder = text_embedder
         self.user_vectors = user_vectors
+        # exact numpy search below the crossover; batching of encode + search
+        self._coming = 0  # requests between arrival and the retrieval batcher
+        self._coming_lock = threading.Lock()
+        self.exact: ExactSearch | None = (
+            ExactSearch(catalog, cfg.exact_max_items) if cfg.exact_max_items > 0 else None
+        )
+        self._batcher: Batcher[RetrievalWork, Retrieved] | None = (
+            Batcher(
+                self._retrieve_many, cfg.batch_max, cfg.batch_wait_ms / 1e3, "ecomrec-retrieval"
+            )
+            if cfg.batch_max > 1
+            else None
+        )
+        if self.exact is not None and index is not None:
+            self._warm_exact(index)
+
+    def _warm_exact(self, index: ItemIndex) -> None:
+        """Load the live version's vectors now (not on the first request)."""
+        if self.exact is None:
+            return
+        try:
+            self.exact.matrix(index, index.version, block=True)
+        except Exception as e:  # the first requests use the index; loading is retried
+            log.warning("exact search: cannot read the index version: %r", e)
 
     # -- index handling -----------------------------------------------------------------
     @property
@@ -212,6 +284,9 @@ class Recommender:
     def swap_index(self, new: ItemIndex | None) -> ItemIndex | None:
         """Serve from ``new`` from the next request on; returns the old index (not closed)."""
         old, self._index = self._index, new
+        if new is not None and self.exact is not None:
+            with contextlib.suppress(Exception):  # a broken index shows up on search
+                self.exact.matrix(new, new.version)  # background load
         if self.metrics is not None:
             self.metrics.set_versions(self.model_version, self.index_version(new))
         return old
@@ -274,6 +349,135 @@ class Recommender:
     def _search_kw(self, index: ItemIndex) -> dict[str, Any]:
         return dict(self._search_kw_for(type(index)))
 
+    # -- retrieval: user tower + vector search, batched over concurrent requests --------------
+    def _retrieve_many(self, works: Sequence[RetrievalWork]) -> list[Retrieved | BaseException]:
+        """Encode every request in one forward, then search: one matrix product (exact) or
+        one batched index query per (index, filter, n) group.  Per-request failures come
+        back as exception instances."""
+        t0 = time.perf_counter()
+        enc = self.encoder
+        if isinstance(enc, MicroBatchingEncoder):
+            enc = enc.inner  # this batcher already merges the requests
+        live = [w for w in works if w.deadline > time.monotonic()]
+        out: dict[int, Retrieved | BaseException] = {
+            id(w): DeadlineExceededError("deadline exceeded before encode")
+            for w in works
+            if w.deadline <= time.monotonic()
+        }
+        if live:
+            timeout = max(max(w.deadline for w in live) - time.monotonic(), 0.001)
+            try:
+                vecs, degraded = encode_with_status(
+                    enc, concat_batches([w.batch for w in live]), timeout
+                )  # (B, D)
+            except EncoderUnavailableError as e:
+                err = UnavailableError(f"user encoder unavailable: {e}")
+                return [err for _ in works]
+            t1 = time.perf_counter()
+            groups: dict[int, list[int]] = {}
+            for i, w in enumerate(live):
+                groups.setdefault(id(w.index), []).append(i)
+            for rows in groups.values():
+                for i, r in zip(rows, self._search_group([live[i] for i in rows], vecs[rows])):
+                    out[id(live[i])] = r
+            t2 = time.perf_counter()
+            for w in live:
+                r = out[id(w)]
+                if isinstance(r, Retrieved):
+                    r.encoder_degraded = degraded
+                    r.encode_s, r.ann_s = t1 - t0, t2 - t1
+        return [out[id(w)] for w in works]
+
+    def _search_group(
+        self, works: Sequence[RetrievalWork], vecs: np.ndarray
+    ) -> list[Retrieved | BaseException]:
+        """Search for requests that share one index object; ``vecs`` (B, D)."""
+        index = works[0].index
+        if index is None:
+            return [IndexUnavailableError("no index loaded") for _ in works]
+        try:
+            version = index.version
+        except Exception as e:  # the alias is gone: every request falls back
+            err = e if isinstance(e, IndexUnavailableError) else IndexUnavailableError(str(e))
+            return [err for _ in works]
+        m = self.exact.matrix(index, version) if self.exact is not None else None
+        if m is not None and all(supports_exact(w.flt) for w in works):
+            found = self.exact.search(  # type: ignore[union-attr]
+                m, vecs, [w.n for w in works], [w.flt for w in works], [w.exclude for w in works]
+            )
+            return [Retrieved(ids, sc, m.version, False, 0.0, 0.0, True) for ids, sc in found]
+        # the index: one batched query per (filter, n) group
+        res: list[Retrieved | BaseException] = [IndexUnavailableError("not searched")] * len(works)
+        by: dict[tuple[SearchFilter, int], list[int]] = {}
+        for i, w in enumerate(works):
+            by.setdefault((w.flt, w.n), []).append(i)
+        for (flt, n), rows in by.items():
+            try:
+                hits, ver = self._search_batch(
+                    index, vecs[rows], n, flt, [works[i].exclude.tolist() for i in rows]
+                )
+            except (InvalidArgumentError, NotFoundError, IndexUnavailableError) as e:
+                for i in rows:
+                    res[i] = e
+                continue
+            for i, h in zip(rows, hits):
+                res[i] = Retrieved(
+                    np.array([x.item_id for x in h], np.int64),
+                    np.array([x.score for x in h], np.float32),
+                    ver,
+                    False,
+                    0.0,
+                    0.0,
+                    False,
+                )
+        return res
+
+    def _search_batch(
+        self,
+        index: ItemIndex,
+        vectors: np.ndarray,
+        n: int,
+        flt: SearchFilter,
+        exclude: list[list[int]],
+    ) -> tuple[list[list[Hit]], str]:
+        """:meth:`_search` for a batch (``search_batch`` when the index has it)."""
+        if len(vectors) == 1 or not hasattr(index, "search_batch"):
+            out = [self._search(index, v, n, flt, ex) for v, ex in zip(vectors, exclude)]
+            return [h for h, _ in out], out[-1][1]
+        try:
+            for _ in range(3):
+                v0 = index.version
+                hits = index.search_batch(
+                    vectors,
+                    n,
+                    flt,
+                    exclude_ids=exclude,
+                    hnsw_ef=self.cfg.hnsw_ef,
+                    **self._search_kw(index),
+                )
+                v1 = index.version
+                if v0 == v1:
+                    return hits, v0
+            return hits, v1
+        except (InvalidArgumentError, NotFoundError, IndexUnavailableError):
+            raise
+        except Exception as e:  # engine faults (closed shard, I/O) -> degraded answer
+            log.warning("index search failed: %r", e)
+            raise IndexUnavailableError(f"index search failed: {e}") from e
+
+    def _retrieve(self, work: RetrievalWork) -> Retrieved:
+        """One request's retrieval, through the batcher when batching is on."""
+        if self._batcher is None:
+            r = self._retrieve_many([work])[0]
+        else:
+            try:
+                r = self._batcher.run(work, max(work.deadline - time.monotonic(), 0.0) + 0.05)
+            except TimeoutError:
+                raise DeadlineExceededError("deadline exceeded in encode/ann") from None
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
     # -- helpers ------------------------------------------------------------------------
     def _item_vectors(self, index: ItemIndex | None, items: list[int], field: str) -> np.ndarray:
         """Stored vectors of catalogue items; NOT_FOUND names the shop's ids, every index
@@ -309,27 +513,29 @@ class Recommender:
         return (name or rfm or beh or ""), policy
 
     def _user_context(self, hist: History, policy: rr.RerankPolicy) -> rr.UserContext:
-        cats = frozenset(
-            rr.category_key(self.catalog.categories[int(i)], policy.category_depth)
-            for i in np.unique(hist.items)
-        )
+        """Seen categories (as the catalogue's codes at the policy depth) and price centre."""
+        codes = self.catalog.category_codes(policy.category_depth)[hist.items]  # (L,)
+        seen = frozenset(int(c) for c in np.unique(codes) if c >= 0)
         prices = self.catalog.price[hist.items] if len(hist) else np.zeros(0)
         if hist.price is not None and len(hist):
             prices = np.where(np.isfinite(hist.price), hist.price, prices)
         prices = prices[np.isfinite(prices) & (prices > 0)]
         center = float(np.median(np.log1p(prices))) if len(prices) else None
-        return rr.UserContext(cats - {""}, center)
+        return rr.UserContext(frozenset(), center, seen)
 
-    def _candidates(self, hits: Sequence[Hit], segment: str | None) -> rr.Candidates:
-        ids = np.array([h.item_id for h in hits], np.int64)
-        pop = self.popularity.scores(segment)
+    def _candidates_arr(
+        self, ids: np.ndarray, scores: np.ndarray, segment: str | None, policy: rr.RerankPolicy
+    ) -> rr.Candidates:
+        """Candidates from id/score arrays with the catalogue's precomputed per-item arrays."""
+        boost = self.catalog.boosts(policy.boosts)
         return rr.Candidates(
             item_ids=ids,
-            relevance=np.array([h.score for h in hits], np.float32),
-            categories=[self.catalog.categories[i] for i in ids],
+            relevance=scores,
+            categories=(),
             price=self.catalog.price[ids],
-            popularity=pop[ids] if len(ids) else np.zeros(0, np.float32),
-            external_ids=[self.catalog.external_ids[i] for i in ids],
+            popularity=self.popularity.scores(segment)[ids],
+            category_codes=self.catalog.category_codes(policy.category_depth)[ids],
+            boost=boost[ids] if boost is not None else np.zeros(len(ids)),
         )
 
     def _items(self, ranked: Sequence[rr.Ranked]) -> tuple[ResultItem, ...]:
@@ -365,6 +571,60 @@ class Recommender:
     # -- Recommend ------------------------------------------------------------------------
     def recommend(self, q: val.RecommendQuery, ctx: RequestContext) -> RecommendResult:
         """History -> user vector -> ANN (over-fetched, filtered) -> segment-aware re-rank."""
+        self._arrive(1)  # counted until it reaches the retrieval batcher
+        arrived = True
+        try:
+            p = self._prepare(q, ctx)
+            t = time.perf_counter()
+            got: Retrieved | BaseException | None = None
+            if p.work is not None:
+                ctx.check("encode")
+                self._arrive(-1)
+                arrived = False
+                try:
+                    got = self._retrieve(p.work)
+                except IndexUnavailableError as e:
+                    got = e
+            return self._finish(p, got, ctx, t)
+        finally:
+            if arrived:
+                self._arrive(-1)
+
+    def recommend_many(
+        self, queries: Sequence[val.RecommendQuery], ctx: RequestContext, chunk: int = 64
+    ) -> Iterator[RecommendResult | BaseException]:
+        """Answers for many requests (backend jobs), in order; a failed request yields its
+        exception.  Each chunk's encode and search run as one batch in this thread; each
+        answer equals :meth:`recommend`'s for the same query."""
+        for start in range(0, len(queries), chunk):
+            part = queries[start : start + chunk]
+            preps: list[_Prepared | BaseException] = []
+            for q in part:
+                try:
+                    ctx.check("history")
+                    preps.append(self._prepare(q, RequestContext(ctx.deadline, ctx.is_active)))
+                except Exception as e:
+                    preps.append(e)
+            works = [p.work for p in preps if isinstance(p, _Prepared) and p.work is not None]
+            t = time.perf_counter()
+            found = iter(self._retrieve_many(works) if works else [])
+            for p in preps:
+                if isinstance(p, BaseException):
+                    yield p
+                    continue
+                sub = RequestContext(ctx.deadline, ctx.is_active)
+                got = next(found) if p.work is not None else None
+                try:
+                    if isinstance(got, BaseException) and not isinstance(
+                        got, IndexUnavailableError
+                    ):
+                        raise got
+                    yield self._finish(p, got, sub, t)
+                except Exception as e:
+                    yield e
+
+    def _prepare(self, q: val.RecommendQuery, ctx: RequestContext) -> _Prepared:
+        """History, segment, policy and exclusions of one request; its retrieval work."""
         t = time.perf_counter()
         ctx.check("history")
         stored = self.history.get(q.user) if q.user is not None else History.empty()
@@ -375,53 +635,75 @@ class Recommender:
         exclude = set(q.exclude)
         if not q.include_purchased:
             exclude.update(int(i) for i in hist.purchased())
-        flt = q.filters
-        t = ctx.timed("history", t)
-        reasons: list[str] = []
         index = self._index  # one index object for the whole request
-        index_version = ""
-        if len(hist) == 0:
+        work = None
+        if len(hist):
+            n = max(q.k * self.cfg.overfetch, self.cfg.min_candidates) if not q.skip_rerank else q.k
+            work = RetrievalWork(
+                to_batch([hist], self.max_len),
+                n,
+                q.filters,
+                np.fromiter(sorted(exclude), np.int64, len(exclude)),
+                index,
+                ctx.deadline,
+            )
+        ctx.timed("history", t)
+        return _Prepared(q, hist, seg_name, policy, pop_segment, exclude, index, work)
+
+    def _index_fallback(
+        self, p: _Prepared, err: BaseException | None, reasons: list[str]
+    ) -> list[Any]:
+        """The degraded answer when the index cannot be searched: per-segment popularity
+        with the request's filters, marked INDEX_UNAVAILABLE."""
+        log.warning("index unavailable, serving segment popularity: %s", err)
+        reasons.append(INDEX_UNAVAILABLE)
+        return self._popular(
+            p.pop_segment, p.q.k, p.q.filters.with_excluded(sorted(p.exclude)), rr.POPULAR_FALLBACK
+        )
+
+    def _finish(
+        self,
+        p: _Prepared,
+        got: Retrieved | BaseException | None,
+        ctx: RequestContext,
+        t: float,
+    ) -> RecommendResult:
+        """Re-rank the retrieved candidates (or the popularity fallback) into the answer."""
+        q, flt = p.q, p.q.filters
+        reasons: list[str] = []
+        seg_name = p.seg_name
+        if p.work is None:
             # Cold start: nothing to encode; the segment's (or overall) best sellers.
             ranked = self._popular(
-                pop_segment, q.k, flt.with_excluded(sorted(exclude)), rr.POPULAR_IN_SEGMENT
+                p.pop_segment, q.k, flt.with_excluded(sorted(p.exclude)), rr.POPULAR_IN_SEGMENT
             )
             seg_name = seg_name or COLD_START
-            index_version = self.index_version(index)
-            ctx.timed("rerank", t)
-        else:
-            ctx.check("encode")
-            batch = to_batch([hist], self.max_len)
-            try:
-                vecs, enc_degraded = encode_with_status(
-                    self.encoder, batch, max(ctx.remaining(), 0.001)
-                )
-            except EncoderUnavailableError as e:
-                raise UnavailableError(f"user encoder unavailable: {e}") from e
-            if enc_degraded:
+            index_version = self.index_version(p.index)
+        elif isinstance(got, Retrieved):
+            if got.encoder_degraded:
                 reasons.append(ENCODER_FALLBACK)
-            t = ctx.timed("encode", t)
-            ctx.check("ann")
-            n = max(q.k * self.cfg.overfetch, self.cfg.min_candidates) if not q.skip_rerank else q.k
+            # the batch's encode and search times; the wait for company counts as encode
+            ctx.stages["encode"] = ctx.stages.get("encode", 0.0) + max(
+                time.perf_counter() - t - got.ann_s, 0.0
+            )
+            ctx.stages["ann"] = ctx.stages.get("ann", 0.0) + got.ann_s
+            t = time.perf_counter()
+            index_version = got.version
+            ctx.check("rerank")
+            cands = self._candidates_arr(got.ids, got.scores, p.pop_segment, p.policy)
+            ranked = (
+                rr.relevance_only(cands, q.k)
+                if q.skip_rerank
+                else rr.rerank(cands, self._user_context(p.hist, p.policy), p.policy, q.k)
+            )
             try:
-                hits, index_version = self._search(index, vecs[0], n, flt, sorted(exclude))
-                t = ctx.timed("ann", t)
-                ctx.check("rerank")
-                cands = self._candidates(hits, pop_segment)
-                user_ctx = self._user_context(hist, policy)
-                ranked = (
-                    rr.relevance_only(cands, q.k)
-                    if q.skip_rerank
-                    else rr.rerank(cands, user_ctx, policy, q.k)
-                )
-                _require_finite(ranked)
+                _require_finite(ranked)  # damaged vectors never reach an answer
             except IndexUnavailableError as e:
-                log.warning("index unavailable, serving segment popularity: %s", e)
-                reasons.append(INDEX_UNAVAILABLE)
-                t = ctx.timed("ann", t)
-                ranked = self._popular(
-                    pop_segment, q.k, flt.with_excluded(sorted(exclude)), rr.POPULAR_FALLBACK
-                )
-            ctx.timed("rerank", t)
+                ranked, index_version = self._index_fallback(p, e, reasons), ""
+        else:
+            t = ctx.timed("ann", t)
+            ranked, index_version = self._index_fallback(p, got, reasons), ""
+        ctx.timed("rerank", t)
         self._degrade("Recommend", reasons)
         return RecommendResult(
             request_id=q.request_id,
@@ -432,6 +714,10 @@ class Recommender:
             degraded=bool(reasons),
             degraded_reasons=tuple(reasons),
         )
+
+    def _arrive(self, d: int) -> None:
+        with self._coming_lock:
+            self._coming += d
 
     # -- SimilarItems ---------------------------------------------------------------------
     def similar(self, q: val.SimilarQuery, ctx: RequestContext) -> RecommendResult:

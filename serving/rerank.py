@@ -107,6 +107,10 @@ class Candidates:
     price: np.ndarray  # (N,) float64, NaN when unknown
     popularity: np.ndarray  # (N,) float32 in [0, 1], within the segment
     external_ids: Sequence[str] = ()
+    # Precomputed by the serving catalogue (optional; computed from the strings when None):
+    # category key codes at the policy's depth (-1 = unknown) and summed boosts.
+    category_codes: np.ndarray | None = None  # (N,) int64
+    boost: np.ndarray | None = None  # (N,) float64
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ class UserContext:
 
     seen_categories: frozenset[str] = frozenset()  # category keys at the policy depth
     price_center: float | None = None  # median log1p price of the customer's purchases
+    # the same categories as codes of the catalogue's key table (with Candidates.category_codes)
+    seen_codes: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -171,9 +177,28 @@ def rerank(c: Candidates, user: UserContext, policy: RerankPolicy, k: int) -> li
     rel = np.asarray(c.relevance, np.float64)  # (N,)
     pop = np.asarray(c.popularity, np.float64)  # (N,)
     fit = price_fit(c.price, user.price_center)  # (N,)
-    keys = [category_key(cat, policy.category_depth) for cat in c.categories]
-    novel = np.array([bool(key) and key not in user.seen_categories for key in keys], np.float64)
-    boost = boost_vector(c.categories, c.external_ids, policy.boosts)  # (N,)
+    if c.category_codes is not None and user.seen_codes is not None:
+        # fast path: category keys as the catalogue's integer codes (same decisions)
+        codes = np.asarray(c.category_codes, np.int64)  # (N,) -1 = unknown
+        seen = user.seen_codes
+        novel = np.fromiter(
+            (c >= 0 and c not in seen for c in codes.tolist()), np.float64, len(codes)
+        )  # (N,)
+    else:
+        keys = [category_key(cat, policy.category_depth) for cat in c.categories]
+        novel = np.array(
+            [bool(key) and key not in user.seen_categories for key in keys], np.float64
+        )
+        code_of: dict[str, int] = {}
+        codes = np.array(
+            [code_of.setdefault(key, len(code_of)) if key else -1 for key in keys], np.int64
+        )
+    if c.boost is not None:
+        boost = np.asarray(c.boost, np.float64)  # (N,)
+    elif policy.boosts:
+        boost = boost_vector(c.categories, c.external_ids, policy.boosts)  # (N,)
+    else:
+        boost = np.zeros(n)
     base = (
         policy.relevance * rel
         + policy.popularity * pop
@@ -186,19 +211,48 @@ def rerank(c: Candidates, user: UserContext, policy: RerankPolicy, k: int) -> li
     norm = (base - base.min()) / span if span > 0 else np.ones(n)
     lam = policy.diversity
     rel_cut = float(np.median(rel))
-    # category codes; -1 = unknown category (never penalised)
-    code_of: dict[str, int] = {}
-    codes = np.array(
-        [code_of.setdefault(key, len(code_of)) if key else -1 for key in keys], np.int64
-    )
-    picked_cat = np.zeros(len(code_of) + 1, bool)  # last slot: unknown, stays False
-    left = np.ones(n, bool)
+    # Greedy MMR: mmr_j = (1 - lam) * norm_j - lam * [category of j already picked], the
+    # first index among equal maxima (numpy argmax semantics).  Scanning candidates in
+    # score order finds the best unpenalised and the best penalised one without touching
+    # every candidate per pick: Python floats, no per-pick array work.
+    v0 = ((1 - lam) * norm).tolist()  # value when the category is free
+    v1 = ((1 - lam) * norm - lam).tolist()  # value when it is already taken
+    order = sorted(range(n), key=lambda i: (-v0[i], i))
+    base_l = base.tolist()
+    border = sorted(range(n), key=lambda i: (-base_l[i], i))
+    cl = codes.tolist()  # -1 = unknown category (never penalised)
+    picked: set[int] = set()
+    left = [True] * n
     out: list[Ranked] = []
     for _ in range(min(k, n)):
-        penalty = picked_cat[codes].astype(np.float64)  # (N,) 1 where the category is taken
-        mmr = np.where(left, (1 - lam) * norm - lam * penalty, -np.inf)
-        j = int(np.argmax(mmr))
-        best_base = int(np.argmax(np.where(left, base, -np.inf)))
+        a_free = -1  # best candidate whose category is free
+        b_taken = -1  # best candidate whose category is taken
+        for i in order:
+            if not left[i]:
+                continue
+            taken = cl[i] in picked
+            if b_taken >= 0 and v1[i] < v1[b_taken]:
+                # every later candidate that is taken scores below b_taken
+                if a_free >= 0:
+                    break
+                if taken:
+                    continue
+            if taken:
+                if b_taken < 0 or (v1[i] == v1[b_taken] and i < b_taken):
+                    b_taken = i
+            elif a_free < 0:
+                a_free = i
+                if b_taken < 0:
+                    break  # later taken ones have v1 <= v0 of this one (and a higher index)
+        if b_taken < 0:
+            j = a_free
+        elif a_free < 0:
+            j = b_taken
+        elif v0[a_free] != v1[b_taken]:
+            j = a_free if v0[a_free] > v1[b_taken] else b_taken
+        else:
+            j = min(a_free, b_taken)
+        best_base = next(i for i in border if left[i])
         reasons = []
         if rel[j] >= rel_cut or policy.relevance >= max(policy.popularity, policy.price_affinity):
             reasons.append(RELEVANT)
@@ -210,13 +264,13 @@ def rerank(c: Candidates, user: UserContext, policy: RerankPolicy, k: int) -> li
             reasons.append(NEW_FOR_YOU)
         if boost[j] > 0:
             reasons.append(BOOSTED)
-        if lam > 0 and j != best_base and base[j] < base[best_base]:
+        if lam > 0 and j != best_base and base_l[j] < base_l[best_base]:
             reasons.append(DIVERSITY)
         if not reasons:
             reasons.append(RELEVANT)
-        out.append(Ranked(int(c.item_ids[j]), float(base[j]), float(rel[j]), tuple(reasons)))
-        if codes[j] >= 0:
-            picked_cat[codes[j]] = True
+        out.append(Ranked(int(c.item_ids[j]), base_l[j], float(rel[j]), tuple(reasons)))
+        if cl[j] >= 0:
+            picked.add(cl[j])
         left[j] = False
     return out
 

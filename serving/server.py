@@ -336,7 +336,9 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # reuse_port: several `ecomrec serve` processes share the port (the kernel spreads
+        # connections over them); off by default so a second server on a busy port fails
+        ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ecomrec-rpc"),

@@ -22,6 +22,7 @@ from serving.config import ServeConfig
 from serving.engine import Recommender, RequestContext, ResultItem, UnavailableError
 from serving.observability import Metrics, pseudonymise
 from serving.status import status_for
+from towers.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ecomrec.serving.access")
@@ -151,8 +152,9 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
 
     @_rpc("Recommend")
     def Recommend(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        q = val.validate_recommend(request, self.cfg, self.engine.users, self.engine.items)
-        res = self.engine.recommend(q, ctx)
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = val.validate_recommend(request, self.cfg, engine.users, engine.items)
+        res = engine.recommend(q, ctx)
         return self.pb.RecommendResponse(
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
@@ -163,10 +165,73 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             degraded_reasons=list(res.degraded_reasons),
         )
 
+    def RecommendBatch(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Stream one RecommendBatchItem per request, in order (server streaming)."""
+        t0 = time.perf_counter()
+        remaining = context.time_remaining()
+        timeout = self.cfg.default_deadline_s if remaining is None else min(remaining, 3600.0)
+        ctx = RequestContext.with_timeout(timeout, context.is_active)
+        pb = self.pb
+        code = grpc.StatusCode.OK
+        n = len(request.requests)
+        try:
+            if n == 0 or n > self.cfg.max_batch_requests:
+                raise InvalidArgumentError(
+                    "requests", f"give 1..{self.cfg.max_batch_requests} requests, got {n}"
+                )
+            engine = self.engine
+            queries: list[Any] = []
+            failed: dict[int, Exception] = {}
+            for i, r in enumerate(request.requests):
+                try:
+                    queries.append(val.validate_recommend(r, self.cfg, engine.users, engine.items))
+                except Exception as e:
+                    failed[i] = e
+            results = iter(engine.recommend_many(queries, ctx))
+            for i, r in enumerate(request.requests):
+                res: Any = failed.get(i)
+                if res is None:
+                    res = next(results)
+                if isinstance(res, BaseException):
+                    c, detail = status_for(res)
+                    if c == grpc.StatusCode.INTERNAL:
+                        log.error("RecommendBatch item %d: unexpected error", i, exc_info=res)
+                        detail = f"internal error (request {r.request_id or i})"
+                    if c in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                        raise res  # the whole call is over
+                    yield pb.RecommendBatchItem(
+                        index=i, error_code=c.value[0], error_message=detail
+                    )
+                    continue
+                rid = r.request_id or uuid.uuid4().hex[:16]
+                yield pb.RecommendBatchItem(
+                    index=i,
+                    response=pb.RecommendResponse(
+                        request_id=rid,
+                        items=_filters_pb(pb, res.items),
+                        segment=res.segment,
+                        model_version=res.model_version,
+                        index_version=res.index_version,
+                        degraded=res.degraded,
+                        degraded_reasons=list(res.degraded_reasons),
+                    ),
+                )
+        except Exception as e:
+            code, detail = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("RecommendBatch: unexpected error")
+                detail = "internal error (RecommendBatch)"
+            context.abort(code, detail)
+        finally:
+            if self.metrics is not None:
+                self.metrics.requests.labels("RecommendBatch", code.name).inc()
+                self.metrics.latency.labels("RecommendBatch").observe(time.perf_counter() - t0)
+
     @_rpc("SimilarItems")
     def SimilarItems(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        q = val.validate_similar(request, self.cfg, self.engine.items)
-        res = self.engine.similar(q, ctx)
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = val.validate_similar(request, self.cfg, engine.items)
+        res = engine.similar(q, ctx)
         return self.pb.SimilarItemsResponse(
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
@@ -178,8 +243,9 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
 
     @_rpc("GetUserProfile")
     def GetUserProfile(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        user = val.validate_user_id(request.user_id, self.cfg, self.engine.users)
-        p = self.engine.profile(user)
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        user = val.validate_user_id(request.user_id, self.cfg, engine.users)
+        p = engine.profile(user)
         s = p.segments
 
         def num(v: float | None) -> float:
@@ -226,13 +292,14 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
 
     @_rpc("FindAudience")
     def FindAudience(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        q = val.validate_audience(request, self.cfg, self.engine.items)
-        res = self.engine.find_audience(q, ctx)
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = val.validate_audience(request, self.cfg, engine.items)
+        res = engine.find_audience(q, ctx)
         return self.pb.FindAudienceResponse(
             request_id=rid,
             members=[
                 self.pb.AudienceMember(user_id=u, score=s, segment=g) for u, s, g in res.members
             ],
-            model_version=self.engine.model_version,
+            model_version=engine.model_version,
             degraded=res.degraded,
         )
