@@ -90,8 +90,11 @@ class ExactSearch:
             vecs = np.ascontiguousarray(index.get_vectors(ids.tolist()), np.float32)  # (N, D)
             if index.version != version:  # the alias moved while reading: not this version
                 return
-            if not np.isfinite(vecs).all():  # damaged data: the index path degrades instead
-                log.error("exact search off for version %s: non-finite vectors", version)
+            norms = np.linalg.norm(vecs, axis=1) if len(vecs) else np.ones(0, np.float32)
+            if not np.isfinite(vecs).all() or not (np.abs(norms - 1.0) < 1e-2).all():
+                # damaged data (cosine vectors are stored unit-norm): the index path, with
+                # its integrity checks, answers or degrades instead
+                log.error("exact search off for version %s: damaged vectors", version)
                 self._too_big.add(version)
                 return
             row_of = np.full(self.catalog.n_items + 1, -1, np.int64)

@@ -238,11 +238,13 @@ def test_scrambled_while_serving_without_copy_degrades(
     parts: Any, segments: Any, tmp_path: Path
 ) -> None:
     """Serving the published files directly: random bytes under the live version give
-    degraded popularity answers (before: OK answers with garbage scores, degraded=false)."""
+    degraded popularity answers (before: OK answers with garbage scores, degraded=false).
+    The index path is under test, so exact search is off (its in-memory matrix, read and
+    checked before the damage, would keep answering correctly)."""
     d = tmp_path / "idx"
     build_index(d, parts)
     reader = open_reader(d)
-    s = Served(make_engine(parts, reader, segments, index_check_s=0))
+    s = Served(make_engine(parts, reader, segments, index_check_s=0, exact_max_items=0))
     try:
         ext = _ext_user(parts)
         ok = s.call("Recommend", s.pb.RecommendRequest(user_id=ext, k=5, skip_rerank=True))
