@@ -83,10 +83,9 @@ def make_split(ds: Any, spec: str) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from towers.loaders import load_dataset
+    from training.distributed import DistEnv, init_process_group, relaunch
     from training.trainer import default_config_path
     from training.two_tower import train_and_evaluate
-
-    from training.distributed import DistEnv, init_process_group, relaunch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     env = DistEnv.from_env()

@@ -26,7 +26,6 @@ from training.evaluation import evaluate
 from training.splits import Split, Targets
 from training.trainer import (
     RunConfig,
-    Trainer,
     default_config_path,
     load_run_config,
     peak_rss_mb,

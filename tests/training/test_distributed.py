@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -95,10 +96,8 @@ def _worker(rank: int, world: int, port: int, run_dir: str, interrupt: bool) -> 
     ds, split = small_shop()
     cls = _StopAfter if interrupt else DistributedTrainer
     trainer = cls(run_config(), ds.items, ds.item_ids.external_ids, run_dir)
-    try:
+    with contextlib.suppress(_Stop):
         trainer.fit(split.train, split.valid)
-    except _Stop:
-        pass
     if rank == 0:
         name = "losses_interrupted.json" if interrupt else "losses.json"
         (Path(run_dir) / name).write_text(json.dumps(trainer.step_losses))
@@ -142,7 +141,7 @@ def test_two_processes_match_one_step_by_step_and_resume_exactly(tmp_path: Path)
     torch.set_num_threads(1)
     ds, split = small_shop()
     one = Trainer(run_config(), ds.items, ds.item_ids.external_ids, tmp_path / "one")
-    m1, man1 = one.fit(split.train, split.valid)
+    _m1, man1 = one.fit(split.train, split.valid)
     l1 = np.array(one.step_losses)
 
     l2 = np.array(run_two(tmp_path / "two"))
