@@ -19,9 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dataset", required=True, help="dataset name/path (histories and catalogue)")
     s.add_argument("--data-dir", default=None)
     s.add_argument(
-        "--index", default="artifacts/index", help="embedded index directory (IndexConfig.location)"
+        "--index",
+        default=None,
+        help="embedded index directory (IndexConfig.location); default: the [index] table of "
+        "--config (e.g. a Qdrant server URL, deploy/), else artifacts/index",
     )
-    s.add_argument("--index-alias", default="items")
+    s.add_argument("--index-alias", default=None, help="index alias (default: items)")
     s.add_argument(
         "--segments",
         default=None,
@@ -94,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     from indexing.base import IndexConfig
     from indexing.build import open_index
     from serving.assemble import build_recommender, load_parts
-    from serving.config import load_serve_config
+    from serving.config import load_index_config, load_serve_config
     from serving.observability import Metrics, configure_logging
     from serving.segments import TableSegmentLookup
     from serving.server import install_signal_handlers, start_server
@@ -129,7 +132,12 @@ def _serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
     parts = load_parts(args.model, ds)
-    index = open_index(IndexConfig(location=args.index, alias=args.index_alias))
+    icfg = load_index_config(args.config, location=args.index, alias=args.index_alias)
+    if icfg is None:
+        icfg = IndexConfig(
+            location=args.index or "artifacts/index", alias=args.index_alias or "items"
+        )
+    index = open_index(icfg)
     segments = None
     if args.segments:
         seg_path = Path(args.segments)
