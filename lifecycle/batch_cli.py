@@ -45,9 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lifecycle.batch import report_dict, run_job
+    from lifecycle.batch import plan_shards, report_dict, run_job
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)
     inputs: dict[str, Any] = {
         "run_dir": args.run,
         "sequences": args.sequences,
@@ -56,10 +55,13 @@ def _run(args: argparse.Namespace) -> int:
         "items": args.items,
         "shard_rows": args.shard_rows,
     }
+    plan_shards(args.job, args.out, **inputs)  # bad inputs fail before a cluster starts
     if args.in_process:
         rep = run_job(args.job, args.out, None, **inputs)
     else:
         from distributed import Client, LocalCluster
+
+        logging.getLogger("distributed").setLevel(logging.WARNING)
 
         if args.scheduler:
             with Client(args.scheduler) as client:

@@ -171,3 +171,18 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
     # another job into the same directory is refused, not mixed in
     with pytest.raises(ConfigError, match="another job"):
         run_job("embed-items", out, None, run_dir=shop["run"])
+
+
+def test_cli_runs_a_job_in_process_and_reports_it(
+    shop: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ecomrec.cli import main
+
+    argv = ["batch", "embed-items", "--run", str(shop["run"]), "--out", str(tmp_path / "i")]
+    assert main([*argv, "--shard-rows", "25", "--in-process"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["shards"], rep["computed"], rep["rows"]) == (3, 3, 60)
+    assert read_output(tmp_path / "i").height == 60
+    bad = ["batch", "assign-segments", "--embeddings", str(tmp_path / "none")]
+    assert main([*bad, "--segments-model", str(shop["seg"]), "--out", str(tmp_path / "s")]) == 2
+    assert "no part-*.parquet" in capsys.readouterr().err
