@@ -179,7 +179,14 @@ _WORK = {
 
 
 def run_shard(spec: ShardSpec) -> tuple[int, int]:
-    """Compute one shard and write its part file; returns (shard index, rows)."""
+    """Compute one shard and write its part file; returns (shard index, rows).
+
+    A shard whose part file exists is not recomputed: Dask re-runs the tasks of a worker
+    that died, including one that wrote its file but died before reporting it.
+    """
+    done = Path(spec.out_file)
+    if done.exists():
+        return spec.index, int(pl.scan_parquet(done).select(pl.len()).collect().item())
     df = _WORK[spec.job](spec)
     _write(df, spec.out_file)
     return spec.index, df.height

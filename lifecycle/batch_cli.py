@@ -68,7 +68,12 @@ def _run(args: argparse.Namespace) -> int:
                 rep = run_job(args.job, args.out, client, retries=args.retries, **inputs)
         else:
             with (
-                LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as lc,
+                LocalCluster(
+                    n_workers=args.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",
+                ) as lc,
                 Client(lc) as client,
             ):
                 rep = run_job(args.job, args.out, client, retries=args.retries, **inputs)
