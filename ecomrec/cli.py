@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "segments.cli",  # segments, campaign, churn
     "indexing.cli",  # index
     "serving.cli",  # serve, export, recommend, demo
+    "lifecycle.cli",  # refresh
 ]
 
 
