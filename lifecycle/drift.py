@@ -212,7 +212,9 @@ def write_report(rep: dict[str, Any], decision: dict[str, Any], out_dir: Path) -
             )
             parts.append(_table(m["labels"], m["counts"]))
         else:
-            parts.append(f"<p>not measured: {html.escape(str(m.get('error', 'too few customers')))}</p>")
+            parts.append(
+                f"<p>not measured: {html.escape(str(m.get('error', 'too few customers')))}</p>"
+            )
     cc = rep.get("churn_calibration") or {}
     cal = cc.get("calibration")
     parts.append("<h2>Churn calibration (latest window)</h2>")
@@ -221,12 +223,18 @@ def write_report(rep: dict[str, Any], decision: dict[str, Any], out_dir: Path) -
             f"<p>ROC-AUC {cc['auc']:.3f}, ECE {cc['ece']:.3f}, base rate {cc['base_rate']:.3f}</p>"
             "<table><tr><th>bin</th><th>mean predicted</th><th>observed</th><th>customers</th></tr>"
         )
-        for lo, mp, ob, n in zip(cal["bin_lo"], cal["mean_predicted"], cal["observed"], cal["count"]):
-            f = (lambda v: "" if v is None else f"{v:.3f}")  # noqa: E731
+        for lo, mp, ob, n in zip(
+            cal["bin_lo"], cal["mean_predicted"], cal["observed"], cal["count"]
+        ):
+            f = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
             parts.append(f"<tr><td>{lo:.1f}</td><td>{f(mp)}</td><td>{f(ob)}</td><td>{n}</td></tr>")
         parts.append("</table>")
     else:
         parts.append("<p>not measured (a cutoff had a single class)</p>")
-    parts.append("<h2>Decision</h2><pre>" + html.escape(json.dumps(decision, indent=2, default=float)) + "</pre>")
+    parts.append(
+        "<h2>Decision</h2><pre>"
+        + html.escape(json.dumps(decision, indent=2, default=float))
+        + "</pre>"
+    )
     parts.append("</body></html>")
     (out_dir / "drift.html").write_text("\n".join(parts))

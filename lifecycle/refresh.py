@@ -195,8 +195,10 @@ def _refresh_locked(
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         name = f"refresh-{stamp}"
         report_dir = state / "reports" / name
-        fp = _fingerprint(live.model_version, live.data_until, now, ev.height, ds.n_items, to_dict(cfg))
-        base = {
+        fp = _fingerprint(
+            live.model_version, live.data_until, now, ev.height, ds.n_items, to_dict(cfg)
+        )
+        base: dict[str, Any] = {
             "live_run": live.run,
             "live_model_version": live.model_version,
             "data_until": live.data_until,
@@ -206,10 +208,16 @@ def _refresh_locked(
             "drop_report": ds.report.to_dict(),
         }
         if new_ev.height == 0:
-            dec = {**base, "decision": "no-new-data", "reason": "no event since the last refresh"}
+            dec: dict[str, Any] = {
+                **base,
+                "decision": "no-new-data",
+                "reason": "no event since the last refresh",
+            }
             report_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(report_dir / "decision.json", dec)
-            return RefreshResult("no-new-data", EXIT_NO_NEW_DATA, dec["reason"], report_dir, None, {}, timings, [])
+            return RefreshResult(
+                "no-new-data", EXIT_NO_NEW_DATA, dec["reason"], report_dir, None, {}, timings, []
+            )
         span = now - live.data_until
         w0 = int(now - min(cfg.eval_days * DAY, span / 2))
         inter = Interactions.from_events(ev, ds.n_users, ds.n_items)
@@ -425,7 +433,10 @@ def _promote(
     item_ids, payloads = item_payloads(ds.items, tm.model_version, inter.item_counts())
     ok = np.linalg.norm(vecs[item_ids], axis=1) > 0
     if not ok.all():
-        log.warning("%d item(s) have no vector (no id, text, brand, category or price): not indexed", int((~ok).sum()))
+        log.warning(
+            "%d item(s) have no vector (no id, text, brand, category or price): not indexed",
+            int((~ok).sum()),
+        )
     item_ids = item_ids[ok]
     payloads = [p for p, k in zip(payloads, ok) if k]
     users = np.flatnonzero(inter.lengths() > 0)
@@ -477,10 +488,16 @@ def _link_current(state: Path, target: Path) -> None:
 def _reconcile(store: Any, icfg: IndexConfig, deploy: DeployState, live: Record) -> None:
     """Alias -> the committed live version; drop complete versions no deployment knows
     (built by a refresh killed before its commit)."""
-    known = {live.index_version} | {r.index_version for r in deploy.history()} if deploy.exists() else {live.index_version}
+    known = (
+        {live.index_version} | {r.index_version for r in deploy.history()}
+        if deploy.exists()
+        else {live.index_version}
+    )
     versions = [m.version for m in store.versions(icfg.alias)]
     if live.index_version in versions and store.alias_target(icfg.alias) != live.index_version:
-        log.warning("alias %s -> %s (finishing an interrupted promotion)", icfg.alias, live.index_version)
+        log.warning(
+            "alias %s -> %s (finishing an interrupted promotion)", icfg.alias, live.index_version
+        )
         publish_version(store, live.index_version, icfg.alias)
     target = store.alias_target(icfg.alias)
     with store.build_lock(icfg.alias):

@@ -91,7 +91,9 @@ class ChurnData:
     label: np.ndarray  # (n,) 1 = no purchase in the window
 
 
-def churn_data(inter: Interactions, cutoff: int, length: int, max_users: int, seed: int) -> ChurnData:
+def churn_data(
+    inter: Interactions, cutoff: int, length: int, max_users: int, seed: int
+) -> ChurnData:
     """Customers with a purchase before ``cutoff``; label churn = no purchase in
     ``[cutoff, cutoff + length)``."""
     users = inter.user_of_row()
@@ -158,8 +160,13 @@ def churn_metrics(
             "base_rate": float(te.label.mean()),
             "calibration": {
                 "bin_lo": edges[:-1].tolist(),
-                "mean_predicted": [float(p[idx == b].mean()) if (idx == b).any() else None for b in range(10)],
-                "observed": [float(te.label[idx == b].mean()) if (idx == b).any() else None for b in range(10)],
+                "mean_predicted": [
+                    float(p[idx == b].mean()) if (idx == b).any() else None for b in range(10)
+                ],
+                "observed": [
+                    float(te.label[idx == b].mean()) if (idx == b).any() else None
+                    for b in range(10)
+                ],
                 "count": [int((idx == b).sum()) for b in range(10)],
             },
         }

@@ -86,7 +86,9 @@ def transplant(
         new_ids = new_ids[new_ids > 0]
         if cfg.use_text and len(new_ids):
             sub = items.filter(pl.col("item_id").is_in(new_ids.tolist())).sort("item_id")
-            raw = encode_texts(item_texts(sub, cfg.text_fields), cfg.text_max_tokens)  # (n_new, 384)
+            raw = encode_texts(
+                item_texts(sub, cfg.text_fields), cfg.text_max_tokens
+            )  # (n_new, 384)
             assert raw.shape[1] == TEXT_DIM
             red = it_old.reduce_text(torch.from_numpy(raw))  # (n_new, k)
             text[sub["item_id"].to_numpy()] = red
@@ -108,9 +110,7 @@ def transplant(
         if cfg.use_id and model.item_tower.id_emb is not None and len(new_ids):
             _init_new_ids(model, new_ids, known, neighbours if init_new_ids else 0)
     model.train()
-    log.info(
-        "warm start: %d items (%d carried over, %d new)", n, int(have[1:].sum()), len(new_ids)
-    )
+    log.info("warm start: %d items (%d carried over, %d new)", n, int(have[1:].sum()), len(new_ids))
     return Transplant(model, live.vocab, new_ids.astype(np.int64), old_of_new)
 
 

@@ -19,6 +19,7 @@ item ids and the index's point ids always come from the same catalogue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -145,7 +146,9 @@ class EngineReloader:
             self.current = rec
             self.reloads += 1
             if engine.metrics is not None:
-                engine.metrics.set_versions(engine.model_version, engine.index_version(engine.index))
+                engine.metrics.set_versions(
+                    engine.model_version, engine.index_version(engine.index)
+                )
             log.info("serving model %s, index %s", rec.model_version, rec.index_version)
             return True
 
@@ -170,10 +173,8 @@ class EngineReloader:
             _, dropped = self.previous.pop(0)
             index = getattr(dropped, "index", None)
             if index is not None:
-                try:
+                with contextlib.suppress(Exception):  # already closed
                     index.close()
-                except Exception:  # already closed
-                    pass
 
     def _name(self) -> str:
         return self.current.model_version if self.current else "the startup engine"

@@ -77,7 +77,9 @@ def _cli_args(shop: Shop, live_run: Path, tmp: Path, dataset: Path) -> list[str]
     ]  # fmt: skip
 
 
-def test_promotion_writes_lineage_index_and_reports(shop: Shop, live_run: Path, tmp_path: Path) -> None:
+def test_promotion_writes_lineage_index_and_reports(
+    shop: Shop, live_run: Path, tmp_path: Path
+) -> None:
     from lifecycle.refresh import EXIT_DRIFT_ALERT, EXIT_NO_NEW_DATA, EXIT_PROMOTED
 
     res = _refresh(shop, live_run, tmp_path, tolerance=1.0, churn_tolerance=1.0, export_onnx=True)
@@ -141,6 +143,7 @@ def test_candidate_worse_is_not_promoted(shop: Shop, live_run: Path, tmp_path: P
     assert before["live"]["name"] == "bootstrap" and not before["history"]
     assert not (tmp_path / "index.refresh" / "runs").exists()
     res2 = _refresh(shop, live_run, tmp_path, lr=3.0, epochs=3)
+
     def numbers(m: dict[str, float]) -> dict[str, float]:
         return {k: v for k, v in m.items() if k != "eval_seconds"}
 
@@ -167,7 +170,9 @@ def test_bad_new_data_changes_nothing(
         pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("teleport")).otherwise(pl.col("event_type")).alias("event_type")
     )  # fmt: skip
     ev.write_parquet(bad_dir / "events.parquet")
-    with pytest.raises(Exception):
+    from towers.errors import DataError
+
+    with pytest.raises(DataError):
         Dataset.load(bad_dir)
     rc, err = _main(_cli_args(shop, live_run, tmp_path, bad_dir), capsys)
     assert rc == 2
@@ -235,7 +240,9 @@ def test_kill_mid_refresh_then_next_run_succeeds(
     try:
         assert not store.incomplete_versions("items")
         versions = {m.version for m in store.versions("items")}
-        known = {final["index_version"]} | {r["index_version"] for r in _deploy(tmp_path)["history"]}
+        known = {final["index_version"]} | {
+            r["index_version"] for r in _deploy(tmp_path)["history"]
+        }
         assert versions <= known, versions - known
     finally:
         store.close()

@@ -30,7 +30,9 @@ def test_service_reloads_promoted_model_without_a_failed_request(
     from tests.serving.conftest import Served
 
     cfg = quick_config(tolerance=1.0, churn_tolerance=1.0)
-    first = refresh(live_run, shop.mid, tmp_path / "index", config=cfg, index_cfg=index_cfg(), since=shop.t1)
+    first = refresh(
+        live_run, shop.mid, tmp_path / "index", config=cfg, index_cfg=index_cfg(), since=shop.t1
+    )
     assert first.record is not None
     state = tmp_path / "index.refresh"
     metrics = Metrics()
