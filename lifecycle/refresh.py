@@ -78,7 +78,7 @@ class RefreshConfig:
 
     eval_days: float = 7.0  # shadow window, capped at half of the new period
     epochs: int = 2  # warm-start epochs over the active customers
-    lr: float = 1e-3
+    lr: float = 3e-4
     refit_epochs: int = 1  # after promotion: epochs over the window's customers, all data
     replay_fraction: float = 0.2  # share of inactive customers replayed (forgetting)
     batch_size: int = 0  # 0 = the live run's
@@ -86,7 +86,7 @@ class RefreshConfig:
     tolerance: float = 0.02  # relative NDCG@10 drop allowed
     churn_tolerance: float = 0.02  # absolute churn ROC-AUC drop allowed
     min_eval_users: int = 20  # fewer evaluated customers -> not promoted
-    churn_max_users: int = 5000
+    churn_max_users: int = 2000
     export_onnx: bool = True
     index_queries: int = 500  # real user vectors for the index recall check
     threads: int = 1
