@@ -27,10 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", required=True, help="live run directory (bootstraps the state)")
     p.add_argument("--dataset", required=True, help="dataset name or path (all events so far)")
-    p.add_argument("--data-dir", default=None, help="data directory (default: $ECOMREC_DATA_DIR)")
+    p.add_argument(
+        "--data-dir", default=None, help="data directory; $ECOMREC_DATA_DIR when not given"
+    )
     p.add_argument("--index", required=True, help="index directory (embedded Qdrant)")
     p.add_argument("--config", default=None, help="TOML with [refresh], [drift], [index] tables")
-    p.add_argument("--state", default=None, help="state directory (default: <index>.refresh)")
+    p.add_argument("--state", default=None, help="state directory; <index>.refresh when not given")
     p.add_argument(
         "--since",
         default=None,
