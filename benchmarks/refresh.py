@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--epochs", type=int, default=4, help="epochs of week 0 and of each retrain")
     ap.add_argument("--refresh-epochs", type=int, default=2, help="warm-start epochs per refresh")
-    ap.add_argument("--refresh-lr", type=float, default=3e-4, help="warm-start learning rate")
+    ap.add_argument("--refresh-lr", type=float, default=1e-3, help="warm-start learning rate")
     ap.add_argument("--eval-days", type=float, default=3.0, help="refresh shadow window (days)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--work", default="results/refresh_bench", help="work directory (wiped)")

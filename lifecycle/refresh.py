@@ -78,7 +78,7 @@ class RefreshConfig:
 
     eval_days: float = 7.0  # shadow window, capped at half of the new period
     epochs: int = 2  # warm-start epochs over the active customers
-    lr: float = 3e-4
+    lr: float = 1e-3
     refit_epochs: int = 1  # after promotion: epochs over the window's customers, all data
     replay_fraction: float = 0.2  # share of inactive customers replayed (forgetting)
     batch_size: int = 0  # 0 = the live run's
