@@ -48,7 +48,7 @@ def test_service_reloads_promoted_model_without_a_failed_request(
     reloader.adopt()
     assert not reloader.check()  # nothing changed yet
     users = shop.mid.users.external_ids[:60]
-    answers: list[tuple[float, str, str, bool]] = []
+    answers: list[tuple[float, float, str, str, bool]] = []  # (start, end, model, index, degraded)
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -60,7 +60,7 @@ def test_service_reloads_promoted_model_without_a_failed_request(
                 r = served.call(
                     "Recommend", served.pb.RecommendRequest(user_id=users[i % len(users)], k=10)
                 )
-                answers.append((t0, r.model_version, r.index_version, r.degraded))
+                answers.append((t0, time.monotonic(), r.model_version, r.index_version, r.degraded))
             except BaseException as e:  # collected, asserted below
                 errors.append(e)
             i += 4
@@ -100,12 +100,13 @@ def test_service_reloads_promoted_model_without_a_failed_request(
     assert reloader.reloads == 2 and reloader.failures == 0
     r1, r2 = first.record, second.record
     assert not any(d for *_, d in answers), "a degraded answer"
-    pairs = {(m, v) for _, m, v, _ in answers}
+    pairs = {(m, v) for _, _, m, v, _ in answers}
     # every answer came from one consistent (model, index) pair, never a mix
     assert pairs <= {(r1.model_version, r1.index_version), (r2.model_version, r2.index_version)}
-    after_swap = [(m, v) for t, m, v, _ in answers if t_swap < t < t_swap_end]
-    after_back = [(m, v) for t, m, v, _ in answers if t_back < t < t_back_end]
-    after_hup = [(m, v) for t, m, v, _ in answers if t > t_hup]
+    # requests that started after one action and ended before the next
+    after_swap = [(m, v) for a, b, m, v, _ in answers if t_swap < a and b < t_swap_end]
+    after_back = [(m, v) for a, b, m, v, _ in answers if t_back < a and b < t_back_end]
+    after_hup = [(m, v) for a, _, m, v, _ in answers if a > t_hup]
     assert after_swap and set(after_swap) == {(r2.model_version, r2.index_version)}
     assert after_back and set(after_back) == {(r1.model_version, r1.index_version)}
     assert after_hup and set(after_hup) == {(r2.model_version, r2.index_version)}
