@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "indexing.cli",  # index
     "serving.cli",  # serve, export, recommend, demo
     "lifecycle.batch_cli",  # batch (sharded jobs on Dask)
+    "lifecycle.cli",  # refresh
 ]
 
 

@@ -247,7 +247,12 @@ class Trainer:
         run_dir: str | Path,
         text_cache_dir: str | Path | None = None,
         t_start: float | None = None,
+        init_model: TwoTower | None = None,
+        vocab: dict[str, list[str]] | None = None,
     ) -> None:
+        """``init_model`` (warm start, lifecycle refresh): train this model instance instead
+        of building a fresh one (its ``known`` mask is kept); ``vocab`` is then its
+        brand/category vocabulary, saved in the checkpoints."""
         self.cfg = cfg
         self.items = items
         self.item_ids = list(item_ids)
@@ -261,7 +266,8 @@ class Trainer:
         self.writer: Any = None
         self.t_start = t_start if t_start is not None else time.perf_counter()
         self.manifest: dict[str, Any] = {}
-        self._vocab_cache: dict[str, list[str]] | None = None
+        self._vocab_cache: dict[str, list[str]] | None = vocab
+        self.init_model = init_model
         self._fit_on: Interactions | None = None
         # hooks for training/distributed.py: only the main process writes files; every
         # step's loss (averaged over processes there) is kept for parity checks
@@ -310,7 +316,10 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        model = self.build_model(train)
+        if self.init_model is not None:  # warm start: weights and `known` come with the model
+            model = self.init_model.to(self.device)
+        else:
+            model = self.build_model(train)
         if cfg.init_checkpoint:
             init, _ = load_checkpoint(cfg.init_checkpoint)
             model.load_state_dict(init.model.state_dict())
