@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "segments.cli",  # segments, campaign, churn
     "indexing.cli",  # index
     "serving.cli",  # serve, export, recommend, demo
+    "lifecycle.batch_cli",  # batch (sharded jobs on Dask)
+    "lifecycle.cli",  # refresh
 ]
 
 

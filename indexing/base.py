@@ -193,6 +193,10 @@ class IndexConfig:
     segment_number: int = 0
     shards: int = 1
     replicas: int = 1
+    # Server backend: replicas that must acknowledge a write (1..replicas); the API key
+    # comes from $api_key_env when api_key is empty (keys stay out of config files).
+    write_consistency: int = 1
+    api_key_env: str = "QDRANT_API_KEY"
     # Versions kept (the live one included) for rollback.
     keep_versions: int = 3
     # A filtered query whose candidate set has fewer points than this is searched exactly.
@@ -216,6 +220,7 @@ class IndexConfig:
             "hnsw_ef",
             "shards",
             "replicas",
+            "write_consistency",
             "keep_versions",
             "upsert_batch",
             "verify_k",
@@ -224,12 +229,23 @@ class IndexConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.write_consistency > self.replicas:
+            raise ConfigError(
+                f"IndexConfig.write_consistency ({self.write_consistency}) cannot exceed "
+                f"replicas ({self.replicas})"
+            )
         if not 0.0 <= self.verify_min_recall <= 1.0:
             raise ConfigError(
                 f"IndexConfig.verify_min_recall must be in [0, 1], got {self.verify_min_recall}"
             )
         if not self.alias or "/" in self.alias or self.alias.startswith("."):
             raise ConfigError(f"IndexConfig.alias {self.alias!r} is not a valid name")
+
+    def resolved_api_key(self) -> str | None:
+        """``api_key``, else the value of ``$api_key_env`` (None when neither is set)."""
+        import os
+
+        return self.api_key or os.environ.get(self.api_key_env) or None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexConfig:

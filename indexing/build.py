@@ -304,6 +304,7 @@ def _finish(
     parent: str | None,
     dim: int,
     provenance: dict[str, Any] | None = None,
+    publish: bool = True,
 ) -> IndexManifest:
     if not report.ok:
         store.drop_version(version)
@@ -327,6 +328,9 @@ def _finish(
         provenance=dict(provenance or {}),
     )
     store.commit(version, manifest)
+    if not publish:  # complete and verified, the alias is moved later (publish_version)
+        log.info("version %s committed unpublished (alias %s unchanged)", version, alias)
+        return manifest
     store.set_alias(alias, version)
     log.info(
         "alias %s -> %s (%d points, recall@%d %.4f)",
@@ -354,11 +358,15 @@ def build_version(
     payload_indexes: dict[str, str] | None = None,
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
+    publish: bool = True,
 ) -> IndexManifest:
     """Write a new version with these points, verify it and point the alias at it.
 
     ``provenance`` (model id, catalogue hash, dataset fingerprint) is recorded in the
     manifest; updates of the version carry it over.
+
+    ``publish=False`` commits the verified version without moving the alias (a refresh
+    publishes it with :func:`publish_version` after its own commit).
 
     ``ids (N,)`` ints >= 1, ``vectors (N, D)`` finite, ``payloads`` one dict per point.
     ``queries (Q, D)``: real user vectors for the recall check (a sample of the item
@@ -396,7 +404,20 @@ def build_version(
             parent=store.alias_target(alias),
             dim=vecs.shape[1],
             provenance=provenance,
+            publish=publish,
         )
+
+
+def publish_version(store: IndexStore, version: str, alias: str | None = None) -> None:
+    """Point ``alias`` at the complete version ``version`` (under the build lock), then prune."""
+    alias = alias or store.cfg.alias
+    with store.build_lock(alias):
+        if version not in [m.version for m in store.versions(alias)]:
+            raise NotFoundError(f"version {version!r} is not a complete version of {alias!r}")
+        if store.alias_target(alias) != version:
+            store.set_alias(alias, version)
+            log.info("alias %s -> %s (published)", alias, version)
+        prune(store, alias, store.cfg.keep_versions)
 
 
 def _upsert_batches(

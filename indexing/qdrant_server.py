@@ -49,7 +49,7 @@ def make_client(cfg: IndexConfig) -> Any:
 
     loc = cfg.location
     if loc.startswith(("http://", "https://")):
-        return QdrantClient(url=loc, api_key=cfg.api_key, timeout=60)
+        return QdrantClient(url=loc, api_key=cfg.resolved_api_key(), timeout=60)
     # Local mode warns on every query that search params and payload indexes have no
     # effect (it is exact brute force); known and documented, so silence it.
     warnings.filterwarnings("ignore", message=".*Local mode.*", category=UserWarning)
@@ -179,6 +179,7 @@ class ServerStore:
             on_disk_payload=not cfg.payload_in_ram,
             shard_number=cfg.shards,
             replication_factor=cfg.replicas,
+            write_consistency_factor=cfg.write_consistency,
             metadata={_META_KEY: json.dumps({"dim": dim, "indexes": payload_indexes})},
         )
         kinds = {

@@ -23,9 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
     )
     s.add_argument(
-        "--index", default="artifacts/index", help="embedded index directory (IndexConfig.location)"
+        "--index",
+        default=None,
+        help="embedded index directory (IndexConfig.location); default: the [index] table of "
+        "--config (e.g. a Qdrant server URL, deploy/), else artifacts/index",
     )
-    s.add_argument("--index-alias", default="items", help="index alias the service reads")
+    s.add_argument(
+        "--index-alias", default=None, help="index alias the service reads (default: items)"
+    )
     s.add_argument(
         "--build-index",
         action="store_true",
@@ -129,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     from indexing.base import IndexConfig
     from indexing.build import open_index
     from serving.assemble import build_recommender, load_parts
-    from serving.config import load_serve_config
+    from serving.config import load_index_config, load_serve_config
     from serving.observability import Metrics, configure_logging
     from serving.segments import TableSegmentLookup
     from serving.server import install_signal_handlers, start_server
@@ -172,16 +177,19 @@ def _serve(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         ds = load_dataset(args.dataset, args.data_dir)
         parts = load_parts(args.model, ds)
+        icfg = load_index_config(args.config, location=args.index, alias=args.index_alias)
+        if icfg is None:
+            icfg = IndexConfig(
+                location=args.index or "artifacts/index", alias=args.index_alias or "items"
+            )
         if args.build_index:
             from indexing.cli import build_index
 
-            build_index(args.index, args.model, args.dataset, args.data_dir, args.index_alias)
+            build_index(icfg.location, args.model, args.dataset, args.data_dir, icfg.alias)
         local_copy: bool | str = (cfg.index_copy_dir or True) if cfg.index_local_copy else False
-        index = open_index(
-            IndexConfig(location=args.index, alias=args.index_alias), local_copy=local_copy
-        )
+        index = open_index(icfg, local_copy=local_copy)
         # an index built from another model refuses at once (no service answering INTERNAL)
-        check_index_matches_model(index, parts.model, args.index)
+        check_index_matches_model(index, parts.model, icfg.location)
         segments = None
         if args.segments:
             seg_path = Path(args.segments)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from indexing.base import IndexConfig
 from towers.config import from_dict, load_toml
 from towers.errors import ConfigError
 
@@ -130,6 +131,20 @@ class ServeConfig:
         env = os.environ.get(self.api_keys_env, "")
         extra = tuple(k.strip() for k in env.split(",") if k.strip())
         return tuple(dict.fromkeys((*self.api_keys, *extra)))
+
+
+def load_index_config(path: str | Path | None, **overrides: Any) -> IndexConfig | None:
+    """The ``[index]`` table of the serve TOML (which index the service opens: an embedded
+    directory or a Qdrant server URL with shards, replicas, write consistency), or None
+    when the file has none. The API key comes from ``$api_key_env`` (a Secret in deploy/).
+    """
+    if path is None:
+        return None
+    raw = load_toml(path)
+    if "index" not in raw:
+        return None
+    data = {**raw["index"], **{k: v for k, v in overrides.items() if v is not None}}
+    return IndexConfig.from_dict(data)
 
 
 def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:

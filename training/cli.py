@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="ignore last.pt and start over (a run of the same data only)",
     )
     p.add_argument("--no-test", action="store_true", help="skip the test evaluation")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train with DistributedDataParallel on this many local processes (torchrun; "
+        "gloo on CPU, nccl with one GPU each); give each --set threads=1 on CPU (default: 1)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -155,10 +162,17 @@ def prepare_run_dir(out: Path, ds: Any, *, overwrite: bool) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from towers.loaders import load_dataset
+    from training.distributed import DistEnv, init_process_group, relaunch
     from training.trainer import default_config_path
     from training.two_tower import train_and_evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    env = DistEnv.from_env()
+    if args.nproc > 1 and env is None:
+        return relaunch(args.nproc, _argv_without_nproc(args))
+    overrides = parse_overrides(args.set)
+    if env is not None:
+        init_process_group(env, str(overrides.get("device", "auto")))
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
     prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
@@ -169,13 +183,31 @@ def _run(args: argparse.Namespace) -> int:
         split,
         config,
         Path(args.out),
-        overrides=parse_overrides(args.set),
+        overrides=overrides,
         resume=not args.no_resume,
         test=not args.no_test,
         t_start=t0,
     )
-    print(json.dumps(out, indent=2, default=float))
+    if env is None or env.rank == 0:
+        print(json.dumps(out, indent=2, default=float))
+    if env is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
+
+
+def _argv_without_nproc(args: argparse.Namespace) -> list[str]:
+    """The ``train`` arguments again, for the processes torchrun starts."""
+    argv = ["train", "--dataset", args.dataset, "--out", args.out, "--split", args.split]
+    if args.config:
+        argv += ["--config", args.config]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    for s in args.set:
+        argv += ["--set", s]
+    argv += ["--no-resume"] * args.no_resume + ["--no-test"] * args.no_test
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,7 +247,12 @@ class Trainer:
         run_dir: str | Path,
         text_cache_dir: str | Path | None = None,
         t_start: float | None = None,
+        init_model: TwoTower | None = None,
+        vocab: dict[str, list[str]] | None = None,
     ) -> None:
+        """``init_model`` (warm start, lifecycle refresh): train this model instance instead
+        of building a fresh one (its ``known`` mask is kept); ``vocab`` is then its
+        brand/category vocabulary, saved in the checkpoints."""
         self.cfg = cfg
         self.items = items
         self.item_ids = list(item_ids)
@@ -261,8 +266,13 @@ class Trainer:
         self.writer: Any = None
         self.t_start = t_start if t_start is not None else time.perf_counter()
         self.manifest: dict[str, Any] = {}
-        self._vocab_cache: dict[str, list[str]] | None = None
+        self._vocab_cache: dict[str, list[str]] | None = vocab
+        self.init_model = init_model
         self._fit_on: Interactions | None = None
+        # hooks for training/distributed.py: only the main process writes files; every
+        # step's loss (averaged over processes there) is kept for parity checks
+        self.is_main = True
+        self.step_losses: list[float] = []
 
     # --- model ---------------------------------------------------------------------
     def build_model(self, train: Interactions) -> TwoTower:
@@ -302,11 +312,14 @@ class Trainer:
         if cfg.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.tensorboard:
+        if cfg.tensorboard and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        model = self.build_model(train)
+        if self.init_model is not None:  # warm start: weights and `known` come with the model
+            model = self.init_model.to(self.device)
+        else:
+            model = self.build_model(train)
         if cfg.init_checkpoint:
             init, _ = load_checkpoint(cfg.init_checkpoint)
             model.load_state_dict(init.model.state_dict())
@@ -363,12 +376,13 @@ class Trainer:
         self.manifest["total_seconds"] = time.perf_counter() - self.t_start
         self.manifest["peak_rss_mb"] = peak_rss_mb()
         self.manifest["model_version"] = f"{self.run_dir.name}-{config_hash(cfg)}"
-        (self.run_dir / MANIFEST_FILE).write_text(
-            json.dumps(self.manifest, indent=2, default=float)
-        )
+        if self.is_main:
+            (self.run_dir / MANIFEST_FILE).write_text(
+                json.dumps(self.manifest, indent=2, default=float)
+            )
+            (self.run_dir / "last.pt").unlink(missing_ok=True)
         if self.writer is not None:
             self.writer.close()
-        (self.run_dir / "last.pt").unlink(missing_ok=True)
         return model, self.manifest
 
     def _resume_state(self) -> dict[str, Any] | None:
@@ -383,6 +397,8 @@ class Trainer:
         return dict(state)
 
     def _save(self, path: Path, model: TwoTower, stage: str, res: StageResult) -> None:
+        if not self.is_main:
+            return
         save_checkpoint(
             path,
             model,
@@ -470,6 +486,7 @@ class Trainer:
                 cfg.length_buckets,
                 cfg.max_tokens,
             )
+            plan = self._shard_plan(plan)
             losses = []
             bar = tqdm(
                 iter_batches(fit_on, plan, cfg.user.max_len, self.device),
@@ -487,7 +504,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip)
                 opt.step()
                 sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(self._step_loss(loss))
+                self.step_losses.append(losses[-1])
                 global_step += 1
                 if len(losses) % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
@@ -521,7 +539,7 @@ class Trainer:
                 best_ndcg, best_epoch, bad, best_metrics = m["ndcg@10"], epoch, 0, dict(m)
                 best_state = self._plain_state(module, scfg)
                 seconds_to_best = time.perf_counter() - self.t_start
-                if stage == "pretrain":
+                if stage == "pretrain" and self.is_main:
                     save_checkpoint(
                         self.run_dir / "pretrain.pt",
                         base_model(module),
@@ -531,7 +549,7 @@ class Trainer:
                     )
             else:
                 bad += 1
-            if resumable:
+            if resumable and self.is_main:
                 torch.save(
                     {
                         "stage": stage,
@@ -574,7 +592,7 @@ class Trainer:
             trainable_params=n_train,
             history=history,
         )
-        if stage == "pretrain" and resumable:
+        if stage == "pretrain" and resumable and self.is_main:
             # mark stage 1 as done for a resumed run
             torch.save(
                 {
@@ -586,6 +604,14 @@ class Trainer:
                 self.run_dir / "last.pt",
             )
         return res
+
+    def _shard_plan(self, plan: list[np.ndarray]) -> list[np.ndarray]:
+        """This process's part of an epoch's batches (all of them here; see distributed.py)."""
+        return plan
+
+    def _step_loss(self, loss: torch.Tensor) -> float:
+        """The loss of one step as logged (this process's; averaged in distributed.py)."""
+        return float(loss.detach())
 
     @staticmethod
     def _plain_state(module: torch.nn.Module, scfg: Any) -> dict[str, torch.Tensor]:

@@ -26,7 +26,6 @@ from training.evaluation import evaluate
 from training.splits import Split, Targets
 from training.trainer import (
     RunConfig,
-    Trainer,
     default_config_path,
     load_run_config,
     peak_rss_mb,
@@ -93,7 +92,10 @@ class TwoTowerRetriever:
         t_start: float | None = None,
     ) -> None:
         """Train (stage 1 and/or 2); early stopping on ``valid`` NDCG@10 when given."""
-        trainer = Trainer(self.cfg, self.items, self.item_ids, self.run_dir, t_start=t_start)
+        from training.distributed import make_trainer
+
+        # a DistributedTrainer inside a torchrun job (ecomrec train --nproc N)
+        trainer = make_trainer(self.cfg, self.items, self.item_ids, self.run_dir, t_start=t_start)
         self.model, self.manifest = trainer.fit(train, valid, resume=resume)
         self.model.eval()
 
@@ -149,6 +151,10 @@ def train_and_evaluate(
     t0 = t_start if t_start is not None else time.perf_counter()
     r = TwoTowerRetriever.for_dataset(ds, config, out_dir, overrides)
     r.fit(split.train, split.valid, resume=resume, t_start=t0)
+    from training.distributed import is_main_process
+
+    if not is_main_process():  # rank 0 evaluates and writes results.json
+        return {}
     out: dict[str, Any] = {
         "dataset": ds.name,
         "split": split.protocol,

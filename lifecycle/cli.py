@@ -1,0 +1,114 @@
+"""``ecomrec refresh``: the scheduled continual-refresh job (see docs/lifecycle.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from towers.errors import EcomrecError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``refresh`` command."""
+    p = sub.add_parser(
+        "refresh",
+        help="warm-start a candidate on new events, shadow-evaluate, promote model + index safely",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=(
+            "Exit codes: 0 promoted, 2 bad input (nothing changed), 3 candidate not promoted "
+            "(live kept), 4 no new data, 5 promoted with a drift alert, 75 another refresh "
+            "is running."
+        ),
+    )
+    p.add_argument("--run", required=True, help="live run directory (bootstraps the state)")
+    p.add_argument("--dataset", required=True, help="dataset name or path (all events so far)")
+    p.add_argument(
+        "--data-dir", default=None, help="data directory; $ECOMREC_DATA_DIR when not given"
+    )
+    p.add_argument("--index", required=True, help="index directory (embedded Qdrant)")
+    p.add_argument("--config", default=None, help="TOML with [refresh], [drift], [index] tables")
+    p.add_argument("--state", default=None, help="state directory; <index>.refresh when not given")
+    p.add_argument(
+        "--since",
+        default=None,
+        help="first refresh only: YYYY-MM-DD, the first day the live model was not trained on",
+    )
+    p.add_argument("--rollback", action="store_true", help="make the previous deployment live")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lifecycle.refresh import (
+        EXIT_LOCKED,
+        default_state_dir,
+        load_config,
+        refresh,
+        result_json,
+    )
+    from lifecycle.state import RefreshLockedError
+    from towers.loaders import load_dataset
+
+    try:
+        cfg, index_cfg = load_config(args.config)
+        if args.rollback:
+            return _rollback(args, index_cfg)
+        ds = load_dataset(args.dataset, args.data_dir)
+        if ds.report.rows_dropped:
+            log.info("drop report: %s", ds.report)
+        since = None
+        if args.since:
+            import datetime as dt
+
+            try:
+                d = dt.datetime.fromisoformat(args.since)
+            except ValueError as e:
+                raise EcomrecError(f"--since {args.since!r}: want YYYY-MM-DD") from e
+            since = int((d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp())
+        res = refresh(
+            args.run,
+            ds,
+            args.index,
+            config=cfg,
+            index_cfg=index_cfg,
+            state_dir=args.state or default_state_dir(args.index),
+            since=since,
+        )
+    except RefreshLockedError as e:
+        print(f"ecomrec: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except EcomrecError:
+        raise
+    out = result_json(res)
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(f"{res.decision}: {res.reason}")
+        if res.report_dir:
+            print(f"report: {res.report_dir}/drift.html")
+        for a in res.alerts:
+            print(f"ALERT: {a}")
+    return res.exit_code
+
+
+def _rollback(args: argparse.Namespace, index_cfg: dict[str, object]) -> int:
+    from indexing.base import IndexConfig
+    from indexing.build import open_store, publish_version
+    from lifecycle.refresh import default_state_dir
+    from lifecycle.state import DeployState, refresh_lock
+
+    state = Path(args.state or default_state_dir(args.index))
+    with refresh_lock(state):
+        rec = DeployState(state).rollback()
+        store = open_store(IndexConfig.from_dict({**index_cfg, "location": str(args.index)}))
+        try:
+            publish_version(store, rec.index_version, rec.index_alias)
+        finally:
+            store.close()
+    print(f"rolled back: live {rec.run}, index {rec.index_version}")
+    return 0

@@ -1,0 +1,248 @@
+"""``ecomrec refresh`` end to end on a real embedded index: promotion with lineage, the
+candidate-worse and no-new-data exits, bad data, the lock, kills at every risky step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lifecycle.conftest import ROOT, Shop, alias_target, index_cfg, quick_config
+
+CONFIG_TOML = """
+[refresh]
+eval_days = 60.0
+export_onnx = false
+index_queries = 100
+tolerance = 1.0          # promote unless the candidate collapses (these tests are about safety)
+churn_tolerance = 1.0
+
+[index]
+hnsw_m = 16
+hnsw_ef_construct = 64
+keep_versions = 5
+"""
+
+
+def _refresh(shop: Shop, live_run: Path, tmp: Path, ds: Any = None, **kw: Any) -> Any:
+    from lifecycle.refresh import refresh
+
+    return refresh(
+        live_run,
+        ds if ds is not None else shop.full,
+        tmp / "index",
+        config=quick_config(**kw),
+        index_cfg=index_cfg(),
+        since=shop.t1,
+    )
+
+
+def _deploy(tmp: Path) -> dict[str, Any]:
+    return dict(json.loads((tmp / "index.refresh" / "deploy.json").read_text()))
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ecomrec", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The CLI in this process (no interpreter start-up): (exit code, stderr)."""
+    from ecomrec.cli import main
+
+    capsys.readouterr()
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def _cli_args(shop: Shop, live_run: Path, tmp: Path, dataset: Path) -> list[str]:
+    cfg = tmp / "refresh.toml"
+    cfg.write_text(CONFIG_TOML)
+    return [
+        "refresh",
+        "--run", str(live_run), "--dataset", str(dataset), "--index", str(tmp / "index"),
+        "--config", str(cfg), "--since", shop.since, "--json",
+    ]  # fmt: skip
+
+
+def test_promotion_writes_lineage_index_and_reports(
+    shop: Shop, live_run: Path, tmp_path: Path
+) -> None:
+    from lifecycle.refresh import EXIT_DRIFT_ALERT, EXIT_NO_NEW_DATA, EXIT_PROMOTED
+
+    res = _refresh(shop, live_run, tmp_path, tolerance=1.0, churn_tolerance=1.0, export_onnx=True)
+    assert res.decision == "promoted" and res.exit_code in (EXIT_PROMOTED, EXIT_DRIFT_ALERT)
+    live = _deploy(tmp_path)["live"]
+    # lineage: parent run, data range, metrics of both models
+    assert live["parent_run"] == str(live_run.resolve())
+    assert live["data_from"] == shop.t1
+    assert live["data_until"] == int(shop.full.events["ts"].max()) + 1
+    assert set(live["metrics"]["ndcg@10"]) == {"live", "candidate"}
+    mf = json.loads((Path(live["run"]) / "manifest.json").read_text())
+    assert mf["lineage"]["parent_run"] == str(live_run.resolve())
+    # the alias moved to the verified version built from the promoted model
+    assert alias_target(tmp_path / "index") == live["index_version"]
+    run = Path(live["run"])
+    assert (run / "model.pt").exists() and (run / "onnx" / "user_tower.onnx").exists()
+    assert (run / "dataset" / "dataset.json").exists()
+    # the index holds the promoted model's item vectors
+    import numpy as np
+
+    from indexing.base import IndexConfig
+    from indexing.build import open_store
+    from towers.inference import load_run
+
+    tm = load_run(run)
+    store = open_store(IndexConfig(location=str(tmp_path / "index")))
+    reader = store.open()
+    try:
+        got = reader.get_vectors([1, 2, 3])
+        assert np.allclose(got, tm.item_vectors()[[1, 2, 3]], atol=1e-5)
+    finally:
+        reader.close()
+        store.close()
+    # reports: JSON + HTML with every section
+    drift = json.loads((res.report_dir / "drift.json").read_text())
+    for key in ("new_items", "new_users", "embedding_drift", "rfm_migration",
+                "behaviour_migration", "churn_calibration", "alerts"):  # fmt: skip
+        assert key in drift
+    assert drift["embedding_drift"]["returning_customers"] > 0
+    assert sum(map(sum, drift["rfm_migration"]["counts"])) == drift["rfm_migration"]["customers"]
+    assert "segment migration" in (res.report_dir / "drift.html").read_text()
+    dec = json.loads((res.report_dir / "decision.json").read_text())
+    assert dec["ndcg@10"]["live"] is not None and dec["churn_auc"]["candidate"] is not None
+    # nothing new since: distinct exit, nothing changed
+    again = _refresh(shop, live_run, tmp_path)
+    assert again.exit_code == EXIT_NO_NEW_DATA
+    assert _deploy(tmp_path)["live"] == live
+
+
+def test_candidate_worse_is_not_promoted(shop: Shop, live_run: Path, tmp_path: Path) -> None:
+    """A wrecked candidate (huge learning rate): not promoted, exit 3, both numbers recorded,
+    live model and index untouched; the same input twice gives the same decision."""
+    from lifecycle.refresh import EXIT_NOT_PROMOTED
+
+    res = _refresh(shop, live_run, tmp_path, lr=3.0, epochs=3)
+    before = _deploy(tmp_path)
+    alias = alias_target(tmp_path / "index")
+    assert res.exit_code == EXIT_NOT_PROMOTED and res.decision == "not-promoted"
+    live_ndcg, cand_ndcg = res.metrics["live"]["ndcg@10"], res.metrics["candidate"]["ndcg@10"]
+    assert cand_ndcg < live_ndcg * 0.98, (cand_ndcg, live_ndcg)
+    assert before["live"]["name"] == "bootstrap" and not before["history"]
+    assert not (tmp_path / "index.refresh" / "runs").exists()
+    res2 = _refresh(shop, live_run, tmp_path, lr=3.0, epochs=3)
+
+    def numbers(m: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in m.items() if k != "eval_seconds"}
+
+    assert res2.decision == res.decision
+    assert numbers(res2.metrics["candidate"]) == numbers(res.metrics["candidate"])
+    assert numbers(res2.metrics["live"]) == numbers(res.metrics["live"])
+    assert _deploy(tmp_path) == before and alias_target(tmp_path / "index") == alias
+
+
+def test_bad_new_data_changes_nothing(
+    shop: Shop, live_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import polars as pl
+
+    from towers.dataset import Dataset
+
+    rc, err = _main(_cli_args(shop, live_run, tmp_path, shop.mid_dir), capsys)
+    assert rc in (0, 5), err[-2000:]
+    before, alias = _deploy(tmp_path), alias_target(tmp_path / "index")
+    bad_dir = tmp_path / "bad"
+    shop.full.save(bad_dir)
+    ev = pl.read_parquet(bad_dir / "events.parquet")
+    ev = ev.with_columns(
+        pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("teleport")).otherwise(pl.col("event_type")).alias("event_type")
+    )  # fmt: skip
+    ev.write_parquet(bad_dir / "events.parquet")
+    from towers.errors import DataError
+
+    with pytest.raises(DataError):
+        Dataset.load(bad_dir)
+    rc, err = _main(_cli_args(shop, live_run, tmp_path, bad_dir), capsys)
+    assert rc == 2
+    assert "row 17" in err and "event_type" in err and "teleport" in err
+    assert _deploy(tmp_path) == before and alias_target(tmp_path / "index") == alias
+
+
+def test_lock_refuses_a_second_refresh(
+    shop: Shop, live_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lifecycle.refresh import EXIT_LOCKED
+    from lifecycle.state import refresh_lock
+
+    with refresh_lock(tmp_path / "index.refresh"):  # a separate open file: flock conflicts
+        rc, err = _main(_cli_args(shop, live_run, tmp_path, shop.full_dir), capsys)
+    assert rc == EXIT_LOCKED, err[-2000:]
+    assert "another refresh is running" in err
+    assert not (tmp_path / "index.refresh" / "deploy.json").exists()
+
+
+@pytest.mark.parametrize("step", ["trained", "index-built", "committed"])
+def test_kill_mid_refresh_then_next_run_succeeds(
+    shop: Shop, live_run: Path, tmp_path: Path, step: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL (a real kill of a real `ecomrec refresh` process) at a step: the live model
+    and index stay (before the commit point), and the next refresh finishes the job and
+    cleans up."""
+    rc, err = _main(_cli_args(shop, live_run, tmp_path, shop.mid_dir), capsys)
+    assert rc in (0, 5), err[-2000:]
+    before, alias = _deploy(tmp_path), alias_target(tmp_path / "index")
+    assert alias == before["live"]["index_version"]
+    args = _cli_args(shop, live_run, tmp_path, shop.full_dir)
+    killed = _cli(args, env={"ECOMREC_REFRESH_FAULT": step})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    after = _deploy(tmp_path)
+    if step == "committed":  # past the commit point: the deployment is the new one
+        assert after["live"]["parent_run"] == before["live"]["run"]
+        assert alias_target(tmp_path / "index") == alias  # alias not moved yet
+    else:
+        assert after == before and alias_target(tmp_path / "index") == alias
+    # a reader following the alias still answers from the live version
+    from indexing.base import IndexConfig
+    from indexing.build import open_index
+
+    reader = open_index(IndexConfig(location=str(tmp_path / "index")))
+    try:
+        assert reader.version == alias and reader.count() > 0
+    finally:
+        reader.close()
+    rc, err = _main(args, capsys)
+    final = _deploy(tmp_path)["live"]
+    if step == "committed":
+        assert rc == 4, err[-2000:]  # nothing new; the alias move was finished
+    else:
+        assert rc in (0, 5), err[-2000:]
+        assert final["parent_run"] == before["live"]["run"]
+    assert alias_target(tmp_path / "index") == final["index_version"]
+    state = tmp_path / "index.refresh"
+    assert not (state / "tmp").exists()
+    runs = {p.name for p in (state / "runs").iterdir()}
+    assert runs == {Path(before["live"]["run"]).name, Path(final["run"]).name}
+    from indexing.build import open_store
+
+    store = open_store(IndexConfig(location=str(tmp_path / "index")))
+    try:
+        assert not store.incomplete_versions("items")
+        versions = {m.version for m in store.versions("items")}
+        known = {final["index_version"]} | {
+            r["index_version"] for r in _deploy(tmp_path)["history"]
+        }
+        assert versions <= known, versions - known
+    finally:
+        store.close()
