@@ -26,6 +26,7 @@ from towers.loaders import load_dataset
 from towers.sequences import Interactions
 from training.protocol import model_family, run_protocol
 from training.splits import Split, leave_one_out, temporal_split
+from training.two_tower import hide_item_content
 
 METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10", "coverage@10"]
 # Online Retail default temporal split: last ~5.5 weeks are test, the 30 days before validation.
@@ -80,19 +81,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--valid-days", type=int, default=30)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=None, help="JSON output path (markdown table beside it)")
+    ap.add_argument(
+        "--no-text",
+        action="store_true",
+        help="hide product content (title, brand, category, price): ids only, as for a "
+        "dataset folder without an items file",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     ds = load_dataset(args.dataset, args.data_dir)
+    if args.no_text:
+        ds = hide_item_content(ds)
     purchases = ds.events.filter(ds.events["event_type"] == "purchase")
     inter = Interactions.from_events(purchases, ds.n_users, ds.n_items)
     split = make_split(args, inter, ds.name)
     desc = ds.describe()
     result: dict = {
-        "dataset": {
-            k: desc[k] for k in ("dataset", "users", "items", "interactions", "time_range")
-        },
+        "dataset": {k: desc[k] for k in ("dataset", "users", "items", "interactions", "time_range")}
+        | {"item_content": "hidden (--no-text)" if args.no_text else "as loaded"},
         "protocol": {
             **split.protocol,
             "ranking": "full catalogue, history items excluded",

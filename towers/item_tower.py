@@ -10,7 +10,7 @@ the content part, so :meth:`ItemTower.content` alone must give a useful vector
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -63,6 +63,50 @@ class ItemFeatures:
     category: np.ndarray  # (N+1,) int64, 0 = unknown
     price: np.ndarray  # (N+1,) int64 bucket, 0 = unknown
     vocab: dict[str, list[str]] = field(default_factory=dict)  # brands, categories, price edges
+
+
+def _has_values(items: pl.DataFrame, col: str) -> bool:
+    """Whether ``col`` exists and holds at least one usable (non-empty, known) value."""
+    if col not in items.columns or items.height == 0:
+        return False
+    vals = items[col].drop_nulls()
+    if vals.dtype == pl.Utf8:
+        vals = vals.str.strip_chars().str.to_lowercase()
+        vals = vals.filter(~vals.is_in(["", "unknown", "nan", "none"]))
+    else:
+        vals = vals.cast(pl.Float64, strict=False).drop_nulls()
+        vals = vals.filter(vals > 0)
+    return len(vals) > 0
+
+
+def adapt_to_catalogue(cfg: ItemTowerConfig, items: pl.DataFrame) -> ItemTowerConfig:
+    """``cfg`` with the content features the catalogue cannot feed turned off.
+
+    A shop without product text (no items file, or ``--no-text``) gets an id-only item
+    tower automatically: ``use_text`` needs a non-empty ``text_fields`` column, brand /
+    category / price need their column. Raises when nothing is left.
+    """
+    use_text = cfg.use_text and any(_has_values(items, f) for f in cfg.text_fields)
+    out = replace(
+        cfg,
+        use_text=use_text,
+        use_brand=cfg.use_brand and _has_values(items, "brand"),
+        use_category=cfg.use_category and _has_values(items, "category"),
+        use_price=cfg.use_price and _has_values(items, "price"),
+    )
+    if not (out.use_id or out.use_text or out.use_brand or out.use_category):
+        raise ConfigError(
+            "the catalogue has no title/brand/category to build item vectors from and "
+            "item.use_id is false; enable item.use_id"
+        )
+    return out
+
+
+def content_features(cfg: ItemTowerConfig) -> list[str]:
+    """Names of the item features ``cfg`` uses (for manifests and reports)."""
+    names = ["id", "text", "brand", "category", "price"]
+    flags = [cfg.use_id, cfg.use_text, cfg.use_brand, cfg.use_category, cfg.use_price]
+    return [n for n, f in zip(names, flags, strict=True) if f]
 
 
 def _first_category(c: str | None) -> str | None:

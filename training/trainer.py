@@ -23,7 +23,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,12 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from towers.config import config_hash, from_dict, load_toml, to_dict
 from towers.errors import ConfigError
 from towers.inference import MANIFEST_FILE, MODEL_FILE, batch_tensors
-from towers.item_tower import ItemTowerConfig, build_item_features
+from towers.item_tower import (
+    ItemTowerConfig,
+    adapt_to_catalogue,
+    build_item_features,
+    content_features,
+)
 from towers.model import TwoTower, load_checkpoint, save_checkpoint
 from towers.sequences import Interactions, batch_for_users
 from towers.text_encoder import catalogue_text_embeddings
@@ -48,10 +53,23 @@ from training.contrastive import (
     prepare_finetune,
     trainable_parameters,
 )
+from training.fallback import FallbackConfig
 from training.pretrain import PretrainConfig, log_popularity, masked_item_loss, next_item_loss
 from training.splits import Targets
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoContentConfig:
+    """Settings applied when the catalogue has no product content (id-only item tower).
+
+    Id embeddings start from nothing (no text to lean on), so they need more passes
+    over the data; early stopping on validation still picks the epoch.
+    """
+
+    epochs: int = 20  # stage-1 epoch budget (cosine schedule length)
+    dropout: float = 0.3  # user-tower hidden and attention dropout
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,9 @@ class RunConfig:
     user: UserTowerConfig = field(default_factory=UserTowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    # baselines compared with the tower on validation by `ecomrec train` (training.fallback)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    no_content: NoContentConfig = field(default_factory=NoContentConfig)
     seed: int = 42
     threads: int = 2  # torch CPU threads (0 = leave torch's default)
     device: str = "auto"  # auto | cpu | cuda
@@ -248,6 +269,25 @@ class Trainer:
         text_cache_dir: str | Path | None = None,
         t_start: float | None = None,
     ) -> None:
+        # a catalogue without product text (no items file, --no-text) -> id-only item tower
+        item_cfg = adapt_to_catalogue(cfg.item, items)
+        if item_cfg != cfg.item:
+            log.info(
+                "catalogue has no %s: item features %s",
+                ", ".join(
+                    sorted(set(content_features(cfg.item)) - set(content_features(item_cfg)))
+                ),
+                content_features(item_cfg),
+            )
+            cfg = replace(cfg, item=item_cfg)
+        if not (item_cfg.use_text or item_cfg.use_brand or item_cfg.use_category):
+            nc = cfg.no_content
+            cfg = replace(
+                cfg,
+                pretrain=replace(cfg.pretrain, epochs=nc.epochs),
+                user=replace(cfg.user, dropout=nc.dropout, attention_dropout=nc.dropout),
+            )
+            log.info("id-only item tower: [no_content] settings %s", nc)
         self.cfg = cfg
         self.items = items
         self.item_ids = list(item_ids)
@@ -313,7 +353,12 @@ class Trainer:
             model.item_tower.set_known(train.item_counts())
             log.info("initialised from %s", cfg.init_checkpoint)
         self.manifest.update(
-            {"config_hash": config_hash(cfg), "run_config": to_dict(cfg), "n_items": self.n_items}
+            {
+                "config_hash": config_hash(cfg),
+                "run_config": to_dict(cfg),
+                "n_items": self.n_items,
+                "item_features": content_features(cfg.item),
+            }
         )
         log_pop = log_popularity(train.item_counts(), self.device)
         fit_on = split_windows(train, cfg.user.max_len) if cfg.train_windows else train
