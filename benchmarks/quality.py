@@ -63,23 +63,38 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)
     ap.add_argument(
         "--dataset",
         default="beauty",
         help="name (beauty, online-retail, ...) or S3-Rec path prefix",
     )
     ap.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")
-    ap.add_argument("--models", default="popularity,als,bpr")
-    ap.add_argument("--ties", choices=["file", "shuffle"], default="file")
-    ap.add_argument("--split", choices=["loo", "temporal"], default=None)
+    ap.add_argument(
+        "--models",
+        default="popularity,als,bpr",
+        help="comma list: popularity, als, bpr, itemknn, ease, two-tower[:CONFIG.toml]",
+    )
+    ap.add_argument(
+        "--ties",
+        choices=["file", "shuffle"],
+        default="file",
+        help="leave-one-out order of same-timestamp events",
+    )
+    ap.add_argument(
+        "--split",
+        choices=["loo", "temporal"],
+        default=None,
+        help="split kind (default: temporal for online-retail, else leave-one-out)",
+    )
     ap.add_argument(
         "--test-start", default=None, help="temporal split: first day of the test window"
     )
-    ap.add_argument("--valid-days", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--valid-days", type=int, default=30, help="temporal split: validation window")
+    ap.add_argument("--seed", type=int, default=42, help="seed of the shuffled-ties split")
     ap.add_argument("--out", default=None, help="JSON output path (markdown table beside it)")
     ap.add_argument(
         "--no-text",
@@ -87,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="hide product content (title, brand, category, price): ids only, as for a "
         "dataset folder without an items file",
     )
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
@@ -129,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info(
             "%s: test recall@10 %.4f ndcg@10 %.4f", name, r.test["recall@10"], r.test["ndcg@10"]
         )
+    import resource
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     table = markdown_table(result)
     print(table)
     if args.out:

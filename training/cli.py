@@ -12,7 +12,11 @@ from typing import Any
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
-    p = sub.add_parser("train", help="train the two-tower model (pretraining + fine-tuning)")
+    p = sub.add_parser(
+        "train",
+        help="train the two-tower model, compare it with ALS/EASE on validation, serve the winner",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--dataset", required=True, help="dataset name or path (beauty, online-retail, ...)"
     )
@@ -34,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a config value (TOML literal), e.g. --set user.dropout=0.3",
+    )
+    p.add_argument(
+        "--no-text",
+        action="store_true",
+        help="hide product content (title, brand, category, price): an id-only model, as for "
+        "a catalogue without an items file",
     )
     p.add_argument("--no-resume", action="store_true", help="ignore last.pt and start over")
     p.add_argument("--no-test", action="store_true", help="skip the test evaluation")
@@ -82,6 +92,10 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
+    if args.no_text:
+        from training.two_tower import hide_item_content
+
+        ds = hide_item_content(ds)
     split = make_split(ds, args.split)
     config = Path(args.config) if args.config else default_config_path()
     out = train_and_evaluate(

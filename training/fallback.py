@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,11 @@ from towers.config import from_dict
 from towers.factor import FactorTower, factor_tower_from_baseline, save_factor_tower
 from towers.sequences import Interactions
 from training.splits import Split, Targets
+from training.trainer import FallbackConfig, fast_evaluate
+
+__all__ = ["FallbackConfig", "compare_and_select", "evaluate_factor", "factor_scorer"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FallbackConfig:
-    """Which baselines compete with the tower on validation (``[fallback]`` in the run TOML)."""
-
-    enabled: bool = True
-    baselines: tuple[str, ...] = ("als", "ease")
-    als_factors: int = 128
-    als_alphas: tuple[float, ...] = (10.0, 40.0)  # grid, regularization 1.0
-    als_regularization: float = 1.0
-    ease_l2: tuple[float, ...] = (250.0, 1000.0)  # grid
-    ease_rank: int = 256  # served rank of the EASE matrix (truncated SVD)
-    ease_max_items: int = 40_000  # larger catalogues skip EASE (dense N x N inverse)
-    max_len: int = 200  # newest history events a baseline reads per user
 
 
 def _grid(cfg: FallbackConfig, name: str) -> list[dict[str, Any]]:
@@ -70,8 +57,6 @@ def evaluate_factor(
     model: FactorTower, targets: Targets, history: Interactions, ks: tuple[int, ...] = (10, 20)
 ) -> dict[str, float]:
     """Full-ranking metrics of a factor tower (same code as the tower's early stopping)."""
-    from training.trainer import fast_evaluate
-
     return fast_evaluate(model, targets, history, model.cfg.max_len, ks=ks)  # type: ignore[arg-type]
 
 

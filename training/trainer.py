@@ -53,7 +53,6 @@ from training.contrastive import (
     prepare_finetune,
     trainable_parameters,
 )
-from training.fallback import FallbackConfig
 from training.pretrain import PretrainConfig, log_popularity, masked_item_loss, next_item_loss
 from training.splits import Targets
 
@@ -61,15 +60,33 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class FallbackConfig:
+    """Which baselines compete with the tower on validation (``[fallback]`` in the run TOML)."""
+
+    enabled: bool = True
+    baselines: tuple[str, ...] = ("als", "ease")
+    als_factors: int = 128
+    als_alphas: tuple[float, ...] = (10.0, 40.0)  # grid, regularization 1.0
+    als_regularization: float = 1.0
+    ease_l2: tuple[float, ...] = (250.0, 1000.0)  # grid
+    ease_rank: int = 256  # served rank of the EASE matrix (truncated SVD)
+    ease_max_items: int = 40_000  # larger catalogues skip EASE (dense N x N inverse)
+    max_len: int = 200  # newest history events a baseline reads per user
+
+
+@dataclass(frozen=True)
 class NoContentConfig:
     """Settings applied when the catalogue has no product content (id-only item tower).
 
-    Id embeddings start from nothing (no text to lean on), so they need more passes
-    over the data; early stopping on validation still picks the epoch.
+    Id embeddings start from nothing (no text to lean on) and keep improving after the
+    text model's epoch budget (Beauty ids only: validation NDCG still rising at epoch 10
+    of 10), so they get a longer budget; early stopping on validation picks the epoch.
+    ``None`` keeps the ``[pretrain]`` / ``[user]`` value.
     """
 
-    epochs: int = 20  # stage-1 epoch budget (cosine schedule length)
-    dropout: float = 0.3  # user-tower hidden and attention dropout
+    epochs: int | None = None  # stage-1 epoch budget (cosine schedule length)
+    patience: int | None = None
+    dropout: float | None = None  # user-tower hidden and attention dropout
 
 
 @dataclass(frozen=True)
@@ -282,11 +299,14 @@ class Trainer:
             cfg = replace(cfg, item=item_cfg)
         if not (item_cfg.use_text or item_cfg.use_brand or item_cfg.use_category):
             nc = cfg.no_content
-            cfg = replace(
-                cfg,
-                pretrain=replace(cfg.pretrain, epochs=nc.epochs),
-                user=replace(cfg.user, dropout=nc.dropout, attention_dropout=nc.dropout),
-            )
+            pre, user = cfg.pretrain, cfg.user
+            if nc.epochs is not None:
+                pre = replace(pre, epochs=nc.epochs)
+            if nc.patience is not None:
+                pre = replace(pre, patience=nc.patience)
+            if nc.dropout is not None:
+                user = replace(user, dropout=nc.dropout, attention_dropout=nc.dropout)
+            cfg = replace(cfg, pretrain=pre, user=user)
             log.info("id-only item tower: [no_content] settings %s", nc)
         self.cfg = cfg
         self.items = items

@@ -19,7 +19,7 @@ from towers.synthetic import SyntheticConfig, make_shop
 from training.baselines import ALS, EASE, ALSConfig, EASEConfig
 from training.fallback import FallbackConfig, compare_and_select
 from training.splits import leave_one_out
-from training.two_tower import TwoTowerRetriever, hide_item_content, train_and_evaluate
+from training.two_tower import TwoTowerRetriever, hide_item_content
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "towers" / "quick.toml"
@@ -73,7 +73,9 @@ def test_lifted_cosine_ranks_like_the_dot_product(inter: Interactions) -> None:
         assert list(np.argsort(-g)[:10]) == list(np.argsort(-w)[:10])
 
 
-def test_compare_keeps_the_tower_when_it_wins(shop: Any, inter: Interactions, tmp_path: Path) -> None:
+def test_compare_keeps_the_tower_when_it_wins(
+    shop: Any, inter: Interactions, tmp_path: Path
+) -> None:
     split = leave_one_out(inter)
     cfg = FallbackConfig(als_alphas=(10.0,), ease_l2=(100.0,), ease_rank=32)
     rec, served = compare_and_select(
@@ -81,7 +83,9 @@ def test_compare_keeps_the_tower_when_it_wins(shop: Any, inter: Interactions, tm
     )
     assert served is None and rec["served"]["kind"] == "two-tower"
     assert set(rec["candidates"]) == {"two-tower", "als", "ease"}
-    assert all(0 < c["valid"]["ndcg@10"] < 1.0 for k, c in rec["candidates"].items() if k != "two-tower")
+    assert all(
+        0 < c["valid"]["ndcg@10"] < 1.0 for k, c in rec["candidates"].items() if k != "two-tower"
+    )
     assert not (tmp_path / "served").exists()
 
 
@@ -95,7 +99,9 @@ def test_id_only_catalogue_is_detected_and_equals_a_missing_items_file(tmp_path:
         seq = rng.integers(1, 31, int(rng.integers(4, 9)))
         lines.append(" ".join(map(str, [u, *seq.tolist()])))
     for i in range(1, 31):
-        rows.append({"item_id": i, "title": f"product {i}", "brand": f"b{i % 3}", "categories": "x"})
+        rows.append(
+            {"item_id": i, "title": f"product {i}", "brand": f"b{i % 3}", "categories": "x"}
+        )
     full, bare = tmp_path / "full", tmp_path / "bare"
     for d in (full, bare):
         d.mkdir()
@@ -109,12 +115,16 @@ def test_id_only_catalogue_is_detected_and_equals_a_missing_items_file(tmp_path:
         i2 = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
         split = leave_one_out(i2)
         r = TwoTowerRetriever.for_dataset(
-            ds, QUICK, tmp_path / name, {"pretrain": {"epochs": 1}, "threads": 1}
+            ds,
+            QUICK,
+            tmp_path / name,
+            {"pretrain": {"epochs": 1}, "no_content": {"epochs": 2}, "threads": 1},
         )
         r.fit(split.train, split.valid, resume=False)
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         assert manifest["item_features"] == ["id"]
-        assert r.cfg.pretrain.epochs == r.cfg.no_content.epochs  # id-only settings applied
+        assert r.cfg.pretrain.epochs == 2  # the [no_content] settings applied
+        assert len(manifest["stages"]["pretrain"]["history"]) == 2
         vecs.append(load_run(tmp_path / name).item_vectors())
     np.testing.assert_array_equal(vecs[0], vecs[1])
 
