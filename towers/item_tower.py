@@ -82,18 +82,19 @@ def _has_values(items: pl.DataFrame, col: str) -> bool:
 def adapt_to_catalogue(cfg: ItemTowerConfig, items: pl.DataFrame) -> ItemTowerConfig:
     """``cfg`` with the content features the catalogue cannot feed turned off.
 
-    A shop without product text (no items file, or ``--no-text``) gets an id-only item
-    tower automatically: ``use_text`` needs a non-empty ``text_fields`` column, brand /
-    category / price need their column. Raises when nothing is left.
+    A catalogue without any product content (no items file, ``--no-text``: no usable
+    title/``text_fields``, brand or category) gets an id-only item tower. Otherwise only
+    ``use_text`` follows the data (no text column: no text model); brand/category/price
+    flags stay as configured (an empty column embeds to zeros), so a run on a
+    catalogue with content keeps its parameters and seeded initialisation. Raises when
+    nothing is left.
     """
-    use_text = cfg.use_text and any(_has_values(items, f) for f in cfg.text_fields)
-    out = replace(
-        cfg,
-        use_text=use_text,
-        use_brand=cfg.use_brand and _has_values(items, "brand"),
-        use_category=cfg.use_category and _has_values(items, "category"),
-        use_price=cfg.use_price and _has_values(items, "price"),
-    )
+    has_text = any(_has_values(items, f) for f in cfg.text_fields)
+    has_content = has_text or _has_values(items, "brand") or _has_values(items, "category")
+    if has_content:
+        out = replace(cfg, use_text=cfg.use_text and has_text)
+    else:
+        out = replace(cfg, use_text=False, use_brand=False, use_category=False, use_price=False)
     if not (out.use_id or out.use_text or out.use_brand or out.use_category):
         raise ConfigError(
             "the catalogue has no title/brand/category to build item vectors from and "
