@@ -177,7 +177,8 @@ def factor_tower_from_baseline(model: Any, max_len: int = 200, ease_rank: int = 
         return FactorTower(cfg, model.item_factors)
     if name == "ease":
         w = model.weights
-        b = np.asarray(w.todense() if hasattr(w, "todense") else w, np.float32)  # (N+1, N+1)
+        b = w.toarray() if hasattr(w, "toarray") else w  # (N+1, N+1)
+        b = np.asarray(b, np.float32)  # no copy when already float32
         u, s, v = low_rank(b, ease_rank)
         cfg = FactorConfig(
             kind="ease",

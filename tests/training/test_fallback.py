@@ -73,6 +73,14 @@ def test_lifted_cosine_ranks_like_the_dot_product(inter: Interactions) -> None:
         assert list(np.argsort(-g)[:10]) == list(np.argsort(-w)[:10])
 
 
+def test_lean_ease_equals_the_baseline(inter: Interactions) -> None:
+    from training.fallback import ease_weights
+
+    ease = EASE(EASEConfig(l2=80.0))
+    ease.fit(inter)
+    np.testing.assert_allclose(ease_weights(inter, 80.0), ease.weights, atol=2e-5)
+
+
 def test_compare_keeps_the_tower_when_it_wins(
     shop: Any, inter: Interactions, tmp_path: Path
 ) -> None:
