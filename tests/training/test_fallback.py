@@ -224,7 +224,12 @@ def test_baseline_fallback_end_to_end_grpc(shop: Any, tmp_path: Path) -> None:
     assert res["test_served"]["ndcg@10"] > res["test"]["ndcg@10"]
 
     from serving.assemble import load_parts
+    from towers.errors import ModelError
+    from towers.export import export_onnx
     from towers.loaders import load_dataset
+
+    with pytest.raises(ModelError, match="baseline"):
+        export_onnx(run, tmp_path / "onnx")
 
     ds = load_dataset(str(ds_dir))
     parts = load_parts(run, ds)
