@@ -48,6 +48,11 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"**{result['dataset']['dataset']}** — split `{p.get('split')}`"
         + (f", ties `{p['ties']}`" if p.get("ties") else "")
+        + (
+            ", product content hidden (--no-text)"
+            if "hidden" in str(result["dataset"].get("item_content"))
+            else ""
+        )
         + f", full ranking over {result['dataset']['items']:,} items, test users {int(next(iter(result['models'].values()))['users']):,}",
         "",
         "| model | " + " | ".join(METRICS) + " | valid ndcg@10 | train s | eval s |",

@@ -153,7 +153,9 @@ def train_and_evaluate(
     test: bool = True,
     t_start: float | None = None,
 ) -> dict[str, Any]:
-    """Fit on ``split.train`` (early stopping on validation), then evaluate on test.
+    """Fit on ``split.train`` (early stopping on validation), compare with the
+    ``[fallback]`` baselines on validation (the winner is recorded as ``served`` and saved
+    when it is a baseline, see :mod:`training.fallback`), then evaluate on test.
 
     Writes ``results.json`` in ``out_dir``; returns the same dict.
     """
