@@ -208,6 +208,8 @@ def test_baseline_fallback_end_to_end_grpc(shop: Any, tmp_path: Path) -> None:
             "--set",
             "threads=1",
             "--set",
+            "fallback.enabled=true",
+            "--set",
             "fallback.als_alphas=[10.0]",
             "--set",
             "fallback.ease_l2=[100.0]",
