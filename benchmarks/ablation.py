@@ -357,11 +357,116 @@ def retail(args: argparse.Namespace) -> None:
     _write(args.out, result, markdown(f"online-retail, temporal split at {args.test_start}", rows))
 
 
+def serving_cost(args: argparse.Namespace) -> None:
+    """What serving a baseline through the tower path costs: EASE exact vs its rank-r
+    factor tower, ALS with its trained user factors vs the history fold-in (validation
+    and test NDCG@10, vector width, encode time per user)."""
+    from towers.factor import factor_tower_from_baseline
+    from training.baselines import ALS, EASE, ALSConfig, EASEConfig
+    from training.fallback import factor_scorer
+
+    ds = load_dataset(args.dataset, args.data_dir)
+    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_items)
+    split = (
+        temporal_split(inter, args.test_start, valid_days=30)
+        if ds.name == "online-retail"
+        else leave_one_out(inter, ties=args.ties)
+    )
+    rows: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, valid_model: Any, test_model: Any, extra: dict) -> None:
+        t0 = time.perf_counter()
+        v = evaluate(valid_model, split.valid, split.train, ks=(10,), progress=False)
+        t = evaluate(test_model, split.test, split.train_valid, ks=(10,), progress=False)
+        rows[name] = {
+            "valid": v,
+            "test": t,
+            "eval_seconds": time.perf_counter() - t0,
+            **extra,
+        }
+        log.info("%s valid %.4f test %.4f", name, v["ndcg@10"], t["ndcg@10"])
+
+    users = split.test.users[:2000]
+    for lam in [float(x) for x in args.ease_l2.split(",")]:
+        fitted = {}
+        for part, data in (("valid", split.train), ("test", split.train_valid)):
+            m = EASE(EASEConfig(l2=lam))
+            t0 = time.perf_counter()
+            m.fit(data)
+            fitted[part] = (m, time.perf_counter() - t0)
+        n1 = split.train.n_items + 1
+        add(
+            f"ease l2={lam:g} exact",
+            fitted["valid"][0].score,
+            fitted["test"][0].score,
+            {"dim": n1, "fit_seconds": fitted["valid"][1], "bytes": 4 * n1 * n1},
+        )
+        for r in [int(x) for x in args.ranks.split(",")]:
+            fv = factor_tower_from_baseline(fitted["valid"][0], ease_rank=r)
+            ft = factor_tower_from_baseline(fitted["test"][0], ease_rank=r)
+            t0 = time.perf_counter()
+            factor_scorer(ft)(users, split.train_valid)
+            per_user_ms = (time.perf_counter() - t0) / len(users) * 1e3
+            add(
+                f"ease l2={lam:g} rank {r} (served)",
+                factor_scorer(fv),
+                factor_scorer(ft),
+                {"dim": ft.dim, "bytes": 4 * 2 * n1 * ft.dim, "score_ms_per_user": per_user_ms},
+            )
+            del fv, ft
+    for alpha in (10.0, 40.0):
+        fitted2 = {}
+        for part, data in (("valid", split.train), ("test", split.train_valid)):
+            a = ALS(ALSConfig(factors=128, regularization=1.0, alpha=alpha))
+            a.fit(data)
+            fitted2[part] = a
+        add(
+            f"als a={alpha:g} trained user factors",
+            fitted2["valid"].score,
+            fitted2["test"].score,
+            {"dim": 128},
+        )
+        fv = factor_tower_from_baseline(fitted2["valid"])
+        ft = factor_tower_from_baseline(fitted2["test"])
+        t0 = time.perf_counter()
+        factor_scorer(ft)(users, split.train_valid)
+        per_user_ms = (time.perf_counter() - t0) / len(users) * 1e3
+        add(
+            f"als a={alpha:g} fold-in (served)",
+            factor_scorer(fv),
+            factor_scorer(ft),
+            {"dim": ft.dim, "score_ms_per_user": per_user_ms},
+        )
+    result = {"dataset": ds.name, "protocol": split.protocol, "rows": rows}
+    lines = [
+        f"**serving cost, {ds.name}** ({split.protocol.get('split')})",
+        "",
+        "| retriever | valid ndcg@10 | test ndcg@10 | test recall@10 | vector dim | "
+        "score ms/user (full catalogue) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in rows.items():
+        ms = v.get("score_ms_per_user")
+        lines.append(
+            f"| {name} | {v['valid']['ndcg@10']:.4f} | {v['test']['ndcg@10']:.4f} | "
+            f"{v['test']['recall@10']:.4f} | {v['dim']} | "
+            + (f"{ms:.3f} |" if ms is not None else "- |")
+        )
+    _write(args.out, result, "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--experiment", choices=["ablation", "coldstart", "retail"], default="ablation")
+    p.add_argument(
+        "--experiment",
+        choices=["ablation", "coldstart", "retail", "serving-cost"],
+        default="ablation",
+        help="which experiment",
+    )
+    p.add_argument("--ease-l2", default="100,500", help="serving-cost: EASE lambdas")
+    p.add_argument("--ranks", default="64,256", help="serving-cost: served EASE ranks")
     p.add_argument("--dataset", default="beauty")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -382,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    {"ablation": ablation, "coldstart": coldstart, "retail": retail}[args.experiment](args)
+    {
+        "ablation": ablation,
+        "coldstart": coldstart,
+        "retail": retail,
+        "serving-cost": serving_cost,
+    }[args.experiment](args)
     print(args.out.with_suffix(".md").read_text())
     return 0
 

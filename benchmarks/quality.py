@@ -26,6 +26,7 @@ from towers.loaders import load_dataset
 from towers.sequences import Interactions
 from training.protocol import model_family, run_protocol
 from training.splits import Split, leave_one_out, temporal_split
+from training.two_tower import hide_item_content
 
 METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10", "coverage@10"]
 # Online Retail default temporal split: last ~5.5 weeks are test, the 30 days before validation.
@@ -47,6 +48,11 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"**{result['dataset']['dataset']}** — split `{p.get('split')}`"
         + (f", ties `{p['ties']}`" if p.get("ties") else "")
+        + (
+            ", product content hidden (--no-text)"
+            if "hidden" in str(result["dataset"].get("item_content"))
+            else ""
+        )
         + f", full ranking over {result['dataset']['items']:,} items, test users {int(next(iter(result['models'].values()))['users']):,}",
         "",
         "| model | " + " | ".join(METRICS) + " | valid ndcg@10 | train s | eval s |",
@@ -62,37 +68,59 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)
     ap.add_argument(
         "--dataset",
         default="beauty",
         help="name (beauty, online-retail, ...) or S3-Rec path prefix",
     )
     ap.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")
-    ap.add_argument("--models", default="popularity,als,bpr")
-    ap.add_argument("--ties", choices=["file", "shuffle"], default="file")
-    ap.add_argument("--split", choices=["loo", "temporal"], default=None)
+    ap.add_argument(
+        "--models",
+        default="popularity,als,bpr",
+        help="comma list: popularity, als, bpr, itemknn, ease, two-tower[:CONFIG.toml]",
+    )
+    ap.add_argument(
+        "--ties",
+        choices=["file", "shuffle"],
+        default="file",
+        help="leave-one-out order of same-timestamp events",
+    )
+    ap.add_argument(
+        "--split",
+        choices=["loo", "temporal"],
+        default=None,
+        help="split kind (default: temporal for online-retail, else leave-one-out)",
+    )
     ap.add_argument(
         "--test-start", default=None, help="temporal split: first day of the test window"
     )
-    ap.add_argument("--valid-days", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--valid-days", type=int, default=30, help="temporal split: validation window")
+    ap.add_argument("--seed", type=int, default=42, help="seed of the shuffled-ties split")
     ap.add_argument("--out", default=None, help="JSON output path (markdown table beside it)")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--no-text",
+        action="store_true",
+        help="hide product content (title, brand, category, price): ids only, as for a "
+        "dataset folder without an items file",
+    )
+    ap.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     ds = load_dataset(args.dataset, args.data_dir)
+    if args.no_text:
+        ds = hide_item_content(ds)
     purchases = ds.events.filter(ds.events["event_type"] == "purchase")
     inter = Interactions.from_events(purchases, ds.n_users, ds.n_items)
     split = make_split(args, inter, ds.name)
     desc = ds.describe()
     result: dict = {
-        "dataset": {
-            k: desc[k] for k in ("dataset", "users", "items", "interactions", "time_range")
-        },
+        "dataset": {k: desc[k] for k in ("dataset", "users", "items", "interactions", "time_range")}
+        | {"item_content": "hidden (--no-text)" if args.no_text else "as loaded"},
         "protocol": {
             **split.protocol,
             "ranking": "full catalogue, history items excluded",
@@ -121,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         logging.info(
             "%s: test recall@10 %.4f ndcg@10 %.4f", name, r.test["recall@10"], r.test["ndcg@10"]
         )
+    import resource
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     table = markdown_table(result)
     print(table)
     if args.out:

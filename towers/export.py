@@ -92,6 +92,14 @@ def _export(
 
 def export_onnx(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Export the run's towers to ``out_dir``; returns the written paths by role."""
+    from towers.inference import served_kind
+
+    kind = served_kind(run_dir)
+    if kind != "two-tower":
+        raise ModelError(
+            f"run {run_dir} serves the {kind!r} baseline (it beat the tower on validation): "
+            "it has no ONNX export; serve it with the in-process encoder"
+        )
     tm = load_run(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

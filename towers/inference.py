@@ -232,9 +232,51 @@ def read_run_fingerprint(run_dir: str | Path) -> dict[str, object] | None:
     return fp if isinstance(fp, dict) else None
 
 
+SERVED_KEY = "served"  # manifest: {"kind": "two-tower" | "als" | "ease", "path": ...}
+
+
+def served_kind(run_dir: str | Path) -> str:
+    """Which retriever a run serves (``two-tower`` unless a baseline won on validation)."""
+    mf = Path(run_dir) / MANIFEST_FILE
+    if not mf.exists():
+        return "two-tower"
+    return str(json.loads(mf.read_text()).get(SERVED_KEY, {}).get("kind", "two-tower"))
+
+
+def _load_factor_run(d: Path, manifest: dict) -> TrainedModel:
+    """A run whose served retriever is a baseline (``towers.factor.FactorTower``)."""
+    from towers.factor import load_factor_tower
+    from towers.user_tower import UserTowerConfig
+
+    fm, item_ids, meta = load_factor_tower(d / manifest[SERVED_KEY]["path"])
+    vocab: dict[str, list[str]] = {"brands": [], "categories": [], "price_edges": []}
+    ck = Checkpoint(
+        model=fm,  # type: ignore[arg-type]  # same interface as TwoTower (towers.factor)
+        item_cfg=fm.item_cfg,
+        user_cfg=UserTowerConfig(max_len=fm.cfg.max_len),
+        item_ids=item_ids,
+        vocab=vocab,
+        meta={**manifest, **meta},
+    )
+    version = f"{manifest.get('model_version', d.name)}-{fm.cfg.kind}"
+    return TrainedModel(
+        run_dir=d,
+        model_version=version,
+        config_hash=str(manifest.get("config_hash", "")),
+        max_len=fm.cfg.max_len,
+        dim=fm.dim,
+        item_ids=IdMap(item_ids),
+        model=fm,  # type: ignore[arg-type]
+        checkpoint=ck,
+    )
+
+
 def load_run(run_dir: str | Path) -> TrainedModel:
-    """Load the best checkpoint of a training run directory."""
+    """Load the served model of a training run directory: the best two-tower checkpoint,
+    or the baseline (ALS / EASE factor tower) that beat it on validation."""
     d = Path(run_dir)
+    if served_kind(d) != "two-tower":
+        return _load_factor_run(d, json.loads((d / MANIFEST_FILE).read_text()))
     path = d / MODEL_FILE
     if not path.exists():
         raise NotFoundError(f"no trained model in {d} (missing {MODEL_FILE})")

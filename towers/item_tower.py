@@ -10,7 +10,7 @@ the content part, so :meth:`ItemTower.content` alone must give a useful vector
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -63,6 +63,51 @@ class ItemFeatures:
     category: np.ndarray  # (N+1,) int64, 0 = unknown
     price: np.ndarray  # (N+1,) int64 bucket, 0 = unknown
     vocab: dict[str, list[str]] = field(default_factory=dict)  # brands, categories, price edges
+
+
+def _has_values(items: pl.DataFrame, col: str) -> bool:
+    """Whether ``col`` exists and holds at least one usable (non-empty, known) value."""
+    if col not in items.columns or items.height == 0:
+        return False
+    vals = items[col].drop_nulls()
+    if vals.dtype == pl.Utf8:
+        vals = vals.str.strip_chars().str.to_lowercase()
+        vals = vals.filter(~vals.is_in(["", "unknown", "nan", "none"]))
+    else:
+        vals = vals.cast(pl.Float64, strict=False).drop_nulls()
+        vals = vals.filter(vals > 0)
+    return len(vals) > 0
+
+
+def adapt_to_catalogue(cfg: ItemTowerConfig, items: pl.DataFrame) -> ItemTowerConfig:
+    """``cfg`` with the content features the catalogue cannot feed turned off.
+
+    A catalogue without any product content (no items file, ``--no-text``: no usable
+    title/``text_fields``, brand or category) gets an id-only item tower. Otherwise only
+    ``use_text`` follows the data (no text column: no text model); brand/category/price
+    flags stay as configured (an empty column embeds to zeros), so a run on a
+    catalogue with content keeps its parameters and seeded initialisation. Raises when
+    nothing is left.
+    """
+    has_text = any(_has_values(items, f) for f in cfg.text_fields)
+    has_content = has_text or _has_values(items, "brand") or _has_values(items, "category")
+    if has_content:
+        out = replace(cfg, use_text=cfg.use_text and has_text)
+    else:
+        out = replace(cfg, use_text=False, use_brand=False, use_category=False, use_price=False)
+    if not (out.use_id or out.use_text or out.use_brand or out.use_category):
+        raise ConfigError(
+            "the catalogue has no title/brand/category to build item vectors from and "
+            "item.use_id is false; enable item.use_id"
+        )
+    return out
+
+
+def content_features(cfg: ItemTowerConfig) -> list[str]:
+    """Names of the item features ``cfg`` uses (for manifests and reports)."""
+    names = ["id", "text", "brand", "category", "price"]
+    flags = [cfg.use_id, cfg.use_text, cfg.use_brand, cfg.use_category, cfg.use_price]
+    return [n for n, f in zip(names, flags, strict=True) if f]
 
 
 def _first_category(c: str | None) -> str | None:

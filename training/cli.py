@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train the two-tower model (pretraining + fine-tuning)",
+        help="train the two-tower model, compare it with ALS/EASE on validation, serve the winner",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
@@ -50,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a config value (TOML literal), e.g. --set user.dropout=0.3",
+    )
+    p.add_argument(
+        "--no-text",
+        action="store_true",
+        help="hide product content (title, brand, category, price): an id-only model, as for "
+        "a catalogue without an items file",
     )
     p.add_argument(
         "--no-resume",
@@ -176,6 +182,10 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
     prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
+    if args.no_text:
+        from training.two_tower import hide_item_content
+
+        ds = hide_item_content(ds)
     split = make_split(ds, args.split)
     config = resolve_config(args.config) if args.config else default_config_path()
     out = train_and_evaluate(

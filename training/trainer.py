@@ -23,7 +23,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,12 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from towers.config import config_hash, from_dict, load_toml, to_dict
 from towers.errors import ConfigError
 from towers.inference import MANIFEST_FILE, MODEL_FILE, batch_tensors
-from towers.item_tower import ItemTowerConfig, build_item_features
+from towers.item_tower import (
+    ItemTowerConfig,
+    adapt_to_catalogue,
+    build_item_features,
+    content_features,
+)
 from towers.model import TwoTower, load_checkpoint, save_checkpoint
 from towers.sequences import Interactions, batch_for_users
 from towers.text_encoder import catalogue_text_embeddings
@@ -55,6 +60,36 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class FallbackConfig:
+    """Which baselines compete with the tower on validation (``[fallback]`` in the run TOML)."""
+
+    enabled: bool = True
+    baselines: tuple[str, ...] = ("als", "ease")
+    als_factors: int = 128
+    als_alphas: tuple[float, ...] = (10.0, 40.0)  # grid, regularization 1.0
+    als_regularization: float = 1.0
+    ease_l2: tuple[float, ...] = (250.0, 1000.0)  # grid
+    ease_rank: int = 256  # served rank of the EASE matrix (truncated SVD)
+    ease_max_items: int = 40_000  # larger catalogues skip EASE (dense N x N inverse)
+    max_len: int = 200  # newest history events a baseline reads per user
+
+
+@dataclass(frozen=True)
+class NoContentConfig:
+    """Settings applied when the catalogue has no product content (id-only item tower).
+
+    Id embeddings start from nothing (no text to lean on) and keep improving after the
+    text model's epoch budget (Beauty ids only: validation NDCG still rising at epoch 10
+    of 10), so they get a longer budget; early stopping on validation picks the epoch.
+    ``None`` keeps the ``[pretrain]`` / ``[user]`` value.
+    """
+
+    epochs: int | None = None  # stage-1 epoch budget (cosine schedule length)
+    patience: int | None = None
+    dropout: float | None = None  # user-tower hidden and attention dropout
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs; saved in every checkpoint and the manifest."""
 
@@ -62,6 +97,9 @@ class RunConfig:
     user: UserTowerConfig = field(default_factory=UserTowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    # baselines compared with the tower on validation by `ecomrec train` (training.fallback)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    no_content: NoContentConfig = field(default_factory=NoContentConfig)
     seed: int = 42
     threads: int = 2  # torch CPU threads (0 = leave torch's default)
     device: str = "auto"  # auto | cpu | cuda
@@ -253,6 +291,28 @@ class Trainer:
         """``init_model`` (warm start, lifecycle refresh): train this model instance instead
         of building a fresh one (its ``known`` mask is kept); ``vocab`` is then its
         brand/category vocabulary, saved in the checkpoints."""
+        # a catalogue without product text (no items file, --no-text) -> id-only item tower
+        item_cfg = adapt_to_catalogue(cfg.item, items)
+        if item_cfg != cfg.item:
+            log.info(
+                "catalogue has no %s: item features %s",
+                ", ".join(
+                    sorted(set(content_features(cfg.item)) - set(content_features(item_cfg)))
+                ),
+                content_features(item_cfg),
+            )
+            cfg = replace(cfg, item=item_cfg)
+        if not (item_cfg.use_text or item_cfg.use_brand or item_cfg.use_category):
+            nc = cfg.no_content
+            pre, user = cfg.pretrain, cfg.user
+            if nc.epochs is not None:
+                pre = replace(pre, epochs=nc.epochs)
+            if nc.patience is not None:
+                pre = replace(pre, patience=nc.patience)
+            if nc.dropout is not None:
+                user = replace(user, dropout=nc.dropout, attention_dropout=nc.dropout)
+            cfg = replace(cfg, pretrain=pre, user=user)
+            log.info("id-only item tower: [no_content] settings %s", nc)
         self.cfg = cfg
         self.items = items
         self.item_ids = list(item_ids)
@@ -326,7 +386,12 @@ class Trainer:
             model.item_tower.set_known(train.item_counts())
             log.info("initialised from %s", cfg.init_checkpoint)
         self.manifest.update(
-            {"config_hash": config_hash(cfg), "run_config": to_dict(cfg), "n_items": self.n_items}
+            {
+                "config_hash": config_hash(cfg),
+                "run_config": to_dict(cfg),
+                "n_items": self.n_items,
+                "item_features": content_features(cfg.item),
+            }
         )
         log_pop = log_popularity(train.item_counts(), self.device)
         fit_on = split_windows(train, cfg.user.max_len) if cfg.train_windows else train

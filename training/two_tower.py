@@ -19,10 +19,11 @@ import polars as pl
 
 from towers.config import to_dict
 from towers.errors import ModelError
-from towers.inference import MANIFEST_FILE, MODEL_FILE, load_run, score_users
+from towers.inference import MANIFEST_FILE, MODEL_FILE, SERVED_KEY, load_run, score_users
 from towers.model import TwoTower
 from towers.sequences import Interactions
 from training.evaluation import evaluate
+from training.fallback import compare_and_select, factor_scorer
 from training.splits import Split, Targets
 from training.trainer import (
     RunConfig,
@@ -96,6 +97,7 @@ class TwoTowerRetriever:
 
         # a DistributedTrainer inside a torchrun job (ecomrec train --nproc N)
         trainer = make_trainer(self.cfg, self.items, self.item_ids, self.run_dir, t_start=t_start)
+        self.cfg = trainer.cfg  # item features adapted to what the catalogue holds
         self.model, self.manifest = trainer.fit(train, valid, resume=resume)
         self.model.eval()
 
@@ -134,6 +136,15 @@ class TwoTowerRetriever:
         return r
 
 
+def hide_item_content(ds: Any) -> Any:
+    """A copy of a loaded dataset whose catalogue holds ids only (no title, brand,
+    category, price): what a shop without product text looks like (``--no-text``)."""
+    import dataclasses
+
+    items = ds.items.select("item_id", "external_id")
+    return dataclasses.replace(ds, items=items, extra={**ds.extra, "content_hidden": True})
+
+
 def train_and_evaluate(
     ds: Any,
     split: Split,
@@ -144,7 +155,9 @@ def train_and_evaluate(
     test: bool = True,
     t_start: float | None = None,
 ) -> dict[str, Any]:
-    """Fit on ``split.train`` (early stopping on validation), then evaluate on test.
+    """Fit on ``split.train`` (early stopping on validation), compare with the
+    ``[fallback]`` baselines on validation (the winner is recorded as ``served`` and saved
+    when it is a baseline, see :mod:`training.fallback`), then evaluate on test.
 
     Writes ``results.json`` in ``out_dir``; returns the same dict.
     """
@@ -180,8 +193,35 @@ def train_and_evaluate(
         "train_seconds_total": r.manifest.get("total_seconds"),
         "wall_seconds": time.perf_counter() - t0,
     }
+    served = None
+    if r.cfg.fallback.enabled and split.valid is not None and len(split.valid):
+        t1 = time.perf_counter()
+        record, served = compare_and_select(
+            r.cfg.fallback,
+            split,
+            out["valid"],
+            r.item_ids,
+            out_dir,
+            str(r.manifest.get("model_version", out_dir.name)),
+        )
+        record["seconds"] = time.perf_counter() - t1
+        r.manifest["comparison"] = record
+        r.manifest[SERVED_KEY] = record["served"]
+        (out_dir / MANIFEST_FILE).write_text(json.dumps(r.manifest, indent=2, default=float))
+        out["comparison"] = {
+            k: {"valid_ndcg@10": c["valid"]["ndcg@10"], "params": c["params"]}
+            if "valid" in c
+            else c
+            for k, c in record["candidates"].items()
+        }
+        out["fallback_seconds"] = record["seconds"]
+    out["served"] = r.manifest.get(SERVED_KEY, {"kind": "two-tower", "path": MODEL_FILE})
     if test:
         out["test"] = evaluate(r.score, split.test, split.train_valid, ks=(5, 10, 20))
+        if served is not None:  # the served baseline (refit on train+valid)
+            out["test_served"] = evaluate(
+                factor_scorer(served), split.test, split.train_valid, ks=(5, 10, 20)
+            )
     out["peak_rss_mb"] = peak_rss_mb()
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
     return out
