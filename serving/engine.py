@@ -33,6 +33,8 @@ from towers.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from towers.schema import EVENT_TYPE_IDS
+from towers.sequences import item_bag
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ecomrec.serving.access")
@@ -40,6 +42,7 @@ access_log = logging.getLogger("ecomrec.serving.access")
 # Degraded reasons (stable strings).
 ENCODER_FALLBACK = "ENCODER_FALLBACK"
 INDEX_UNAVAILABLE = "INDEX_UNAVAILABLE"
+BUY_AGAIN = "BUY_AGAIN"  # reason code: an own item of the buy-again mode
 
 
 class DeadlineExceededError(EcomrecError):
@@ -341,7 +344,8 @@ class Recommender:
         seg_name, policy = self._policy(segs)
         pop_segment = (segs.rfm or segs.behavioural) if segs else None
         exclude = set(q.exclude)
-        if not q.include_purchased:
+        buy_again = q.mode == "buy-again"
+        if not (q.include_purchased or buy_again):
             exclude.update(int(i) for i in hist.purchased())
         flt = q.filters
         t = ctx.timed("history", t)
@@ -389,6 +393,8 @@ class Recommender:
                     pop_segment, q.k, flt.with_excluded(sorted(exclude)), rr.POPULAR_FALLBACK
                 )
             ctx.timed("rerank", t)
+        if buy_again:
+            ranked = self._buy_again(ranked, hist, q.k, flt, exclude)
         self._degrade("Recommend", reasons)
         return RecommendResult(
             request_id=q.request_id,
@@ -399,6 +405,39 @@ class Recommender:
             degraded=bool(reasons),
             degraded_reasons=tuple(reasons),
         )
+
+    def _buy_again(
+        self,
+        ranked: Sequence[rr.Ranked],
+        hist: History,
+        k: int,
+        flt: SearchFilter,
+        exclude: set[int],
+    ) -> list[rr.Ranked]:
+        """Repeat/explore mixture: own items (passing the filters, not excluded) score
+        ``buy_again_weight * rf / max rf`` plus their retrieval score, then the top ``k``."""
+        pur = hist.event_type == EVENT_TYPE_IDS["purchase"]
+        now = int(hist.ts.max(initial=0)) + 1
+        bag = item_bag([hist.items[pur]], [hist.ts[pur]], [now])
+        rf = bag.recency_frequency(self.cfg.buy_again_half_life_days)
+        ok = self.catalog.mask(flt)[bag.items] & ~np.isin(bag.items, list(exclude))
+        items, rf = bag.items[ok], rf[ok]
+        if len(items) == 0:
+            return list(ranked)[:k]
+        own = dict(
+            zip(items.tolist(), (self.cfg.buy_again_weight * rf / rf.max()).tolist(), strict=True)
+        )
+        out: dict[int, rr.Ranked] = {}
+        for r in ranked:
+            extra = own.pop(r.item_id, None)
+            out[r.item_id] = (
+                r
+                if extra is None
+                else rr.Ranked(r.item_id, r.score + extra, r.relevance, (*r.reasons, BUY_AGAIN))
+            )
+        for i, s in own.items():
+            out[i] = rr.Ranked(int(i), float(s), 0.0, (BUY_AGAIN,))
+        return sorted(out.values(), key=lambda r: -r.score)[:k]
 
     # -- SimilarItems ---------------------------------------------------------------------
     def similar(self, q: val.SimilarQuery, ctx: RequestContext) -> RecommendResult:
