@@ -118,6 +118,28 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_basket(ds: Any, cfg: Any, out: Path, args: argparse.Namespace) -> Path:
+    """Train the transaction-log tower on purchases strictly before the TEST cutoff
+    (repurchases as targets: it learns who keeps buying what), save it under ``out``."""
+    import polars as pl
+
+    from segments.labels import cutoff_for
+    from towers.config import from_dict
+    from towers.sequences import Interactions
+    from training.basket import BasketRetriever, BasketTrainConfig
+
+    cut = cutoff_for(ds.events, cfg.horizon_days)
+    ev = ds.events.filter((pl.col("ts") < cut) & (pl.col("event_type") == "purchase"))
+    inter = Interactions.from_events(ev, len(ds.users), len(ds.item_ids))
+    r = BasketRetriever(
+        from_dict(BasketTrainConfig, {"targets": "all", "lr": 3e-4, "cutoffs_per_user": 50})
+    )
+    r.refit_epochs = args.basket_epochs
+    r.fit(inter, None)
+    r.save(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--horizon-days", type=int, default=90)
     ap.add_argument("--run", default=None, help="towers run directory (user tower)")
+    ap.add_argument(
+        "--source",
+        choices=["auto", "text", "tower", "basket"],
+        default="auto",
+        help="user embeddings: auto = tower with --run else text; basket = the "
+        "transaction-log tower (trained here on purchases before the test cutoff unless "
+        "--run names a saved one)",
+    )
+    ap.add_argument(
+        "--basket-epochs", type=int, default=2, help="--source basket: training epochs"
+    )
     ap.add_argument(
         "--modes", default=None, help="frozen,lora,full (default: frozen, + lora,full with --run)"
     )
@@ -151,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.modes
         else (("frozen", "lora", "full", "rfm_only") if args.run else ("frozen", "rfm_only"))
     )
-    source = "tower" if args.run else "text"
-    comp = compare(ds, cfg, source=source, run_dir=args.run, modes=modes)
+    source = args.source if args.source != "auto" else ("tower" if args.run else "text")
+    run_dir = args.run
+    if source == "basket" and run_dir is None:
+        run_dir = str(train_basket(ds, cfg, Path(args.out).with_suffix(".basket"), args))
+    comp = compare(ds, cfg, source=source, run_dir=run_dir, modes=modes)
     info = dict(comp.info)
     for k in ("train_cutoff", "test_cutoff"):
         info[f"{k}_date"] = dt.datetime.fromtimestamp(info[k], dt.UTC).strftime("%Y-%m-%d")
@@ -163,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "high_value": comp.metrics["high_value"],
         "cdnow_bgnbd": cdnow_fit(args.data_dir),
         "config": to_dict(cfg),
-        "run": args.run,
+        "run": run_dir,
         "info": info,
     }
     if args.campaign_n > 0:
@@ -171,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         from segments.campaign import theme_precision
 
         test = comp.test
-        emb = user_embeddings(ds, test.cutoff_ts, test.users, source=source, run_dir=args.run)  # type: ignore[arg-type]
-        if args.run:
+        csrc = "text" if source == "basket" else source  # campaigns need a text path
+        emb = user_embeddings(ds, test.cutoff_ts, test.users, source=csrc, run_dir=args.run)  # type: ignore[arg-type]
+        if args.run and csrc == "tower":
             from towers.inference import load_run
 
             embed = load_run(args.run).embed_text

@@ -31,7 +31,7 @@ from towers.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger(__name__)
 
-EmbeddingSource = Literal["tower", "text"]
+EmbeddingSource = Literal["tower", "text", "basket"]
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -128,7 +128,36 @@ def user_embeddings(
         return tower_user_embeddings(run_dir, ds, cutoff_ts, users)
     if source == "text":
         return text_user_embeddings(ds, cutoff_ts, users)
-    raise ConfigError(f"unknown embedding source {source!r}; expected tower or text")
+    if source == "basket":
+        if run_dir is None:
+            raise ConfigError("source='basket' needs a saved basket tower directory (--run)")
+        return basket_user_embeddings(run_dir, ds, cutoff_ts, users)
+    raise ConfigError(f"unknown embedding source {source!r}; expected tower, text or basket")
+
+
+def basket_user_embeddings(
+    run_dir: str | Path, ds: Dataset, cutoff_ts: int, users: np.ndarray
+) -> np.ndarray:
+    """(n, D + 1) transaction-log tower vectors of ``users`` from their purchases before
+    the cutoff (:class:`training.basket.BasketRetriever` saved in ``run_dir``): the
+    L2-normalised user vector and its log norm (how much co-purchase evidence it holds)."""
+    import torch
+
+    from towers.sequences import Interactions, bag_for_users
+    from training.basket import BasketRetriever
+
+    r = BasketRetriever.load(Path(run_dir))
+    assert r.model is not None
+    ev = ds.events.filter((pl.col("ts") < cutoff_ts) & (pl.col("event_type") == "purchase"))
+    inter = Interactions.from_events(ev, len(ds.users), len(ds.item_ids))
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(users), 1024):
+            bag = bag_for_users(inter, np.asarray(users[start : start + 1024]), now=cutoff_ts)
+            u = r.model.user_vectors(r.model.bag_tensors(bag)).float()  # (B, D)
+            norm = u.norm(dim=1, keepdim=True).clamp(min=1e-6)
+            out.append(torch.cat([u / norm, norm.log()], 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, r.model.cfg.dim + 1), np.float32)
 
 
 # --------------------------------------------------------------------------- clustering

@@ -43,11 +43,11 @@ class BasketTrainConfig:
     model: BasketTowerConfig = field(default_factory=BasketTowerConfig)
     targets: Literal["new", "all"] = "new"  # new items only, or repurchases too (buy-again)
     window_days: int = 30  # targets: purchases in the window after the cutoff
-    cutoffs_per_user: int = 12  # most recent invoice times used as cutoffs per customer
+    cutoffs_per_user: int = 50  # most recent invoice times used as cutoffs per customer
     epochs: int = 30
     patience: int = 3
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.0
     anchor: float = 0.0  # L2 pull of the id embeddings toward their co-purchase init
     seed: int = 0
