@@ -495,3 +495,53 @@ def _dedupe_names(profiles: list[dict[str, Any]]) -> None:
     for p in profiles:
         if seen[p["name"]] > 1:
             p["name"] = f"{p['name']} #{p['segment']}"
+
+
+# --------------------------------------------------------------------------- neighbours
+def nearest_customers(
+    emb: np.ndarray,
+    users: np.ndarray,
+    query: np.ndarray,
+    k: int = 10,
+    exclude: np.ndarray | None = None,
+) -> pl.DataFrame:
+    """The ``k`` customers whose embeddings (``emb`` (n, D), rows aligned with ``users``) are
+    nearest by cosine to ``query`` (D,): a customer's own vector or a segment centroid.
+    ``exclude`` drops user ids (e.g. the query customer). Columns ``rank, user_id, cosine``."""
+    if emb.shape[0] != len(users):
+        raise DataError(f"embeddings have {emb.shape[0]} rows for {len(users)} customers")
+    if query.shape != (emb.shape[1],):
+        raise DataError(f"query has shape {query.shape}, want ({emb.shape[1]},)")
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # (n, D)
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    cos = e @ q  # (n,)
+    if exclude is not None and len(exclude):
+        cos = np.where(np.isin(users, exclude), -np.inf, cos)
+    top = np.argsort(-cos, kind="stable")[: min(k, int(np.isfinite(cos).sum()))]
+    return pl.DataFrame(
+        {
+            "rank": np.arange(1, len(top) + 1, dtype=np.int32),
+            "user_id": users[top].astype(np.int64),
+            "cosine": cos[top].astype(np.float64),
+        }
+    )
+
+
+def segment_neighbours(
+    emb: np.ndarray, users: np.ndarray, segment: np.ndarray, k: int = 10
+) -> pl.DataFrame:
+    """Per segment (``segment`` (n,) label of each customer): the ``k`` customers nearest
+    to the segment's centroid (mean of its members' normalised embeddings), the most
+    typical members for an analyst. Columns ``segment, rank, user_id, cosine``; write it
+    with ``DataFrame.write_csv`` to export."""
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    frames = []
+    for s in np.unique(segment):
+        c = e[segment == s].mean(0)
+        nn = nearest_customers(e, users, c, k)
+        frames.append(nn.with_columns(pl.lit(str(s)).alias("segment")))
+    if not frames:
+        return pl.DataFrame(
+            schema={"segment": pl.Utf8, "rank": pl.Int32, "user_id": pl.Int64, "cosine": pl.Float64}
+        )
+    return pl.concat(frames).select("segment", "rank", "user_id", "cosine")

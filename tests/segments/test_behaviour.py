@@ -142,3 +142,27 @@ def test_profiles_describe_planted_taste(shop) -> None:  # type: ignore[no-untyp
         assert 0.0 <= p["churn_rate"] <= 1.0
     assert hits == len(prof)
     assert len({p["name"] for p in prof}) == len(prof)  # names are unique
+
+
+def test_nearest_customers_of_a_customer_and_of_a_segment_centroid(tmp_path) -> None:
+    import numpy as np
+    import polars as pl
+
+    from segments.behaviour import nearest_customers, segment_neighbours
+
+    rng = np.random.default_rng(0)
+    # two planted groups around orthogonal directions
+    a = np.array([1.0, 0, 0, 0]) + 0.05 * rng.standard_normal((20, 4))
+    b = np.array([0, 1.0, 0, 0]) + 0.05 * rng.standard_normal((20, 4))
+    emb = np.concatenate([a, b]).astype(np.float32)
+    users = np.arange(101, 141)
+    nn = nearest_customers(emb, users, emb[0], k=5, exclude=users[:1])
+    assert 101 not in nn["user_id"].to_list()
+    assert all(u <= 120 for u in nn["user_id"].to_list())  # its own group
+    assert nn["cosine"].to_list() == sorted(nn["cosine"].to_list(), reverse=True)
+    seg = np.array(["a"] * 20 + ["b"] * 20)
+    out = segment_neighbours(emb, users, seg, k=3)
+    assert out.height == 6
+    assert all(u > 120 for u in out.filter(pl.col("segment") == "b")["user_id"].to_list())
+    out.write_csv(tmp_path / "n.csv")
+    assert pl.read_csv(tmp_path / "n.csv").height == 6
