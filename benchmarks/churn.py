@@ -115,6 +115,19 @@ def markdown(res: dict[str, Any]) -> str:
                 + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in cols)
                 + " |"
             )
+        means = [
+            f"{sum(r[k] for r in res['campaign']) / len(res['campaign']):.3f}"
+            if isinstance(res["campaign"][0][k], float)
+            else ("**mean**" if k == "theme" else "")
+            for k in cols
+        ]
+        lines.append("| " + " | ".join(means) + " |")
+        if res.get("campaign_default_method"):
+            lines += [
+                "",
+                f"`default` = `{res['campaign_default_method']}`, the method with the best mean "
+                "precision on the validation window (training cutoff), not the test window.",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -156,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "transaction-log tower (trained here on purchases before the test cutoff unless "
         "--run names a saved one)",
     )
-    ap.add_argument(
-        "--basket-epochs", type=int, default=2, help="--source basket: training epochs"
-    )
+    ap.add_argument("--basket-epochs", type=int, default=2, help="--source basket: training epochs")
     ap.add_argument(
         "--modes", default=None, help="frozen,lora,full (default: frozen, + lora,full with --run)"
     )
@@ -203,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         "info": info,
     }
     if args.campaign_n > 0:
+        import polars as pl
+
         from segments.behaviour import user_embeddings
-        from segments.campaign import theme_precision
+        from segments.campaign import choose_method, theme_precision
 
         test = comp.test
         csrc = "text" if source == "basket" else source  # campaigns need a text path
@@ -222,7 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         tp = theme_precision(
             ds, test.table, emb, embed, test.cutoff_ts, args.horizon_days, n=args.campaign_n
         )
+        # the default method is chosen on the training cutoff's window (validation), not test
+        train = comp.train
+        emb_v = user_embeddings(ds, train.cutoff_ts, train.users, source=csrc, run_dir=args.run)  # type: ignore[arg-type]
+        tp_v = theme_precision(
+            ds, train.table, emb_v, embed, train.cutoff_ts, args.horizon_days, n=args.campaign_n
+        )
+        chosen = choose_method(tp_v)
+        tp = tp.with_columns(pl.col(chosen).alias("default"))
         res["campaign"] = tp.to_dicts()
+        res["campaign_valid"] = tp_v.to_dicts()
+        res["campaign_default_method"] = chosen
         res["campaign_n"] = args.campaign_n
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
