@@ -46,7 +46,7 @@ class BasketTowerConfig:
     learn_weights: bool = True  # learned age/count weights of own items (else all 1)
     repeat_head: bool = True  # own-item (buy-again) score
     logit_scale: float = 10.0  # initial softmax scale of the explore score
-    input_dropout: float = 0.25  # training: drop this share of a basket's own items
+    input_dropout: float = 0.0  # training: drop this share of a basket's own items
 
     def __post_init__(self) -> None:
         if self.dim < 1:

@@ -333,7 +333,7 @@ def item_bag(
             out_count.append(cnt.astype(np.int64))
             out_age.append(np.maximum(int(n) - last_t, 0))
         indptr.append(indptr[-1] + (len(out_items[-1]) if len(s) else 0))
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
     return ItemBag(
         np.asarray(indptr, np.int64),
         cat(out_items).astype(np.int64),

@@ -144,7 +144,9 @@ def model_family(
         return name, (lambda p: cls(from_dict(cfg_cls, p))), list(cls.grid)
     if name == "two-tower":
         if arg == "basket" or (not arg and is_transaction_log(dataset)):
-            return name, basket_factory(protocol), [{}]
+            from training.basket import BasketRetriever
+
+            return name, basket_factory(protocol), list(BasketRetriever.grid)
         from training.two_tower import TwoTowerRetriever
 
         cfg_path = None if arg in ("", "sequence") else arg
@@ -158,18 +160,22 @@ def basket_factory(
     """Factory of :class:`training.basket.BasketRetriever` for :func:`run_protocol`: the
     model fitted with validation picks its best epoch; the refit on train+validation that
     follows trains exactly that many epochs (as the CF baselines are refit)."""
+    import json
+
     from towers.config import from_dict
     from training.basket import BasketRetriever, BasketTrainConfig
 
-    fitted: list[BasketRetriever] = []
+    fitted: dict[str, BasketRetriever] = {}  # grid point -> the model fitted with validation
     targets = "all" if protocol == "buy-again" else "new"
 
     def make(params: dict[str, Any]) -> Retriever:
         cfg = from_dict(BasketTrainConfig, {"targets": targets, **overrides, **params})
         r = BasketRetriever(cfg)
-        if fitted:
-            r.refit_epochs = fitted[-1].best_epoch
-        fitted.append(r)
+        key = json.dumps(params, sort_keys=True)
+        if key in fitted:
+            r.refit_epochs = fitted[key].best_epoch
+        else:
+            fitted[key] = r
         return r
 
     return make
