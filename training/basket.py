@@ -108,7 +108,6 @@ class BasketRetriever:
     grid: ClassVar[list[dict[str, Any]]] = [
         {"model": {"dim": 256, "input_dropout": 0.0}},
         {"model": {"dim": 512, "input_dropout": 0.0}},
-        {"model": {"dim": 512, "input_dropout": 0.25}},
     ]
 
     def __init__(self, config: BasketTrainConfig = BasketTrainConfig()) -> None:
