@@ -50,6 +50,11 @@ class BasketTrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     anchor: float = 0.0  # L2 pull of the id embeddings toward their co-purchase init
+    # buy-again mixture p = mix * p_repeat + (1 - mix) * p_explore: p_repeat = the customer's
+    # own items by recency-weighted frequency (half-life below), p_explore = the tower's
+    # softmax; mix is chosen on validation among mix_grid after training (targets="all")
+    mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
+    repeat_half_life_days: float = 90.0
     seed: int = 0
     threads: int = 1
     progress: bool = False
@@ -117,7 +122,9 @@ class BasketRetriever:
         self.train_seconds = 0.0
         self.best_epoch = 0  # chosen on validation (0 = the co-purchase initialisation)
         self._init: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.refit_epochs: int | None = None  # fit without validation: train this many epochs
+        self.refit_epochs: int | None = None
+        self.mix = 0.0  # repeat share of the buy-again mixture (chosen on validation)
+        self.refit_mix: float | None = None  # fit without validation: train this many epochs
 
     # --- training ---------------------------------------------------------------------
     def fit(self, train: Interactions, valid: Targets | None = None) -> None:
@@ -187,6 +194,12 @@ class BasketRetriever:
         else:
             self.best_epoch = n_epochs
         model.eval()
+        if cfg.targets == "all":
+            if valid is not None:
+                self.mix = self._choose_mix(train, valid)
+            elif self.refit_mix is not None:
+                self.mix = self.refit_mix
+        model.eval()
         self.train_seconds = time.perf_counter() - t0
 
     def _loss(
@@ -222,6 +235,18 @@ class BasketRetriever:
             loss = loss + self.config.anchor * ((d_in**2).sum() + (d_out**2).sum()) / len(idx)
         return loss
 
+    def _choose_mix(self, train: Interactions, valid: Targets) -> float:
+        """The repeat share of the mixture with the best validation NDCG@10."""
+        best = (-1.0, 0.0)
+        for m in self.config.mix_grid:
+            self.mix = m
+            v = self._valid(train, valid, exclude=False)["ndcg@10"]
+            self.history.append({"mix": m, "ndcg@10": v})
+            log.info("basket tower buy-again mix %.2f valid ndcg@10 %.4f", m, v)
+            if v > best[0]:
+                best = (v, m)
+        return best[1]
+
     def _valid(self, train: Interactions, valid: Targets, exclude: bool) -> dict[str, float]:
         v = evaluate(self.score, valid, train, ks=(10,), exclude_seen=exclude)
         return {"ndcg@10": v["ndcg@10"], "recall@10": v["recall@10"]}
@@ -234,7 +259,20 @@ class BasketRetriever:
             raise ModelError("two-tower (basket) is not fitted: call fit() or load() first")
         self.model.eval()
         bag = bag_for_users(history, np.asarray(users, np.int64))
-        s = self.model.scores(self.model.bag_tensors(bag), repeat=self.config.targets == "all")
+        buy_again = self.config.targets == "all"
+        s = self.model.scores(self.model.bag_tensors(bag), repeat=buy_again)  # (B, N+1)
+        if buy_again and self.mix > 0:
+            s[:, 0] = -torch.inf
+            p_exp = torch.softmax(s, dim=1)  # (B, N+1)
+            rf = torch.from_numpy(bag.recency_frequency(self.config.repeat_half_life_days))
+            rows = torch.from_numpy(bag.rows())
+            p_rep = torch.zeros_like(p_exp).index_put(
+                (rows, torch.from_numpy(bag.items)), rf.float(), accumulate=True
+            )
+            p_rep = p_rep / p_rep.sum(1, keepdim=True).clamp(min=1e-12)
+            has = (p_rep.sum(1, keepdim=True) > 0).float()  # no own items: explore only
+            m = self.mix * has
+            s = torch.log(m * p_rep + (1 - m) * p_exp + 1e-12)
         out = np.zeros((len(users), history.n_items + 1), np.float32)
         k = min(out.shape[1], s.shape[1])
         out[:, :k] = s[:, :k].float().numpy()
@@ -254,6 +292,7 @@ class BasketRetriever:
                     "kind": "basket-tower",
                     "config": to_dict(self.config),
                     "n_items": self.model.n_items,
+                    "mix": self.mix,
                     "history": self.history,
                 },
                 indent=2,
@@ -275,4 +314,5 @@ class BasketRetriever:
         r.model.load_state_dict(torch.load(p / "basket.pt", weights_only=True))
         r.model.eval()
         r.history = meta.get("history", [])
+        r.mix = float(meta.get("mix", 0.0))
         return r

@@ -174,6 +174,7 @@ def basket_factory(
         key = json.dumps(params, sort_keys=True)
         if key in fitted:
             r.refit_epochs = fitted[key].best_epoch
+            r.refit_mix = fitted[key].mix
         else:
             fitted[key] = r
         return r
