@@ -30,10 +30,12 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from towers.loaders import load_dataset
 from towers.sequences import Interactions
 from training.protocol import is_transaction_log, model_family, run_protocol
-from training.splits import Split, default_test_start, leave_one_out, temporal_split
+from training.splits import Split, Targets, default_test_start, leave_one_out, temporal_split
 
 METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10", "coverage@10"]
 
@@ -64,16 +66,13 @@ def make_split(args: argparse.Namespace, inter: Interactions, transaction_log: b
     return leave_one_out(inter, ties=args.ties, seed=args.seed)
 
 
-def repeat_share(targets: Split | object, history: Interactions) -> float:
+def repeat_share(targets: Targets, history: Interactions) -> float:
     """Share of (customer, item) targets the customer had already bought (0 under new-items)."""
-    import numpy as np
-
-    t = targets  # Targets
-    lens = np.diff(t.indptr)  # type: ignore[attr-defined]
+    lens = np.diff(targets.indptr)
     if lens.sum() == 0:
         return 0.0
-    users = np.repeat(t.users, lens)  # type: ignore[attr-defined]
-    seen = history.to_csr()[users, t.items.astype(np.int64)]  # type: ignore[attr-defined]
+    users = np.repeat(targets.users, lens)
+    seen = history.to_csr()[users, targets.items.astype(np.int64)]
     return float(np.asarray(seen).ravel().mean())
 
 

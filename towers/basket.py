@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -57,13 +58,10 @@ class BasketTowerConfig:
             raise ConfigError("basket.input_dropout must be in [0, 1)")
 
 
-def ease_weights(x: np.ndarray | object, l2: float) -> np.ndarray:
+def ease_weights(x: sp.spmatrix, l2: float) -> np.ndarray:
     """(N+1, N+1) EASE item-item weights from a binary users x items CSR matrix ``x``."""
-    import scipy.sparse as sp
-
-    assert sp.issparse(x)
-    n = x.shape[1]  # type: ignore[attr-defined]
-    gram = np.asarray((x.T @ x).todense(), dtype=np.float64)  # type: ignore[attr-defined]
+    n = x.shape[1]
+    gram = np.asarray((x.T @ x).todense(), dtype=np.float64)  # (N+1, N+1)
     gram[np.diag_indices(n)] += l2
     p = np.linalg.inv(gram)
     b = -p / np.diag(p)[None, :]
