@@ -52,8 +52,8 @@ class BasketTrainConfig:
     anchor: float = 0.0  # L2 pull of the id embeddings toward their co-purchase init
     # buy-again mixture p = mix * p_repeat + (1 - mix) * p_explore: p_repeat = the customer's
     # own items by recency-weighted frequency (half-life below), p_explore = the tower's
-    # softmax; mix is chosen on validation among mix_grid after training (targets="all")
-    mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
+    # softmax over the items not bought yet; mix is chosen on validation among mix_grid after training (targets="all")
+    mix_grid: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9, 0.95, 0.98)
     repeat_half_life_days: float = 90.0
     seed: int = 0
     threads: int = 1
@@ -262,17 +262,18 @@ class BasketRetriever:
         buy_again = self.config.targets == "all"
         s = self.model.scores(self.model.bag_tensors(bag), repeat=buy_again)  # (B, N+1)
         if buy_again and self.mix > 0:
-            s[:, 0] = -torch.inf
-            p_exp = torch.softmax(s, dim=1)  # (B, N+1)
-            rf = torch.from_numpy(bag.recency_frequency(self.config.repeat_half_life_days))
+            # own items: mix * p_repeat (their personal-top order); new items: (1 - mix) *
+            # the tower's softmax over the items the customer has not bought
             rows = torch.from_numpy(bag.rows())
-            p_rep = torch.zeros_like(p_exp).index_put(
-                (rows, torch.from_numpy(bag.items)), rf.float(), accumulate=True
-            )
+            own = (rows, torch.from_numpy(bag.items))
+            s[:, 0] = -torch.inf
+            p_exp = torch.softmax(s.index_put(own, torch.tensor(-torch.inf)), dim=1)  # (B, N+1)
+            rf = torch.from_numpy(bag.recency_frequency(self.config.repeat_half_life_days))
+            p_rep = torch.zeros_like(p_exp).index_put(own, rf.float(), accumulate=True)
             p_rep = p_rep / p_rep.sum(1, keepdim=True).clamp(min=1e-12)
             has = (p_rep.sum(1, keepdim=True) > 0).float()  # no own items: explore only
             m = self.mix * has
-            s = torch.log(m * p_rep + (1 - m) * p_exp + 1e-12)
+            s = torch.log(m * p_rep + (1 - m) * p_exp + 1e-30)
         out = np.zeros((len(users), history.n_items + 1), np.float32)
         k = min(out.shape[1], s.shape[1])
         out[:, :k] = s[:, :k].float().numpy()
