@@ -140,3 +140,35 @@ def test_buy_again_mixture_is_chosen_on_validation_and_finds_staples() -> None:
     s = r.score(split.test.users, split.train_valid)
     staples = np.array([seqs[u - 1][0] for u in split.test.users])
     assert np.mean(np.argmax(s[:, 1:], 1) + 1 == staples) > 0.95
+
+
+def test_transaction_log_is_detected_from_the_data_shape() -> None:
+    from types import SimpleNamespace
+
+    import polars as pl
+
+    from training.protocol import is_transaction_log
+
+    def ds(items_per_basket: int, ts_step: int, invoice: bool = False) -> SimpleNamespace:
+        n = 60
+        ev = pl.DataFrame(
+            {
+                "user_id": [1 + i // 30 for i in range(n)],
+                "item_id": list(range(1, n + 1)),
+                "ts": [
+                    1_600_000_000 // 86400 * 86400 + (i // items_per_basket) * ts_step
+                    for i in range(n)
+                ],
+                "event_type": ["purchase"] * n,
+            }
+        )
+        return SimpleNamespace(
+            events=ev.with_columns(pl.lit("5367").alias("InvoiceNo")) if invoice else ev
+        )
+
+    assert is_transaction_log(ds(10, 3600))  # invoices of 10 items, times of day
+    assert is_transaction_log(ds(2, 3600))  # small baskets, times of day
+    assert not is_transaction_log(ds(2, 86400))  # same-day reviews (day-granular)
+    assert is_transaction_log(ds(4, 86400))  # big baskets even without times
+    assert not is_transaction_log(ds(1, 3600))  # one item per event: a stream
+    assert is_transaction_log(ds(1, 3600, invoice=True))  # the Online Retail columns
