@@ -53,7 +53,7 @@ class BasketTrainConfig:
     # buy-again mixture p = mix * p_repeat + (1 - mix) * p_explore: p_repeat = the customer's
     # own items by recency-weighted frequency (half-life below), p_explore = the tower's
     # softmax over the items not bought yet; mix is chosen on validation among mix_grid after training (targets="all")
-    mix_grid: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9, 0.95, 0.98)
+    mix_grid: tuple[float, ...] = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
     repeat_half_life_days: float = 90.0
     seed: int = 0
     threads: int = 1
@@ -273,7 +273,8 @@ class BasketRetriever:
             p_rep = p_rep / p_rep.sum(1, keepdim=True).clamp(min=1e-12)
             has = (p_rep.sum(1, keepdim=True) > 0).float()  # no own items: explore only
             m = self.mix * has
-            s = torch.log(m * p_rep + (1 - m) * p_exp + 1e-30)
+            # mix = 1: the own items in personal-top order, then new items by the tower
+            s = torch.log(m * p_rep + (1 - m).clamp(min=1e-9) * p_exp + 1e-30)
         out = np.zeros((len(users), history.n_items + 1), np.float32)
         k = min(out.shape[1], s.shape[1])
         out[:, :k] = s[:, :k].float().numpy()
