@@ -268,8 +268,11 @@ class BasketRetriever:
             own = (rows, torch.from_numpy(bag.items))
             s[:, 0] = -torch.inf
             p_exp = torch.softmax(s.index_put(own, torch.tensor(-torch.inf)), dim=1)  # (B, N+1)
+            p_all = torch.softmax(s, dim=1)  # (B, N+1) with the repeat head on own items
             rf = torch.from_numpy(bag.recency_frequency(self.config.repeat_half_life_days))
-            p_rep = torch.zeros_like(p_exp).index_put(own, rf.float(), accumulate=True)
+            # the tower breaks ties among own items (one-off purchases of the same invoice)
+            rf = rf.float() + 1e-3 * p_all[own]
+            p_rep = torch.zeros_like(p_exp).index_put(own, rf, accumulate=True)
             p_rep = p_rep / p_rep.sum(1, keepdim=True).clamp(min=1e-12)
             has = (p_rep.sum(1, keepdim=True) > 0).float()  # no own items: explore only
             m = self.mix * has
