@@ -270,8 +270,11 @@ class BasketRetriever:
             p_exp = torch.softmax(s.index_put(own, torch.tensor(-torch.inf)), dim=1)  # (B, N+1)
             p_all = torch.softmax(s, dim=1)  # (B, N+1) with the repeat head on own items
             rf = torch.from_numpy(bag.recency_frequency(self.config.repeat_half_life_days))
-            # the tower breaks ties among own items (one-off purchases of the same invoice)
-            rf = rf.float() + 1e-3 * p_all[own]
+            # ties among own items (one-off purchases of one invoice): the item's popularity
+            # in the history log, then the tower (as personal top breaks them)
+            pop = history.item_counts().astype(np.float32)
+            pop_t = torch.from_numpy(pop / max(float(pop.max(initial=0.0)), 1.0))
+            rf = rf.float() + 1e-3 * pop_t[own[1]] + 1e-6 * p_all[own]
             p_rep = torch.zeros_like(p_exp).index_put(own, rf, accumulate=True)
             p_rep = p_rep / p_rep.sum(1, keepdim=True).clamp(min=1e-12)
             has = (p_rep.sum(1, keepdim=True) > 0).float()  # no own items: explore only
