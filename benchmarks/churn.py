@@ -115,7 +115,42 @@ def markdown(res: dict[str, Any]) -> str:
                 + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in cols)
                 + " |"
             )
+        means = [
+            f"{sum(r[k] for r in res['campaign']) / len(res['campaign']):.3f}"
+            if isinstance(res["campaign"][0][k], float)
+            else ("**mean**" if k == "theme" else "")
+            for k in cols
+        ]
+        lines.append("| " + " | ".join(means) + " |")
+        if res.get("campaign_default_method"):
+            lines += [
+                "",
+                f"`default` = `{res['campaign_default_method']}`, the method with the best mean "
+                "precision on the validation window (training cutoff), not the test window.",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def train_basket(ds: Any, cfg: Any, out: Path, args: argparse.Namespace) -> Path:
+    """Train the transaction-log tower on purchases strictly before the TEST cutoff
+    (repurchases as targets: it learns who keeps buying what), save it under ``out``."""
+    import polars as pl
+
+    from segments.labels import cutoff_for
+    from towers.config import from_dict
+    from towers.sequences import Interactions
+    from training.basket import BasketRetriever, BasketTrainConfig
+
+    cut = cutoff_for(ds.events, cfg.horizon_days)
+    ev = ds.events.filter((pl.col("ts") < cut) & (pl.col("event_type") == "purchase"))
+    inter = Interactions.from_events(ev, len(ds.users), len(ds.item_ids))
+    r = BasketRetriever(
+        from_dict(BasketTrainConfig, {"targets": "all", "lr": 3e-4, "cutoffs_per_user": 50})
+    )
+    r.refit_epochs = args.basket_epochs
+    r.fit(inter, None)
+    r.save(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--horizon-days", type=int, default=90)
     ap.add_argument("--run", default=None, help="towers run directory (user tower)")
+    ap.add_argument(
+        "--source",
+        choices=["auto", "text", "tower", "basket"],
+        default="auto",
+        help="user embeddings: auto = tower with --run else text; basket = the "
+        "transaction-log tower (trained here on purchases before the test cutoff unless "
+        "--run names a saved one)",
+    )
+    ap.add_argument("--basket-epochs", type=int, default=2, help="--source basket: training epochs")
     ap.add_argument(
         "--modes", default=None, help="frozen,lora,full (default: frozen, + lora,full with --run)"
     )
@@ -151,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.modes
         else (("frozen", "lora", "full", "rfm_only") if args.run else ("frozen", "rfm_only"))
     )
-    source = "tower" if args.run else "text"
-    comp = compare(ds, cfg, source=source, run_dir=args.run, modes=modes)
+    source = args.source if args.source != "auto" else ("tower" if args.run else "text")
+    run_dir = args.run
+    if source == "basket" and run_dir is None:
+        run_dir = str(train_basket(ds, cfg, Path(args.out).with_suffix(".basket"), args))
+    comp = compare(ds, cfg, source=source, run_dir=run_dir, modes=modes)
     info = dict(comp.info)
     for k in ("train_cutoff", "test_cutoff"):
         info[f"{k}_date"] = dt.datetime.fromtimestamp(info[k], dt.UTC).strftime("%Y-%m-%d")
@@ -163,16 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         "high_value": comp.metrics["high_value"],
         "cdnow_bgnbd": cdnow_fit(args.data_dir),
         "config": to_dict(cfg),
-        "run": args.run,
+        "run": run_dir,
         "info": info,
     }
     if args.campaign_n > 0:
+        import polars as pl
+
         from segments.behaviour import user_embeddings
-        from segments.campaign import theme_precision
+        from segments.campaign import choose_method, theme_precision
 
         test = comp.test
-        emb = user_embeddings(ds, test.cutoff_ts, test.users, source=source, run_dir=args.run)  # type: ignore[arg-type]
-        if args.run:
+        csrc = "text" if source == "basket" else source  # campaigns need a text path
+        emb = user_embeddings(ds, test.cutoff_ts, test.users, source=csrc, run_dir=args.run)  # type: ignore[arg-type]
+        if args.run and csrc == "tower":
             from towers.inference import load_run
 
             embed = load_run(args.run).embed_text
@@ -185,7 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         tp = theme_precision(
             ds, test.table, emb, embed, test.cutoff_ts, args.horizon_days, n=args.campaign_n
         )
+        # the default method is chosen on the training cutoff's window (validation), not test
+        train = comp.train
+        emb_v = user_embeddings(ds, train.cutoff_ts, train.users, source=csrc, run_dir=args.run)  # type: ignore[arg-type]
+        tp_v = theme_precision(
+            ds, train.table, emb_v, embed, train.cutoff_ts, args.horizon_days, n=args.campaign_n
+        )
+        chosen = choose_method(tp_v)
+        tp = tp.with_columns(pl.col(chosen).alias("default"))
         res["campaign"] = tp.to_dicts()
+        res["campaign_valid"] = tp_v.to_dicts()
+        res["campaign_default_method"] = chosen
         res["campaign_n"] = args.campaign_n
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)

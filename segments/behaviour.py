@@ -31,7 +31,7 @@ from towers.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger(__name__)
 
-EmbeddingSource = Literal["tower", "text"]
+EmbeddingSource = Literal["tower", "text", "basket"]
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -128,7 +128,36 @@ def user_embeddings(
         return tower_user_embeddings(run_dir, ds, cutoff_ts, users)
     if source == "text":
         return text_user_embeddings(ds, cutoff_ts, users)
-    raise ConfigError(f"unknown embedding source {source!r}; expected tower or text")
+    if source == "basket":
+        if run_dir is None:
+            raise ConfigError("source='basket' needs a saved basket tower directory (--run)")
+        return basket_user_embeddings(run_dir, ds, cutoff_ts, users)
+    raise ConfigError(f"unknown embedding source {source!r}; expected tower, text or basket")
+
+
+def basket_user_embeddings(
+    run_dir: str | Path, ds: Dataset, cutoff_ts: int, users: np.ndarray
+) -> np.ndarray:
+    """(n, D + 1) transaction-log tower vectors of ``users`` from their purchases before
+    the cutoff (:class:`training.basket.BasketRetriever` saved in ``run_dir``): the
+    L2-normalised user vector and its log norm (how much co-purchase evidence it holds)."""
+    import torch
+
+    from towers.sequences import Interactions, bag_for_users
+    from training.basket import BasketRetriever
+
+    r = BasketRetriever.load(Path(run_dir))
+    assert r.model is not None
+    ev = ds.events.filter((pl.col("ts") < cutoff_ts) & (pl.col("event_type") == "purchase"))
+    inter = Interactions.from_events(ev, len(ds.users), len(ds.item_ids))
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(users), 1024):
+            bag = bag_for_users(inter, np.asarray(users[start : start + 1024]), now=cutoff_ts)
+            u = r.model.user_vectors(r.model.bag_tensors(bag)).float()  # (B, D)
+            norm = u.norm(dim=1, keepdim=True).clamp(min=1e-6)
+            out.append(torch.cat([u / norm, norm.log()], 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, r.model.cfg.dim + 1), np.float32)
 
 
 # --------------------------------------------------------------------------- clustering
@@ -466,3 +495,53 @@ def _dedupe_names(profiles: list[dict[str, Any]]) -> None:
     for p in profiles:
         if seen[p["name"]] > 1:
             p["name"] = f"{p['name']} #{p['segment']}"
+
+
+# --------------------------------------------------------------------------- neighbours
+def nearest_customers(
+    emb: np.ndarray,
+    users: np.ndarray,
+    query: np.ndarray,
+    k: int = 10,
+    exclude: np.ndarray | None = None,
+) -> pl.DataFrame:
+    """The ``k`` customers whose embeddings (``emb`` (n, D), rows aligned with ``users``) are
+    nearest by cosine to ``query`` (D,): a customer's own vector or a segment centroid.
+    ``exclude`` drops user ids (e.g. the query customer). Columns ``rank, user_id, cosine``."""
+    if emb.shape[0] != len(users):
+        raise DataError(f"embeddings have {emb.shape[0]} rows for {len(users)} customers")
+    if query.shape != (emb.shape[1],):
+        raise DataError(f"query has shape {query.shape}, want ({emb.shape[1]},)")
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # (n, D)
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    cos = e @ q  # (n,)
+    if exclude is not None and len(exclude):
+        cos = np.where(np.isin(users, exclude), -np.inf, cos)
+    top = np.argsort(-cos, kind="stable")[: min(k, int(np.isfinite(cos).sum()))]
+    return pl.DataFrame(
+        {
+            "rank": np.arange(1, len(top) + 1, dtype=np.int32),
+            "user_id": users[top].astype(np.int64),
+            "cosine": cos[top].astype(np.float64),
+        }
+    )
+
+
+def segment_neighbours(
+    emb: np.ndarray, users: np.ndarray, segment: np.ndarray, k: int = 10
+) -> pl.DataFrame:
+    """Per segment (``segment`` (n,) label of each customer): the ``k`` customers nearest
+    to the segment's centroid (mean of its members' normalised embeddings), the most
+    typical members for an analyst. Columns ``segment, rank, user_id, cosine``; write it
+    with ``DataFrame.write_csv`` to export."""
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    frames = []
+    for s in np.unique(segment):
+        c = e[segment == s].mean(0)
+        nn = nearest_customers(e, users, c, k)
+        frames.append(nn.with_columns(pl.lit(str(s)).alias("segment")))
+    if not frames:
+        return pl.DataFrame(
+            schema={"segment": pl.Utf8, "rank": pl.Int32, "user_id": pl.Int64, "cosine": pl.Float64}
+        )
+    return pl.concat(frames).select("segment", "rank", "user_id", "cosine")

@@ -29,7 +29,7 @@ import polars as pl
 
 from segments.rfm import SEGMENTS
 from towers.dataset import Dataset
-from towers.errors import InvalidArgumentError, NotFoundError
+from towers.errors import DataError, InvalidArgumentError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,10 @@ def theme_precision(
         la = np.log1p(np.array([act.get(int(u), 0) for u in users], dtype=np.float64))
         mix = (cos - cos.mean()) / (cos.std() + 1e-9) + (la - la.mean()) / (la.std() + 1e-9)
         mix_order = users[np.lexsort((users, -mix))]
+        # theme history x affinity x activity: the keyword rule broken by the embedding
+        kw = np.log1p(np.array([hc.get(int(u), 0) for u in users], dtype=np.float64))
+        hx = 2.0 * (kw - kw.mean()) / (kw.std() + 1e-9) + mix
+        hx_order = users[np.lexsort((users, -hx))]
         rows.append(
             {
                 "theme": name,
@@ -264,6 +268,27 @@ def theme_precision(
                 "rfm_segment": precision_at(rfm_order, pos, n),
                 "popularity": precision_at(pop_order, pos, n),
                 "keyword_history": precision_at(kw_order, pos, n),
+                "history_x_embedding": precision_at(hx_order, pos, n),
             }
         )
     return pl.DataFrame(rows)
+
+
+AUDIENCE_METHODS: tuple[str, ...] = (
+    "embedding",
+    "embedding_x_activity",
+    "rfm_segment",
+    "popularity",
+    "keyword_history",
+    "history_x_embedding",
+)
+
+
+def choose_method(valid: pl.DataFrame) -> str:
+    """The audience method with the best mean precision over the themes of a VALIDATION
+    window (:func:`theme_precision` at an earlier cutoff); ties go to the earlier method
+    in :data:`AUDIENCE_METHODS`."""
+    means = {m: float(valid[m].mean()) for m in AUDIENCE_METHODS if m in valid.columns}  # type: ignore[arg-type]
+    if not means:
+        raise DataError("no audience method columns in the validation table")
+    return max(means, key=lambda m: (means[m], -AUDIENCE_METHODS.index(m)))

@@ -63,6 +63,10 @@ class ServeConfig:
     # Retrieval: ANN fetches k * overfetch candidates (at least min_candidates) for re-ranking.
     overfetch: int = 4
     min_candidates: int = 50
+    # Recommend mode "buy-again": own items score weight * rf / max rf (+ their retrieval
+    # score), rf = invoices with the item x 2^(-age / half-life) (towers.sequences.ItemBag).
+    buy_again_half_life_days: float = 90.0
+    buy_again_weight: float = 1.0
     hnsw_ef: int = 128
     # Catalogues up to this many items are searched exactly in numpy (one matrix product
     # per batch of requests) instead of through HNSW; 0 = always the index.  Crossover

@@ -41,7 +41,8 @@ from towers.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from towers.sequences import SequenceBatch
+from towers.schema import EVENT_TYPE_IDS
+from towers.sequences import SequenceBatch, item_bag
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ecomrec.serving.access")
@@ -49,6 +50,7 @@ access_log = logging.getLogger("ecomrec.serving.access")
 # Degraded reasons (stable strings).
 ENCODER_FALLBACK = "ENCODER_FALLBACK"
 INDEX_UNAVAILABLE = "INDEX_UNAVAILABLE"
+BUY_AGAIN = "BUY_AGAIN"  # reason code: an own item of the buy-again mode
 
 
 class DeadlineExceededError(EcomrecError):
@@ -633,7 +635,8 @@ class Recommender:
         seg_name, policy = self._policy(segs)
         pop_segment = (segs.rfm or segs.behavioural) if segs else None
         exclude = set(q.exclude)
-        if not q.include_purchased:
+        buy_again = q.mode == "buy-again"
+        if not (q.include_purchased or buy_again):
             exclude.update(int(i) for i in hist.purchased())
         index = self._index  # one index object for the whole request
         work = None
@@ -704,6 +707,8 @@ class Recommender:
             t = ctx.timed("ann", t)
             ranked, index_version = self._index_fallback(p, got, reasons), ""
         ctx.timed("rerank", t)
+        if p.q.mode == "buy-again":
+            ranked = self._buy_again(ranked, p.hist, q.k, flt, p.exclude)
         self._degrade("Recommend", reasons)
         return RecommendResult(
             request_id=q.request_id,
@@ -718,6 +723,39 @@ class Recommender:
     def _arrive(self, d: int) -> None:
         with self._coming_lock:
             self._coming += d
+
+    def _buy_again(
+        self,
+        ranked: Sequence[rr.Ranked],
+        hist: History,
+        k: int,
+        flt: SearchFilter,
+        exclude: set[int],
+    ) -> list[rr.Ranked]:
+        """Repeat/explore mixture: own items (passing the filters, not excluded) score
+        ``buy_again_weight * rf / max rf`` plus their retrieval score, then the top ``k``."""
+        pur = hist.event_type == EVENT_TYPE_IDS["purchase"]
+        now = int(hist.ts.max(initial=0)) + 1
+        bag = item_bag([hist.items[pur]], [hist.ts[pur]], [now])
+        rf = bag.recency_frequency(self.cfg.buy_again_half_life_days)
+        ok = self.catalog.mask(flt)[bag.items] & ~np.isin(bag.items, list(exclude))
+        items, rf = bag.items[ok], rf[ok]
+        if len(items) == 0:
+            return list(ranked)[:k]
+        own = dict(
+            zip(items.tolist(), (self.cfg.buy_again_weight * rf / rf.max()).tolist(), strict=True)
+        )
+        out: dict[int, rr.Ranked] = {}
+        for r in ranked:
+            extra = own.pop(r.item_id, None)
+            out[r.item_id] = (
+                r
+                if extra is None
+                else rr.Ranked(r.item_id, r.score + extra, r.relevance, (*r.reasons, BUY_AGAIN))
+            )
+        for i, s in own.items():
+            out[i] = rr.Ranked(int(i), float(s), 0.0, (BUY_AGAIN,))
+        return sorted(out.values(), key=lambda r: -r.score)[:k]
 
     # -- SimilarItems ---------------------------------------------------------------------
     def similar(self, q: val.SimilarQuery, ctx: RequestContext) -> RecommendResult:

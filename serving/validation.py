@@ -52,6 +52,7 @@ class RecommendQuery:
     exclude: tuple[int, ...]
     include_purchased: bool = False
     skip_rerank: bool = False
+    mode: str = "explore"  # "explore" | "buy-again"
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,19 @@ def validate_recommend(
         exclude=check_exclude(req.exclude_item_ids, items, cfg),
         include_purchased=bool(req.include_purchased),
         skip_rerank=bool(req.skip_rerank),
+        mode=check_mode(getattr(req, "mode", "")),
     )
+
+
+RECOMMEND_MODES = ("explore", "buy-again")
+
+
+def check_mode(mode: str) -> str:
+    """``""`` -> ``"explore"``; anything else must be one of :data:`RECOMMEND_MODES`."""
+    m = mode or "explore"
+    if m not in RECOMMEND_MODES:
+        raise InvalidArgumentError("mode", f"{mode!r} is not one of {', '.join(RECOMMEND_MODES)}")
+    return m
 
 
 def validate_similar(req: Any, cfg: ServeConfig, items: IdLookup) -> SimilarQuery:

@@ -68,3 +68,32 @@ def test_quality_benchmark_json_shape(tmp_path: Path) -> None:
         assert keys <= set(saved["models"][m])
     assert res["models"]["als"]["ndcg@10"] > res["models"]["popularity"]["ndcg@10"]
     assert (tmp_path / "q.md").read_text().count("|") > 10
+
+
+def test_quality_benchmark_buy_again_protocol(tmp_path: Path) -> None:
+    """Buy-again: history stays rankable, the repeat share is reported, the temporal cutoff
+    comes from the data (last --test-days days) when no --test-start is given."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality  # type: ignore[import-not-found]
+
+    args = ["--dataset", "synthetic", "--split", "temporal", "--quiet", "--test-days", "60"]
+    res = quality.main(
+        [
+            *args,
+            "--protocol",
+            "buy-again",
+            "--models",
+            "personal-top,ease",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    p = res["protocol"]
+    assert p["protocol"] == "buy-again" and p["exclude_seen"] is False
+    assert p["cutoff_from"].startswith("data: last 60 days")
+    assert 0.0 < p["repeat_share_test"] < 1.0
+    assert "history items kept" in p["ranking"]
+    assert json.loads((tmp_path / "b.json").read_text())["models"]["personal-top"]["ndcg@10"] > 0
+    new = quality.main([*args, "--models", "popularity"])
+    assert new["protocol"]["repeat_share_test"] == 0.0  # new-items: no repeat targets
+    assert new["protocol"]["test_start"] == p["test_start"]

@@ -264,3 +264,92 @@ def batch_for_users(inter: Interactions, users: np.ndarray, max_len: int) -> Seq
         ts=[inter.seq_ts(int(u)) for u in users],
         event_types=[inter.seq_event_type(int(u)) for u in users],
     )
+
+
+# --- transaction-log features: the customer's basket of own items ---------------------
+# Age buckets reuse the gap edges (seconds since the item was last bought); count buckets
+# 1, 2, 3-4, 5-8, 9-16, > 16 purchases (distinct invoices) of the item.
+_COUNT_EDGES = np.array([2, 3, 5, 9, 17], dtype=np.int64)
+N_AGE_BUCKETS = len(_GAP_EDGES) + 2  # padding + len(edges) + 1
+N_COUNT_BUCKETS = len(_COUNT_EDGES) + 2  # padding + len(edges) + 1
+
+
+@dataclass(frozen=True)
+class ItemBag:
+    """Each user's distinct purchased items as of a moment ``now`` (CSR over the batch rows).
+
+    Row ``r`` owns ``items[indptr[r]:indptr[r+1]]``; for every (user, item) pair: how many
+    distinct invoices (timestamps) held it, and how long ago it was last bought. This is
+    the one feature path of the transaction-log user tower (training, evaluation, serving).
+    """
+
+    indptr: np.ndarray  # (B + 1,) int64
+    items: np.ndarray  # (nnz,) int64 item ids >= 1
+    count: np.ndarray  # (nnz,) int64 number of invoices with the item
+    age_s: np.ndarray  # (nnz,) int64 seconds since the item was last bought (>= 0)
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def age_bucket(self) -> np.ndarray:
+        """(nnz,) bucket id >= 1 of :attr:`age_s` (0 is padding)."""
+        return (np.searchsorted(_GAP_EDGES, self.age_s, side="right") + 1).astype(np.int64)
+
+    def count_bucket(self) -> np.ndarray:
+        """(nnz,) bucket id >= 1 of :attr:`count` (0 is padding)."""
+        return (np.searchsorted(_COUNT_EDGES, self.count, side="right") + 1).astype(np.int64)
+
+    def rows(self) -> np.ndarray:
+        """(nnz,) batch row of every stored pair."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.indptr))
+
+    def recency_frequency(self, half_life_days: float) -> np.ndarray:
+        """(nnz,) count x 2^(-age / half-life): the personal-top score of each own item."""
+        return self.count * np.exp2(-self.age_s / (half_life_days * 86400.0))
+
+
+def item_bag(
+    seqs: Sequence[np.ndarray], ts: Sequence[np.ndarray], now: Sequence[int] | np.ndarray
+) -> ItemBag:
+    """:class:`ItemBag` of the events of each sequence strictly before its ``now``.
+
+    Items bought at one timestamp form one invoice (a basket): a repeat inside one invoice
+    counts once. ``now`` is the scoring time (serving: the request time; evaluation: the
+    latest event of the log).
+    """
+    indptr = [0]
+    out_items, out_count, out_age = [], [], []
+    for s, t, n in zip(seqs, ts, now, strict=True):
+        s = np.asarray(s, np.int64)
+        t = np.asarray(t, np.int64)
+        keep = (t < int(n)) & (s > 0)
+        s, t = s[keep], t[keep]
+        if len(s):
+            # distinct (item, invoice) pairs, then per item: count and last time
+            pair = np.unique(np.stack([s, t], 1), axis=0)  # sorted by item, then time
+            it, first, cnt = np.unique(pair[:, 0], return_index=True, return_counts=True)
+            last_t = pair[first + cnt - 1, 1]
+            out_items.append(it)
+            out_count.append(cnt.astype(np.int64))
+            out_age.append(np.maximum(int(n) - last_t, 0))
+        indptr.append(indptr[-1] + (len(out_items[-1]) if len(s) else 0))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return ItemBag(
+        np.asarray(indptr, np.int64),
+        cat(out_items).astype(np.int64),
+        cat(out_count).astype(np.int64),
+        cat(out_age).astype(np.int64),
+    )
+
+
+def bag_for_users(inter: Interactions, users: np.ndarray, now: int | None = None) -> ItemBag:
+    """:func:`item_bag` of the stored purchases of ``users`` as of ``now`` (default: just
+    after the latest event of the log)."""
+    pur = EVENT_TYPE_IDS["purchase"]
+    t_now = int(inter.ts.max(initial=0)) + 1 if now is None else int(now)
+    seqs, tss = [], []
+    for u in users:
+        m = inter.seq_event_type(int(u)) == pur
+        seqs.append(inter.seq(int(u))[m])
+        tss.append(inter.seq_ts(int(u))[m])
+    return item_bag(seqs, tss, np.full(len(users), t_now, np.int64))

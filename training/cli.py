@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split",
         default="loo-file",
-        help="loo-file | loo-shuffle | temporal:YYYY-MM-DD (test window start)",
+        help="loo-file | loo-shuffle | temporal (last 30 days of the log are the test window) "
+        "| temporal:YYYY-MM-DD (test window start) (default: loo-file)",
     )
     p.add_argument(
         "--set",
@@ -97,11 +98,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def make_split(ds: Any, spec: str) -> Any:
     """A split of a loaded dataset from a CLI spec."""
     from towers.sequences import Interactions
-    from training.splits import leave_one_out, temporal_split
+    from training.splits import default_test_start, leave_one_out, temporal_split
 
     inter = Interactions.from_events(ds.events, ds.n_users, ds.n_items)
     if spec in ("loo-file", "loo-shuffle"):
         return leave_one_out(inter, ties="file" if spec == "loo-file" else "shuffle")
+    if spec == "temporal":
+        return temporal_split(inter, test_start=default_test_start(inter))
     if spec.startswith("temporal:"):
         return temporal_split(inter, test_start=spec.split(":", 1)[1])
     raise SystemExit(f"unknown split {spec!r}")

@@ -48,6 +48,8 @@ def run_protocol(
     tried = []
     train_seconds = 0.0
     model: Retriever | None = None
+    # buy-again protocol: history items stay rankable (repurchases are targets too)
+    exclude = bool(split.protocol.get("exclude_seen", True))
     for params in grid:
         t0 = time.perf_counter()
         model = make(params)
@@ -55,7 +57,13 @@ def run_protocol(
         dt = time.perf_counter() - t0
         train_seconds += dt
         v = evaluate(
-            model.score, split.valid, split.train, ks, progress=progress, desc=f"{name} valid"
+            model.score,
+            split.valid,
+            split.train,
+            ks,
+            exclude_seen=exclude,
+            progress=progress,
+            desc=f"{name} valid",
         )
         tried.append(
             {"params": params, "valid_" + SELECT_METRIC: v[SELECT_METRIC], "fit_seconds": dt}
@@ -75,7 +83,13 @@ def run_protocol(
         final.fit(split.train, split.valid)
     refit_seconds = time.perf_counter() - t0
     test = evaluate(
-        final.score, split.test, split.train_valid, ks, progress=progress, desc=f"{name} test"
+        final.score,
+        split.test,
+        split.train_valid,
+        ks,
+        exclude_seen=exclude,
+        progress=progress,
+        desc=f"{name} test",
     )
     cfg = getattr(final, "config", None)
     return ModelResult(
@@ -96,11 +110,36 @@ def with_params(config: Any, params: dict[str, Any]) -> Any:
     return replace(config, **params)
 
 
+def is_transaction_log(dataset: Any) -> bool:
+    """True for a shop's invoice log rather than a review/click stream, from the data's
+    shape only (no dataset names, ids or dates): the events carry invoice numbers (the
+    Online Retail columns), or purchases come in baskets: >= 3 items per (customer,
+    timestamp) on average, or >= 1.5 with times of day (review logs such as the Amazon
+    S3-Rec files have day-granular timestamps, so same-day reviews look like small
+    baskets: Beauty 1.64 items per (customer, day); Online Retail 21.6 per invoice)."""
+    ev = getattr(dataset, "events", None)
+    if ev is None or ev.height == 0:
+        return False
+    if "InvoiceNo" in ev.columns:
+        return True
+    pur = ev.filter(ev["event_type"] == "purchase")
+    if pur.height == 0:
+        return False
+    per_basket = pur.height / max(pur.select(["user_id", "ts"]).unique().height, 1)
+    time_of_day = float((pur["ts"] % 86400 != 0).mean() or 0.0) > 0.5
+    return per_basket >= 3.0 or (per_basket >= 1.5 and time_of_day)
+
+
 def model_family(
-    spec: str, dataset: Any = None
+    spec: str, dataset: Any = None, protocol: str = "new-items"
 ) -> tuple[str, Callable[[dict[str, Any]], Retriever], list[dict[str, Any]]]:
-    """``popularity``, ``als``, ``bpr``, ``itemknn``, ``ease`` or ``two-tower[:CONFIG.toml]`` ->
-    (name, factory from grid params, grid)."""
+    """``popularity``, ``personal-top``, ``als``, ``bpr``, ``itemknn``, ``ease`` or
+    ``two-tower[:CONFIG.toml | :basket | :sequence]`` -> (name, factory from grid params, grid).
+
+    ``two-tower`` is the sequence transformer (:mod:`training.two_tower`) except on
+    transaction logs (:func:`is_transaction_log`), where it is the basket tower
+    (:mod:`training.basket`; ``two-tower:sequence`` / ``two-tower:basket`` force one).
+    ``protocol="buy-again"`` trains the basket tower with repurchases as targets."""
     from towers.config import from_dict
     from towers.errors import ConfigError
     from training.baselines import BASELINES
@@ -110,8 +149,40 @@ def model_family(
         cls, cfg_cls = BASELINES[name]
         return name, (lambda p: cls(from_dict(cfg_cls, p))), list(cls.grid)
     if name == "two-tower":
+        if arg == "basket" or (not arg and is_transaction_log(dataset)):
+            from training.basket import BasketRetriever
+
+            return name, basket_factory(protocol), list(BasketRetriever.grid)
         from training.two_tower import TwoTowerRetriever
 
-        cfg_path = arg or None
+        cfg_path = None if arg in ("", "sequence") else arg
         return name, (lambda p: TwoTowerRetriever.for_dataset(dataset, cfg_path)), [{}]
     raise ConfigError(f"unknown model {spec!r}; known: {sorted(BASELINES)} and two-tower[:CONFIG]")
+
+
+def basket_factory(
+    protocol: str = "new-items", **overrides: Any
+) -> Callable[[dict[str, Any]], Retriever]:
+    """Factory of :class:`training.basket.BasketRetriever` for :func:`run_protocol`: the
+    model fitted with validation picks its best epoch; the refit on train+validation that
+    follows trains exactly that many epochs (as the CF baselines are refit)."""
+    import json
+
+    from towers.config import from_dict
+    from training.basket import BasketRetriever, BasketTrainConfig
+
+    fitted: dict[str, BasketRetriever] = {}  # grid point -> the model fitted with validation
+    targets = "all" if protocol == "buy-again" else "new"
+
+    def make(params: dict[str, Any]) -> Retriever:
+        cfg = from_dict(BasketTrainConfig, {"targets": targets, **overrides, **params})
+        r = BasketRetriever(cfg)
+        key = json.dumps(params, sort_keys=True)
+        if key in fitted:
+            r.refit_epochs = fitted[key].best_epoch
+            r.refit_mix = fitted[key].mix
+        else:
+            fitted[key] = r
+        return r
+
+    return make

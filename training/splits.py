@@ -186,6 +186,18 @@ def temporal_split(
     )
 
 
+def default_test_start(inter: Interactions, test_days: int = 30) -> int:
+    """The data-driven temporal cutoff: the start (00:00 UTC) of the day ``test_days`` days
+    before the last event, so the last ~``test_days`` days are the test window.
+
+    Depends on nothing but the timestamps (no dataset ids, countries or dates)."""
+    if len(inter.ts) == 0:
+        raise DataError("cannot choose a temporal cutoff: the log has no events")
+    last = int(inter.ts.max())
+    t0 = last - test_days * 86400
+    return t0 - t0 % 86400
+
+
 def _to_ts(x: str | int) -> int:
     if isinstance(x, int):
         return x

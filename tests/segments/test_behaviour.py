@@ -142,3 +142,69 @@ def test_profiles_describe_planted_taste(shop) -> None:  # type: ignore[no-untyp
         assert 0.0 <= p["churn_rate"] <= 1.0
     assert hits == len(prof)
     assert len({p["name"] for p in prof}) == len(prof)  # names are unique
+
+
+def test_nearest_customers_of_a_customer_and_of_a_segment_centroid(tmp_path) -> None:
+    import numpy as np
+    import polars as pl
+
+    from segments.behaviour import nearest_customers, segment_neighbours
+
+    rng = np.random.default_rng(0)
+    # two planted groups around orthogonal directions
+    a = np.array([1.0, 0, 0, 0]) + 0.05 * rng.standard_normal((20, 4))
+    b = np.array([0, 1.0, 0, 0]) + 0.05 * rng.standard_normal((20, 4))
+    emb = np.concatenate([a, b]).astype(np.float32)
+    users = np.arange(101, 141)
+    nn = nearest_customers(emb, users, emb[0], k=5, exclude=users[:1])
+    assert 101 not in nn["user_id"].to_list()
+    assert all(u <= 120 for u in nn["user_id"].to_list())  # its own group
+    assert nn["cosine"].to_list() == sorted(nn["cosine"].to_list(), reverse=True)
+    seg = np.array(["a"] * 20 + ["b"] * 20)
+    out = segment_neighbours(emb, users, seg, k=3)
+    assert out.height == 6
+    assert all(u > 120 for u in out.filter(pl.col("segment") == "b")["user_id"].to_list())
+    out.write_csv(tmp_path / "n.csv")
+    assert pl.read_csv(tmp_path / "n.csv").height == 6
+
+
+def test_basket_user_embeddings_ignore_events_after_the_cutoff(tmp_path) -> None:
+    import dataclasses
+
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from segments.behaviour import user_embeddings
+    from towers.config import from_dict
+    from towers.sequences import Interactions
+    from towers.synthetic import SyntheticConfig, make_shop
+    from training.basket import BasketRetriever, BasketTrainConfig
+
+    torch.set_num_threads(1)
+    ds = make_shop(SyntheticConfig(n_users=60, n_items=30, seed=2))
+    inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
+    r = BasketRetriever(
+        from_dict(BasketTrainConfig, {"targets": "all", "epochs": 1, "model": {"dim": 8}})
+    )
+    r.fit(inter, None)
+    r.save(tmp_path / "basket")
+    cut = int(np.median(ds.events["ts"].to_numpy()))
+    users = np.arange(1, 61)
+    e = user_embeddings(ds, cut, users, source="basket", run_dir=tmp_path / "basket")
+    assert e.shape == (60, 9)
+    np.testing.assert_allclose(
+        np.linalg.norm(e[:, :8], axis=1)[np.abs(e[:, :8]).sum(1) > 0], 1.0, atol=1e-5
+    )
+    # change every event after the cutoff: the embeddings at the cutoff do not move
+    late = ds.events.with_columns(
+        pl.when(pl.col("ts") >= cut).then(1).otherwise(pl.col("item_id")).alias("item_id")
+    )
+    e2 = user_embeddings(
+        dataclasses.replace(ds, events=late),
+        cut,
+        users,
+        source="basket",
+        run_dir=tmp_path / "basket",
+    )
+    np.testing.assert_allclose(e, e2)

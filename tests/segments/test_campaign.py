@@ -110,3 +110,21 @@ def test_theme_audience_beats_base_rate_on_planted_tastes(shop) -> None:  # type
         assert 0.0 <= r[col] <= 1.0
     b = bought_before(shop, cut, users[:3])
     assert all(len(v) > 0 for v in b.values())
+
+
+def test_default_audience_method_is_chosen_on_validation() -> None:
+    import polars as pl
+
+    from segments.campaign import choose_method
+
+    valid = pl.DataFrame(
+        {
+            "theme": ["a", "b"],
+            "embedding": [0.1, 0.2],
+            "keyword_history": [0.6, 0.5],
+            "history_x_embedding": [0.7, 0.45],
+            "popularity": [0.3, 0.3],
+        }
+    )
+    assert choose_method(valid) == "history_x_embedding"  # mean 0.575 > 0.55
+    assert choose_method(valid.drop("history_x_embedding")) == "keyword_history"
