@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start a local pytriton server for this exported repository (dev)",
     )
     s.add_argument("--json-logs", action="store_true", help="log JSON lines")
+    s.add_argument(
+        "--follow-refresh",
+        default=None,
+        metavar="STATE",
+        help="state directory of `ecomrec refresh` (INDEX.refresh): serve its live deployment "
+        "and reload every promotion or rollback without a restart (manifest polled, and on "
+        "SIGHUP)",
+    )
+    s.add_argument(
+        "--follow-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the refresh manifest (with --follow-refresh)",
+    )
     s.set_defaults(func=_serve)
 
     e = sub.add_parser("export", help="export models for other runtimes")
@@ -173,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise
     done = install_signal_handlers(handle, cfg.grace_s, cfg.shutdown_delay_s)
     index = None
+    reloader = None
     try:
         t0 = time.perf_counter()
         ds = load_dataset(args.dataset, args.data_dir)
@@ -203,6 +219,9 @@ def _serve(args: argparse.Namespace) -> int:
         # opens and checks the live index version; a failure is logged as an ERROR
         # ("index could not be opened: ...") and health stays NOT_SERVING
         problem, _ = handle.check_index()
+        if args.follow_refresh:
+            reloader = _follow_refresh(args, cfg, servicer, metrics)
+            engine = servicer.engine
         handle.set_ready(True)
         if engine.user_vectors is not None:
             engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path
@@ -217,12 +236,38 @@ def _serve(args: argparse.Namespace) -> int:
         )
         done.wait()
     finally:
+        if reloader is not None:
+            reloader.stop()
         handle.stop(cfg.grace_s)
         if index is not None:
             index.close()
         if triton_proc is not None:
             triton_proc.stop()
     return 0
+
+
+def _follow_refresh(args: argparse.Namespace, cfg: Any, servicer: Any, metrics: Any) -> Any:
+    """Serve the live deployment of ``ecomrec refresh`` (if any) and reload on each change."""
+    from serving.reload import EngineReloader, engine_from_record
+    from serving.segments import TableSegmentLookup
+
+    seg_dir = Path(args.segments) if args.segments and Path(args.segments).is_dir() else None
+
+    def segments_for(ds: Any) -> Any:
+        # a raw-id export maps onto each deployment's own user numbering
+        return TableSegmentLookup.from_marketing_export(seg_dir, ds.users) if seg_dir else None
+
+    reloader = EngineReloader(
+        servicer,
+        args.follow_refresh,
+        lambda rec: engine_from_record(rec, cfg, segments_for=segments_for, metrics=metrics),
+    )
+    if not reloader.reload():  # the live deployment; none yet: keep the engine just built
+        reloader.adopt()
+    reloader.watch(args.follow_interval)
+    reloader.install_sighup()
+    log.info("following refresh deployments in %s", args.follow_refresh)
+    return reloader
 
 
 def check_index_matches_model(index: object, model: object, location: str) -> None:
