@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -216,6 +216,29 @@ class UserVectors:
         return [(int(users[i]), float(scores[i])) for i in top]
 
 
+_T = TypeVar("_T")
+
+
+def _versioned(index: ItemIndex, query: Callable[[], _T]) -> tuple[_T, str]:
+    """Run an index query and return it with the version it searched: the alias is read
+    before and after, and the query repeated (up to 3 times) when a swap happened in
+    between.  Engine faults (closed shard, I/O) become IndexUnavailableError, so the
+    caller serves the degraded answer."""
+    try:
+        for _ in range(3):
+            v0 = index.version
+            hits = query()
+            v1 = index.version
+            if v0 == v1:
+                return hits, v0
+        return hits, v1
+    except (InvalidArgumentError, NotFoundError, IndexUnavailableError):
+        raise
+    except Exception as e:
+        log.warning("index search failed: %r", e)
+        raise IndexUnavailableError(f"index search failed: {e}") from e
+
+
 class Recommender:
     """The request path over injected dependencies (no gRPC types)."""
 
@@ -318,26 +341,13 @@ class Recommender:
         """
         if index is None:
             raise IndexUnavailableError("no index loaded")
-        try:
-            for _ in range(3):
-                v0 = index.version
-                hits = index.search(
-                    vector,
-                    n,
-                    flt,
-                    exclude_ids=exclude,
-                    hnsw_ef=self.cfg.hnsw_ef,
-                    **self._search_kw(index),
-                )
-                v1 = index.version
-                if v0 == v1:
-                    return hits, v0
-            return hits, v1
-        except (InvalidArgumentError, NotFoundError, IndexUnavailableError):
-            raise
-        except Exception as e:  # engine faults (closed shard, I/O) -> degraded answer
-            log.warning("index search failed: %r", e)
-            raise IndexUnavailableError(f"index search failed: {e}") from e
+        kw = self._search_kw(index)
+        return _versioned(
+            index,
+            lambda: index.search(
+                vector, n, flt, exclude_ids=exclude, hnsw_ef=self.cfg.hnsw_ef, **kw
+            ),
+        )
 
     @staticmethod
     @functools.cache
@@ -446,26 +456,13 @@ class Recommender:
         if len(vectors) == 1 or not hasattr(index, "search_batch"):
             out = [self._search(index, v, n, flt, ex) for v, ex in zip(vectors, exclude)]
             return [h for h, _ in out], out[-1][1]
-        try:
-            for _ in range(3):
-                v0 = index.version
-                hits = index.search_batch(
-                    vectors,
-                    n,
-                    flt,
-                    exclude_ids=exclude,
-                    hnsw_ef=self.cfg.hnsw_ef,
-                    **self._search_kw(index),
-                )
-                v1 = index.version
-                if v0 == v1:
-                    return hits, v0
-            return hits, v1
-        except (InvalidArgumentError, NotFoundError, IndexUnavailableError):
-            raise
-        except Exception as e:  # engine faults (closed shard, I/O) -> degraded answer
-            log.warning("index search failed: %r", e)
-            raise IndexUnavailableError(f"index search failed: {e}") from e
+        kw = self._search_kw(index)
+        return _versioned(
+            index,
+            lambda: index.search_batch(
+                vectors, n, flt, exclude_ids=exclude, hnsw_ef=self.cfg.hnsw_ef, **kw
+            ),
+        )
 
     def _retrieve(self, work: RetrievalWork) -> Retrieved:
         """One request's retrieval, through the batcher when batching is on."""

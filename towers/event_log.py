@@ -23,17 +23,10 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from towers.errors import ConfigError
+from towers.loaders.contract import EVENT_COLUMNS
 
-EVENT_LOG_COLUMNS = (
-    "customer_id",
-    "product_id",
-    "timestamp",
-    "event_type",
-    "quantity",
-    "price",
-    "order_id",
-    "session_id",
-)
+# the shop data contract's event columns (docs/data.md), in file order
+EVENT_LOG_COLUMNS = EVENT_COLUMNS
 
 _TYPES = np.array(["view", "cart", "purchase", "return"])
 _TYPE_P = np.array([0.70, 0.15, 0.12, 0.03])

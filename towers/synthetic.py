@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from towers.dataset import Dataset, IdMap
+from towers.loaders.contract import EVENT_COLUMNS
 from towers.schema import DropReport
 
 _CATEGORY_NAMES = [
@@ -297,16 +298,7 @@ def generate_shop(cfg: ShopConfig = ShopConfig()) -> tuple[pl.DataFrame, pl.Data
     ).sort(["ts", "customer_id"])
     events = events.with_columns(
         pl.from_epoch("ts", time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp")
-    ).select(
-        "customer_id",
-        "product_id",
-        "timestamp",
-        "event_type",
-        "quantity",
-        "price",
-        "order_id",
-        "session_id",
-    )
+    ).select(*EVENT_COLUMNS)
     return events, catalogue
 
 
