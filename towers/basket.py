@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -56,19 +55,6 @@ class BasketTowerConfig:
             raise ConfigError("basket.ease_l2 must be > 0")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ConfigError("basket.input_dropout must be in [0, 1)")
-
-
-def ease_weights(x: sp.spmatrix, l2: float) -> np.ndarray:
-    """(N+1, N+1) EASE item-item weights from a binary users x items CSR matrix ``x``."""
-    n = x.shape[1]
-    gram = np.asarray((x.T @ x).todense(), dtype=np.float64)  # (N+1, N+1)
-    gram[np.diag_indices(n)] += l2
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)[None, :]
-    np.fill_diagonal(b, 0.0)
-    b[0, :] = 0.0
-    b[:, 0] = 0.0
-    return b.astype(np.float32)
 
 
 class BasketTower(nn.Module):

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from towers.config import from_dict, to_dict
+from towers.ease import ease_weights
 from towers.errors import ModelError
 from towers.sequences import Interactions
 from training.splits import Targets
@@ -318,16 +319,7 @@ class EASE:
                 f"EASE needs a dense {n:,} x {n:,} inverse; the catalogue is larger than "
                 f"max_dense_items={self.config.max_dense_items:,}"
             )
-        x = train.to_csr(binary=True)  # (U+1, N+1)
-        gram = np.asarray((x.T @ x).todense(), dtype=np.float64)  # (N+1, N+1)
-        gram[np.diag_indices(n)] += self.config.l2
-        p = np.linalg.inv(gram)  # (N+1, N+1)
-        b = -p / np.diag(p)[None, :]
-        np.fill_diagonal(b, 0.0)
-        b[0, :] = 0.0
-        b[:, 0] = 0.0
-        b32 = b.astype(np.float32)
-        del gram, p, b
+        b32 = ease_weights(train.to_csr(binary=True), self.config.l2)  # (N+1, N+1)
         self.weights = (
             _top_per_column(b32, self.config.neighbours) if self.config.neighbours else b32
         )

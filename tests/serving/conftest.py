@@ -33,9 +33,9 @@ def serve_shop() -> Any:
     return make_shop(SyntheticConfig(n_users=300, n_items=120, seed=1))
 
 
-@pytest.fixture(scope="session")
-def run_dir(serve_shop: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quick tower config trained for two epochs without the text model (~5 s)."""
+def train_quick_run(ds: Any, out: Path, epochs: int) -> Path:
+    """The quick tower config without the text model, trained on ``ds``'s leave-one-out
+    split for ``epochs`` epochs into ``out``."""
     import torch
 
     from towers.sequences import Interactions
@@ -43,18 +43,22 @@ def run_dir(serve_shop: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.two_tower import TwoTowerRetriever
 
     torch.set_num_threads(1)
-    ds = serve_shop
-    out = tmp_path_factory.mktemp("run")
     inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
     split = leave_one_out(inter)
     r = TwoTowerRetriever.for_dataset(
         ds,
         Path(__file__).resolve().parents[2] / "configs" / "towers" / "quick.toml",
         out,
-        {"item": {"use_text": False}, "pretrain": {"epochs": 2}, "threads": 1},
+        {"item": {"use_text": False}, "pretrain": {"epochs": epochs}, "threads": 1},
     )
     r.fit(split.train, split.valid, resume=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def run_dir(serve_shop: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick tower config trained for two epochs without the text model (~5 s)."""
+    return train_quick_run(serve_shop, tmp_path_factory.mktemp("run"), epochs=2)
 
 
 @pytest.fixture(scope="session")

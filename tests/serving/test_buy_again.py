@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.serving.conftest import Served, build_index, make_engine, open_reader
+from tests.serving.conftest import Served, build_index, make_engine, open_reader, train_quick_run
 
 WEEK = 7 * 86400
 REPEAT_USER, CHURN_USER, STAPLE = 7, 11, 42  # internal ids (1-based)
@@ -67,25 +66,10 @@ def planted_shop() -> Any:
 
 @pytest.fixture(scope="module")
 def served_shop(planted_shop: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    import torch
-
     from serving.assemble import load_parts
-    from towers.sequences import Interactions
-    from training.splits import leave_one_out
-    from training.two_tower import TwoTowerRetriever
 
-    torch.set_num_threads(1)
     ds = planted_shop
-    out = tmp_path_factory.mktemp("run_buy_again")
-    inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
-    split = leave_one_out(inter)
-    r = TwoTowerRetriever.for_dataset(
-        ds,
-        Path(__file__).resolve().parents[2] / "configs" / "towers" / "quick.toml",
-        out,
-        {"item": {"use_text": False}, "pretrain": {"epochs": 1}, "threads": 1},
-    )
-    r.fit(split.train, split.valid, resume=False)
+    out = train_quick_run(ds, tmp_path_factory.mktemp("run_buy_again"), epochs=1)
     parts = load_parts(out, ds)
     index_dir = tmp_path_factory.mktemp("index_buy_again")
     build_index(index_dir, parts)
