@@ -117,6 +117,12 @@ def timed_queries(
     return ids, np.asarray(lat)
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process, all its threads (the engine's too)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def dir_mb(p: Path) -> float:
     """Allocated size on disk (sparse preallocated files count only their written blocks)."""
     return sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file()) / 2**20
@@ -152,10 +158,13 @@ def run_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
         hnsw_ef=args.ef,
         segment_number=args.segments,
         upsert_batch=4096,
+        indexing_threads=args.indexing_threads,
+        quantization=args.quantization,
     )
     store = EdgeStore(cfg)
     version = "items_vbench"
     t0 = time.perf_counter()
+    c0 = _cpu_s()
     store.create_version(version, dim, dict(PAYLOAD_INDEXES))
     for a in range(0, size, cfg.upsert_batch):
         b = min(size, a + cfg.upsert_batch)
@@ -170,12 +179,14 @@ def run_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
         ]
         store.upsert(version, ids[a:b], x[a:b], pays)
     t_upsert = time.perf_counter() - t0
+    c_upsert = _cpu_s() - c0
     if args.partial:
         Path(args.partial).write_text(
             json.dumps({"tmp": str(tmp), "upsert_seconds": round(t_upsert, 2)})
         )
     store.seal(version)
     build_s = time.perf_counter() - t0
+    build_cpu = _cpu_s() - c0
     manifest = IndexManifest(
         version=version, alias="items", dim=dim, count=size, distance="cosine", model_version="bench",
         config_hash="", build_seconds=build_s, created_at=time.time(), index_config={},
@@ -213,10 +224,16 @@ def run_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
             "ef_construct": args.ef_construct,
             "ef": args.ef,
             "segments": args.segments,
+            "indexing_threads": args.indexing_threads,
+            "quantization": args.quantization,
         },
         "build_seconds": round(build_s, 2),
         "upsert_seconds": round(t_upsert, 2),
         "optimize_seconds": round(build_s - t_upsert, 2),
+        "build_cpu_seconds": round(build_cpu, 1),
+        "upsert_cpu_seconds": round(c_upsert, 1),
+        "build_cpu_us_per_vector": round(build_cpu / size * 1e6, 1),
+        "load_avg_after_build": [round(v, 2) for v in os.getloadavg()[:2]],
         "vectors_per_s": round(size / build_s, 1),
         "load_seconds": round(load_s, 3),
         "n_queries": len(q),
@@ -230,12 +247,115 @@ def run_one(args: argparse.Namespace, size: int) -> dict[str, Any]:
         "disk_mb": round(dir_mb(tmp), 1),
         "ef_sweep": sweep,
     }
+    if args.upserts:
+        rec["upsert"] = upsert_step(args, store, reader, x, q, cat, in_stock, price, k)
     reader.close()
     if size <= args.local_max:
         rec["qdrant_client_local"] = local_mode(x, q[:50], exact[:50], ann[:50], k)
     rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     shutil.rmtree(tmp, ignore_errors=True)
     return rec
+
+
+def upsert_step(
+    args: argparse.Namespace,
+    store: Any,
+    reader: Any,
+    x: np.ndarray,
+    q: np.ndarray,
+    cat: np.ndarray,
+    in_stock: np.ndarray,
+    price: np.ndarray,
+    k: int,
+) -> dict[str, Any]:
+    """Upsert ``--upserts`` items (half moved, half new) through ``indexing.build.upsert_points``
+    while a reader thread keeps querying the alias; then recall on the updated data."""
+    import threading
+
+    from indexing.build import upsert_points
+
+    size = len(x)
+    rng = np.random.default_rng(args.seed + 2)
+    n_moved = args.upserts // 2
+    moved = np.sort(rng.choice(size, n_moved, replace=False)) + 1
+    new = np.arange(size + 1, size + 1 + args.upserts - n_moved, dtype=np.int64)
+    ids = np.concatenate([moved, new])
+    src = rng.choice(size, len(ids))  # each upserted item lands near a random existing one
+    noise = rng.normal(scale=0.3 / np.sqrt(x.shape[1]), size=(len(ids), x.shape[1]))
+    vecs = x[src] + noise
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    cats = np.concatenate([cat[moved - 1], rng.integers(0, N_CATEGORIES, len(new))])
+    pays = [
+        {
+            "category_path": [f"c{c}"],
+            "price": float(rng.uniform(1, 200)),
+            "in_stock": 1,
+            "popularity": 0,
+        }
+        for c in cats
+    ]
+    stop = threading.Event()
+    lat: list[float] = []
+    errors: list[str] = []
+
+    def read_loop() -> None:
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                hits = reader.search(q[i % len(q)], k, with_payload=False)
+                if len(hits) != k:
+                    errors.append(f"{len(hits)} hits")
+            except Exception as e:  # counted, reported
+                errors.append(repr(e))
+            lat.append((time.perf_counter() - t) * 1e3)
+            i += 1
+
+    th = threading.Thread(target=read_loop, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    before = reader.version
+    c0 = _cpu_s()
+    t0 = time.perf_counter()
+    m = upsert_points(store, ids, vecs, pays)
+    secs = time.perf_counter() - t0
+    cpu = _cpu_s() - c0
+    time.sleep(0.5)
+    stop.set()
+    th.join()
+    vdir = Path(store.cfg.location) / "versions" / m.version
+    # recall on the updated points: exact answer over the updated matrix
+    x2 = np.concatenate([x, vecs[n_moved:]])
+    x2[moved - 1] = vecs[:n_moved]
+    nq = min(300, len(q))
+    exact = exact_topk(x2, q[:nq], k)
+    ann, lat_after = timed_queries(reader, q[:nq], k, None, args.ef)
+    self_top1 = np.mean(
+        [
+            reader.search(v, 1, with_payload=False)[0].item_id == i
+            for v, i in zip(vecs[:200], ids[:200])
+        ]
+    )
+    return {
+        "points": len(ids),
+        "moved": int(n_moved),
+        "new": len(new),
+        "seconds": round(secs, 2),
+        "cpu_seconds": round(cpu, 2),
+        "delta_version": store.base_of(m.version) is not None,
+        "version_disk_mb": round(dir_mb(vdir), 2),
+        "count_after": int(m.count),
+        "verify": m.verify,
+        "reader_queries_during": len(lat),
+        "reader_errors_during": len(errors),
+        "reader_error_examples": errors[:3],
+        "reader_p99_ms_during": round(float(np.percentile(lat, 99)), 3) if lat else None,
+        "served_before": before,
+        "served_after": reader.version,
+        "recall@10_after": round(recall(ann, exact), 4),
+        "p99_ms_after": round(float(np.percentile(lat_after, 99)), 3),
+        "upserted_found_top1": round(float(self_top1), 4),
+    }
 
 
 def local_mode(
@@ -298,20 +418,39 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--sizes", default="12000,100000,1000000")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--m", type=int, default=16)
-    ap.add_argument("--ef-construct", type=int, default=100)
+    class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)
+    ap.add_argument("--sizes", default="12000,100000,1000000", help="comma-separated index sizes")
+    ap.add_argument("--dim", type=int, default=64, help="vector dimension (synthetic vectors)")
+    ap.add_argument("--out", required=True, help="JSON output (a .md table is written beside it)")
+    ap.add_argument("--queries", type=int, default=1000, help="queries per size")
+    ap.add_argument("--m", type=int, default=16, help="HNSW m (graph degree)")
+    ap.add_argument("--ef-construct", type=int, default=100, help="HNSW ef_construct (build width)")
     ap.add_argument("--ef", type=int, default=128, help="search width for the main numbers")
     ap.add_argument(
         "--sweep", default="32,64,128,256", help="ef values for the recall/latency sweep"
     )
-    ap.add_argument("--segments", type=int, default=2)
+    ap.add_argument(
+        "--segments", type=int, default=2, help="segments per version (0 = engine default)"
+    )
+    ap.add_argument(
+        "--indexing-threads", type=int, default=0, help="HNSW build threads (0 = engine default)"
+    )
+    ap.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default="none",
+        help="vector quantization (int8: queries rescore with the full vectors)",
+    )
+    ap.add_argument(
+        "--upserts",
+        type=int,
+        default=0,
+        help="after the build, upsert this many items (half moved, half new) through "
+        "indexing.build.upsert_points with a reader querying meanwhile (0 = skip)",
+    )
     ap.add_argument(
         "--local-max",
         type=int,
@@ -322,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dataset", default=None, help="dataset for real user-vector queries (with --model)"
     )
-    ap.add_argument("--workdir", default=None, help="where the temporary index lives")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--workdir", default=None, help="where the temporary index lives (default: system temp)"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="random seed for vectors and queries")
     ap.add_argument(
         "--time-limit",
         type=float,

@@ -179,6 +179,8 @@ class IndexConfig:
     distance: Literal["cosine", "dot"] = "cosine"
     hnsw_m: int = 32
     hnsw_ef_construct: int = 256
+    # Threads building the HNSW graph (0 = the engine's choice).
+    indexing_threads: int = 0
     # Search width used when a query does not pass hnsw_ef.
     hnsw_ef: int = 256
     # Segments smaller than this many KB of vectors are searched exactly by Qdrant itself.
@@ -197,8 +199,14 @@ class IndexConfig:
     # comes from $api_key_env when api_key is empty (keys stay out of config files).
     write_consistency: int = 1
     api_key_env: str = "QDRANT_API_KEY"
-    # Versions kept (the live one included) for rollback.
+    # Versions kept (the live one included) for rollback; the full versions that kept
+    # delta versions extend are kept too.
     keep_versions: int = 3
+    # Embedded backend: updates of a version with at least this many points are written
+    # as a delta over it (no copy of the whole index) until the delta (changed points +
+    # hidden base points) exceeds delta_max_fraction of the base; then a full copy.
+    delta_min_base: int = 50_000
+    delta_max_fraction: float = 0.1
     # A filtered query whose candidate set has fewer points than this is searched exactly.
     exact_threshold: int = 5000
     # Filters keeping at least this share of the points are served by unfiltered HNSW
@@ -211,6 +219,9 @@ class IndexConfig:
     verify_k: int = 10
     verify_min_recall: float = 0.98
     verify_sample: int = 500
+    # Queries checked after an upsert/delete (each is also searched exactly: at 1M points
+    # ~20 ms apiece); the full verify_sample is used for builds.
+    verify_sample_update: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -225,6 +236,7 @@ class IndexConfig:
             "upsert_batch",
             "verify_k",
             "verify_sample",
+            "verify_sample_update",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -233,6 +245,10 @@ class IndexConfig:
             raise ConfigError(
                 f"IndexConfig.write_consistency ({self.write_consistency}) cannot exceed "
                 f"replicas ({self.replicas})"
+            )
+        if not 0.0 <= self.delta_max_fraction <= 1.0:
+            raise ConfigError(
+                f"IndexConfig.delta_max_fraction must be in [0, 1], got {self.delta_max_fraction}"
             )
         if not 0.0 <= self.verify_min_recall <= 1.0:
             raise ConfigError(

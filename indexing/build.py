@@ -27,7 +27,7 @@ from indexing.base import (
     config_dict,
     new_version_name,
 )
-from indexing.store import IndexStore, exact_search, plain_payload
+from indexing.store import IndexStore, QdrantReader, exact_search, plain_payload
 from towers.config import config_hash as _config_hash
 from towers.errors import DataError, IndexUnavailableError, NotFoundError
 from towers.schema import ITEMS_SCHEMA, require_columns
@@ -175,12 +175,16 @@ def verify_version(
     k: int | None = None,
     hnsw_ef: int | None = None,
     min_recall: float | None = None,
+    n_queries: int | None = None,
+    reader: QdrantReader | None = None,
 ) -> VerifyReport:
     """Recall@k of the version's ANN vs exact search, count check and latency.
 
     The exact answer comes from numpy brute force over ``vectors``/``ids`` when given
     (an independent check of the engine), else from the engine's own exact search.
-    Queries: a sample of ``queries`` (real user vectors), else of ``vectors``.
+    Queries: ``n_queries`` (default ``IndexConfig.verify_sample``) sampled from
+    ``queries`` (real user vectors), else from ``vectors``.  ``reader``: a reader pinned
+    to ``version`` to use (default: one is opened and closed here).
     """
     cfg = store.cfg
     k = k or cfg.verify_k
@@ -193,10 +197,12 @@ def verify_version(
         )[1]
     else:
         vectors_for_q = vectors
-    reader = store.open(version=version)
+    own = reader is None
+    if reader is None:
+        reader = store.open(version=version)
     try:
         count = reader.count()
-        q = _sample_queries(queries, vectors_for_q, cfg.verify_sample, cfg.seed)  # (Q, D)
+        q = _sample_queries(queries, vectors_for_q, n_queries or cfg.verify_sample, cfg.seed)
         if q.shape[1] != reader.dim:
             raise DataError(
                 f"query vectors have dimension {q.shape[1]}, the index has {reader.dim}"
@@ -218,7 +224,8 @@ def verify_version(
         hit = sum(len(set(a) & set(e)) for a, e in zip(ann, exact))
         recall = hit / denom if denom else 1.0
     finally:
-        reader.close()
+        if own:
+            reader.close()
     reasons = []
     if count != expected_count:
         reasons.append(f"count {count} != expected {expected_count}")
@@ -249,10 +256,12 @@ def _cleanup_incomplete(store: IndexStore, alias: str) -> None:
 
 
 def prune(store: IndexStore, alias: str, keep: int) -> list[str]:
-    """Drop complete versions beyond the newest ``keep`` (the live one is always kept)."""
+    """Drop complete versions beyond the newest ``keep`` (the live one is always kept, and
+    so are the full versions that kept delta versions extend)."""
     live = store.alias_target(alias)
     names = [m.version for m in store.versions(alias)]
     keep_set = set(names[-keep:]) | ({live} if live else set())
+    keep_set |= {b for b in (store.base_of(n) for n in keep_set) if b is not None}
     dropped = [n for n in names if n not in keep_set]
     for n in dropped:
         store.drop_version(n)
@@ -450,21 +459,17 @@ def _live(store: IndexStore, alias: str) -> IndexManifest:
 
 def _unchanged(
     store: IndexStore,
-    alias: str,
+    reader: QdrantReader,
     ids: np.ndarray,
     vecs: np.ndarray,
     payloads: Sequence[dict[str, Any]],
 ) -> bool:
     """True when every point already exists with the same payload and vector direction."""
-    reader = store.open(alias=alias)
     try:
-        try:
-            stored = reader.get_vectors(ids.tolist())  # (N, D)
-            stored_payloads = reader.get_payloads(ids.tolist())
-        except NotFoundError:
-            return False
-    finally:
-        reader.close()
+        stored = reader.get_vectors(ids.tolist())  # (N, D)
+        stored_payloads = reader.get_payloads(ids.tolist())
+    except NotFoundError:
+        return False
     want = vecs
     if store.cfg.distance == "cosine":
         want = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -485,32 +490,37 @@ def upsert_points(
     """Insert or replace points: clone the live version, apply, verify, swap.
 
     Idempotent: when every point is already stored unchanged, nothing is written and
-    the live manifest is returned.
+    the live manifest is returned.  The recall check queries with ``queries`` when given,
+    else with the upserted vectors themselves.
     """
     alias = alias or store.cfg.alias
     t0 = time.perf_counter()
     with store.build_lock(alias):
         live = _live(store, alias)
         ids, vecs = _validate_points(ids, vectors, payloads, live.dim, "upsert")
-        if _unchanged(store, alias, ids, vecs, payloads):
-            log.info("upsert: all %d point(s) already stored unchanged; nothing to do", len(ids))
-            return live
-        _cleanup_incomplete(store, alias)
-        reader = store.open(alias=alias)
+        live_reader = store.open_for_update(version=live.version)
         try:
-            existing = reader.existing_ids(ids.tolist())
+            if _unchanged(store, live_reader, ids, vecs, payloads):
+                log.info(
+                    "upsert: all %d point(s) already stored unchanged; nothing to do", len(ids)
+                )
+                return live
+            _cleanup_incomplete(store, alias)
+            existing = live_reader.existing_ids(ids.tolist())
+            expected = live.count + len(ids) - len(existing)
+            version = new_version_name(alias)
+            store.clone_version(live.version, version)
+            try:
+                _upsert_batches(store, version, ids, vecs, list(payloads), False)
+                store.seal(version)
+                report = _verify_update(
+                    store, version, expected, vecs if queries is None else queries, live_reader
+                )
+            except BaseException:
+                store.drop_version(version)
+                raise
         finally:
-            reader.close()
-        expected = live.count + len(ids) - len(existing)
-        version = new_version_name(alias)
-        store.clone_version(live.version, version)
-        try:
-            _upsert_batches(store, version, ids, vecs, list(payloads), False)
-            store.seal(version)
-            report = verify_version(store, version, expected_count=expected, queries=queries)
-        except BaseException:
-            store.drop_version(version)
-            raise
+            live_reader.close()
         return _finish(
             store, alias, version, report,
             model_version=live.model_version, config_hash=live.config_hash, t0=t0,
@@ -535,35 +545,59 @@ def delete_points(
     t0 = time.perf_counter()
     with store.build_lock(alias):
         live = _live(store, alias)
-        reader = store.open(alias=alias)
+        live_reader = store.open_for_update(version=live.version)
         try:
-            stored = reader.existing_ids(want)
+            stored = live_reader.existing_ids(want)
             present = [i for i in dict.fromkeys(want) if i in stored]
+            missing = sorted(set(want) - set(present))
+            if missing and not missing_ok:
+                raise NotFoundError(f"item id(s) {missing[:10]} are not in index {alias!r}")
+            if not present:
+                log.info("delete: none of the %d id(s) is in the index; nothing to do", len(want))
+                return live
+            if queries is None:  # the deleted points' neighbourhoods must still be found
+                queries = live_reader.get_vectors(present[: store.cfg.verify_sample_update])
+            _cleanup_incomplete(store, alias)
+            version = new_version_name(alias)
+            store.clone_version(live.version, version)
+            try:
+                store.delete(version, present)
+                store.seal(version)
+                report = _verify_update(
+                    store, version, live.count - len(present), queries, live_reader
+                )
+            except BaseException:
+                store.drop_version(version)
+                raise
         finally:
-            reader.close()
-        missing = sorted(set(want) - set(present))
-        if missing and not missing_ok:
-            raise NotFoundError(f"item id(s) {missing[:10]} are not in index {alias!r}")
-        if not present:
-            log.info("delete: none of the %d id(s) is in the index; nothing to do", len(want))
-            return live
-        _cleanup_incomplete(store, alias)
-        version = new_version_name(alias)
-        store.clone_version(live.version, version)
-        try:
-            store.delete(version, present)
-            store.seal(version)
-            report = verify_version(
-                store, version, expected_count=live.count - len(present), queries=queries
-            )
-        except BaseException:
-            store.drop_version(version)
-            raise
+            live_reader.close()
         return _finish(
             store, alias, version, report,
             model_version=live.model_version, config_hash=live.config_hash, t0=t0,
             kind=live.kind, parent=live.version, dim=live.dim, provenance=live.provenance,
         )  # fmt: skip
+
+
+def _verify_update(
+    store: IndexStore,
+    version: str,
+    expected: int,
+    queries: np.ndarray,
+    live_reader: QdrantReader,
+) -> VerifyReport:
+    """Verify an updated version with a reader that shares the live reader's loaded data."""
+    reader = store.open_for_update(version=version, like=live_reader)
+    try:
+        return verify_version(
+            store,
+            version,
+            expected_count=expected,
+            queries=queries,
+            n_queries=store.cfg.verify_sample_update,
+            reader=reader,
+        )
+    finally:
+        reader.close()
 
 
 def rollback(store: IndexStore, alias: str | None = None, to: str | None = None) -> IndexManifest:

@@ -46,11 +46,16 @@ class IntegrityReport:
         return not self.problems
 
 
+#: Files of a version beside its shard that the checksums cover (``base.json`` and
+#: ``tombstones.npy`` exist in delta versions only: see :mod:`indexing.qdrant_edge`).
+VERSION_FILES = ("meta.json", "base.json", "tombstones.npy")
+
+
 def _data_files(vdir: Path) -> Iterator[Path]:
-    """Files covered by the checksums: everything under ``shard/`` plus ``meta.json``."""
-    meta = vdir / "meta.json"
-    if meta.exists():
-        yield meta
+    """Files covered by the checksums: everything under ``shard/`` plus the version files."""
+    for name in VERSION_FILES:
+        if (vdir / name).exists():
+            yield vdir / name
     shard = vdir / "shard"
     if shard.is_dir():
         for p in sorted(shard.rglob("*")):

@@ -170,6 +170,7 @@ class ServerStore:
                 m=cfg.hnsw_m,
                 ef_construct=cfg.hnsw_ef_construct,
                 full_scan_threshold=cfg.full_scan_threshold_kb,
+                max_indexing_threads=cfg.indexing_threads,
             ),
             optimizers_config=m.OptimizersConfigDiff(
                 indexing_threshold=cfg.full_scan_threshold_kb,
@@ -261,6 +262,10 @@ class ServerStore:
             raise NotFoundError(f"version {version} is not a complete version")
         return IndexManifest.from_json(text, source=f"collection {version} metadata")
 
+    def base_of(self, version: str) -> str | None:
+        """Server collections are always whole copies (no delta versions)."""
+        return None
+
     def versions(self, alias: str) -> list[IndexManifest]:
         out = []
         for name in self._names(alias):
@@ -312,6 +317,12 @@ class ServerStore:
 
     def open(self, alias: str | None = None, version: str | None = None) -> ServerItemIndex:
         return ServerItemIndex(self.cfg, self.client, alias=alias, version=version, store=self)
+
+    def open_for_update(
+        self, alias: str | None = None, version: str | None = None, like: Any = None
+    ) -> ServerItemIndex:
+        """The server holds the data: nothing to share or skip."""
+        return self.open(alias, version)
 
     def scroll_all(
         self, version: str, with_vectors: bool = True

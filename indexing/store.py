@@ -5,7 +5,9 @@ pointing at one complete version.  A version is complete once its manifest is
 committed; builds write a new version, verify it, then swap the alias.  Published
 versions are never written to again: incremental updates clone the live version,
 apply the change to the clone and swap (copy-on-write), so a reader never sees a
-half-applied update and a rollback is an alias swap.
+half-applied update and a rollback is an alias swap.  The embedded backend "clones" a
+large version as a delta over it (only the changed points are written; see
+:mod:`indexing.qdrant_edge`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class IndexStore(Protocol):
         """Complete versions built for ``alias``, oldest first."""
         ...
 
+    def base_of(self, version: str) -> str | None:
+        """The version a delta version reads through to (None: the version stands alone)."""
+        ...
+
     def incomplete_versions(self, alias: str) -> list[str]:
         """Versions for ``alias`` without a committed manifest (failed or running builds)."""
         ...
@@ -91,6 +97,13 @@ class IndexStore(Protocol):
 
     def open(self, alias: str | None = None, version: str | None = None) -> QdrantReader:
         """A reader following ``alias`` (default: the config's) or pinned to ``version``."""
+        ...
+
+    def open_for_update(
+        self, alias: str | None = None, version: str | None = None, like: Any = None
+    ) -> QdrantReader:
+        """A reader for a writer's own checks (upsert/delete): it may skip hashing file
+        contents (sizes only) and reuse what reader ``like`` has loaded."""
         ...
 
     def scroll_all(
@@ -309,8 +322,9 @@ class QdrantReader(abc.ABC, ItemIndex):
         # filter on clustered data), so the planner picks by the candidate count n:
         #   n < exact_threshold        -> exact search over the candidates (cheap, exact);
         #   selectivity >= postfilter  -> unfiltered HNSW for limit/selectivity*2 ids, then
-        #                                 the filter + exact scoring on just those ids
-        #                                 (exact search over all candidates if too few pass);
+        #                                 the filter + exact scoring on just those ids (if too
+        #                                 few pass: once more with 4x the ids, then exact
+        #                                 search over all candidates);
         #   rarer                      -> filtered HNSW with ef scaled by 1/selectivity.
         n = self._count(handle, payload_only, exact=False)
         if n < self.cfg.exact_threshold:
@@ -332,7 +346,24 @@ class QdrantReader(abc.ABC, ItemIndex):
             ]
             out = self._query(handle, arr, limit, list(narrowed), ef, [True] * b, with_payload)
             short = [i for i, hits in enumerate(out) if len(hits) < limit]
-            if short:  # too few matches among the fetched: exact over all candidates
+            wider = min(4 * fetch, self.cfg.postfilter_max_fetch)
+            if short and wider > fetch:  # unlucky draw: once more with 4x the ids
+                arr_s = arr[short]
+                raw = self._query(
+                    handle, arr_s, wider, [None] * len(short), max(ef, 2 * wider),
+                    [False] * len(short), False,
+                )  # fmt: skip
+                narrowed = [
+                    dataclasses.replace(flts[i], only_ids=tuple(h.item_id for h in hits))
+                    for i, hits in zip(short, raw)
+                ]
+                redo = self._query(
+                    handle, arr_s, limit, narrowed, ef, [True] * len(short), with_payload
+                )
+                for i, hits in zip(short, redo):
+                    out[i] = hits
+                short = [i for i in short if len(out[i]) < limit]
+            if short:  # still too few matches among the fetched: exact over all candidates
                 redo = self._query(
                     handle,
                     arr[short],
