@@ -99,9 +99,10 @@ def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str
         for q, hits in zip(qs, got):
             want = _reference(e_ids, e_vecs, e_pays, q, 10, f.with_excluded([1, 2, N + 1]))
             assert [h.item_id for h in hits] == want
-        assert reader.count(f) == sum(
-            f.matches(p, int(i)) for i, p in zip(e_ids, e_pays)
-        ) or f.is_empty
+        assert (
+            reader.count(f) == sum(f.matches(p, int(i)) for i, p in zip(e_ids, e_pays))
+            or f.is_empty
+        )
     single = [h.item_id for h in reader.search(qs[0], 10, FILTERS[2])]
     assert single == [h.item_id for h in reader.search_batch(qs[:1], 10, FILTERS[2])[0]]
     # retrieval sees the newest copy of every point and none of the deleted
@@ -165,4 +166,70 @@ def test_small_versions_are_copied_whole(tmp_path: Path) -> None:
     new_ids, new_vecs, new_pay = make_points(5, D, seed=4, start=N + 1)
     m = upsert_points(store, new_ids, new_vecs, new_pay)
     assert store.base_of(m.version) is None and m.count == N + 5
+    store.close()
+
+
+# A reader in another process: queries the alias in a loop, prints "version id,id,...".
+READER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+from indexing.base import IndexConfig
+from indexing.build import open_store
+store = open_store(IndexConfig(location={loc!r}))
+reader = store.open()
+q = np.array({q!r}, dtype=np.float32)
+print("ready", flush=True)
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    hits = reader.search(q, 10, with_payload=False)
+    print(reader._tls.version, ",".join(str(h.item_id) for h in hits), flush=True)
+"""
+
+
+def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
+    """Delta updates under a reader in another process: every answer is exactly one
+    committed version's brute-force answer (never a half-applied update)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    store = _store(tmp_path, delta_max_fraction=1.0)
+    ids, vecs, pays = make_points(N, D)
+    first = build_version(store, ids, vecs, pays, model_version="m").version
+    exp = Expected(ids, vecs, pays)
+    q = vecs[10]
+    answers: dict[str, list[int]] = {}
+
+    def record(version: str) -> None:
+        e_ids, e_vecs, e_pays = exp.arrays()
+        answers[version] = _reference(e_ids, e_vecs, e_pays, q, 10, SearchFilter())
+
+    record(first)
+    child = subprocess.Popen(
+        [sys.executable, "-c", READER.format(
+            root=str(root), loc=str(tmp_path / "index"), q=q.tolist(), seconds=12
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    rng = np.random.default_rng(11)
+    for k in range(4):  # each update moves 5 points right next to the query
+        up = np.arange(100 + 5 * k, 105 + 5 * k, dtype=np.int64)
+        uv = (q + rng.normal(scale=0.05, size=(5, D))).astype(np.float32)
+        up_pays = [exp.rows[int(i)][1] for i in up]
+        v = upsert_points(store, up, uv, up_pays).version
+        exp.upsert(up, uv, up_pays)
+        record(v)
+    gone = [100, 105]
+    v = delete_points(store, gone).version
+    exp.delete(gone)
+    record(v)
+    out, _ = child.communicate(timeout=60)
+    lines = [ln.split(" ") for ln in out.strip().splitlines()]
+    seen = {ver for ver, _ in lines}
+    assert len(lines) > 20 and v in seen  # the reader followed the alias to the last one
+    for ver, got in lines:
+        assert [int(i) for i in got.split(",")] == answers[ver], ver
     store.close()
