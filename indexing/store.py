@@ -151,6 +151,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         self._pinned = version
         self._lock = threading.Lock()
         self._tls = threading.local()  # .version: what this thread's last query ran on
+        self._estimates: dict[tuple[str, SearchFilter], int] = {}
 
     # -- backend primitives -------------------------------------------------------------
     @abc.abstractmethod
@@ -326,7 +327,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         #                                 few pass: once more with 4x the ids, then exact
         #                                 search over all candidates);
         #   rarer                      -> filtered HNSW with ef scaled by 1/selectivity.
-        n = self._count(handle, payload_only, exact=False)
+        n = self._estimate(version, handle, payload_only)
         if n < self.cfg.exact_threshold:
             return self._query(handle, arr, limit, list(flts), ef, [True] * b, with_payload)
         total = self._manifest(version).count
@@ -338,7 +339,7 @@ class QdrantReader(abc.ABC, ItemIndex):
             # phase 1: ids only (no payload transfer); phase 2: the engine applies the
             # filter to those few ids and scores them exactly.
             raw = self._query(
-                handle, arr, fetch, [None] * b, max(ef, 2 * fetch), [False] * b, False
+                handle, arr, fetch, [None] * b, max(ef, fetch), [False] * b, False
             )
             narrowed = [
                 dataclasses.replace(f, only_ids=tuple(h.item_id for h in hits))
@@ -350,7 +351,7 @@ class QdrantReader(abc.ABC, ItemIndex):
             if short and wider > fetch:  # unlucky draw: once more with 4x the ids
                 arr_s = arr[short]
                 raw = self._query(
-                    handle, arr_s, wider, [None] * len(short), max(ef, 2 * wider),
+                    handle, arr_s, wider, [None] * len(short), max(ef, wider),
                     [False] * len(short), False,
                 )  # fmt: skip
                 narrowed = [
@@ -378,6 +379,18 @@ class QdrantReader(abc.ABC, ItemIndex):
             return out
         ef_f = min(self.cfg.max_filtered_ef, max(ef, math.ceil(ef / sel)))
         return self._query(handle, arr, limit, list(flts), ef_f, [False] * b, with_payload)
+
+    def _estimate(self, version: str, handle: Any, flt: SearchFilter) -> int:
+        """The engine's cardinality estimate for a payload filter, cached per version (a
+        version's contents never change; ~0.3 ms per call at 100k points)."""
+        key = (version, flt)
+        n = self._estimates.get(key)
+        if n is None:
+            n = self._count(handle, flt, exact=False)
+            if len(self._estimates) >= 4096:
+                self._estimates.clear()
+            self._estimates[key] = n
+        return n
 
     def count_raw(self, flt: Any) -> int:
         """Exact count for any filter type the backend translates (None = all points)."""
