@@ -233,3 +233,29 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
     for ver, got in lines:
         assert [int(i) for i in got.split(",")] == answers[ver], ver
     store.close()
+
+
+def test_failed_delta_update_leaves_alias_and_base(tmp_path: Path) -> None:
+    from indexing.base import VerificationError
+
+    store = _store(tmp_path)
+    ids, vecs, pays = make_points(N, D)
+    base = build_version(store, ids, vecs, pays, model_version="m").version
+    before = compute_checksums(tmp_path / "index" / "versions" / base)
+    orig_seal = store.seal
+
+    def lossy_seal(version: str) -> None:  # a delta that silently loses a point
+        store.delete(version, [N + 2])
+        orig_seal(version)
+
+    store.seal = lossy_seal
+    new_ids, new_vecs, new_pay = make_points(3, D, seed=9, start=N + 1)
+    with pytest.raises(VerificationError, match=f"count {N + 2} != expected {N + 3}"):
+        upsert_points(store, new_ids, new_vecs, new_pay)
+    store.seal = orig_seal
+    assert store.alias_target("items") == base
+    assert store.incomplete_versions("items") == []
+    assert compute_checksums(tmp_path / "index" / "versions" / base) == before
+    m = upsert_points(store, new_ids, new_vecs, new_pay)  # the next one goes through
+    assert store.base_of(m.version) == base and store.open().count() == N + 3
+    store.close()
