@@ -391,6 +391,91 @@ def fit_segments_table(parts: Any, k: int = 6) -> Any:
     return TableSegmentLookup(table)
 
 
+def synthetic_catalogue(
+    real_ids: np.ndarray,
+    real_vecs: np.ndarray,
+    real_payloads: list[dict[str, Any]],
+    n_total: int,
+    seed: int = 0,
+    noise: float = 0.35,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The real items plus ``n_total - len(real)`` synthetic ones: ids after the real ones,
+    each a real item's vector (tiled in turn) plus Gaussian noise of norm ~``noise``,
+    re-normalised (cosine ~0.94 to its source), with the source's category and brand, its
+    price times a log-normal factor, in stock with probability 0.9, no popularity and an
+    external id ``SYN<id>``.  The serving catalogue (the dataset) does not know them.
+
+    Returns ``(ids (N,), vectors (N, D) float32, payloads)``, the real items first.
+    """
+    n_real, dim = real_vecs.shape
+    n_syn = max(n_total - n_real, 0)
+    rng = np.random.default_rng(seed)
+    base = np.arange(n_syn) % n_real  # (S,) source row of each synthetic item
+    ids = np.concatenate([real_ids, int(real_ids.max()) + 1 + np.arange(n_syn)]).astype(np.int64)
+    unit = real_vecs / np.linalg.norm(real_vecs, axis=1, keepdims=True)  # (R, D)
+    syn = unit[base] + rng.normal(0.0, noise / np.sqrt(dim), (n_syn, dim)).astype(np.float32)
+    syn /= np.linalg.norm(syn, axis=1, keepdims=True)  # (S, D)
+    vecs = np.concatenate([real_vecs.astype(np.float32), syn.astype(np.float32)])  # (N, D)
+    factor = np.exp(rng.normal(0.0, 0.2, n_syn))  # (S,)
+    stock = rng.random(n_syn) < 0.9  # (S,)
+    payloads = list(real_payloads)
+    for j in range(n_syn):
+        src = real_payloads[base[j]]
+        price = src.get("price")
+        payloads.append(
+            {
+                **src,
+                "external_id": f"SYN{ids[n_real + j]}",
+                "price": None if price is None else round(float(price) * float(factor[j]), 2),
+                "in_stock": int(stock[j]),
+                "popularity": 0,
+            }
+        )
+    return ids, vecs, payloads
+
+
+def build_catalogue_index(
+    parts: Any, location: Path, n_total: int, index_sets: dict[str, str], seed: int = 0
+) -> str:
+    """A verified index version of the dataset's items plus synthetic ones up to ``n_total``
+    (:func:`synthetic_catalogue`), through ``indexing.build.build_version`` (HNSW built,
+    recall verified with real user vectors, alias moved); returns the version."""
+    from indexing.base import IndexConfig
+    from indexing.build import build_version, item_payloads, open_store, user_query_vectors
+
+    m = parts.model
+    items = parts.dataset.items
+    real = np.concatenate(
+        [m.embed_items(items[a : a + 4096]) for a in range(0, items.height, 4096)]
+    )  # (R, D)
+    real_ids, real_payloads = item_payloads(
+        items, m.model_version, parts.history.inter.item_counts()
+    )
+    ids, vecs, payloads = synthetic_catalogue(real_ids, real, real_payloads, n_total, seed)
+    queries, _, _ = user_query_vectors(m, parts.dataset, 500, seed)  # (Q, D) real users
+    kw: dict[str, Any] = {k: json.loads(_toml_value(v)) for k, v in index_sets.items()}
+    store = open_store(IndexConfig(location=str(location), **kw))
+    t0 = time.perf_counter()
+    try:
+        man = build_version(
+            store, ids, vecs, payloads,
+            model_version=m.model_version, config_hash=m.config_hash, queries=queries,
+            progress=True,
+        )  # fmt: skip
+    finally:
+        store.close()
+    log.info(
+        "catalogue index %s: %d items (%d synthetic) in %.0f s, recall@%d %.4f",
+        location,
+        len(ids),
+        len(ids) - len(real_ids),
+        time.perf_counter() - t0,
+        man.verify.get("k", 0),
+        man.verify.get("recall", float("nan")),
+    )
+    return man.version
+
+
 def _toml_value(v: str) -> str:
     try:
         float(v)
@@ -413,11 +498,17 @@ def start_servers(
         if a.model
         else train_quick(a.dataset, work / f"run-{ds.name}", data_dir=a.data_dir)
     ).resolve()
-    index_dir = (Path(a.index) if a.index else work / f"index-{ds.name}").resolve()
+    default_index = f"index-{ds.name}" + (f"-{a.catalogue}" if a.catalogue else "")
+    index_dir = (Path(a.index) if a.index else work / default_index).resolve()
     parts = None
     if not (index_dir / "aliases").exists():
         parts = load_parts(run_dir, ds)
-        build_item_index(parts, index_dir)
+        if a.catalogue:
+            build_catalogue_index(
+                parts, index_dir, a.catalogue, dict(kv.split("=", 1) for kv in a.index_set)
+            )
+        else:
+            build_item_index(parts, index_dir)
     seg_path = (work / f"segments-{ds.name}.parquet").resolve()
     if not seg_path.exists():
         parts = parts or load_parts(run_dir, ds)
@@ -585,7 +676,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--model", default=None, help="trained run directory (default: train the quick config)"
     )
-    ap.add_argument("--index", default=None, help="index location (default: WORK/index-DATASET)")
+    ap.add_argument(
+        "--index",
+        default=None,
+        help="index location (default: WORK/index-DATASET, WORK/index-DATASET-N with --catalogue)",
+    )
+    ap.add_argument(
+        "--catalogue",
+        type=int,
+        default=0,
+        help="when the index is built here: the dataset's items plus synthetic ones up to N "
+        "items (index-only: unknown to the serving catalogue; 0 = the dataset's items only)",
+    )
+    ap.add_argument(
+        "--index-set",
+        action="append",
+        default=[],
+        help="IndexConfig key=value for an index built here, e.g. hnsw_m=16 (repeatable)",
+    )
     ap.add_argument(
         "--work", default="artifacts/demo", help="where the run, index and segments live"
     )
@@ -694,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         "server_procs": a.server_procs,
         "client_procs": a.client_procs,
         "server_config": dict(kv.split("=", 1) for kv in a.set),
+        "catalogue": a.catalogue or None,
+        "index": a.index or None,
         "seconds": a.seconds,
         "users_in_mix": len(payloads),
         "machine": {"cpus": os.cpu_count()},
