@@ -56,6 +56,9 @@ class ItemCatalog:
     _code_maps: dict[int, dict[str, int]] = field(
         default_factory=dict, compare=False, repr=False, hash=False
     )
+    _text_codes: dict[tuple[str | None, int], int] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
 
     @property
     def n_items(self) -> int:
@@ -88,15 +91,19 @@ class ItemCatalog:
     def category_code(self, category: str | None, depth: int) -> int:
         """The code :meth:`category_codes` gives ``category`` at ``depth``, for an item the
         catalogue does not hold (a key no catalogue item has gets a new code; -1 = unknown)."""
+        got = self._text_codes.get((category, depth))  # few distinct texts: one lookup
+        if got is not None:
+            return got
         key = category_key(category, depth)
         if not key:
-            return -1
-        self.category_codes(depth)  # builds the catalogue's key -> code map once
-        code_of = self._code_maps[depth]
-        got = code_of.get(key)
-        if got is None:
+            got = -1
+        else:
+            self.category_codes(depth)  # builds the catalogue's key -> code map once
+            code_of = self._code_maps[depth]
             with self._derived_lock:
                 got = code_of.setdefault(key, len(code_of))
+        if len(self._text_codes) < 100_000:
+            self._text_codes[(category, depth)] = got
         return got
 
     def boosts(self, boosts: tuple[Boost, ...]) -> np.ndarray | None:

@@ -550,8 +550,9 @@ class Recommender:
                 boost=boost[ids] if boost is not None else np.zeros(len(ids)),
             )
         extra = extra or {}
-        keep = ~outside | np.isin(ids, np.fromiter(extra, np.int64, len(extra)))
-        ids, scores, outside = ids[keep], scores[keep], outside[keep]  # drop vanished items
+        if len(extra) < int(outside.sum()):  # some were deleted since the search: drop them
+            keep = ~outside | np.isin(ids, np.fromiter(extra, np.int64, len(extra)))
+            ids, scores, outside = ids[keep], scores[keep], outside[keep]
         safe = np.where(outside, 0, ids)  # (N,) catalogue rows (0 = padding for the rest)
         price = c.price[safe].copy()
         pop = self.popularity.scores(segment)[safe].copy()
