@@ -286,7 +286,13 @@ class Recommender:
         )
         self._batcher: Batcher[RetrievalWork, Retrieved] | None = (
             Batcher(
-                self._retrieve_many, cfg.batch_max, cfg.batch_wait_ms / 1e3, "ecomrec-retrieval"
+                self._retrieve_many,
+                cfg.batch_max,
+                cfg.batch_wait_ms / 1e3,
+                "ecomrec-retrieval",
+                # requests still before this stage: a lone request runs inline, and a batch
+                # waits for company only while some is on its way
+                coming=lambda: self._coming,
             )
             if cfg.batch_max > 1
             else None
