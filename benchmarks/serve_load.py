@@ -119,17 +119,28 @@ def client_worker(
     t_end: float,
     seed: int,
     out: Any,
+    channels: int = 1,
 ) -> None:
     """Closed loop (``amount`` = in-flight requests) or open loop (``amount`` = req/s).
 
     ``t_measure``/``t_end`` are ``time.monotonic()`` values (system-wide on Linux).  Puts
     one dict on ``out``: latencies of requests *sent* in the window, error codes, stage
     trailers, and this process's CPU seconds over the window.
+
+    ``channels``: TCP connections of this process (own subchannel pools, requests sent
+    round-robin): with several server processes on one port (SO_REUSEPORT) the kernel
+    assigns each *connection* to a process, so one connection per generator process can
+    leave a server process idle while another takes all the load.
     """
     import grpc
 
-    ch = grpc.insecure_channel(target)
-    call = ch.unary_unary(METHOD)  # bytes in, bytes out: no protobuf work per request
+    chans = [
+        grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, channels))
+    ]
+    # bytes in, bytes out: no protobuf work per request
+    calls = [ch.unary_unary(METHOD) for ch in chans]
+    n_calls = len(calls)
     md = (("x-api-key", key),)
     n_pay = len(payloads)
     lock = threading.Lock()
@@ -162,12 +173,13 @@ def client_worker(
             i = state["i"]
             state["i"] = i + 1
             state["inflight"] += 1
-        fut = call.future(payloads[i % n_pay], metadata=md, timeout=2.0)
+        fut = calls[i % n_calls].future(payloads[i % n_pay], metadata=md, timeout=2.0)
         fut.add_done_callback(lambda f: then(f, t_sched))
 
-    # warm the channel (connection set-up is not part of the measurement)
-    with contextlib.suppress(grpc.RpcError):
-        call(payloads[0], metadata=md, timeout=10.0)
+    # warm the channels (connection set-up is not part of the measurement)
+    for call in calls:
+        with contextlib.suppress(grpc.RpcError):
+            call(payloads[0], metadata=md, timeout=10.0)
     cpu0 = cpu1 = 0.0
     if mode == "closed":
 
@@ -206,7 +218,8 @@ def client_worker(
         end = time.monotonic() + 5.0
         while state["inflight"] > 0 and time.monotonic() < end:
             time.sleep(0.01)
-    ch.close()
+    for ch in chans:
+        ch.close()
     out.put(
         {
             "lat": lat,
@@ -229,6 +242,7 @@ def run_point(
     warmup_s: float,
     client_procs: int,
     server_pids: list[int],
+    channels: int = 1,
 ) -> dict[str, Any]:
     """One measured point: ``client_procs`` generator processes, server CPU from /proc."""
     ctx = mp.get_context("spawn")
@@ -244,7 +258,7 @@ def run_point(
     workers = [
         ctx.Process(
             target=client_worker,
-            args=(target, key, payloads, mode, shares[j], t_measure, t_end, j + 1, q),
+            args=(target, key, payloads, mode, shares[j], t_measure, t_end, j + 1, q, channels),
             daemon=True,
         )
         for j in range(procs)
@@ -252,10 +266,12 @@ def run_point(
     for w in workers:
         w.start()
     time.sleep(max(t_measure - time.monotonic(), 0))
-    s0 = proc_cpu_s(server_pids)
+    each0 = [proc_cpu_s([p]) for p in server_pids]
+    s0 = sum(each0)
     load0 = os.getloadavg()[0]
     time.sleep(max(t_end - time.monotonic(), 0))
-    s1 = proc_cpu_s(server_pids)
+    each1 = [proc_cpu_s([p]) for p in server_pids]
+    s1 = sum(each1)
     load1 = os.getloadavg()[0]
     res = [q.get(timeout=seconds + warmup_s + 60) for _ in workers]
     for w in workers:
@@ -293,6 +309,9 @@ def run_point(
             "loadgen": client_cpu * 1e3 / max(done, 1),
         },
         "server_cpu_cores": (s1 - s0) / seconds,
+        # per server process: shows an unbalanced SO_REUSEPORT spread
+        "server_cpu_cores_each": [round((b - a) / seconds, 3) for a, b in zip(each0, each1)],
+        "channels_per_client": channels,
         "loadgen_cpu_cores": client_cpu / seconds,
         "client_procs": procs,
         # open loop: how late the generator sent (included in the latencies: a busy machine
@@ -674,6 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--server-procs", type=int, default=1, help="server processes (SO_REUSEPORT)")
     ap.add_argument(
+        "--channels",
+        type=int,
+        default=4,
+        help="TCP connections per generator process (SO_REUSEPORT spreads connections, "
+        "not requests, over the server processes)",
+    )
+    ap.add_argument(
         "--model", default=None, help="trained run directory (default: train the quick config)"
     )
     ap.add_argument(
@@ -749,7 +775,16 @@ def main(argv: list[str] | None = None) -> int:
 
         def point(mode: str, amount: float) -> dict[str, Any]:
             row = run_point(
-                target, key, payloads, mode, amount, a.seconds, a.warmup, a.client_procs, pids
+                target,
+                key,
+                payloads,
+                mode,
+                amount,
+                a.seconds,
+                a.warmup,
+                a.client_procs,
+                pids,
+                a.channels,
             )
             runs.append(row)
             return row
@@ -801,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": a.encoder,
         "server_procs": a.server_procs,
         "client_procs": a.client_procs,
+        "channels": a.channels,
         "server_config": dict(kv.split("=", 1) for kv in a.set),
         "catalogue": a.catalogue or None,
         "index": a.index or None,
