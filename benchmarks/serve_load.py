@@ -416,13 +416,14 @@ def synthetic_catalogue(
     real_payloads: list[dict[str, Any]],
     n_total: int,
     seed: int = 0,
-    noise: float = 0.35,
+    noise: float = 0.7,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """The real items plus ``n_total - len(real)`` synthetic ones: ids after the real ones,
     each a real item's vector (tiled in turn) plus Gaussian noise of norm ~``noise``,
-    re-normalised (cosine ~0.94 to its source), with the source's category and brand, its
-    price times a log-normal factor, in stock with probability 0.9, no popularity and an
-    external id ``SYN<id>``.  The serving catalogue (the dataset) does not know them.
+    re-normalised (cosine ~0.82 to its source: variants, not near-copies, which crowd HNSW:
+    at noise 0.35, 1M items, recall@10 was 0.87 at ef 128), with the source's category and
+    brand, its price times a log-normal factor, in stock with probability 0.9, no
+    popularity and an external id ``SYN<id>``.  The serving catalogue (the dataset) does not know them.
 
     Returns ``(ids (N,), vectors (N, D) float32, payloads)``, the real items first.
     """

@@ -163,6 +163,6 @@ def test_synthetic_catalogue_shape() -> None:
     assert np.allclose(np.linalg.norm(vecs[50:], axis=1), 1.0, atol=1e-5)
     unit = real / np.linalg.norm(real, axis=1, keepdims=True)
     cos = (vecs[50:] * unit[np.arange(450) % 50]).sum(axis=1)  # to its source item
-    assert 0.8 < float(np.median(cos)) < 0.99
+    assert 0.7 < float(np.median(cos)) < 0.95  # a variant, not a copy
     assert out[50]["external_id"] == "SYN51" and out[50]["category"] == "A > B"
     assert out[0] is pay[0]  # the real items unchanged
