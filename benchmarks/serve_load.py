@@ -20,6 +20,10 @@ utime+stime) and the load generator (``getrusage`` in each client process) over 
 measured window: the headline, since it does not depend on other jobs on the machine.
 The load average is recorded beside every row.
 
+``--catalogue N`` serves a larger shop than the dataset: the index it builds holds the
+dataset's items plus synthetic index-only items up to N (``synthetic_catalogue``), which
+the server knows only from their index payloads (HNSW above ``exact_max_items``).
+
     python benchmarks/serve_load.py --dataset beauty --encoder onnx \
         --concurrency 1,8 --offered auto --seconds 20 --out results/serve_load_onnx.json
 
