@@ -131,16 +131,18 @@ def client_worker(
     one dict on ``out``: latencies of requests *sent* in the window, error codes, stage
     trailers, and this process's CPU seconds over the window.
 
-    ``channels``: TCP connections of this process (own subchannel pools, requests sent
-    round-robin): with several server processes on one port (SO_REUSEPORT) the kernel
+    ``channels``: TCP connections of this process (own subchannel pools; closed loop: each
+    in-flight chain keeps one connection, as a client would, so at most ``amount`` are
+    used; open loop: round-robin): with several server processes on one port (SO_REUSEPORT) the kernel
     assigns each *connection* to a process, so one connection per generator process can
     leave a server process idle while another takes all the load.
     """
     import grpc
 
+    n_chan = max(1, min(channels, int(amount)) if mode == "closed" else channels)
     chans = [
         grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(max(1, channels))
+        for _ in range(n_chan)
     ]
     # bytes in, bytes out: no protobuf work per request
     calls = [ch.unary_unary(METHOD) for ch in chans]
@@ -172,12 +174,13 @@ def client_worker(
             if t_measure <= t1 < t_end and code == grpc.StatusCode.OK:
                 done_in_window[0] += 1
 
-    def send(t_sched: float, then: Any) -> None:
+    def send(t_sched: float, then: Any, slot: int | None = None) -> None:
         with lock:
             i = state["i"]
             state["i"] = i + 1
             state["inflight"] += 1
-        fut = calls[i % n_calls].future(payloads[i % n_pay], metadata=md, timeout=2.0)
+        call = calls[(i if slot is None else slot) % n_calls]
+        fut = call.future(payloads[i % n_pay], metadata=md, timeout=2.0)
         fut.add_done_callback(lambda f: then(f, t_sched))
 
     # warm the channels (connection set-up is not part of the measurement)
@@ -187,18 +190,21 @@ def client_worker(
     cpu0 = cpu1 = 0.0
     if mode == "closed":
 
-        def again(fut: Any, t_sched: float) -> None:
-            record(fut, t_sched)
-            now = time.monotonic()
-            if now < t_end:
-                send(now, again)
-            else:
-                with lock:
-                    if state["inflight"] == 0:
-                        finished.set()
+        def chain(slot: int) -> Any:
+            def again(fut: Any, t_sched: float) -> None:
+                record(fut, t_sched)
+                now = time.monotonic()
+                if now < t_end:
+                    send(now, again, slot)  # this chain's own connection
+                else:
+                    with lock:
+                        if state["inflight"] == 0:
+                            finished.set()
 
-        for _ in range(int(amount)):
-            send(time.monotonic(), again)
+            return again
+
+        for slot in range(int(amount)):
+            send(time.monotonic(), chain(slot), slot)
         time.sleep(max(t_measure - time.monotonic(), 0))
         cpu0 = _self_cpu_s()
         time.sleep(max(t_end - time.monotonic(), 0))
