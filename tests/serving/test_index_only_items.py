@@ -166,3 +166,20 @@ def test_synthetic_catalogue_shape() -> None:
     assert 0.7 < float(np.median(cos)) < 0.95  # a variant, not a copy
     assert out[50]["external_id"] == "SYN51" and out[50]["category"] == "A > B"
     assert out[0] is pay[0]  # the real items unchanged
+
+
+def test_index_only_lookup_drops_vanished_ids_and_stays_bounded(
+    shop_index: dict[str, Any],
+) -> None:
+    from serving.catalog import IndexOnlyItems
+
+    reader = shop_index["reader"]
+    planted = [int(i) for i in shop_index["planted_ids"]]
+    lookup = IndexOnlyItems(max_cached=2)
+    got = lookup.info(reader, reader.version, [*planted, 10**9])  # 10**9: not in the index
+    assert sorted(got) == planted  # the vanished id is left out, not an error
+    assert [got[i].external_id for i in planted] == ["NEW-A", "NEW-B", "NEW-C"]
+    assert got[planted[1]].in_stock is False and got[planted[1]].price == 500.0
+    assert lookup.fetched == 3
+    again = lookup.info(reader, reader.version, planted[1:])  # the LRU kept the last two
+    assert sorted(again) == planted[1:] and lookup.fetched == 3 and lookup.hits == 2
