@@ -20,6 +20,10 @@ utime+stime) and the load generator (``getrusage`` in each client process) over 
 measured window: the headline, since it does not depend on other jobs on the machine.
 The load average is recorded beside every row.
 
+``--catalogue N`` serves a larger shop than the dataset: the index it builds holds the
+dataset's items plus synthetic index-only items up to N (``synthetic_catalogue``), which
+the server knows only from their index payloads (HNSW above ``exact_max_items``).
+
     python benchmarks/serve_load.py --dataset beauty --encoder onnx \
         --concurrency 1,8 --offered auto --seconds 20 --out results/serve_load_onnx.json
 
@@ -119,17 +123,30 @@ def client_worker(
     t_end: float,
     seed: int,
     out: Any,
+    channels: int = 1,
 ) -> None:
     """Closed loop (``amount`` = in-flight requests) or open loop (``amount`` = req/s).
 
     ``t_measure``/``t_end`` are ``time.monotonic()`` values (system-wide on Linux).  Puts
     one dict on ``out``: latencies of requests *sent* in the window, error codes, stage
     trailers, and this process's CPU seconds over the window.
+
+    ``channels``: TCP connections of this process (own subchannel pools; closed loop: each
+    in-flight chain keeps one connection, as a client would, so at most ``amount`` are
+    used; open loop: round-robin): with several server processes on one port (SO_REUSEPORT) the kernel
+    assigns each *connection* to a process, so one connection per generator process can
+    leave a server process idle while another takes all the load.
     """
     import grpc
 
-    ch = grpc.insecure_channel(target)
-    call = ch.unary_unary(METHOD)  # bytes in, bytes out: no protobuf work per request
+    n_chan = max(1, min(channels, int(amount)) if mode == "closed" else channels)
+    chans = [
+        grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(n_chan)
+    ]
+    # bytes in, bytes out: no protobuf work per request
+    calls = [ch.unary_unary(METHOD) for ch in chans]
+    n_calls = len(calls)
     md = (("x-api-key", key),)
     n_pay = len(payloads)
     lock = threading.Lock()
@@ -157,32 +174,37 @@ def client_worker(
             if t_measure <= t1 < t_end and code == grpc.StatusCode.OK:
                 done_in_window[0] += 1
 
-    def send(t_sched: float, then: Any) -> None:
+    def send(t_sched: float, then: Any, slot: int | None = None) -> None:
         with lock:
             i = state["i"]
             state["i"] = i + 1
             state["inflight"] += 1
+        call = calls[(i if slot is None else slot) % n_calls]
         fut = call.future(payloads[i % n_pay], metadata=md, timeout=2.0)
         fut.add_done_callback(lambda f: then(f, t_sched))
 
-    # warm the channel (connection set-up is not part of the measurement)
-    with contextlib.suppress(grpc.RpcError):
-        call(payloads[0], metadata=md, timeout=10.0)
+    # warm the channels (connection set-up is not part of the measurement)
+    for call in calls:
+        with contextlib.suppress(grpc.RpcError):
+            call(payloads[0], metadata=md, timeout=10.0)
     cpu0 = cpu1 = 0.0
     if mode == "closed":
 
-        def again(fut: Any, t_sched: float) -> None:
-            record(fut, t_sched)
-            now = time.monotonic()
-            if now < t_end:
-                send(now, again)
-            else:
-                with lock:
-                    if state["inflight"] == 0:
-                        finished.set()
+        def chain(slot: int) -> Any:
+            def again(fut: Any, t_sched: float) -> None:
+                record(fut, t_sched)
+                now = time.monotonic()
+                if now < t_end:
+                    send(now, again, slot)  # this chain's own connection
+                else:
+                    with lock:
+                        if state["inflight"] == 0:
+                            finished.set()
 
-        for _ in range(int(amount)):
-            send(time.monotonic(), again)
+            return again
+
+        for slot in range(int(amount)):
+            send(time.monotonic(), chain(slot), slot)
         time.sleep(max(t_measure - time.monotonic(), 0))
         cpu0 = _self_cpu_s()
         time.sleep(max(t_end - time.monotonic(), 0))
@@ -206,7 +228,8 @@ def client_worker(
         end = time.monotonic() + 5.0
         while state["inflight"] > 0 and time.monotonic() < end:
             time.sleep(0.01)
-    ch.close()
+    for ch in chans:
+        ch.close()
     out.put(
         {
             "lat": lat,
@@ -229,6 +252,7 @@ def run_point(
     warmup_s: float,
     client_procs: int,
     server_pids: list[int],
+    channels: int = 1,
 ) -> dict[str, Any]:
     """One measured point: ``client_procs`` generator processes, server CPU from /proc."""
     ctx = mp.get_context("spawn")
@@ -244,7 +268,7 @@ def run_point(
     workers = [
         ctx.Process(
             target=client_worker,
-            args=(target, key, payloads, mode, shares[j], t_measure, t_end, j + 1, q),
+            args=(target, key, payloads, mode, shares[j], t_measure, t_end, j + 1, q, channels),
             daemon=True,
         )
         for j in range(procs)
@@ -252,10 +276,12 @@ def run_point(
     for w in workers:
         w.start()
     time.sleep(max(t_measure - time.monotonic(), 0))
-    s0 = proc_cpu_s(server_pids)
+    each0 = [proc_cpu_s([p]) for p in server_pids]
+    s0 = sum(each0)
     load0 = os.getloadavg()[0]
     time.sleep(max(t_end - time.monotonic(), 0))
-    s1 = proc_cpu_s(server_pids)
+    each1 = [proc_cpu_s([p]) for p in server_pids]
+    s1 = sum(each1)
     load1 = os.getloadavg()[0]
     res = [q.get(timeout=seconds + warmup_s + 60) for _ in workers]
     for w in workers:
@@ -293,6 +319,9 @@ def run_point(
             "loadgen": client_cpu * 1e3 / max(done, 1),
         },
         "server_cpu_cores": (s1 - s0) / seconds,
+        # per server process: shows an unbalanced SO_REUSEPORT spread
+        "server_cpu_cores_each": [round((b - a) / seconds, 3) for a, b in zip(each0, each1)],
+        "channels_per_client": channels,
         "loadgen_cpu_cores": client_cpu / seconds,
         "client_procs": procs,
         # open loop: how late the generator sent (included in the latencies: a busy machine
@@ -391,6 +420,92 @@ def fit_segments_table(parts: Any, k: int = 6) -> Any:
     return TableSegmentLookup(table)
 
 
+def synthetic_catalogue(
+    real_ids: np.ndarray,
+    real_vecs: np.ndarray,
+    real_payloads: list[dict[str, Any]],
+    n_total: int,
+    seed: int = 0,
+    noise: float = 0.7,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The real items plus ``n_total - len(real)`` synthetic ones: ids after the real ones,
+    each a real item's vector (tiled in turn) plus Gaussian noise of norm ~``noise``,
+    re-normalised (cosine ~0.82 to its source: variants, not near-copies, which crowd HNSW:
+    at noise 0.35, 1M items, recall@10 was 0.87 at ef 128), with the source's category and
+    brand, its price times a log-normal factor, in stock with probability 0.9, no
+    popularity and an external id ``SYN<id>``.  The serving catalogue (the dataset) does not know them.
+
+    Returns ``(ids (N,), vectors (N, D) float32, payloads)``, the real items first.
+    """
+    n_real, dim = real_vecs.shape
+    n_syn = max(n_total - n_real, 0)
+    rng = np.random.default_rng(seed)
+    base = np.arange(n_syn) % n_real  # (S,) source row of each synthetic item
+    ids = np.concatenate([real_ids, int(real_ids.max()) + 1 + np.arange(n_syn)]).astype(np.int64)
+    unit = real_vecs / np.linalg.norm(real_vecs, axis=1, keepdims=True)  # (R, D)
+    syn = unit[base] + rng.normal(0.0, noise / np.sqrt(dim), (n_syn, dim)).astype(np.float32)
+    syn /= np.linalg.norm(syn, axis=1, keepdims=True)  # (S, D)
+    vecs = np.concatenate([real_vecs.astype(np.float32), syn.astype(np.float32)])  # (N, D)
+    factor = np.exp(rng.normal(0.0, 0.2, n_syn))  # (S,)
+    stock = rng.random(n_syn) < 0.9  # (S,)
+    payloads = list(real_payloads)
+    for j in range(n_syn):
+        src = real_payloads[base[j]]
+        price = src.get("price")
+        payloads.append(
+            {
+                **src,
+                "external_id": f"SYN{ids[n_real + j]}",
+                "price": None if price is None else round(float(price) * float(factor[j]), 2),
+                "in_stock": int(stock[j]),
+                "popularity": 0,
+            }
+        )
+    return ids, vecs, payloads
+
+
+def build_catalogue_index(
+    parts: Any, location: Path, n_total: int, index_sets: dict[str, str], seed: int = 0
+) -> str:
+    """A verified index version of the dataset's items plus synthetic ones up to ``n_total``
+    (:func:`synthetic_catalogue`), through ``indexing.build.build_version`` (HNSW built,
+    recall verified with real user vectors, alias moved); returns the version."""
+    from indexing.base import IndexConfig
+    from indexing.build import build_version, item_payloads, open_store, user_query_vectors
+
+    m = parts.model
+    items = parts.dataset.items
+    real = np.concatenate(
+        [m.embed_items(items[a : a + 4096]) for a in range(0, items.height, 4096)]
+    )  # (R, D)
+    real_ids, real_payloads = item_payloads(
+        items, m.model_version, parts.history.inter.item_counts()
+    )
+    ids, vecs, payloads = synthetic_catalogue(real_ids, real, real_payloads, n_total, seed)
+    queries, _, _ = user_query_vectors(m, parts.dataset, 500, seed)  # (Q, D) real users
+    kw: dict[str, Any] = {k: json.loads(_toml_value(v)) for k, v in index_sets.items()}
+    store = open_store(IndexConfig(location=str(location), **kw))
+    t0 = time.perf_counter()
+    try:
+        man = build_version(
+            store, ids, vecs, payloads,
+            model_version=m.model_version, config_hash=m.config_hash, queries=queries,
+            progress=True,
+        )  # fmt: skip
+    finally:
+        store.close()
+    log.info(
+        "catalogue index %s: %d items (%d synthetic) in %.0f s, recall@%d %.4f",
+        location,
+        len(ids),
+        len(ids) - len(real_ids),
+        time.perf_counter() - t0,
+        man.verify.get("k", 0),
+        man.verify.get("recall", float("nan")),
+    )
+    return man.version
+
+
 def _toml_value(v: str) -> str:
     try:
         float(v)
@@ -413,11 +528,17 @@ def start_servers(
         if a.model
         else train_quick(a.dataset, work / f"run-{ds.name}", data_dir=a.data_dir)
     ).resolve()
-    index_dir = (Path(a.index) if a.index else work / f"index-{ds.name}").resolve()
+    default_index = f"index-{ds.name}" + (f"-{a.catalogue}" if a.catalogue else "")
+    index_dir = (Path(a.index) if a.index else work / default_index).resolve()
     parts = None
     if not (index_dir / "aliases").exists():
         parts = load_parts(run_dir, ds)
-        build_item_index(parts, index_dir)
+        if a.catalogue:
+            build_catalogue_index(
+                parts, index_dir, a.catalogue, dict(kv.split("=", 1) for kv in a.index_set)
+            )
+        else:
+            build_item_index(parts, index_dir)
     seg_path = (work / f"segments-{ds.name}.parquet").resolve()
     if not seg_path.exists():
         parts = parts or load_parts(run_dir, ds)
@@ -583,9 +704,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--server-procs", type=int, default=1, help="server processes (SO_REUSEPORT)")
     ap.add_argument(
+        "--channels",
+        type=int,
+        default=4,
+        help="TCP connections per generator process (SO_REUSEPORT spreads connections, "
+        "not requests, over the server processes)",
+    )
+    ap.add_argument(
         "--model", default=None, help="trained run directory (default: train the quick config)"
     )
-    ap.add_argument("--index", default=None, help="index location (default: WORK/index-DATASET)")
+    ap.add_argument(
+        "--index",
+        default=None,
+        help="index location (default: WORK/index-DATASET, WORK/index-DATASET-N with --catalogue)",
+    )
+    ap.add_argument(
+        "--catalogue",
+        type=int,
+        default=0,
+        help="when the index is built here: the dataset's items plus synthetic ones up to N "
+        "items (index-only: unknown to the serving catalogue; 0 = the dataset's items only)",
+    )
+    ap.add_argument(
+        "--index-set",
+        action="append",
+        default=[],
+        help="IndexConfig key=value for an index built here, e.g. hnsw_m=16 (repeatable)",
+    )
     ap.add_argument(
         "--work", default="artifacts/demo", help="where the run, index and segments live"
     )
@@ -641,7 +786,16 @@ def main(argv: list[str] | None = None) -> int:
 
         def point(mode: str, amount: float) -> dict[str, Any]:
             row = run_point(
-                target, key, payloads, mode, amount, a.seconds, a.warmup, a.client_procs, pids
+                target,
+                key,
+                payloads,
+                mode,
+                amount,
+                a.seconds,
+                a.warmup,
+                a.client_procs,
+                pids,
+                a.channels,
             )
             runs.append(row)
             return row
@@ -693,7 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": a.encoder,
         "server_procs": a.server_procs,
         "client_procs": a.client_procs,
+        "channels": a.channels,
         "server_config": dict(kv.split("=", 1) for kv in a.set),
+        "catalogue": a.catalogue or None,
+        "index": a.index or None,
         "seconds": a.seconds,
         "users_in_mix": len(payloads),
         "machine": {"cpus": os.cpu_count()},

@@ -815,6 +815,8 @@ class EdgeItemIndex(QdrantReader):
             res = [shard.query(reqs[0])]
         else:
             res = shard.query_batch(q.QueryBatchRequest(reqs))
+        if not with_payload:  # no payload object to convert per hit
+            return [[Hit(int(p.id), float(p.score)) for p in hits] for hits in res]
         return [
             [Hit(int(p.id), float(p.score), dict(p.payload or {})) for p in hits] for hits in res
         ]

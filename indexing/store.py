@@ -338,9 +338,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         if sel >= self.cfg.postfilter_min_selectivity and fetch <= self.cfg.postfilter_max_fetch:
             # phase 1: ids only (no payload transfer); phase 2: the engine applies the
             # filter to those few ids and scores them exactly.
-            raw = self._query(
-                handle, arr, fetch, [None] * b, max(ef, fetch), [False] * b, False
-            )
+            raw = self._query(handle, arr, fetch, [None] * b, max(ef, fetch), [False] * b, False)
             narrowed = [
                 dataclasses.replace(f, only_ids=tuple(h.item_id for h in hits))
                 for f, hits in zip(flts, raw)

@@ -7,6 +7,7 @@ Used for response enrichment, re-ranking features and the index-down fallback
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ import polars as pl
 
 from indexing.base import SearchFilter
 from serving.rerank import Boost, boost_vector, category_key, popularity_scores
+from towers.errors import NotFoundError
 from towers.schema import EVENT_TYPE_IDS
 
 
@@ -50,6 +52,13 @@ class ItemCatalog:
     _derived_lock: threading.Lock = field(
         default_factory=threading.Lock, compare=False, repr=False, hash=False
     )
+    # category key -> code per depth (the catalogue's keys, then keys of index-only items)
+    _code_maps: dict[int, dict[str, int]] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
+    _text_codes: dict[tuple[str | None, int], int] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
 
     @property
     def n_items(self) -> int:
@@ -71,11 +80,31 @@ class ItemCatalog:
         def build() -> np.ndarray:
             code_of: dict[str, int] = {}
             keys = (category_key(c, depth) for c in self.categories)
-            return np.array(
+            codes = np.array(
                 [code_of.setdefault(k, len(code_of)) if k else -1 for k in keys], np.int64
             )
+            self._code_maps[depth] = code_of
+            return codes
 
         return self._cached(("codes", depth), build)
+
+    def category_code(self, category: str | None, depth: int) -> int:
+        """The code :meth:`category_codes` gives ``category`` at ``depth``, for an item the
+        catalogue does not hold (a key no catalogue item has gets a new code; -1 = unknown)."""
+        got = self._text_codes.get((category, depth))  # few distinct texts: one lookup
+        if got is not None:
+            return got
+        key = category_key(category, depth)
+        if not key:
+            got = -1
+        else:
+            self.category_codes(depth)  # builds the catalogue's key -> code map once
+            code_of = self._code_maps[depth]
+            with self._derived_lock:
+                got = code_of.setdefault(key, len(code_of))
+        if len(self._text_codes) < 100_000:
+            self._text_codes[(category, depth)] = got
+        return got
 
     def boosts(self, boosts: tuple[Boost, ...]) -> np.ndarray | None:
         """(n_items + 1,) float64 summed boost of each item (None when there are none)."""
@@ -194,6 +223,82 @@ class SegmentPopularity:
             rest = rest[~np.isin(rest, ranked)]
             ranked = np.concatenate([ranked, rest[: k - len(ranked)]])
         return ranked.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """What serving shows and re-ranks by for an item the catalogue does not hold."""
+
+    external_id: str
+    category: str | None
+    price: float  # NaN unknown
+    in_stock: bool
+    title: str = ""
+
+    @classmethod
+    def from_payload(cls, item_id: int, payload: Mapping[str, Any]) -> ItemInfo:
+        """From an index payload (``indexing.build.item_payloads``' fields)."""
+        price = payload.get("price")
+        return cls(
+            external_id=str(payload.get("external_id") or item_id),
+            category=payload.get("category") or None,
+            price=float(price) if isinstance(price, int | float) else float("nan"),
+            in_stock=bool(payload.get("in_stock", 1)),
+            title=str(payload.get("title") or ""),
+        )
+
+
+class IndexOnlyItems:
+    """Items the index holds beyond the serving catalogue (ids above ``catalog.n_items``:
+    a shop catalogue larger than the training data, items added to the index after the
+    model was trained).
+
+    Their metadata comes from the index payloads of just the ids a request needs (one
+    retrieve per request for the ids not cached), cached per index version in a bounded
+    LRU: nothing catalogue-sized is built, per request or at start-up.
+    """
+
+    def __init__(self, max_cached: int = 200_000) -> None:
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, OrderedDict[int, ItemInfo]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.fetched = 0  # ids read from the index (cache misses)
+        self.hits = 0
+
+    def info(self, index: Any, version: str, ids: Sequence[int]) -> dict[int, ItemInfo]:
+        """``{id: ItemInfo}`` for ``ids``; ids the index no longer holds (deleted since the
+        search) are left out."""
+        out: dict[int, ItemInfo] = {}
+        with self._lock:
+            cache = self._cache.get(version)
+            if cache is not None:
+                self._cache.move_to_end(version)
+                for i in ids:
+                    got = cache.get(i)
+                    if got is not None:
+                        cache.move_to_end(i)
+                        out[i] = got
+            self.hits += len(out)
+        missing = [int(i) for i in ids if i not in out]
+        if not missing:
+            return out
+        try:
+            payloads = index.get_payloads(missing)
+        except NotFoundError:  # deleted between the search and now: keep the rest
+            missing = sorted(index.existing_ids(missing))
+            payloads = index.get_payloads(missing) if missing else []
+        new = {i: ItemInfo.from_payload(i, p) for i, p in zip(missing, payloads, strict=True)}
+        out.update(new)
+        with self._lock:
+            self.fetched += len(new)
+            cache = self._cache.setdefault(version, OrderedDict())
+            self._cache.move_to_end(version)
+            cache.update(new)
+            while len(cache) > self.max_cached:
+                cache.popitem(last=False)
+            while len(self._cache) > 2:  # the previous version may still be answering
+                self._cache.popitem(last=False)
+        return out
 
 
 def lookup_external(catalog: ItemCatalog, ids: Sequence[int]) -> list[str]:

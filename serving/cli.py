@@ -222,6 +222,11 @@ def _serve(args: argparse.Namespace) -> int:
         if args.follow_refresh:
             reloader = _follow_refresh(args, cfg, servicer, metrics)
             engine = servicer.engine
+        if cfg.gc_freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()  # long-lived start-up objects: never scanned by later collections
         handle.set_ready(True)
         if engine.user_vectors is not None:
             engine.user_vectors.warm_async()  # FindAudience's customer vectors, off the request path

@@ -80,6 +80,10 @@ class ServeConfig:
     batch_wait_ms: float = 0.5
     # Several server processes on one port (SO_REUSEPORT): start N `ecomrec serve` with this on.
     reuse_port: bool = False
+    # After start-up, move everything loaded (catalogue, histories, model) out of the
+    # garbage collector's view (gc.freeze): collections triggered by per-request objects
+    # stop re-scanning ~450k long-lived objects (measured -0.5 ms CPU per request).
+    gc_freeze: bool = True
     # In-process tower precision: "int8" = dynamic int8 quantisation of the Linear layers (CPU).
     quantize: Literal["none", "int8"] = "none"
     triton_url: str = "127.0.0.1:8001"

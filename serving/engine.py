@@ -23,7 +23,7 @@ from indexing.base import Hit, ItemIndex, SearchFilter
 from serving import rerank as rr
 from serving import validation as val
 from serving.batching import Batcher
-from serving.catalog import ItemCatalog, SegmentPopularity
+from serving.catalog import IndexOnlyItems, ItemCatalog, ItemInfo, SegmentPopularity
 from serving.config import ServeConfig
 from serving.encoders import (
     EncoderUnavailableError,
@@ -276,6 +276,8 @@ class Recommender:
         self.metrics = metrics
         self.text_embedder = text_embedder
         self.user_vectors = user_vectors
+        # items the index holds beyond the catalogue: metadata from their index payloads
+        self.index_only = IndexOnlyItems()
         # exact numpy search below the crossover; batching of encode + search
         self._coming = 0  # requests between arrival and the retrieval batcher
         self._coming_lock = threading.Lock()
@@ -284,7 +286,13 @@ class Recommender:
         )
         self._batcher: Batcher[RetrievalWork, Retrieved] | None = (
             Batcher(
-                self._retrieve_many, cfg.batch_max, cfg.batch_wait_ms / 1e3, "ecomrec-retrieval"
+                self._retrieve_many,
+                cfg.batch_max,
+                cfg.batch_wait_ms / 1e3,
+                "ecomrec-retrieval",
+                # requests still before this stage: a lone request runs inline, and a batch
+                # waits for company only while some is on its way
+                coming=lambda: self._coming,
             )
             if cfg.batch_max > 1
             else None
@@ -523,24 +531,93 @@ class Recommender:
         return rr.UserContext(frozenset(), center, seen)
 
     def _candidates_arr(
-        self, ids: np.ndarray, scores: np.ndarray, segment: str | None, policy: rr.RerankPolicy
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        segment: str | None,
+        policy: rr.RerankPolicy,
+        extra: dict[int, ItemInfo] | None = None,
     ) -> rr.Candidates:
-        """Candidates from id/score arrays with the catalogue's precomputed per-item arrays."""
-        boost = self.catalog.boosts(policy.boosts)
+        """Candidates from id/score arrays with the catalogue's precomputed per-item arrays;
+        ``extra`` describes the candidates above the catalogue (index-only items: no
+        popularity in the histories, category/price/boosts from their payloads)."""
+        c = self.catalog
+        boost = c.boosts(policy.boosts)
+        depth = policy.category_depth
+        outside = ids > c.n_items  # (N,) bool: index-only items
+        if not outside.any():
+            return rr.Candidates(
+                item_ids=ids,
+                relevance=scores,
+                categories=(),
+                price=c.price[ids],
+                popularity=self.popularity.scores(segment)[ids],
+                category_codes=c.category_codes(depth)[ids],
+                boost=boost[ids] if boost is not None else np.zeros(len(ids)),
+            )
+        extra = extra or {}
+        if len(extra) < int(outside.sum()):  # some were deleted since the search: drop them
+            keep = ~outside | np.isin(ids, np.fromiter(extra, np.int64, len(extra)))
+            ids, scores, outside = ids[keep], scores[keep], outside[keep]
+        safe = np.where(outside, 0, ids)  # (N,) catalogue rows (0 = padding for the rest)
+        price = c.price[safe].copy()
+        pop = self.popularity.scores(segment)[safe].copy()
+        codes = c.category_codes(depth)[safe].copy()
+        bst = boost[safe].copy() if boost is not None else np.zeros(len(ids))
+        rows = np.flatnonzero(outside)
+        infos = [extra[int(ids[r])] for r in rows]
+        price[rows] = [x.price for x in infos]
+        pop[rows] = 0.0  # no events in the histories the popularity counts come from
+        codes[rows] = [c.category_code(x.category, depth) for x in infos]
+        if policy.boosts:
+            bst[rows] = rr.boost_vector(
+                [x.category for x in infos], [x.external_id for x in infos], policy.boosts
+            )
         return rr.Candidates(
             item_ids=ids,
             relevance=scores,
             categories=(),
-            price=self.catalog.price[ids],
-            popularity=self.popularity.scores(segment)[ids],
-            category_codes=self.catalog.category_codes(policy.category_depth)[ids],
-            boost=boost[ids] if boost is not None else np.zeros(len(ids)),
+            price=price,
+            popularity=pop,
+            category_codes=codes,
+            boost=bst,
         )
 
-    def _items(self, ranked: Sequence[rr.Ranked]) -> tuple[ResultItem, ...]:
+    def _index_only(
+        self, index: ItemIndex | None, version: str, ids: Sequence[int] | np.ndarray
+    ) -> dict[int, ItemInfo]:
+        """Payload metadata of the ids above the catalogue (none: ``{}``, no index call)."""
+        arr = np.asarray(ids, np.int64)
+        outside = arr[arr > self.catalog.n_items]
+        if not len(outside) or index is None:
+            return {}
+        try:
+            return self.index_only.info(index, version, outside.tolist())
+        except (InvalidArgumentError, IndexUnavailableError):
+            raise
+        except Exception as e:
+            raise IndexUnavailableError(f"index payload lookup failed: {e}") from e
+
+    def _items(
+        self, ranked: Sequence[rr.Ranked], extra: dict[int, ItemInfo] | None = None
+    ) -> tuple[ResultItem, ...]:
         c = self.catalog
         out = []
         for r in ranked:
+            info = extra.get(r.item_id) if extra and r.item_id > c.n_items else None
+            if info is not None:
+                out.append(
+                    ResultItem(
+                        item_id=info.external_id,
+                        score=r.score,
+                        relevance=r.relevance,
+                        reasons=r.reasons,
+                        category=info.category or "",
+                        price=info.price if np.isfinite(info.price) else 0.0,
+                        title=info.title,
+                    )
+                )
+                continue
             p = float(c.price[r.item_id])
             out.append(
                 ResultItem(
@@ -672,6 +749,7 @@ class Recommender:
         q, flt = p.q, p.q.filters
         reasons: list[str] = []
         seg_name = p.seg_name
+        extra: dict[int, ItemInfo] = {}
         if p.work is None:
             # Cold start: nothing to encode; the segment's (or overall) best sellers.
             ranked = self._popular(
@@ -690,13 +768,14 @@ class Recommender:
             t = time.perf_counter()
             index_version = got.version
             ctx.check("rerank")
-            cands = self._candidates_arr(got.ids, got.scores, p.pop_segment, p.policy)
-            ranked = (
-                rr.relevance_only(cands, q.k)
-                if q.skip_rerank
-                else rr.rerank(cands, self._user_context(p.hist, p.policy), p.policy, q.k)
-            )
             try:
+                extra = self._index_only(p.index, got.version, got.ids)
+                cands = self._candidates_arr(got.ids, got.scores, p.pop_segment, p.policy, extra)
+                ranked = (
+                    rr.relevance_only(cands, q.k)
+                    if q.skip_rerank
+                    else rr.rerank(cands, self._user_context(p.hist, p.policy), p.policy, q.k)
+                )
                 _require_finite(ranked)  # damaged vectors never reach an answer
             except IndexUnavailableError as e:
                 ranked, index_version = self._index_fallback(p, e, reasons), ""
@@ -709,7 +788,7 @@ class Recommender:
         self._degrade("Recommend", reasons)
         return RecommendResult(
             request_id=q.request_id,
-            items=self._items(ranked),
+            items=self._items(ranked, extra),
             segment=seg_name,
             model_version=self.model_version,
             index_version=index_version,
@@ -759,6 +838,7 @@ class Recommender:
         """Nearest items to an item's vector (the item itself excluded)."""
         index = self._index
         reasons: list[str] = []
+        extra: dict[int, ItemInfo] = {}
         t = time.perf_counter()
         ctx.check("ann")
         try:
@@ -766,7 +846,12 @@ class Recommender:
                 raise IndexUnavailableError("no index loaded")
             vec = self._item_vectors(index, [q.item], "item_id")[0]
             hits, version = self._search(index, vec, q.k, q.filters, [q.item])
-            ranked = [rr.Ranked(h.item_id, h.score, h.score, (rr.SIMILAR,)) for h in hits[: q.k]]
+            extra = self._index_only(index, version, [h.item_id for h in hits[: q.k]])
+            ranked = [
+                rr.Ranked(h.item_id, h.score, h.score, (rr.SIMILAR,))
+                for h in hits[: q.k]
+                if h.item_id <= self.catalog.n_items or h.item_id in extra
+            ]
             _require_finite(ranked)
         except IndexUnavailableError as e:
             log.warning("index unavailable for SimilarItems: %s", e)
@@ -786,7 +871,7 @@ class Recommender:
         self._degrade("SimilarItems", reasons)
         return RecommendResult(
             q.request_id,
-            self._items(ranked),
+            self._items(ranked, extra),
             "",
             self.model_version,
             version,

@@ -87,6 +87,18 @@ class ExactSearch:
                 return
             all_ids = range(1, self.catalog.n_items + 1)
             ids = np.array(sorted(index.existing_ids(all_ids)), np.int64)  # (N,)
+            if n > len(ids):
+                # items beyond the catalogue (index-only): the catalogue masks cannot filter
+                # them, so the index answers (its payloads carry the filter fields)
+                log.info(
+                    "exact search off for version %s (%d of its %d items are not in the "
+                    "serving catalogue)",
+                    version,
+                    n - len(ids),
+                    n,
+                )
+                self._too_big.add(version)
+                return
             vecs = np.ascontiguousarray(index.get_vectors(ids.tolist()), np.float32)  # (N, D)
             if index.version != version:  # the alias moved while reading: not this version
                 return

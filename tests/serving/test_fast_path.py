@@ -119,6 +119,9 @@ def test_fast_path_matches_single_request_path(parts: Any, index_dir: Path, segm
             t.join(60)
         assert len(got) == len(qs)
         assert engine._batcher is not None and engine._batcher.items > engine._batcher.batches
+        before = engine._batcher.inline
+        engine.recommend(qs[0], RequestContext.with_timeout(30))  # alone: runs in this thread
+        assert engine._batcher.inline == before + 1
         bad = []
         for i, q in enumerate(qs):
             fast = [(x.item_id, x.score, x.relevance, x.reasons) for x in got[i].items]
