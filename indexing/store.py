@@ -474,13 +474,25 @@ def exact_search(
     """
     x = np.asarray(vectors, dtype=np.float32)
     q = np.asarray(queries, dtype=np.float32)
+    ids = np.asarray(ids)
     if distance == "cosine":
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    scores = q @ x.T  # (Q, N)
-    if mask is not None:
-        scores = np.where(mask, scores, -np.inf)
-    order = np.lexsort((np.broadcast_to(ids, scores.shape), -scores), axis=1)[:, :k]  # (Q, k)
-    top_s = np.take_along_axis(scores, order, axis=1)
-    top_i = np.where(np.isfinite(top_s), ids[order], -1)
+    n = len(x)
+    kk = min(k, n)
+    top_i = np.full((len(q), kk), -1, dtype=np.int64)
+    top_s = np.full((len(q), kk), -np.inf, dtype=np.float32)
+    for a in range(0, len(q), 64):  # 64 queries at a time: (64, N) scores, not (Q, N)
+        scores = q[a : a + 64] @ x.T  # (b, N)
+        if mask is not None:
+            scores = np.where(mask if mask.ndim == 1 else mask[a : a + 64], scores, -np.inf)
+        if kk < n:  # the k-th best score per row; every point tying with it stays a candidate
+            kth = -np.partition(-scores, kk - 1, axis=1)[:, kk - 1 : kk]  # (b, 1)
+        else:
+            kth = np.full((len(scores), 1), -np.inf, dtype=scores.dtype)
+        for r in range(len(scores)):
+            cand = np.flatnonzero(scores[r] >= kth[r, 0])  # ~k points unless there are ties
+            order = cand[np.lexsort((ids[cand], -scores[r, cand]))][:kk]
+            top_s[a + r] = scores[r, order]
+            top_i[a + r] = np.where(np.isfinite(top_s[a + r]), ids[order], -1)
     return top_i, top_s
