@@ -52,7 +52,7 @@ from training.contrastive import (
     prepare_finetune,
     trainable_parameters,
 )
-from training.memory import bound_heap_growth, peak_rss_mb
+from training.memory import bound_heap_growth, peak_rss_mb, release_free_memory
 from training.pretrain import PretrainConfig, log_popularity, masked_item_loss, next_item_loss
 from training.splits import Targets
 
@@ -579,6 +579,7 @@ class Trainer:
                 if len(losses) % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             train_s = time.perf_counter() - te
+            release_free_memory()
             if valid is not None and len(valid):
                 m = self.evaluate(base_model(module), valid, train)
             else:  # no validation: the last epoch is the best

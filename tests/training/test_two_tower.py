@@ -301,6 +301,8 @@ def rss_kb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 if sys.argv[1] == "bounded":
     assert bound_heap_growth() and bound_heap_growth()  # idempotent
+    import os
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"  # before any oneDNN op
 MB = 1 << 20
 big = libc.malloc(24 * MB)  # freeing it lifts glibc's dynamic mmap threshold to 24 MB
 ctypes.memset(big, 1, 24 * MB)
