@@ -52,7 +52,12 @@ from training.contrastive import (
     prepare_finetune,
     trainable_parameters,
 )
-from training.memory import bound_heap_growth, peak_rss_mb, release_free_memory
+from training.memory import (
+    TRIM_EVERY_STEPS,
+    bound_heap_growth,
+    peak_rss_mb,
+    release_free_memory,
+)
 from training.pretrain import PretrainConfig, log_popularity, masked_item_loss, next_item_loss
 from training.splits import Targets
 
@@ -312,8 +317,7 @@ class Trainer:
             cfg = replace(cfg, pretrain=pre, user=user)
             log.info("id-only item tower: [no_content] settings %s", nc)
         self.cfg = cfg
-        if self.device_is_cpu(cfg):
-            bound_heap_growth()
+        bound_heap_growth()
         self.items = items
         self.item_ids = list(item_ids)
         self.n_items = len(self.item_ids)
@@ -333,10 +337,6 @@ class Trainer:
         # step's loss (averaged over processes there) is kept for parity checks
         self.is_main = True
         self.step_losses: list[float] = []
-
-    @staticmethod
-    def device_is_cpu(cfg: RunConfig) -> bool:
-        return _device(cfg).type == "cpu"
 
     # --- model ---------------------------------------------------------------------
     def build_model(self, train: Interactions) -> TwoTower:
@@ -576,6 +576,8 @@ class Trainer:
                 losses.append(self._step_loss(loss))
                 self.step_losses.append(losses[-1])
                 global_step += 1
+                if len(losses) % TRIM_EVERY_STEPS == 0:
+                    release_free_memory()
                 if len(losses) % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             train_s = time.perf_counter() - te
