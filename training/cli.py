@@ -63,7 +63,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ignore last.pt and start over (a run of the same data only)",
     )
-    p.add_argument("--no-test", action="store_true", help="skip the test evaluation")
+    p.add_argument(
+        "--no-test",
+        action="store_true",
+        help="skip the test evaluation (compare candidate configs on validation first)",
+    )
+    p.add_argument(
+        "--test-only",
+        action="store_true",
+        help="no training: read the test of the finished run in --out (same --dataset, "
+        "--split, --no-text), once the config was chosen on validation; adds `test` to "
+        "its results.json",
+    )
     p.add_argument(
         "--nproc",
         type=int,
@@ -184,12 +195,18 @@ def _run(args: argparse.Namespace) -> int:
         init_process_group(env, str(overrides.get("device", "auto")))
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
-    prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
+    if not args.test_only:
+        prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
     if args.no_text:
         from training.two_tower import hide_item_content
 
         ds = hide_item_content(ds)
     split = make_split(ds, args.split)
+    if args.test_only:
+        from training.two_tower import test_finished_run
+
+        print(json.dumps(test_finished_run(Path(args.out), split), indent=2, default=float))
+        return 0
     config = resolve_config(args.config) if args.config else default_config_path()
     out = train_and_evaluate(
         ds,

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from towers.config import to_dict
-from towers.errors import ModelError
+from towers.errors import ModelError, NotFoundError
 from towers.inference import MANIFEST_FILE, MODEL_FILE, SERVED_KEY, load_run, score_users
 from towers.model import TwoTower
 from towers.sequences import Interactions
@@ -134,6 +134,30 @@ class TwoTowerRetriever:
         mf = Path(path) / MANIFEST_FILE
         r.manifest = json.loads(mf.read_text()) if mf.exists() else {}
         return r
+
+
+def test_finished_run(run_dir: Path, split: Split) -> dict[str, Any]:
+    """Test metrics of a finished run (the tower in ``run_dir``; trained with ``--no-test``).
+
+    For the "choose on validation, read test once" workflow: candidate configs are trained
+    without the test, the chosen one is read here. ``split`` must be the run's split. The
+    run's ``results.json`` gets ``test`` (it must not have one yet: test is read once).
+    """
+    res_path = run_dir / "results.json"
+    if not (run_dir / MODEL_FILE).exists() or not res_path.exists():
+        raise NotFoundError(f"{run_dir}: no finished run (model.pt and results.json)")
+    out: dict[str, Any] = json.loads(res_path.read_text())
+    if "test" in out:
+        raise ModelError(f"{res_path} already holds a test result: test is read once per run")
+    if out.get("split") != json.loads(json.dumps(split.protocol, default=float)):
+        raise ModelError(f"{run_dir} was trained on split {out.get('split')}, not {split.protocol}")
+    r = TwoTowerRetriever.load(run_dir)
+    t0 = time.perf_counter()
+    out["test"] = evaluate(r.score, split.test, split.train_valid, ks=(5, 10, 20))
+    out["test"]["eval_seconds"] = time.perf_counter() - t0
+    out["test_read_separately"] = True
+    res_path.write_text(json.dumps(out, indent=2, default=float))
+    return out
 
 
 def hide_item_content(ds: Any) -> Any:

@@ -198,11 +198,9 @@ def test_lora_trains_only_adapters_and_saved_modules() -> None:
     assert trainable_parameters(peft_m) < total
 
 
-@pytest.mark.slow
-def test_cli_train_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _planted_dataset_dir(tmp_path: Path) -> Path:
     from towers.dataset import Dataset, IdMap
     from towers.schema import DropReport
-    from training.cli import main
 
     inter, items = planted_shop(n_users=80, seed=4)
     users = inter.user_of_row()
@@ -231,6 +229,14 @@ def test_cli_train_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "threads = 1\ntensorboard = false\nprogress = false\n[item]\ndim = 8\nuse_text = false\n"
         "[user]\nhidden = 8\nn_heads = 2\nn_layers = 1\nmax_len = 8\n[pretrain]\nepochs = 1\n"
     )
+    return cfg
+
+
+@pytest.mark.slow
+def test_cli_train_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.cli import main
+
+    cfg = _planted_dataset_dir(tmp_path)
     rc = main(
         [
             "train",
@@ -249,6 +255,30 @@ def test_cli_train_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert set(res["test"]) >= {"ndcg@10", "recall@10"} and res["valid"]["users"] == 80
 
 
+def test_test_only_reads_the_test_of_a_no_test_run_once(tmp_path: Path) -> None:
+    """Choose on validation (--no-test), then read test once: same numbers as a direct
+    evaluation of the saved model; a second read is refused."""
+    from towers.errors import ModelError
+    from towers.loaders import load_dataset
+    from training.cli import main, make_split
+
+    cfg = _planted_dataset_dir(tmp_path)
+    args = ["train", "--dataset", str(tmp_path / "ds"), "--config", str(cfg)]
+    args += ["--out", str(tmp_path / "run"), "--set", "fallback.enabled=false"]
+    assert main([*args, "--no-test"]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "test" not in res
+    assert main([*args, "--test-only"]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    split = make_split(load_dataset(str(tmp_path / "ds")), "loo-file")
+    r = TwoTowerRetriever.load(tmp_path / "run")
+    want = evaluate(r.score, split.test, split.train_valid, ks=(5, 10, 20))
+    assert res["test"]["ndcg@10"] == pytest.approx(want["ndcg@10"])
+    assert res["test"]["users"] == want["users"] == 80
+    with pytest.raises(ModelError, match="read once"):
+        main([*args, "--test-only"])
+
+
 def test_split_windows_cuts_long_histories_into_max_len_windows() -> None:
     from training.trainer import split_windows
 
@@ -258,3 +288,45 @@ def test_split_windows_cuts_long_histories_into_max_len_windows() -> None:
     # newest window first per user; a 1-event remainder is dropped (nothing to predict)
     assert got == [[8, 9, 10, 11], [4, 5, 6, 7], [1, 2, 3], [3, 4]]
     assert w.ts[0] == inter.ts[7]
+
+
+_HEAP_PROBE = """
+import ctypes, os, sys
+from training.memory import bound_heap_growth, release_free_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+bound_heap_growth()
+assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"  # set before any oneDNN op
+MB = 1 << 20
+big = libc.malloc(24 * MB)  # freeing it lifts glibc's dynamic mmap threshold to 24 MB
+ctypes.memset(big, 1, 24 * MB)
+libc.free(big)
+base = rss_kb()
+blocks = [libc.malloc(4 * MB) for _ in range(4)]  # below the lifted threshold: heap blocks
+for b in blocks:
+    ctypes.memset(b, 1, 4 * MB)
+for b in blocks[:-1]:  # the newest stays: the freed ones are not at the top of the heap
+    libc.free(b)
+if sys.argv[1] == "trim":
+    release_free_memory()
+print(rss_kb() - base)
+"""
+
+
+def test_release_free_memory_returns_freed_heap_blocks_to_the_os() -> None:
+    """Variable-size training tensors must not pile up in glibc's heap (peak RSS limit)."""
+    import subprocess
+    import sys
+
+    def kept_mb(mode: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True
+        )
+        return int(out.stdout.split()[-1]) / 1024
+
+    assert kept_mb("keep") >= 15  # glibc keeps the 3 freed 4 MB blocks resident
+    assert kept_mb("trim") <= 6  # only the live block remains
