@@ -302,9 +302,10 @@ def rss_kb():
 bound_heap_growth()
 assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"  # set before any oneDNN op
 MB = 1 << 20
-big = libc.malloc(24 * MB)  # freeing it lifts glibc's dynamic mmap threshold to 24 MB
-ctypes.memset(big, 1, 24 * MB)
-libc.free(big)
+# fixed thresholds (whatever the environment's MALLOC_* or dynamic threshold say): 4 MB
+# blocks come from the heap, and glibc never trims the heap top on its own
+libc.mallopt(-3, 16 * MB)  # M_MMAP_THRESHOLD
+libc.mallopt(-1, 512 * MB)  # M_TRIM_THRESHOLD
 base = rss_kb()
 blocks = [libc.malloc(4 * MB) for _ in range(4)]  # below the lifted threshold: heap blocks
 for b in blocks:
