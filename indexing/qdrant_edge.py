@@ -204,14 +204,20 @@ def _scroll_shard(
             break
 
 
-def _merge_integrity(main: IntegrityReport, base: IntegrityReport) -> IntegrityReport:
-    """One report for a delta version: its own files and its base's."""
+def check_with_base(vdir: Path, *, full: bool = True) -> IntegrityReport:
+    """:func:`check_version_dir` of a version and, for a delta version, of its base too
+    (the base's problems prefixed ``base <version>:``)."""
+    rep = check_version_dir(vdir, full=full)
+    layer = read_layer(vdir)
+    if layer is None:
+        return rep
+    base = check_version_dir(vdir.parent / layer.base, full=full)
     return dataclasses.replace(
-        main,
-        files=main.files + base.files,
-        bytes=main.bytes + base.bytes,
-        problems=main.problems + tuple(f"base {base.version}: {p}" for p in base.problems),
-        has_checksums=main.has_checksums and base.has_checksums,
+        rep,
+        files=rep.files + base.files,
+        bytes=rep.bytes + base.bytes,
+        problems=rep.problems + tuple(f"base {base.version}: {p}" for p in base.problems),
+        has_checksums=rep.has_checksums and base.has_checksums,
     )
 
 
@@ -469,11 +475,7 @@ class EdgeStore:
 
     def check_integrity(self, version: str, full: bool = True) -> IntegrityReport:
         """Compare a version's files (and its base's) with the checksums written at commit."""
-        rep = check_version_dir(self._vdir(version), full=full)
-        layer = read_layer(self._vdir(version))
-        if layer is not None:
-            rep = _merge_integrity(rep, check_version_dir(self._vdir(layer.base), full=full))
-        return rep
+        return check_with_base(self._vdir(version), full=full)
 
     def scroll_all(
         self, version: str, with_vectors: bool = True
@@ -711,12 +713,7 @@ class EdgeItemIndex(QdrantReader):
         """
         with self._lock:
             version = self._current_version()
-        vdir = self.root / "versions" / version
-        rep = check_version_dir(vdir, full=full)
-        layer = read_layer(vdir)
-        if layer is not None:
-            base_rep = check_version_dir(self.root / "versions" / layer.base, full=full)
-            rep = _merge_integrity(rep, base_rep)
+        rep = check_with_base(self.root / "versions" / version, full=full)
         if not rep.ok and self._copy_root is None:
             err = IndexCorruptError(
                 f"index version {version} is damaged: {'; '.join(rep.problems[:3])}"
