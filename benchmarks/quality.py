@@ -34,6 +34,7 @@ import numpy as np
 
 from towers.loaders import load_dataset
 from towers.sequences import Interactions
+from training.cli import parse_overrides
 from training.protocol import is_transaction_log, model_family, run_protocol
 from training.splits import Split, Targets, default_test_start, leave_one_out, temporal_split
 from training.two_tower import hide_item_content
@@ -159,6 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="hide product content (title, brand, category, price): ids only, as for a "
         "dataset folder without an items file",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of the sequence tower's run config (TOML literal, as "
+        "`ecomrec train --set`), e.g. --set threads=1",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bars / info logs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -181,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             else "full catalogue, history items kept (repurchases are targets)",
             "selection": "hyperparameters and epochs chosen on validation ndcg@10",
             "test_history": "train + validation",
+            "tower_set": list(args.set),
         },
         "machine": {
             "platform": platform.platform(),
@@ -191,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {},
     }
     for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
-        name, make, grid = model_family(spec, dataset=ds, protocol=args.protocol)
+        name, make, grid = model_family(
+            spec, dataset=ds, protocol=args.protocol, tower_overrides=parse_overrides(args.set)
+        )
         r = run_protocol(name, make, grid, split, progress=not args.quiet)
         result["models"][name] = {
             **{k: r.test[k] for k in r.test if k != "eval_seconds"},

@@ -23,6 +23,7 @@ import numpy as np
 from towers.config import from_dict
 from towers.factor import FactorTower, factor_tower_from_baseline, save_factor_tower
 from towers.sequences import Interactions
+from training.memory import release_free_memory
 from training.splits import Split, Targets
 from training.trainer import FallbackConfig, fast_evaluate
 
@@ -94,6 +95,8 @@ def compare_and_select(
             fm = _fit(name, params, split.train, cfg)
             fit_s = time.perf_counter() - t0
             v = evaluate_factor(fm, split.valid, split.train)
+            del fm  # one candidate's matrices alive at a time (EASE: N x N floats)
+            release_free_memory()
             tried.append({"params": params, "valid_ndcg@10": v["ndcg@10"], "fit_seconds": fit_s})
             log.info("fallback %s %s valid ndcg@10 %.4f (%.1fs)", name, params, v["ndcg@10"], fit_s)
             if best is None or v["ndcg@10"] > best["valid"]["ndcg@10"]:

@@ -53,13 +53,16 @@ def run_protocol(
     for params in grid:
         t0 = time.perf_counter()
         model = make(params)
-        model.fit(split.train, split.valid)
+        # a model may validate on a sample of users and train on the others' validation
+        # events (TwoTowerRetriever.validation_split); test targets and history unchanged
+        vsplit = model.validation_split(split) if hasattr(model, "validation_split") else split
+        model.fit(vsplit.train, vsplit.valid)
         dt = time.perf_counter() - t0
         train_seconds += dt
         v = evaluate(
             model.score,
-            split.valid,
-            split.train,
+            vsplit.valid,
+            vsplit.train,
             ks,
             exclude_seen=exclude,
             progress=progress,
@@ -80,7 +83,8 @@ def run_protocol(
     elif params is grid[-1]:
         final = model  # sequential model: the last one fitted is the chosen one
     else:
-        final.fit(split.train, split.valid)
+        vsplit = final.validation_split(split) if hasattr(final, "validation_split") else split
+        final.fit(vsplit.train, vsplit.valid)
     refit_seconds = time.perf_counter() - t0
     test = evaluate(
         final.score,
@@ -131,7 +135,10 @@ def is_transaction_log(dataset: Any) -> bool:
 
 
 def model_family(
-    spec: str, dataset: Any = None, protocol: str = "new-items"
+    spec: str,
+    dataset: Any = None,
+    protocol: str = "new-items",
+    tower_overrides: dict[str, Any] | None = None,
 ) -> tuple[str, Callable[[dict[str, Any]], Retriever], list[dict[str, Any]]]:
     """``popularity``, ``personal-top``, ``als``, ``bpr``, ``itemknn``, ``ease`` or
     ``two-tower[:CONFIG.toml | :basket | :sequence]`` -> (name, factory from grid params, grid).
@@ -139,7 +146,9 @@ def model_family(
     ``two-tower`` is the sequence transformer (:mod:`training.two_tower`) except on
     transaction logs (:func:`is_transaction_log`), where it is the basket tower
     (:mod:`training.basket`; ``two-tower:sequence`` / ``two-tower:basket`` force one).
-    ``protocol="buy-again"`` trains the basket tower with repurchases as targets."""
+    ``protocol="buy-again"`` trains the basket tower with repurchases as targets.
+    ``tower_overrides`` (nested, as ``ecomrec train --set``) apply to the sequence tower's
+    run config."""
     from towers.config import from_dict
     from towers.errors import ConfigError
     from training.baselines import BASELINES
@@ -156,7 +165,11 @@ def model_family(
         from training.two_tower import TwoTowerRetriever
 
         cfg_path = None if arg in ("", "sequence") else arg
-        return name, (lambda p: TwoTowerRetriever.for_dataset(dataset, cfg_path)), [{}]
+        return (
+            name,
+            (lambda p: TwoTowerRetriever.for_dataset(dataset, cfg_path, overrides=tower_overrides)),
+            [{}],
+        )
     raise ConfigError(f"unknown model {spec!r}; known: {sorted(BASELINES)} and two-tower[:CONFIG]")
 
 

@@ -212,3 +212,48 @@ def _to_ts(x: str | int) -> int:
 
 def _fmt(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+
+
+def sample_validation(split: Split, fraction: float, min_users: int, seed: int = 42) -> Split:
+    """Validate on a seeded sample of users; train on the others' validation events.
+
+    Leave-one-out only (other splits are returned unchanged). A sample of the evaluated
+    users (``fraction`` of them, at least ``min_users``) keeps the classic protocol: their
+    validation item is held out and is what early stopping and model choice see. Every
+    other user's training sequence is their train+validation sequence, so the model also
+    learns from the most recent transition of most users (what the CF baselines get from
+    their refit on train+validation) in one training run. Test targets and the test-time
+    history (``train_valid``) are unchanged, so no test event reaches training.
+    ``fraction >= 1`` or a sample covering every user returns ``split`` itself.
+    """
+    if fraction >= 1.0 or split.protocol.get("split") != "leave-one-out" or not len(split.valid):
+        return split
+    if fraction <= 0.0:
+        raise DataError(f"valid_users must be in (0, 1], got {fraction}")
+    n = len(split.valid)
+    k = min(n, max(round(fraction * n), min_users))
+    if k >= n:
+        return split
+    rng = np.random.default_rng(seed)
+    held = np.zeros(n, bool)
+    held[rng.choice(n, size=k, replace=False)] = True
+    tv, tr = split.train_valid, split.train
+    lens_tv, lens_tr = tv.lengths(), tr.lengths()
+    if np.any(lens_tr > lens_tv):
+        raise DataError("sample_validation: train is not a prefix of train_valid")
+    # per user: the train_valid sequence, except held-out users keep their train prefix
+    keep_len = lens_tv.copy()
+    keep_len[split.valid.users[held]] = lens_tr[split.valid.users[held]]
+    pos = np.arange(len(tv.items), dtype=np.int64) - np.repeat(tv.indptr[:-1], lens_tv)
+    train = tv.filter(pos < np.repeat(keep_len, lens_tv))
+    return Split(
+        name=split.name,
+        train=train,
+        valid=split.valid.subset(held),
+        test=split.test,
+        train_valid=split.train_valid,
+        protocol={
+            **split.protocol,
+            "valid_sample": {"users": k, "of": n, "fraction": fraction, "seed": seed},
+        },
+    )

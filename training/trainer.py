@@ -124,6 +124,12 @@ class RunConfig:
     # train on every window of max_len events of long histories (not only the most recent
     # one): more training positions for shops with long histories (Online Retail)
     train_windows: bool = False
+    # early stopping and every choice on validation use a seeded sample of the users
+    # (this fraction, at least valid_users_min of them; leave-one-out splits only); the
+    # other users' validation items are trained on (training.splits.sample_validation).
+    # 1.0 = the classic protocol (every user validates, no one trains on validation)
+    valid_users: float = 1.0
+    valid_users_min: int = 2000
 
     def __post_init__(self) -> None:
         if not (self.pretrain.enabled or self.contrastive.enabled):
@@ -132,6 +138,8 @@ class RunConfig:
             raise ConfigError("pretrain.objective='masked' needs user.attention='bidirectional'")
         if self.pretrain.objective == "next" and self.user.attention != "causal":
             raise ConfigError("pretrain.objective='next' needs user.attention='causal'")
+        if not 0.0 < self.valid_users <= 1.0:
+            raise ConfigError(f"valid_users must be in (0, 1], got {self.valid_users}")
 
 
 def default_config_path() -> Path:

@@ -24,7 +24,7 @@ from towers.model import TwoTower
 from towers.sequences import Interactions
 from training.evaluation import evaluate
 from training.fallback import compare_and_select, factor_scorer
-from training.splits import Split, Targets
+from training.splits import Split, Targets, sample_validation
 from training.trainer import (
     RunConfig,
     default_config_path,
@@ -84,6 +84,13 @@ class TwoTowerRetriever:
     ) -> TwoTowerRetriever:
         """Retriever for a loaded :class:`towers.dataset.Dataset` (its catalogue and id map)."""
         return cls(ds.items, ds.item_ids.external_ids, config, run_dir, overrides)
+
+    def validation_split(self, split: Split) -> Split:
+        """The split this model trains and validates on: ``valid_users`` of the config
+        (:func:`training.splits.sample_validation`); test targets and history unchanged."""
+        return sample_validation(
+            split, self.cfg.valid_users, self.cfg.valid_users_min, seed=self.cfg.seed
+        )
 
     def fit(
         self,
@@ -187,7 +194,9 @@ def train_and_evaluate(
     """
     t0 = t_start if t_start is not None else time.perf_counter()
     r = TwoTowerRetriever.for_dataset(ds, config, out_dir, overrides)
-    r.fit(split.train, split.valid, resume=resume, t_start=t0)
+    # tower and baselines are compared on the same validation users and training events
+    vsplit = r.validation_split(split)
+    r.fit(vsplit.train, vsplit.valid, resume=resume, t_start=t0)
     from training.distributed import is_main_process
 
     if not is_main_process():  # rank 0 evaluates and writes results.json
@@ -195,6 +204,9 @@ def train_and_evaluate(
     out: dict[str, Any] = {
         "dataset": ds.name,
         "split": split.protocol,
+        "validation": vsplit.protocol.get(
+            "valid_sample", {"users": len(split.valid), "of": len(split.valid), "fraction": 1.0}
+        ),
         "config_hash": r.manifest.get("config_hash"),
         "chosen_stage": r.manifest.get("chosen_stage"),
         "valid": r.manifest["stages"][r.manifest["chosen_stage"]]["best_metrics"],
@@ -218,11 +230,17 @@ def train_and_evaluate(
         "wall_seconds": time.perf_counter() - t0,
     }
     served = None
-    if r.cfg.fallback.enabled and split.valid is not None and len(split.valid):
+    if r.cfg.fallback.enabled and vsplit.valid is not None and len(vsplit.valid):
+        import gc
+
+        from training.memory import release_free_memory
+
+        gc.collect()  # the trainer's batches and optimiser state, before the N x N fits
+        release_free_memory()
         t1 = time.perf_counter()
         record, served = compare_and_select(
             r.cfg.fallback,
-            split,
+            vsplit,
             out["valid"],
             r.item_ids,
             out_dir,

@@ -144,7 +144,8 @@ def test_id_only_catalogue_is_detected_and_equals_a_missing_items_file(tmp_path:
 
 def test_test_event_never_reaches_the_model(shop: Any, tmp_path: Path) -> None:
     """Perturb every user's test item and time: the tower's inputs at test time (and its
-    trained weights) are byte-identical."""
+    trained weights) are byte-identical, also when training takes in the validation items
+    of users outside the validation sample."""
     from training.evaluation import evaluate
 
     def run(events: pl.DataFrame, out: Path) -> tuple[list[bytes], bytes]:
@@ -152,9 +153,21 @@ def test_test_event_never_reaches_the_model(shop: Any, tmp_path: Path) -> None:
         i2 = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
         split = leave_one_out(i2)
         r = TwoTowerRetriever.for_dataset(
-            ds, QUICK, out, {"item": {"use_text": False}, "pretrain": {"epochs": 1}, "threads": 1}
+            ds,
+            QUICK,
+            out,
+            {
+                "item": {"use_text": False},
+                "pretrain": {"epochs": 1},
+                "threads": 1,
+                # validation on a sample: the others' validation items are trained on
+                "valid_users": 0.3,
+                "valid_users_min": 10,
+            },
         )
-        r.fit(split.train, split.valid, resume=False)
+        vsplit = r.validation_split(split)
+        assert 0 < len(vsplit.valid) < len(split.valid)
+        r.fit(vsplit.train, vsplit.valid, resume=False)
         assert r.model is not None
         seen: list[bytes] = []
 

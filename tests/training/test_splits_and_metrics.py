@@ -7,7 +7,7 @@ import pytest
 
 from towers.sequences import Interactions
 from training.evaluation import evaluate, metrics_from_topk, rank_topk
-from training.splits import Targets, leave_one_out, temporal_split
+from training.splits import Targets, leave_one_out, sample_validation, temporal_split
 
 
 def _inter() -> Interactions:
@@ -20,6 +20,37 @@ def test_leave_one_out_targets_and_histories() -> None:
     assert s.valid.first().tolist() == [3, 4]
     assert s.train.seq(1).tolist() == [1, 2] and s.train_valid.seq(1).tolist() == [1, 2, 3]
     assert s.train.seq(3).tolist() == [5, 1]  # too short: stays in training
+
+
+def test_sampled_validation_trains_on_the_other_users_validation_items() -> None:
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 30, rng.integers(3, 9)).tolist() for _ in range(200)]
+    s = leave_one_out(Interactions.from_lists(seqs, n_items=30))
+    v = sample_validation(s, 0.25, 10, seed=1)
+    held = set(v.valid.users.tolist())
+    assert len(held) == 50 and held <= set(s.valid.users.tolist())
+    for i, u in enumerate(s.valid.users.tolist()):
+        if u in held:  # classic: train prefix, validation item held out
+            assert v.train.seq(u).tolist() == s.train.seq(u).tolist()
+            j = int(np.flatnonzero(v.valid.users == u)[0])
+            assert v.valid.of(j).tolist() == s.valid.of(i).tolist()
+        else:  # trained on its validation item too (never on its test item)
+            assert v.train.seq(u).tolist() == s.train_valid.seq(u).tolist()
+    assert v.test is s.test and v.train_valid is s.train_valid
+    assert v.protocol["valid_sample"] == {"users": 50, "of": 200, "fraction": 0.25, "seed": 1}
+    again = sample_validation(s, 0.25, 10, seed=1)
+    assert np.array_equal(again.valid.users, v.valid.users)
+    # the minimum wins over a small fraction; a sample of everyone is the classic split
+    assert len(sample_validation(s, 0.01, 40).valid) == 40
+    assert sample_validation(s, 0.5, 500) is s and sample_validation(s, 1.0, 1) is s
+    t = temporal_split(
+        Interactions.from_lists(
+            seqs, n_items=30, ts=[[i * 86400 for i in range(len(q))] for q in seqs]
+        ),
+        test_start=6 * 86400,
+        valid_days=2,
+    )
+    assert sample_validation(t, 0.25, 10) is t  # leave-one-out only
 
 
 def test_shuffled_ties_only_permute_same_timestamp() -> None:
