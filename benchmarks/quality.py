@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "models": {},
     }
+    tower_overrides = parse_overrides(args.set)
     for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
         name, make, grid = model_family(
-            spec, dataset=ds, protocol=args.protocol, tower_overrides=parse_overrides(args.set)
+            spec, dataset=ds, protocol=args.protocol, tower_overrides=tower_overrides
         )
         r = run_protocol(name, make, grid, split, progress=not args.quiet)
         result["models"][name] = {

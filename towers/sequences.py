@@ -127,6 +127,12 @@ class Interactions:
     def seq_event_type(self, user: int) -> np.ndarray:
         return self.event_type[self.indptr[user] : self.indptr[user + 1]]
 
+    def positions(self) -> np.ndarray:
+        """(nnz,) position of every stored event inside its user's sequence (0 = oldest)."""
+        return np.arange(len(self.items), dtype=np.int64) - np.repeat(
+            self.indptr[:-1], self.lengths()
+        )
+
     def user_of_row(self) -> np.ndarray:
         """(nnz,) user id of every stored event."""
         return np.repeat(np.arange(self.n_users + 1, dtype=np.int64), self.lengths())
@@ -181,11 +187,7 @@ class Interactions:
         new_et = np.empty(n, np.int8)
         old_len = self.lengths()
         # positions of old events in the new layout
-        old_pos = (
-            np.arange(len(self.items))
-            - np.repeat(self.indptr[:-1], old_len)
-            + np.repeat(indptr[:-1], old_len)
-        )
+        old_pos = self.positions() + np.repeat(indptr[:-1], old_len)
         new_items[old_pos] = self.items
         new_ts[old_pos] = self.ts
         new_et[old_pos] = self.event_type

@@ -35,6 +35,14 @@ class ModelResult:
     grid: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _validation_split(model: Retriever, split: Split) -> Split:
+    """The split ``model`` trains and validates on: a model may validate on a sample of
+    users and train on the others' validation events (TwoTowerRetriever.validation_split);
+    test targets and history are the same either way."""
+    own = getattr(model, "validation_split", None)
+    return own(split) if own is not None else split
+
+
 def run_protocol(
     name: str,
     make: Callable[[dict[str, Any]], Retriever],
@@ -53,9 +61,7 @@ def run_protocol(
     for params in grid:
         t0 = time.perf_counter()
         model = make(params)
-        # a model may validate on a sample of users and train on the others' validation
-        # events (TwoTowerRetriever.validation_split); test targets and history unchanged
-        vsplit = model.validation_split(split) if hasattr(model, "validation_split") else split
+        vsplit = _validation_split(model, split)
         model.fit(vsplit.train, vsplit.valid)
         dt = time.perf_counter() - t0
         train_seconds += dt
@@ -83,7 +89,7 @@ def run_protocol(
     elif params is grid[-1]:
         final = model  # sequential model: the last one fitted is the chosen one
     else:
-        vsplit = final.validation_split(split) if hasattr(final, "validation_split") else split
+        vsplit = _validation_split(final, split)
         final.fit(vsplit.train, vsplit.valid)
     refit_seconds = time.perf_counter() - t0
     test = evaluate(

@@ -244,8 +244,7 @@ def sample_validation(split: Split, fraction: float, min_users: int, seed: int =
     # per user: the train_valid sequence, except held-out users keep their train prefix
     keep_len = lens_tv.copy()
     keep_len[split.valid.users[held]] = lens_tr[split.valid.users[held]]
-    pos = np.arange(len(tv.items), dtype=np.int64) - np.repeat(tv.indptr[:-1], lens_tv)
-    train = tv.filter(pos < np.repeat(keep_len, lens_tv))
+    train = tv.filter(tv.positions() < np.repeat(keep_len, lens_tv))
     return Split(
         name=split.name,
         train=train,
