@@ -318,6 +318,10 @@ def run_point(
             "server": (s1 - s0) * 1e3 / max(done, 1),
             "loadgen": client_cpu * 1e3 / max(done, 1),
         },
+        # the generator's work per request is fixed (bytes out, a callback in): server CPU
+        # in generator-CPU units cancels the machine's speed of the moment (the same code
+        # measured 0.33-0.68 ms/request on this box within an hour)
+        "server_cpu_per_loadgen_cpu": (s1 - s0) / client_cpu if client_cpu > 0 else None,
         "server_cpu_cores": (s1 - s0) / seconds,
         # per server process: shows an unbalanced SO_REUSEPORT spread
         "server_cpu_cores_each": [round((b - a) / seconds, 3) for a, b in zip(each0, each1)],
@@ -515,9 +519,10 @@ def _toml_value(v: str) -> str:
 
 
 def start_servers(
-    a: argparse.Namespace, ds: Any, work: Path
+    a: argparse.Namespace, ds: Any, work: Path, code: str | None = None, tag: str = ""
 ) -> tuple[str, str, list[subprocess.Popen[bytes]], Any]:
-    """Build what is missing and start ``--server-procs`` ``ecomrec serve`` processes."""
+    """Build what is missing and start ``--server-procs`` ``ecomrec serve`` processes
+    (from checkout ``code`` when given; ``tag`` names their log files)."""
     import socket
 
     from serving.assemble import load_parts
@@ -550,7 +555,7 @@ def start_servers(
     sets.setdefault("rerank_policies", str(ROOT / "configs/serving/rerank.toml"))
     if a.server_procs > 1:
         sets["reuse_port"] = "true"
-    port_cfg = (work / f"serve_load.{os.getpid()}.toml").resolve()
+    port_cfg = (work / f"serve_load.{os.getpid()}{tag}.toml").resolve()
     port_cfg.write_text(
         "[serve]\nport = 0\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
     )
@@ -590,8 +595,8 @@ def start_servers(
         cmd += ["--triton-url", triton.url]
     env = dict(os.environ, ECOMREC_API_KEYS=key, OMP_NUM_THREADS="1")
     cwd = ROOT
-    if a.server_code:  # A/B: serve another checkout's code (e.g. main) under the same load
-        cwd = Path(a.server_code).resolve()  # `python -m` puts the working directory first
+    if code:  # A/B: serve another checkout's code (e.g. main) under the same load
+        cwd = Path(code).resolve()  # `python -m` puts the working directory first
         env["PYTHONPATH"] = str(cwd)
     servers = []
     target = f"127.0.0.1:{port}"
@@ -602,22 +607,58 @@ def start_servers(
                 env=env,
                 cwd=cwd,
                 stdout=subprocess.DEVNULL,
-                stderr=open(work / f"serve_load.server{j}.log", "wb"),  # noqa: SIM115
+                stderr=open(work / f"serve_load.server{tag}{j}.log", "wb"),  # noqa: SIM115
             )
         )
         _wait_health(target, 300, servers)
     # every process must be SERVING before the clock starts: wait until each has logged it
     end = time.monotonic() + 300
     for j in range(a.server_procs):
-        logf = work / f"serve_load.server{j}.log"
+        logf = work / f"serve_load.server{tag}{j}.log"
         while "serving " not in logf.read_text(errors="replace"):
             if servers[j].poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"server {j} did not start; see {logf}")
             time.sleep(0.2)
+    port_cfg.unlink(missing_ok=True)  # read by every server by now
     return target, key, servers, triton
 
 
 # -- output -----------------------------------------------------------------------------------
+def _point_key(r: dict[str, Any]) -> str:
+    return f"closed {r['concurrency']}" if r["mode"] == "closed" else f"open {r['offered_rps']:g}"
+
+
+def paired_summary(
+    runs: list[dict[str, Any]], base: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per point: medians over the rounds of req/s, p99 and server CPU per request, and
+    (with a baseline set) the medians of the per-round ratios this / baseline: both sets
+    were measured back to back in every round, so a ratio does not follow the machine."""
+
+    def med(rows: list[dict[str, Any]], f: Any) -> float:
+        return float(np.median([f(r) for r in rows])) if rows else float("nan")
+
+    out: dict[str, dict[str, Any]] = {}
+    metrics = {
+        "rps": lambda r: r["rps"],
+        "p99_ms": lambda r: r["p99_ms"],
+        "server_cpu_ms": lambda r: r["cpu_ms_per_request"]["server"],
+        "server_cpu_per_loadgen_cpu": lambda r: r["server_cpu_per_loadgen_cpu"] or float("nan"),
+    }
+    for key in dict.fromkeys(_point_key(r) for r in runs):
+        mine = [r for r in runs if _point_key(r) == key]
+        theirs = {r["round"]: r for r in base if _point_key(r) == key}
+        row: dict[str, Any] = {"rounds": len(mine)}
+        for name, f in metrics.items():
+            row[name] = med(mine, f)
+            if theirs:
+                row[f"baseline_{name}"] = med(list(theirs.values()), f)
+                pairs = [f(r) / f(theirs[r["round"]]) for r in mine if r["round"] in theirs]
+                row[f"ratio_{name}"] = float(np.median(pairs)) if pairs else float("nan")
+        out[key] = row
+    return out
+
+
 def write_table(res: dict[str, Any], path: Path) -> None:
     head = (
         "| mode | conc. / offered | requests | errors | req/s | p50 ms | p95 ms | p99 ms "
@@ -643,7 +684,44 @@ def write_table(res: dict[str, Any], path: Path) -> None:
         f"{res['dataset']}, encoder {res['encoder']}, {res['server_procs']} server process(es), "
         f"{res['seconds']} s per row\n\n"
     )
-    path.write_text(title + head + "\n".join(lines) + "\n")
+    text = title + head + "\n".join(lines) + "\n"
+    paired = res.get("paired")
+    if paired:
+        base = res.get("baseline_code")
+        text += (
+            "\nMedians over the rounds"
+            + (
+                f"; baseline = the server of {base}, measured back to "
+                "back in every round, ratio = median of the per-round ratios"
+                if base
+                else ""
+            )
+            + "\n\n| point | rounds | req/s | p99 ms | server cpu ms/req | server/loadgen cpu |"
+            + (
+                " baseline req/s | baseline p99 | baseline cpu | baseline server/loadgen "
+                "| ratio req/s | ratio p99 | ratio cpu | ratio server/loadgen |"
+                if base
+                else ""
+            )
+            + "\n|---|---|---|---|---|---|"
+            + ("---|" * 8 if base else "")
+            + "\n"
+        )
+        for key, r in paired.items():
+            text += (
+                f"| {key} | {r['rounds']} | {r['rps']:.0f} | {r['p99_ms']:.2f} | "
+                f"{r['server_cpu_ms']:.2f} | {r['server_cpu_per_loadgen_cpu']:.2f} |"
+            )
+            if base:
+                text += (
+                    f" {r['baseline_rps']:.0f} | {r['baseline_p99_ms']:.2f} | "
+                    f"{r['baseline_server_cpu_ms']:.2f} | "
+                    f"{r['baseline_server_cpu_per_loadgen_cpu']:.2f} | {r['ratio_rps']:.2f} | "
+                    f"{r['ratio_p99_ms']:.2f} | {r['ratio_server_cpu_ms']:.2f} | "
+                    f"{r['ratio_server_cpu_per_loadgen_cpu']:.3f} |"
+                )
+            text += "\n"
+    path.write_text(text)
 
 
 def plot_open_loop(res: dict[str, Any], path: Path) -> bool:
@@ -751,6 +829,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run the server from this checkout (PYTHONPATH), e.g. /work/main for an A/B",
     )
+    ap.add_argument(
+        "--baseline-code",
+        default=None,
+        help="paired A/B: also start the same servers from this checkout (e.g. a worktree of "
+        "main) and measure every point on both, alternating, --rounds times; the JSON gets "
+        "per-point medians and median ratios (this / baseline) of req/s, p99 and CPU/request",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="measurements of every point (per server set)"
+    )
     ap.add_argument("--users", type=int, default=2000, help="distinct users in the request mix")
     ap.add_argument("--seed", type=int, default=0, help="user sample seed")
     ap.add_argument("--out", required=True, help="JSON output (.md table and .png plot beside)")
@@ -774,44 +862,61 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
+    base_runs: list[dict[str, Any]] = []
+    sets: list[tuple[str, str, list[int], list[dict[str, Any]]]] = []  # target, key, pids, rows
     try:
         if a.target:
-            target, key, pids = a.target, a.api_key or "", []
+            sets.append((a.target, a.api_key or "", [], runs))
         else:
-            target, key, servers, triton = start_servers(a, ds, work)
-            pids = [p.pid for p in servers]
-            if triton is not None and getattr(triton, "proc", None) is not None:
-                pids.append(triton.proc.pid)
-            log.info("server idle after %.0f s of start-up work", wait_idle(pids))
+            for code, tag, rows in (
+                (a.server_code, "", runs),
+                (a.baseline_code, "-base", base_runs),
+            ):
+                if tag and not code:
+                    continue
+                target, key, procs, tri = start_servers(a, ds, work, code, tag)
+                servers += procs
+                triton = triton or tri
+                pids = [p.pid for p in procs]
+                if tri is not None and getattr(tri, "proc", None) is not None:
+                    pids.append(tri.proc.pid)
+                sets.append((target, key, pids, rows))
+            for _target, _, pids, _ in sets:
+                log.info("server idle after %.0f s of start-up work", wait_idle(pids))
 
-        def point(mode: str, amount: float) -> dict[str, Any]:
-            row = run_point(
-                target,
-                key,
-                payloads,
-                mode,
-                amount,
-                a.seconds,
-                a.warmup,
-                a.client_procs,
-                pids,
-                a.channels,
-            )
-            runs.append(row)
-            return row
+        def point(mode: str, amount: float, rnd: int) -> dict[str, Any]:
+            order = sets if rnd % 2 == 0 else sets[::-1]  # alternate who goes first
+            for target, key, pids, rows in order:
+                row = run_point(
+                    target,
+                    key,
+                    payloads,
+                    mode,
+                    amount,
+                    a.seconds,
+                    a.warmup,
+                    a.client_procs,
+                    pids,
+                    a.channels,
+                )
+                row["round"] = rnd
+                row["server_set"] = "baseline" if rows is base_runs else "this"
+                rows.append(row)
+            return runs[-1]
 
-        for c in [int(x) for x in a.concurrency.split(",") if x.strip()]:
-            point("closed", c)
-        if a.offered == "auto":
-            rate = 100.0
-            while rate <= 5000:
-                row = point("open", rate)
-                if row["rps"] < 0.9 * rate or row["p99_ms"] > 1000 or row["errors"] > 0:
-                    break  # saturated
-                rate += 100.0 if rate < 600 else 200.0
-        else:
-            for r in [float(x) for x in a.offered.split(",") if x.strip()]:
-                point("open", r)
+        for rnd in range(a.rounds):
+            for c in [int(x) for x in a.concurrency.split(",") if x.strip()]:
+                point("closed", c, rnd)
+            if a.offered == "auto":
+                rate = 100.0
+                while rate <= 5000:
+                    row = point("open", rate, rnd)
+                    if row["rps"] < 0.9 * rate or row["p99_ms"] > 1000 or row["errors"] > 0:
+                        break  # saturated
+                    rate += 100.0 if rate < 600 else 200.0
+            else:
+                for r in [float(x) for x in a.offered.split(",") if x.strip()]:
+                    point("open", r, rnd)
     finally:
         for s in servers:
             if s.poll() is None:
@@ -864,6 +969,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "runs": runs,
     }
+    if a.rounds > 1 or base_runs:
+        res["paired"] = paired_summary(runs, base_runs)
+        res["baseline_code"] = a.baseline_code
+        res["baseline_runs"] = base_runs
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
@@ -871,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
     if plot_open_loop(res, out.with_suffix(".png")):
         log.info("plot: %s", out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
-    return 0 if all(r["errors"] == 0 for r in runs) else 1
+    return 0 if all(r["errors"] == 0 for r in runs + base_runs) else 1
 
 
 if __name__ == "__main__":

@@ -75,7 +75,13 @@ class ServeConfig:
     # User encoder: "inprocess" (torch), "onnx" (the exported tower on onnxruntime, in
     # process) or "triton" (tritonclient.grpc, in-process torch as fallback).
     encoder: Literal["inprocess", "onnx", "triton"] = "inprocess"
-    # In-process micro-batching: concurrent requests share one forward (0 = off).
+    # Where Recommend does its work (the server is grpc.aio, one event loop per process):
+    # "loop" = on the event loop, one request after another (no thread hand-offs: the
+    # cheapest for a fast in-process encoder such as ONNX); "threads" = on the worker
+    # threads, concurrent requests' encode + search batched (Triton's round trips, the
+    # torch tower's batch-1 cost); "auto" = "loop" for encoder "onnx", else "threads".
+    recommend_path: Literal["auto", "loop", "threads"] = "auto"
+    # Micro-batching on the "threads" path: concurrent requests share one forward (0 = off).
     batch_max: int = 16
     batch_wait_ms: float = 0.5
     # Several server processes on one port (SO_REUSEPORT): start N `ecomrec serve` with this on.
@@ -124,6 +130,11 @@ class ServeConfig:
                 f"ServeConfig.rerank_policies: {self.rerank_policies} does not exist "
                 f'(default: {DEFAULT_RERANK}; "" turns re-ranking off)'
             )
+        if self.recommend_path not in ("auto", "loop", "threads"):
+            raise ConfigError(
+                "ServeConfig.recommend_path must be auto, loop or threads, "
+                f"got {self.recommend_path!r}"
+            )
         if not 0 <= self.max_streams < self.workers:
             raise ConfigError(
                 f"ServeConfig.max_streams must be in [0, workers={self.workers}), "
@@ -133,6 +144,13 @@ class ServeConfig:
             raise ConfigError("ServeConfig shutdown_delay_s, grace_s, index_check_s must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
+
+    @property
+    def recommend_on_loop(self) -> bool:
+        """Whether Recommend runs on the event loop (``recommend_path``, resolved)."""
+        if self.recommend_path == "auto":
+            return self.encoder == "onnx"
+        return self.recommend_path == "loop"
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from the config plus those in ``$api_keys_env`` (comma-separated)."""

@@ -527,7 +527,7 @@ class Recommender:
         if hist.price is not None and len(hist):
             prices = np.where(np.isfinite(hist.price), hist.price, prices)
         prices = prices[np.isfinite(prices) & (prices > 0)]
-        center = float(np.median(np.log1p(prices))) if len(prices) else None
+        center = rr.median(np.log1p(prices)) if len(prices) else None
         return rr.UserContext(frozenset(), center, seen)
 
     def _candidates_arr(

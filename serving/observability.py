@@ -85,6 +85,22 @@ class Metrics:
             registry=r,
         )
         self.index_published_ok.set(1)
+        # label children by value: prometheus' labels() costs a lock and a key build per call
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, metric.labels(*values))
+        return child
+
+    def record_call(self, method: str, code: str, seconds: float, stages: dict[str, float]) -> None:
+        """One finished call: ``ecomrec_requests_total``, its latency and its stage times."""
+        self._child(self.requests, method, code).inc()
+        self._child(self.latency, method).observe(seconds)
+        for stage, sec in stages.items():
+            self._child(self.stage, stage).observe(sec)
 
     def set_versions(self, model_version: str, index_version: str) -> None:
         """Versions for ``ecomrec_versions_info`` (the index's is read live once a source is set)."""

@@ -169,6 +169,14 @@ def boost_vector(
     return out
 
 
+def median(x: np.ndarray) -> float:
+    """``float(np.median(x))`` for a short 1-d float array without NaNs, at a fraction of
+    numpy's per-call overhead (same value: the middle element, or the mean of the two)."""
+    s = np.sort(x)  # (N,)
+    m = len(s) // 2
+    return float(s[m]) if len(s) % 2 else float((s[m - 1] + s[m]) / 2)
+
+
 def rerank(c: Candidates, user: UserContext, policy: RerankPolicy, k: int) -> list[Ranked]:
     """Top ``k`` of the candidates under ``policy``, each with its reason codes."""
     n = len(c.item_ids)
@@ -210,7 +218,7 @@ def rerank(c: Candidates, user: UserContext, policy: RerankPolicy, k: int) -> li
     span = float(base.max() - base.min())
     norm = (base - base.min()) / span if span > 0 else np.ones(n)
     lam = policy.diversity
-    rel_cut = float(np.median(rel))
+    rel_cut = median(rel)
     # Greedy MMR: mmr_j = (1 - lam) * norm_j - lam * [category of j already picked], the
     # first index among equal maxima (numpy argmax semantics).  Scanning candidates in
     # score order finds the best unpenalised and the best penalised one without touching

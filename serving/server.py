@@ -1,5 +1,11 @@
 """The gRPC server: health, reflection, API-key auth, TLS, limits, metrics, graceful stop.
 
+The server is grpcio's asyncio server (``grpc.aio``) on an event loop in its own thread
+(:class:`_LoopThread`), so :func:`start_server` and :class:`ServiceHandle` stay plain
+synchronous calls for the CLI, the demo and the tests.  Coroutine handlers (Recommend,
+health, reflection) run on the loop; plain handlers (the other ecomrec methods) run on
+a pool of ``ServeConfig.workers`` threads (grpc.aio's ``migration_thread_pool``).
+
 Health (``grpc.health.v1``) answers NOT_SERVING until :meth:`ServiceHandle.set_ready` is
 called with a loaded model and index, and while the index cannot be searched
 (:class:`IndexMonitor`).  Health needs no API key; reflection and every ``ecomrec.v1``
@@ -8,19 +14,22 @@ method do (``x-api-key: KEY`` or ``authorization: Bearer KEY``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
+import inspect
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -67,15 +76,91 @@ def _labels() -> dict[str, str]:
     return out
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
+def _kind(fn: Callable[..., Any]) -> str:
+    """How grpc.aio runs a handler: "gen"/"func" in the thread pool, "agen"/"coro" on the loop."""
+    if inspect.isasyncgenfunction(fn):
+        return "agen"
+    if inspect.iscoroutinefunction(fn):
+        return "coro"
+    return "gen" if inspect.isgeneratorfunction(fn) else "func"
+
+
+def _guarded(
+    fn: Callable[..., Any],
+    check: Callable[[Any, Any], tuple[grpc.StatusCode, str] | None],
+    release: Callable[[], None] | None = None,
+) -> Callable[..., Any]:
+    """``fn`` behind ``check(request, context)`` (a refusal aborts with its status) and with
+    ``release()`` once the call is over, in the form grpc.aio runs ``fn`` in: a coroutine
+    or async generator stays on the loop, a plain function or generator stays in the pool.
+
+    A plain function that returns an iterator must be a generator function here: grpc.aio
+    calls a non-generator streaming handler on the loop thread, where a blocking abort
+    would deadlock.
+    """
+    kind = _kind(fn)
+    done = release or (lambda: None)
+
+    if kind == "agen":
+
+        async def agen(request: Any, context: Any) -> AsyncIterator[Any]:
+            refused = check(request, context)
+            if refused is not None:
+                await context.abort(*refused)
+            try:
+                async for item in fn(request, context):
+                    yield item
+            finally:
+                done()
+
+        return agen
+    if kind == "coro":
+
+        async def coro(request: Any, context: Any) -> Any:
+            refused = check(request, context)
+            if refused is not None:
+                await context.abort(*refused)
+            try:
+                return await fn(request, context)
+            finally:
+                done()
+
+        return coro
+    if kind == "gen":
+
+        def gen(request: Any, context: Any) -> Iterator[Any]:
+            refused = check(request, context)
+            if refused is not None:
+                context.abort(*refused)
+            try:
+                yield from fn(request, context)
+            finally:
+                done()
+
+        return gen
+
+    def func(request: Any, context: Any) -> Any:
+        refused = check(request, context)
+        if refused is not None:
+            context.abort(*refused)
+        try:
+            return fn(request, context)
+        finally:
+            done()
+
+    return func
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """The server's gate, run before any handler (and before a request message is read).
 
     - Calls without a valid API key are rejected with UNAUTHENTICATED by a handler that
-      does not wait for the request message, so a client without a key never holds a
-      worker thread.  Only health (``grpc.health.v1``) is open; reflection needs a key.
-    - Long-lived streams (reflection) take one of ``max_streams`` slots (fewer than the
-      workers) or get RESOURCE_EXHAUSTED: streams can never starve unary calls.
-      Health ``Watch`` is non-blocking (it holds no worker) and is not limited.
+      does not wait for the request message.  Only health (``grpc.health.v1``) is open;
+      reflection needs a key.
+    - Long-lived streams (reflection, RecommendBatch) take one of ``max_streams`` slots
+      or get RESOURCE_EXHAUSTED: a blocking stream holds a worker thread, and streams can
+      never take every worker from unary calls.  Health ``Watch`` is not limited (a
+      coroutine on the loop, it holds no worker).
     - A request that is not a valid protobuf message answers INVALID_ARGUMENT with one
       warning line (gRPC's default is INTERNAL plus a traceback per call).
     - Rejections are counted in ``ecomrec_requests_total`` under a fixed label set.
@@ -89,11 +174,12 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
 
-        def deny(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        async def deny(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             # request-streaming on purpose: returns without reading a message
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
 
         self._deny = grpc.stream_unary_rpc_method_handler(deny)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (handler, its wrapper)
 
     def _ok(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         for k, v in metadata or ():
@@ -112,7 +198,11 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.requests.labels(label, code.name).inc()
 
-    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Coroutine[Any, Any, Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
         method = details.method or ""
         label = method_label(method)
         if (
@@ -122,21 +212,24 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         ):
             self._count(label, grpc.StatusCode.UNAUTHENTICATED)
             return self._deny
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # the same registered handler: its wrapper is built once
+        wrapped = self._wrap(handler, method, label)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str, label: str) -> Any:
         behavior = handler.unary_unary or handler.unary_stream
         if behavior is not None and handler.request_deserializer is not None:
             handler = self._safe_decode(handler, label)
-        if handler.request_streaming or handler.response_streaming:
-            inner = (
-                handler.unary_unary
-                or handler.unary_stream
-                or handler.stream_unary
-                or handler.stream_stream
-            )
-            if not getattr(inner, "experimental_non_blocking", False):
-                handler = self._limit_stream(handler, label)
+        if (handler.request_streaming or handler.response_streaming) and not method.startswith(
+            _OPEN_PREFIX
+        ):
+            handler = self._limit_stream(handler, label)
         return handler
 
     def _safe_decode(self, handler: Any, label: str) -> Any:
@@ -149,69 +242,83 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             except Exception as e:  # DecodeError and friends
                 return _Undecodable(e)
 
-        def reject(request: _Undecodable, context: grpc.ServicerContext) -> None:
+        def check(request: Any, context: Any) -> tuple[grpc.StatusCode, str] | None:
+            if not isinstance(request, _Undecodable):
+                return None
             log.warning("%s: request is not a valid protobuf message (%s)", label, request.error)
             self._count(label, grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message")
+            return grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message"
 
-        def behavior(request: Any, context: grpc.ServicerContext, *args: Any, **kw: Any) -> Any:
-            if isinstance(request, _Undecodable):
-                reject(request, context)
-            return inner(request, context, *args, **kw)
-
-        if getattr(inner, "experimental_non_blocking", False):
-            behavior.experimental_non_blocking = True  # type: ignore[attr-defined]
         make = (
             grpc.unary_unary_rpc_method_handler
             if handler.unary_unary is not None
             else grpc.unary_stream_rpc_method_handler
         )
-        return make(behavior, safe, handler.response_serializer)
+        return make(_guarded(inner, check), safe, handler.response_serializer)
 
     def _limit_stream(self, handler: Any, label: str) -> Any:
         slots = self._streams
         limit = self.max_streams
 
-        def acquire(context: grpc.ServicerContext) -> None:
-            if slots is None or not slots.acquire(blocking=False):
-                self._count(label, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many open streams (at most {limit}); close one or retry later",
-                )
+        def acquire(request: Any, context: Any) -> tuple[grpc.StatusCode, str] | None:
+            if slots is not None and slots.acquire(blocking=False):
+                return None
+            self._count(label, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many open streams (at most {limit}); close one or retry later",
+            )
 
         def release() -> None:
             assert slots is not None
             slots.release()
 
-        if handler.response_streaming:
-            inner_s = handler.unary_stream or handler.stream_stream
-
-            def streaming(request: Any, context: grpc.ServicerContext) -> Any:
-                acquire(context)
-                try:
-                    yield from inner_s(request, context)
-                finally:
-                    release()
-
-            make_s = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return make_s(streaming, handler.request_deserializer, handler.response_serializer)
-        inner_u = handler.stream_unary
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            acquire(context)
-            try:
-                return inner_u(request, context)
-            finally:
-                release()
-
-        return grpc.stream_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+        inner = (
+            handler.unary_unary
+            or handler.unary_stream
+            or handler.stream_unary
+            or handler.stream_stream
         )
+        make = {
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            _guarded(inner, acquire, release),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+class _LoopThread:
+    """An asyncio event loop running in its own daemon thread (the gRPC server's)."""
+
+    def __init__(self, name: str = "ecomrec-grpc-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = None) -> Any:
+        """Run ``coro`` on the loop and wait for its result (from any other thread); from the
+        loop's own thread it is only scheduled (waiting there would deadlock)."""
+        if threading.current_thread() is self.thread:
+            self.loop.create_task(coro)
+            return None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
 
 
 @dataclass
@@ -223,9 +330,9 @@ class ServiceHandle:
     off a broken index leaves health SERVING, answers stay degraded).
     """
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
     metrics: Metrics
     metrics_port: int | None = None
     unhealthy_on_index_error: bool = True
@@ -235,10 +342,16 @@ class ServiceHandle:
     _index_ok: bool = True
     _state_lock: threading.Lock = field(default_factory=threading.Lock)
     _monitor: IndexMonitor | None = None
+    _loop: _LoopThread | None = None
+    _pool: futures.ThreadPoolExecutor | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def _on_loop(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 10.0) -> Any:
+        assert self._loop is not None
+        return self._loop.call(coro, timeout_s)
 
     def _publish(self) -> None:
         with self._state_lock:
@@ -250,8 +363,7 @@ class ServiceHandle:
                 if ok
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            self.health.set("", st)
-            self.health.set(SERVICE_NAME, st)
+            self._on_loop(_set_health(self.health, st))
             self.metrics.ready.set(1 if ok else 0)
 
     def set_ready(self, ready: bool = True) -> None:
@@ -279,14 +391,20 @@ class ServiceHandle:
             if self._stopped.is_set():
                 return
             self._stopped.set()
-            self.health.enter_graceful_shutdown()
+            self._on_loop(self.health.enter_graceful_shutdown())
             self.metrics.ready.set(0)
         if self._monitor is not None:
             self._monitor.stop()
         if delay_s > 0:
             log.info("NOT_SERVING; still answering for %.1f s before closing the port", delay_s)
             time.sleep(delay_s)
-        self.server.stop(grace_s).wait(grace_s + 1)
+        try:
+            self._on_loop(self.server.stop(grace_s), grace_s + 5)
+        finally:
+            if self._loop is not None:
+                self._loop.stop()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
             srv, thread = self._metrics_server
             srv.shutdown()
@@ -295,7 +413,14 @@ class ServiceHandle:
         log.info("server on port %d stopped", self.port)
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        """Block until the server was stopped."""
+        if self._loop is not None:
+            self._loop.thread.join()
+
+
+async def _set_health(hs: health_aio.HealthServicer, status: int) -> None:
+    await hs.set("", status)
+    await hs.set(SERVICE_NAME, status)
 
 
 def _engine_index(servicer: Any) -> Any:
@@ -340,32 +465,56 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
         # connections over them); off by default so a second server on a busy port fails
         ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ecomrec-rpc"),
-        interceptors=[ApiKeyInterceptor(keys, metrics, cfg.max_streams)],
-        options=options,
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-    )
-    hs = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
-    add_servicer(server, servicer)
     addr = f"{cfg.host}:{cfg.port}"
-    try:
-        port = (
-            server.add_secure_port(addr, creds)
-            if creds is not None
-            else server.add_insecure_port(addr)
+    # plain (non-coroutine) handlers and Recommend's "threads" path run on this pool
+    pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ecomrec-rpc")
+    loop = _LoopThread()
+    loop.loop.set_default_executor(pool)
+    hs = health_aio.HealthServicer()
+
+    async def make() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=pool,
+            interceptors=[ApiKeyInterceptor(keys, metrics, cfg.max_streams)],
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-    except RuntimeError as e:  # grpcio raises RuntimeError("Failed to bind to address ...")
-        port = 0
-        log.debug("bind %s: %s", addr, e)
+        await _set_health(hs, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        add_servicer(server, servicer)
+        try:
+            port = (
+                server.add_secure_port(addr, creds)
+                if creds is not None
+                else server.add_insecure_port(addr)
+            )
+        except RuntimeError as e:  # grpcio raises RuntimeError("Failed to bind to address ...")
+            port = 0
+            log.debug("bind %s: %s", addr, e)
+        if port != 0:
+            await server.start()
+        return server, port
+
+    try:
+        server, port = loop.call(make(), 30)
+    except BaseException:
+        loop.stop()
+        pool.shutdown(wait=False)
+        raise
     if port == 0:
+        loop.stop()
+        pool.shutdown(wait=False)
         raise ConfigError(f"cannot listen on {addr}: the port is in use or the host is not local")
-    server.start()
     handle = ServiceHandle(
-        server, port, hs, metrics, unhealthy_on_index_error=cfg.unhealthy_on_index_error
+        server,
+        port,
+        hs,
+        metrics,
+        unhealthy_on_index_error=cfg.unhealthy_on_index_error,
+        _loop=loop,
+        _pool=pool,
     )
     handle.set_ready(False)
     metrics.set_index_source(lambda: index_version(_engine_index(servicer)))
@@ -377,7 +526,7 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
                 cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry
             )
         except OSError as e:
-            server.stop(0)
+            handle.stop(0)
             raise ConfigError(
                 f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e.strerror or e}"
             ) from e
@@ -397,7 +546,7 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
     return handle
 
 
-def add_servicer(server: grpc.Server, servicer: Any) -> None:
+def add_servicer(server: grpc.aio.Server, servicer: Any) -> None:
     """Register the ecomrec servicer on ``server``."""
     from serving._generated.ecomrec.v1 import recommend_pb2_grpc
 

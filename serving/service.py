@@ -8,8 +8,10 @@ Stack traces are logged, never sent.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,61 +44,45 @@ def _servicer_base() -> type:
     return recommend_pb2_grpc.RecommendServiceServicer  # type: ignore[no-any-return]
 
 
+def _activity(context: Any) -> Callable[[], bool]:
+    """``is_active`` of a call, whichever context grpc gave the handler."""
+    is_active = getattr(context, "is_active", None)  # grpc's sync server
+    if is_active is not None:
+        return is_active  # type: ignore[no-any-return]
+    done = getattr(context, "done", None)  # grpc.aio, coroutine handler
+    if done is not None:
+        return lambda: not done()
+    over = threading.Event()  # grpc.aio, plain handler on a worker thread
+    context.add_callback(over.set)
+    return lambda: not over.is_set()
+
+
+class _Call:
+    """One unary call's bookkeeping: start time, request id, engine context."""
+
+    __slots__ = ("ctx", "rid", "t0")
+
+    def __init__(self, request: Any, context: Any, default_deadline_s: float) -> None:
+        self.t0 = time.perf_counter()
+        self.rid: str = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
+        remaining = context.time_remaining()
+        timeout = default_deadline_s if remaining is None else min(remaining, 3600.0)
+        self.ctx = RequestContext.with_timeout(timeout, _activity(context))
+
+
 def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a servicer method: request context, metrics, access log and error mapping."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(self: RecommendServicer, request: Any, context: grpc.ServicerContext) -> Any:
-            t0 = time.perf_counter()
-            rid = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
-            remaining = context.time_remaining()
-            timeout = self.cfg.default_deadline_s if remaining is None else min(remaining, 3600.0)
-            ctx = RequestContext.with_timeout(timeout, context.is_active)
-            code = grpc.StatusCode.OK
-            detail = ""
-            response = None
+            call = _Call(request, context, self.cfg.default_deadline_s)
+            response = error = None
             try:
-                response = fn(self, request, context, ctx, rid)
+                response = fn(self, request, context, call.ctx, call.rid)
             except Exception as e:
-                code, detail = status_for(e)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("request %s: unexpected error in %s", rid, method)
-                    detail = f"internal error (request {rid})"
-            elapsed = time.perf_counter() - t0
-            m = self.metrics
-            if m is not None:
-                m.requests.labels(method, code.name).inc()
-                m.latency.labels(method).observe(elapsed)
-                for stage, s in ctx.stages.items():
-                    m.stage.labels(stage).observe(s)
-            if ctx.stages:
-                context.set_trailing_metadata(
-                    (
-                        (
-                            "ecomrec-stages",
-                            ",".join(f"{k}={v * 1e3:.3f}" for k, v in ctx.stages.items()),
-                        ),
-                    )
-                )
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    "%s %s",
-                    method,
-                    code.name,
-                    extra={
-                        "fields": {
-                            "request_id": rid,
-                            "method": method,
-                            "code": code.name,
-                            "ms": round(elapsed * 1e3, 3),
-                            "user": pseudonymise(
-                                getattr(request, "user_id", ""), self.cfg.pseudonym_salt
-                            ),
-                            "degraded": bool(getattr(response, "degraded", False)),
-                        }
-                    },
-                )
+                error = e
+            code, detail = self._done(method, call, request, context, response, error)
             if code != grpc.StatusCode.OK:
                 context.abort(code, detail)
             return response
@@ -150,11 +136,73 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             engine.metrics = self.metrics
         self._engine = engine
 
-    @_rpc("Recommend")
-    def Recommend(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
-        q = val.validate_recommend(request, self.cfg, engine.users, engine.items)
-        res = engine.recommend(q, ctx)
+    def _done(
+        self,
+        method: str,
+        call: _Call,
+        request: Any,
+        context: Any,
+        response: Any,
+        error: Exception | None,
+    ) -> tuple[grpc.StatusCode, str]:
+        """Metrics, stage trailers and the access log of a finished call; its status."""
+        code = grpc.StatusCode.OK
+        detail = ""
+        if error is not None:
+            code, detail = status_for(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("request %s: unexpected error in %s", call.rid, method, exc_info=error)
+                detail = f"internal error (request {call.rid})"
+        elapsed = time.perf_counter() - call.t0
+        stages = call.ctx.stages
+        if self.metrics is not None:
+            self.metrics.record_call(method, code.name, elapsed, stages)
+        if stages:
+            context.set_trailing_metadata(
+                (("ecomrec-stages", ",".join(f"{k}={v * 1e3:.3f}" for k, v in stages.items())),)
+            )
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s",
+                method,
+                code.name,
+                extra={
+                    "fields": {
+                        "request_id": call.rid,
+                        "method": method,
+                        "code": code.name,
+                        "ms": round(elapsed * 1e3, 3),
+                        "user": pseudonymise(
+                            getattr(request, "user_id", ""), self.cfg.pseudonym_salt
+                        ),
+                        "degraded": bool(getattr(response, "degraded", False)),
+                    }
+                },
+            )
+        return code, detail
+
+    async def Recommend(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Recommend: on the event loop (``ServeConfig.recommend_path``), or on a worker
+        thread where concurrent requests' encode and search are batched."""
+        call = _Call(request, context, self.cfg.default_deadline_s)
+        response = error = None
+        try:
+            engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+            q = val.validate_recommend(request, self.cfg, engine.users, engine.items)
+            if self.cfg.recommend_on_loop:
+                res = engine.recommend(q, call.ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                res = await loop.run_in_executor(None, engine.recommend, q, call.ctx)
+            response = self._recommend_response(call.rid, res)
+        except Exception as e:
+            error = e
+        code, detail = self._done("Recommend", call, request, context, response, error)
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, detail)
+        return response
+
+    def _recommend_response(self, rid: str, res: Any) -> Any:
         return self.pb.RecommendResponse(
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
@@ -170,7 +218,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         t0 = time.perf_counter()
         remaining = context.time_remaining()
         timeout = self.cfg.default_deadline_s if remaining is None else min(remaining, 3600.0)
-        ctx = RequestContext.with_timeout(timeout, context.is_active)
+        ctx = RequestContext.with_timeout(timeout, _activity(context))
         pb = self.pb
         code = grpc.StatusCode.OK
         n = len(request.requests)
@@ -204,18 +252,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                     )
                     continue
                 rid = r.request_id or uuid.uuid4().hex[:16]
-                yield pb.RecommendBatchItem(
-                    index=i,
-                    response=pb.RecommendResponse(
-                        request_id=rid,
-                        items=_filters_pb(pb, res.items),
-                        segment=res.segment,
-                        model_version=res.model_version,
-                        index_version=res.index_version,
-                        degraded=res.degraded,
-                        degraded_reasons=list(res.degraded_reasons),
-                    ),
-                )
+                yield pb.RecommendBatchItem(index=i, response=self._recommend_response(rid, res))
         except Exception as e:
             code, detail = status_for(e)
             if code == grpc.StatusCode.INTERNAL:

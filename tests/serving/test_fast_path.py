@@ -133,6 +133,56 @@ def test_fast_path_matches_single_request_path(parts: Any, index_dir: Path, segm
         reader.close()
 
 
+def test_event_loop_and_worker_paths_answer_alike_over_grpc(
+    parts: Any, index_dir: Path, segments: Any
+) -> None:
+    """The grpc.aio server's two Recommend paths (``recommend_path``: on the event loop,
+    or on worker threads with batching) give every one of 300 concurrent requests, over
+    a real gRPC server, exactly the old single-request path's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import validation as val
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+    from serving.encoders import TowerEncoder
+
+    reader = open_reader(index_dir)
+    reqs = _requests(parts, pb)
+    answers: dict[str, list[list[tuple]]] = {}
+    servers = []
+    try:
+        for path in ("loop", "threads"):
+            engine = make_engine(
+                parts, reader, segments, recommend_path=path, batch_max=16, batch_wait_ms=2.0
+            )
+            s = Served(engine)
+            servers.append(s)
+            assert engine.cfg.recommend_on_loop == (path == "loop")
+            with ThreadPoolExecutor(8) as pool:  # 8 calls in flight
+                got = list(pool.map(lambda r, s=s: s.call("Recommend", r, 30), reqs))
+            answers[path] = [
+                [(x.item_id, x.score, x.relevance, tuple(x.reasons)) for x in r.items] for r in got
+            ]
+            b = engine._batcher
+            assert b is not None
+            if path == "loop":  # one request after another on the loop: never handed over
+                assert b.inline == len(reqs) and b.batches == 0
+            else:  # concurrent requests shared forwards on the worker threads
+                assert b.items > b.batches > 0
+        engine = servers[0].engine
+        ref_enc = TowerEncoder(parts.model.model, parts.model.max_len)
+        bad = []
+        for i, r in enumerate(reqs):
+            q = val.validate_recommend(r, engine.cfg, engine.users, engine.items)
+            ref = _reference(engine, q, ref_enc)
+            if not (_same(answers["loop"][i], ref) and _same(answers["threads"][i], ref)):
+                bad.append(i)
+        assert not bad, f"{len(bad)} of {len(reqs)} answers differ, e.g. request {bad[:5]}"
+    finally:
+        for s in servers:
+            s.close()
+        reader.close()
+
+
 def test_exact_search_equals_index_search_with_filters(parts: Any, index_dir: Path) -> None:
     from indexing.base import SearchFilter
     from serving.exact import ExactSearch

@@ -42,3 +42,34 @@ def test_load_generator_rows(served: Served, parts: Any, tmp_path: Path) -> None
     assert serve_load.plot_open_loop(res, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert "| closed | 2 |" in (tmp_path / "t.md").read_text()
+
+
+def test_paired_summary_is_the_median_of_per_round_ratios(tmp_path: Path) -> None:
+    """--baseline-code: each round measures both server sets back to back; the summary
+    takes the median of the per-round ratios (not the ratio of medians)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_load
+
+    def row(rnd: int, rps: float, p99: float, cpu: float, gen: float) -> dict[str, Any]:
+        return {
+            "mode": "closed",
+            "concurrency": 8,
+            "offered_rps": None,
+            "round": rnd,
+            "rps": rps,
+            "p99_ms": p99,
+            "cpu_ms_per_request": {"server": cpu, "loadgen": gen},
+            "server_cpu_per_loadgen_cpu": cpu / gen,
+        }
+
+    mine = [row(0, 900, 10, 1.0, 0.5), row(1, 400, 30, 3.0, 1.0), row(2, 800, 12, 1.2, 0.4)]
+    base = [row(0, 600, 20, 1.5, 0.5), row(1, 500, 40, 2.0, 1.0), row(2, 700, 16, 1.8, 0.4)]
+    got = serve_load.paired_summary(mine, base)["closed 8"]
+    assert got["rounds"] == 3 and got["rps"] == 800 and got["baseline_rps"] == 600
+    assert got["ratio_rps"] == sorted([900 / 600, 400 / 500, 800 / 700])[1]
+    assert got["ratio_p99_ms"] == sorted([10 / 20, 30 / 40, 12 / 16])[1]
+    assert abs(got["ratio_server_cpu_per_loadgen_cpu"] - 2 / 3) < 1e-12  # 2/3, 3/2, 2/3
+    res = {"dataset": "shop", "encoder": "onnx", "server_procs": 2, "seconds": 8, "runs": []}
+    res["paired"], res["baseline_code"] = {"closed 8": got}, "/base"
+    serve_load.write_table(res, tmp_path / "p.md")
+    assert "| closed 8 | 3 | 800 |" in (tmp_path / "p.md").read_text()
