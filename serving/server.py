@@ -291,6 +291,44 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class _HealthServicer(health_aio.HealthServicer):
+    """grpc_health's asyncio health servicer with ``Watch`` mended.
+
+    Upstream (grpcio-health-checking 1.x) drops a service's shared condition as soon as ANY
+    of its watchers ends, so every other open Watch of that service never hears of a later
+    change (a load balancer would miss NOT_SERVING at shutdown).  Here the condition lives
+    while a watcher still uses it (tests/serving/test_hardening.py).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watching: dict[str, int] = {}
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watching[service] = self._watching.get(service, 0) + 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                    )
+                    if status != last:  # only the latest status matters to a watcher
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    await condition.wait()
+        finally:
+            left = self._watching[service] - 1
+            if left > 0:
+                self._watching[service] = left
+            else:
+                del self._watching[service]
+                if self._server_watchers.get(service) is condition:
+                    del self._server_watchers[service]
+
+
 class _LoopThread:
     """An asyncio event loop running in its own daemon thread (the gRPC server's)."""
 
@@ -332,7 +370,7 @@ class ServiceHandle:
 
     server: grpc.aio.Server
     port: int
-    health: health_aio.HealthServicer
+    health: _HealthServicer
     metrics: Metrics
     metrics_port: int | None = None
     unhealthy_on_index_error: bool = True
@@ -418,7 +456,7 @@ class ServiceHandle:
             self._loop.thread.join()
 
 
-async def _set_health(hs: health_aio.HealthServicer, status: int) -> None:
+async def _set_health(hs: _HealthServicer, status: int) -> None:
     await hs.set("", status)
     await hs.set(SERVICE_NAME, status)
 
@@ -470,7 +508,7 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
     pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ecomrec-rpc")
     loop = _LoopThread()
     loop.loop.set_default_executor(pool)
-    hs = health_aio.HealthServicer()
+    hs = _HealthServicer()
 
     async def make() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(

@@ -392,3 +392,27 @@ def test_metrics_bind_to_their_own_host(fresh: Served) -> None:
     assert fresh.cfg.metrics_host == "127.0.0.1"
     srv, _ = fresh.handle._metrics_server
     assert srv.server_address[0] == "127.0.0.1"
+
+
+def test_health_watchers_keep_hearing_after_one_leaves(fresh: Served) -> None:
+    """Three health Watch streams; one is cancelled; a later status change still reaches
+    the other two (grpc_health's aio servicer dropped the shared condition when any
+    watcher left, so the rest never heard of NOT_SERVING)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    h = health_pb2_grpc.HealthStub(fresh.channel)
+    watches = [h.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(3)]
+    try:
+        assert all(next(w).status == _serving() for w in watches)
+        watches[0].cancel()
+        time.sleep(0.5)  # the server sees the cancellation
+        fresh.handle.set_ready(False)
+        with ThreadPoolExecutor(2) as pool:
+            got = [pool.submit(next, w) for w in watches[1:]]
+            statuses = [f.result(timeout=10).status for f in got]
+        assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+    finally:
+        for w in watches:
+            w.cancel()
