@@ -45,14 +45,11 @@ def _servicer_base() -> type:
 
 
 def _activity(context: Any) -> Callable[[], bool]:
-    """``is_active`` of a call, whichever context grpc gave the handler."""
-    is_active = getattr(context, "is_active", None)  # grpc's sync server
-    if is_active is not None:
-        return is_active  # type: ignore[no-any-return]
-    done = getattr(context, "done", None)  # grpc.aio, coroutine handler
+    """``is_active`` of a call, for either context grpc.aio gives a handler."""
+    done = getattr(context, "done", None)  # coroutine handler
     if done is not None:
         return lambda: not done()
-    over = threading.Event()  # grpc.aio, plain handler on a worker thread
+    over = threading.Event()  # plain handler on a worker thread: no done()
     context.add_callback(over.set)
     return lambda: not over.is_set()
 
