@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from towers.loaders import load_dataset
+from intake.loaders import load_dataset
 from towers.sequences import Interactions
 from training.evaluation import evaluate
 from training.splits import Split, Targets, leave_one_out, temporal_split

@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from towers.loaders import load_dataset
+from intake.loaders import load_dataset
 from towers.sequences import Interactions
 from training.protocol import basket_factory, run_protocol
 from training.splits import default_test_start, temporal_split

@@ -39,8 +39,8 @@ def cdnow_fit(data_dir: str | None) -> dict[str, Any]:
     """BG/NBD on the published CDNOW summary and on our summary of the raw sample file."""
     import polars as pl
 
+    from intake.loaders import load_dataset, resolve_data_dir
     from segments.bgnbd import BGNBD, transaction_summary
-    from towers.loaders import load_dataset, resolve_data_dir
 
     d = Path(resolve_data_dir(data_dir))
     s = pl.read_csv(d / "cdnow" / "cdnow_customers_summary.csv")
@@ -136,8 +136,8 @@ def train_basket(ds: Any, cfg: Any, out: Path, args: argparse.Namespace) -> Path
     (repurchases as targets: it learns who keeps buying what), save it under ``out``."""
     import polars as pl
 
+    from ecomrec.config import from_dict
     from segments.labels import cutoff_for
-    from towers.config import from_dict
     from towers.sequences import Interactions
     from training.basket import BasketRetriever, BasketTrainConfig
 
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from ecomrec.config import from_dict, to_dict
+    from intake.loaders import load_dataset
     from segments.churn import ChurnConfig, compare
-    from towers.config import from_dict, to_dict
-    from towers.loaders import load_dataset
 
     t0 = time.perf_counter()
     cfg = from_dict(ChurnConfig, {"horizon_days": args.horizon_days})

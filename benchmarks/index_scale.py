@@ -74,7 +74,7 @@ def from_model(
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     if dataset:
         from indexing.build import user_query_vectors
-        from towers.loaders import load_dataset
+        from intake.loaders import load_dataset
 
         q, _, _ = user_query_vectors(model, load_dataset(dataset), n_queries, seed)
         q = q[np.linalg.norm(q, axis=1) > 0]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from towers.event_log import EventLogConfig, write_event_log
+from intake.event_log import EventLogConfig, write_event_log
 
 
 def _du(path: Path) -> int:
@@ -40,7 +40,7 @@ def run_size(rows: int, work: Path, buckets: int, chunk_rows: int, keep: bool) -
         (log_dir / "done").write_text("ok")
     gen_s = time.perf_counter() - t
     load_before = os.getloadavg()
-    cmd = [sys.executable, "-m", "towers.ingest", str(log_dir), str(out_dir)]
+    cmd = [sys.executable, "-m", "intake.ingest", str(log_dir), str(out_dir)]
     cmd += ["--buckets", str(buckets)]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from towers.loaders import load_dataset
+from intake.loaders import load_dataset
 from towers.sequences import Interactions
 from training.cli import parse_overrides
 from training.protocol import is_transaction_log, model_family, run_protocol
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from towers.errors import EcomrecError
+    from ecomrec.errors import EcomrecError
 
     try:
         main()

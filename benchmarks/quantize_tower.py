@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    from intake.loaders import load_dataset
     from serving.demo import train_quick
     from serving.encoders import quantize_int8
     from serving.history import History
     from towers.inference import load_run
-    from towers.loaders import load_dataset
     from towers.sequences import Interactions
     from training.splits import leave_one_out
 

@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from intake.dataset import Dataset
+from intake.loaders import load_dataset
 from lifecycle.refresh import RefreshConfig, refresh
 from lifecycle.shadow import ranking_metrics, window_targets
-from towers.dataset import Dataset
 from towers.inference import load_run
-from towers.loaders import load_dataset
 from towers.sequences import Interactions
 from training.trainer import Trainer, default_config_path, load_run_config
 

@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from intake.loaders import load_dataset
     from serving.demo import train_quick
-    from towers.loaders import load_dataset
 
     ds = load_dataset(a.dataset, a.data_dir)
     run_dir = (

@@ -850,8 +850,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM -> SystemExit, so `finally` stops the servers this run started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    from intake.loaders import load_dataset
     from serving.gen_protos import OUT_DIR, generate
-    from towers.loaders import load_dataset
 
     if not (OUT_DIR / "ecomrec" / "v1" / "recommend_pb2.py").exists():
         generate()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from towers.loaders import load_dataset
+from intake.loaders import load_dataset
 from training.cli import make_split
 from training.evaluation import evaluate
 from training.splits import sample_validation

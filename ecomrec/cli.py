@@ -13,11 +13,11 @@ import logging
 import os
 import sys
 
-from towers.errors import EcomrecError
+from ecomrec.errors import EcomrecError
 
 # (module, description) in help order; each module exposes register(subparsers).
 COMMAND_MODULES = [
-    "towers.cli",  # data
+    "intake.cli",  # data
     "training.cli",  # train
     "segments.cli",  # segments, campaign, churn
     "indexing.cli",  # index

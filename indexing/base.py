@@ -31,8 +31,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from towers.config import from_dict, to_dict
-from towers.errors import ConfigError, DataError, IndexUnavailableError, InvalidArgumentError
+from ecomrec.config import from_dict, to_dict
+from ecomrec.errors import ConfigError, DataError, IndexUnavailableError, InvalidArgumentError
 
 #: Payload fields with a payload index, and their index type.
 PAYLOAD_INDEXES: dict[str, Literal["keyword", "float", "integer"]] = {

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecomrec.config import config_hash as _config_hash
+from ecomrec.errors import DataError, IndexUnavailableError, NotFoundError
 from indexing.base import (
     PAYLOAD_INDEXES,
     IndexConfig,
@@ -28,9 +30,7 @@ from indexing.base import (
     new_version_name,
 )
 from indexing.store import IndexStore, QdrantReader, exact_search, plain_payload
-from towers.config import config_hash as _config_hash
-from towers.errors import DataError, IndexUnavailableError, NotFoundError
-from towers.schema import ITEMS_SCHEMA, require_columns
+from intake.schema import ITEMS_SCHEMA, require_columns
 
 log = logging.getLogger(__name__)
 

@@ -116,8 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- helpers -------------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> Any:
+    from ecomrec.config import load_toml
     from indexing.base import IndexConfig
-    from towers.config import load_toml
 
     data: dict[str, Any] = {}
     if args.config:
@@ -138,8 +138,8 @@ def _config(args: argparse.Namespace) -> Any:
 def _existing_store(cfg: Any) -> Any:
     """The store of an index that must already exist: a missing edge path is an error and
     nothing is created."""
+    from ecomrec.errors import IndexUnavailableError
     from indexing.build import open_store
-    from towers.errors import IndexUnavailableError
 
     if cfg.backend == "edge" and cfg.location != ":memory:" and not Path(cfg.location).exists():
         raise IndexUnavailableError(
@@ -152,7 +152,7 @@ def _existing_store(cfg: Any) -> Any:
 def _read_frame(path: str) -> Any:
     import polars as pl
 
-    from towers.errors import DataError
+    from ecomrec.errors import DataError
 
     p = Path(path)
     if not p.exists():
@@ -169,7 +169,7 @@ def _read_frame(path: str) -> Any:
 def _load_npy(path: str) -> Any:
     import numpy as np
 
-    from towers.errors import DataError
+    from ecomrec.errors import DataError
 
     try:
         return np.load(path)
@@ -190,14 +190,14 @@ def _print_manifest(m: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ecomrec.errors import ConfigError, DataError
     from indexing.build import build_version, item_payloads, open_store, user_query_vectors
-    from towers.errors import ConfigError, DataError
 
     cfg = _config(args)
     store = open_store(cfg)
     ds = None
     if args.dataset:
-        from towers.loaders import load_dataset
+        from intake.loaders import load_dataset
 
         ds = load_dataset(args.dataset, args.data_dir)
     if args.catalog:
@@ -293,7 +293,7 @@ def _verify(args: argparse.Namespace) -> int:
     store = _existing_store(cfg)
     live = store.alias_target(cfg.alias)
     if live is None:
-        from towers.errors import IndexUnavailableError
+        from ecomrec.errors import IndexUnavailableError
 
         raise IndexUnavailableError(f"index alias {cfg.alias!r} does not exist in {cfg.location}")
     manifest = next(m for m in store.versions(cfg.alias) if m.version == live)
@@ -334,7 +334,7 @@ def _check_catalog_overlap(model: Any, items: Any, source: str | None) -> None:
     """A catalogue file none of whose products the model knows is another shop's."""
     import polars as pl
 
-    from towers.errors import MismatchError
+    from ecomrec.errors import MismatchError
 
     ext = items["external_id"].cast(pl.Utf8).to_list() if "external_id" in items.columns else []
     known = sum(model.item_ids.get(e) is not None for e in ext)
@@ -349,7 +349,7 @@ def _check_catalog_overlap(model: Any, items: Any, source: str | None) -> None:
 def _check_upsert_model(model: Any, live: Any, location: str) -> None:
     """Upserted vectors must come from the model (and catalogue) the live version was built
     from, else they land in another vector space or overwrite other products."""
-    from towers.errors import MismatchError
+    from ecomrec.errors import MismatchError
 
     prov = getattr(live, "provenance", None) or {}
     want_items = prov.get("model_items")
@@ -384,17 +384,17 @@ def _upsert(args: argparse.Namespace) -> int:
     import numpy as np
     import polars as pl
 
+    from ecomrec.errors import ConfigError, DataError
     from indexing.build import CATALOG_COLUMNS, _live, item_payloads, upsert_points
-    from towers.errors import ConfigError, DataError
-    from towers.schema import require_columns
+    from intake.schema import require_columns
 
     cfg = _config(args)
     store = _existing_store(cfg)
     live = _live(store, cfg.alias)
     items = _read_frame(args.items)
     if "product_id" in items.columns and "external_id" not in items.columns:
-        from towers.loaders.contract import read_catalogue
-        from towers.schema import ITEMS_SCHEMA
+        from intake.loaders.contract import read_catalogue
+        from intake.schema import ITEMS_SCHEMA
 
         items = read_catalogue(args.items)  # a catalogue in the data contract (docs/data.md)
         items = items.with_columns(
@@ -454,8 +454,8 @@ def _upsert(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from ecomrec.errors import ConfigError, NotFoundError
     from indexing.build import delete_points
-    from towers.errors import ConfigError, NotFoundError
 
     cfg = _config(args)
     store = _existing_store(cfg)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from towers.errors import IndexUnavailableError
+from ecomrec.errors import IndexUnavailableError
 
 CHECKSUMS_FILE = "checksums.json"
 _CHUNK = 1 << 20

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ecomrec.errors import IndexUnavailableError, NotFoundError
 from indexing.base import (
     Hit,
     IndexConfig,
@@ -65,7 +66,6 @@ from indexing.integrity import (
 )
 from indexing.store import QdrantReader
 from indexing.store import plain_payload as _plain
-from towers.errors import IndexUnavailableError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ecomrec.errors import InvalidArgumentError
 from indexing.base import (
     Hit,
     IndexConfig,
@@ -31,7 +32,6 @@ from indexing.base import (
     SearchFilter,
     check_query_vector,
 )
-from towers.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         got = self._retrieve(handle, want, True)
         missing = [i for i in want if i not in got]
         if missing:
-            from towers.errors import NotFoundError
+            from ecomrec.errors import NotFoundError
 
             raise NotFoundError(f"unknown item id(s) {missing[:10]} in index {self.alias!r}")
         if not want:
@@ -450,7 +450,7 @@ class QdrantReader(abc.ABC, ItemIndex):
         got = self._retrieve(handle, want, False)
         missing = [i for i in want if i not in got]
         if missing:
-            from towers.errors import NotFoundError
+            from ecomrec.errors import NotFoundError
 
             raise NotFoundError(f"unknown item id(s) {missing[:10]} in index {self.alias!r}")
         return [got[i][1] for i in want]

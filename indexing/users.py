@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ecomrec.errors import DataError
 from indexing.base import USER_PAYLOAD_INDEXES, Hit, IndexManifest, UserFilter, check_query_vector
 from indexing.build import build_version
 from indexing.store import IndexStore, fetch_limit
-from towers.errors import DataError
 
 log = logging.getLogger(__name__)
 

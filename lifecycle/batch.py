@@ -5,7 +5,7 @@ file per shard (``OUT/part-NNNNN.parquet``, written to a temporary name and rena
 a file that exists is complete):
 
 - ``embed-users``: user-tower vectors of every customer, from the per-user sequences of
-  :func:`towers.ingest.ingest_event_log` (one shard per ``sequences/bucket-K.parquet``);
+  :func:`intake.ingest.ingest_event_log` (one shard per ``sequences/bucket-K.parquet``);
   columns ``customer_id, user_id, vector``.
 - ``assign-segments``: the stable segment id of every customer from a saved
   ``segments_model.json`` (``segments.export``) and the ``embed-users`` output;
@@ -41,7 +41,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from towers.errors import ConfigError, NotFoundError
+from ecomrec.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def plan_shards(
         root = Path(sequences)
         files = sorted((root / "sequences").glob("*.parquet"))
         if not files:
-            raise NotFoundError(f"no sequences/*.parquet in {root} (run towers.ingest first)")
+            raise NotFoundError(f"no sequences/*.parquet in {root} (run intake.ingest first)")
         ident["sequences"] = str(root.resolve())
         for i, f in enumerate(files):
             specs.append(

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (one Parquet file per shard)")
     p.add_argument("--run", default=None, help="trained run directory (embed-users, embed-items)")
     p.add_argument(
-        "--sequences", default=None, help="ingest output directory (python -m towers.ingest)"
+        "--sequences", default=None, help="ingest output directory (python -m intake.ingest)"
     )
     p.add_argument("--embeddings", default=None, help="embed-users output (assign-segments)")
     p.add_argument(

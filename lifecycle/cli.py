@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from towers.errors import EcomrecError
+from ecomrec.errors import EcomrecError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from intake.loaders import load_dataset
     from lifecycle.refresh import (
         EXIT_LOCKED,
         default_state_dir,
@@ -52,7 +53,6 @@ def _run(args: argparse.Namespace) -> int:
         result_json,
     )
     from lifecycle.state import RefreshLockedError
-    from towers.loaders import load_dataset
 
     try:
         cfg, index_cfg = load_config(args.config)

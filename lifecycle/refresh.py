@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecomrec.config import from_dict, load_toml, to_dict
+from ecomrec.errors import ConfigError, DataError
 from indexing.base import IndexConfig
 from indexing.build import (
     build_version,
@@ -47,13 +49,11 @@ from indexing.build import (
     open_store,
     publish_version,
 )
+from intake.dataset import Dataset
 from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
 from lifecycle.state import DeployState, Record, refresh_lock, write_json_atomic
 from lifecycle.warmstart import transplant
-from towers.config import from_dict, load_toml, to_dict
-from towers.dataset import Dataset
-from towers.errors import ConfigError, DataError
 from towers.inference import MANIFEST_FILE, MODEL_FILE
 from towers.model import load_checkpoint, save_checkpoint
 from towers.sequences import Interactions
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # Exit codes of ``ecomrec refresh`` (documented in docs/lifecycle.md).
 EXIT_PROMOTED = 0
-EXIT_ERROR = 2  # bad input / config (towers.errors): nothing changed
+EXIT_ERROR = 2  # bad input / config (ecomrec.errors): nothing changed
 EXIT_NOT_PROMOTED = 3  # candidate worse beyond the tolerance: live model kept
 EXIT_NO_NEW_DATA = 4  # no event since the last refresh: nothing done
 EXIT_DRIFT_ALERT = 5  # promoted, but a drift threshold was exceeded

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from intake.schema import EVENT_TYPE_IDS
 from towers.inference import score_users
 from towers.model import TwoTower
-from towers.schema import EVENT_TYPE_IDS
 from towers.sequences import Interactions, batch_for_users
 from training.evaluation import evaluate
 from training.splits import Targets

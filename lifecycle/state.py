@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from towers.errors import DataError, EcomrecError
+from ecomrec.errors import DataError, EcomrecError
 
 DEPLOY_FILE = "deploy.json"
 LOCK_FILE = "refresh.lock"

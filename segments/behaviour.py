@@ -26,8 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from towers.dataset import Dataset
-from towers.errors import ConfigError, DataError, ModelError
+from ecomrec.errors import ConfigError, DataError, ModelError
+from intake.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class SegmentModel:
         return np.asarray(self.ids[np.argmin(d, axis=1)])
 
     def to_dict(self) -> dict[str, Any]:
-        from towers.config import to_dict
+        from ecomrec.config import to_dict
 
         return {
             "cfg": to_dict(self.cfg),
@@ -211,7 +211,7 @@ class SegmentModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentModel:
-        from towers.config import from_dict
+        from ecomrec.config import from_dict
 
         rs = d.get("rfm_stats")
         return cls(

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 from scipy import optimize, special
 
-from towers.errors import DataError, ModelError
+from ecomrec.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 

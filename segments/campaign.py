@@ -27,9 +27,9 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
+from ecomrec.errors import DataError, InvalidArgumentError, NotFoundError
+from intake.dataset import Dataset
 from segments.rfm import SEGMENTS
-from towers.dataset import Dataset
-from towers.errors import DataError, InvalidArgumentError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from ecomrec.errors import DataError, ModelError
+from intake.dataset import Dataset
 from segments.bgnbd import BGNBD, GammaGamma, transaction_summary
 from segments.labels import LabelConfig, cutoff_for, make_labels
 from segments.rfm import FEATURE_COLUMNS, RFMScorer, customer_features
-from towers.dataset import Dataset
-from towers.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 

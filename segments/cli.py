@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from towers.loaders.registry import DATASET_HELP
+    from intake.loaders.registry import DATASET_HELP
 
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument(
@@ -51,8 +51,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from ecomrec.config import from_dict
     from segments.export import MarketingConfig
-    from towers.config import from_dict
 
     seg: dict[str, Any] = {"with_rfm": bool(args.with_rfm)}
     if args.k_segments is not None:
@@ -69,7 +69,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     ds = load_dataset(args.dataset, data_dir=args.data_dir)
     check_horizon(ds, args.horizon_days)
@@ -85,7 +85,7 @@ def check_horizon(ds: Any, horizon_days: int) -> None:
     horizon-long label windows: at least 3 horizons of data. Say what to change if not."""
     import datetime as _dt
 
-    from towers.errors import ConfigError
+    from ecomrec.errors import ConfigError
 
     if horizon_days < 1:
         raise ConfigError(f"--horizon-days must be >= 1, got {horizon_days}")
@@ -139,8 +139,8 @@ def _segments_report(args: argparse.Namespace) -> int:
 
 
 def _segments_export(args: argparse.Namespace) -> int:
+    from ecomrec.errors import ConfigError
     from segments.export import load_previous_segments, write_export
-    from towers.errors import ConfigError
 
     if Path(args.out).exists():
         raise ConfigError(
@@ -274,7 +274,7 @@ def _campaign_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- customers
 def _customer_row(ds: Any, scored: Any, customer: str) -> int:
-    from towers.errors import NotFoundError
+    from ecomrec.errors import NotFoundError
 
     uid = ds.users.get(customer)
     if uid is None:
@@ -387,8 +387,8 @@ def _emit(df: Any, out: str | None) -> None:
 
 # --------------------------------------------------------------------------- churn
 def _churn_evaluate(args: argparse.Namespace) -> int:
+    from ecomrec.config import from_dict
     from segments.churn import ChurnConfig, compare
-    from towers.config import from_dict
 
     ds = _load(args)
     cfg = from_dict(ChurnConfig, {"horizon_days": args.horizon_days})

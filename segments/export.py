@@ -36,6 +36,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecomrec.config import config_hash, to_dict
+from ecomrec.errors import ConfigError, NotFoundError
+from intake.dataset import Dataset
 from segments.behaviour import (
     EmbeddingSource,
     SegmentConfig,
@@ -47,9 +50,6 @@ from segments.behaviour import (
 )
 from segments.churn import ChurnConfig, GBDTModel, TowerHeads, prepare
 from segments.labels import cutoff_for
-from towers.config import config_hash, to_dict
-from towers.dataset import Dataset
-from towers.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from towers.errors import DataError
+from ecomrec.errors import DataError
 
 log = logging.getLogger(__name__)
 

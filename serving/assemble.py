@@ -38,14 +38,14 @@ class Loaded:
     """What a service needs, loaded once."""
 
     model: Any  # towers.inference.TrainedModel
-    dataset: Any  # towers.dataset.Dataset
+    dataset: Any  # intake.dataset.Dataset
     history: EmbeddedHistoryStore
     catalog: ItemCatalog
 
 
 def load_parts(run_dir: str | Path, dataset: Any) -> Loaded:
     """Load the trained model and build the history store and catalogue of ``dataset``."""
-    from towers.errors import ModelError
+    from ecomrec.errors import ModelError
     from towers.inference import load_run
 
     model = load_run(run_dir)

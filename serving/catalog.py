@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecomrec.errors import NotFoundError
 from indexing.base import SearchFilter
+from intake.schema import EVENT_TYPE_IDS
 from serving.rerank import Boost, boost_vector, category_key, popularity_scores
-from towers.errors import NotFoundError
-from towers.schema import EVENT_TYPE_IDS
 
 
 def category_prefixes(category: str | None) -> list[str]:
@@ -117,7 +117,7 @@ class ItemCatalog:
 
     @classmethod
     def from_items(cls, items: pl.DataFrame, n_items: int | None = None) -> ItemCatalog:
-        """From a canonical items frame (``towers.schema.ITEMS_SCHEMA``)."""
+        """From a canonical items frame (``intake.schema.ITEMS_SCHEMA``)."""
         n = int(items["item_id"].cast(pl.Int64).max() or 0) if n_items is None else n_items  # type: ignore[arg-type]
         ext = [""] * (n + 1)
         titles = [""] * (n + 1)

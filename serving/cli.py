@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``export``, ``recommend`` and ``demo``."""
-    from towers.loaders.registry import DATASET_HELP
+    from intake.loaders.registry import DATASET_HELP
 
     s = sub.add_parser("serve", help="run the gRPC Recommend service")
     s.add_argument("--model", required=True, help="training run directory")
@@ -148,13 +148,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from indexing.base import IndexConfig
     from indexing.build import open_index
+    from intake.loaders import load_dataset
     from serving.assemble import build_recommender, load_parts
     from serving.config import load_index_config, load_serve_config
     from serving.observability import Metrics, configure_logging
     from serving.segments import TableSegmentLookup
     from serving.server import install_signal_handlers, start_server
     from serving.service import RecommendServicer
-    from towers.loaders import load_dataset
 
     if args.json_logs:
         configure_logging("INFO", json_logs=True)
@@ -280,7 +280,7 @@ def check_index_matches_model(index: object, model: object, location: str) -> No
 
     An index that cannot be opened at all (damaged, missing) is not a mismatch: the service
     starts degraded (popularity, health NOT_SERVING) and the index monitor reports it."""
-    from towers.errors import IndexUnavailableError, MismatchError
+    from ecomrec.errors import IndexUnavailableError, MismatchError
 
     get = getattr(index, "manifest", None)
     if get is None:

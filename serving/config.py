@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ecomrec.config import from_dict, load_toml
+from ecomrec.errors import ConfigError
 from indexing.base import IndexConfig
-from towers.config import from_dict, load_toml
-from towers.errors import ConfigError
 
 #: The re-rank policies shipped with the package (configs/serving/rerank.toml).
 DEFAULT_RERANK = Path(__file__).resolve().parent.parent / "configs" / "serving" / "rerank.toml"

@@ -35,7 +35,7 @@ def _ecomrec(*args: str, log_file: Path | None = None) -> None:
     else:
         rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
-        from towers.errors import ModelError
+        from ecomrec.errors import ModelError
 
         raise ModelError(
             f"`ecomrec {args[0]}` failed with exit code {rc}"
@@ -130,6 +130,7 @@ def run_demo(
 
     from indexing.base import IndexConfig
     from indexing.build import open_index
+    from intake.loaders import load_dataset
     from serving.assemble import build_recommender, load_parts
     from serving.client import RecommendClient, format_response
     from serving.config import ServeConfig
@@ -137,7 +138,6 @@ def run_demo(
     from serving.segments import TableSegmentLookup
     from serving.server import start_server
     from serving.service import RecommendServicer
-    from towers.loaders import load_dataset
 
     out = out or sys.stdout
     work.mkdir(parents=True, exist_ok=True)

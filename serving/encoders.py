@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from towers.errors import ModelError
+from ecomrec.errors import ModelError
 from towers.sequences import SequenceBatch
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 :class:`Recommender` does the work of one request (stored history + request events ->
 user vector -> ANN with filters -> segment-aware re-rank with reasons) and raises the
-errors of :mod:`towers.errors` or the ones below; :mod:`serving.status` maps them to gRPC
+errors of :mod:`ecomrec.errors` or the ones below; :mod:`serving.status` maps them to gRPC
 status codes and :mod:`serving.service` is the gRPC edge around it.
 """
 
@@ -19,7 +19,14 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from ecomrec.errors import (
+    EcomrecError,
+    IndexUnavailableError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from indexing.base import Hit, ItemIndex, SearchFilter
+from intake.schema import EVENT_TYPE_IDS
 from serving import rerank as rr
 from serving import validation as val
 from serving.batching import Batcher
@@ -35,13 +42,6 @@ from serving.exact import ExactSearch, supports_exact
 from serving.history import History, HistoryStore, merge, to_batch
 from serving.observability import Metrics
 from serving.segments import COLD_START, SegmentInfo, SegmentLookup, UserSegments, segment_info
-from towers.errors import (
-    EcomrecError,
-    IndexUnavailableError,
-    InvalidArgumentError,
-    NotFoundError,
-)
-from towers.schema import EVENT_TYPE_IDS
 from towers.sequences import SequenceBatch, item_bag
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import polars as pl
 
+from intake.schema import EVENT_TYPE_IDS
 from serving.validation import RecentEvent
-from towers.schema import EVENT_TYPE_IDS
 from towers.sequences import Interactions, SequenceBatch, pad_batch
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class EmbeddedHistoryStore:
 
     @classmethod
     def from_events(cls, events: pl.DataFrame, n_users: int, n_items: int) -> EmbeddedHistoryStore:
-        """Build from a canonical events frame (``towers.schema``)."""
+        """Build from a canonical events frame (``intake.schema``)."""
         ev = events.sort(["user_id", "ts", "order"])
         inter = Interactions.from_events(ev, n_users, n_items)
         price = ev["price"].cast(pl.Float64).fill_null(float("nan")).to_numpy()

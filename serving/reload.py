@@ -45,11 +45,11 @@ def engine_from_record(
     """A Recommender over a deploy record: model ``rec.run``, dataset snapshot
     ``rec.dataset``, index version ``rec.index_version`` (pinned). ``segments_for(dataset)``
     builds the segment lookup for that dataset's user ids (none by default)."""
+    from ecomrec.errors import NotFoundError
     from indexing.base import IndexConfig
     from indexing.build import open_store
+    from intake.dataset import Dataset
     from serving.assemble import build_recommender, load_parts
-    from towers.dataset import Dataset
-    from towers.errors import NotFoundError
 
     if not rec.dataset:
         raise NotFoundError(f"deploy record {rec.name!r} has no dataset snapshot to serve from")

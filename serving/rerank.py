@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from towers.config import from_dict, load_toml
-from towers.errors import ConfigError
+from ecomrec.config import from_dict, load_toml
+from ecomrec.errors import ConfigError
 
 # Reason codes (stable strings: clients may key UI copy on them).
 RELEVANT = "RELEVANT"

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import polars as pl
 
-from towers.errors import DataError, NotFoundError
+from ecomrec.errors import DataError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ecomrec.errors import ConfigError
 from serving.config import ServeConfig
 from serving.index_health import NOT_ATTACHED, IndexMonitor, index_version
 from serving.observability import Metrics
-from towers.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

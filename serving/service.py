@@ -19,12 +19,12 @@ from typing import Any
 
 import grpc
 
+from ecomrec.errors import InvalidArgumentError
 from serving import validation as val
 from serving.config import ServeConfig
 from serving.engine import Recommender, RequestContext, ResultItem, UnavailableError
 from serving.observability import Metrics, pseudonymise
 from serving.status import status_for
-from towers.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ecomrec.serving.access")

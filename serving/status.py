@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import grpc
 
+from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 from serving.encoders import EncoderUnavailableError
 from serving.engine import CancelledError, DeadlineExceededError, UnavailableError
-from towers.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from towers.errors import ModelError
+from ecomrec.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Boundary validation: protobuf requests -> plain frozen dataclasses.
 
-Every check raises :class:`towers.errors.InvalidArgumentError` naming the offending
-field (``recent_events[3].event_type``) or :class:`towers.errors.NotFoundError` for ids
+Every check raises :class:`ecomrec.errors.InvalidArgumentError` naming the offending
+field (``recent_events[3].event_type``) or :class:`ecomrec.errors.NotFoundError` for ids
 the model does not know.  Nothing past this module sees a protobuf message.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ecomrec.errors import InvalidArgumentError, NotFoundError
 from indexing.base import SearchFilter
+from intake.schema import EVENT_TYPE_IDS
 from serving.config import ServeConfig
-from towers.errors import InvalidArgumentError, NotFoundError
-from towers.schema import EVENT_TYPE_IDS
 
 MAX_CATEGORIES = 50
 # Events more than this far in the future are rejected (clock skew allowance).
@@ -25,7 +25,7 @@ DEFAULT_K = 10
 
 
 class IdLookup(Protocol):
-    """What validation needs from an id map (``towers.dataset.IdMap`` satisfies it)."""
+    """What validation needs from an id map (``intake.dataset.IdMap`` satisfies it)."""
 
     def get(self, external_id: str) -> int | None: ...
 
@@ -35,7 +35,7 @@ class RecentEvent:
     """One request-supplied event, in internal ids."""
 
     item_id: int
-    event_type: int  # id from towers.schema.EVENT_TYPE_IDS
+    event_type: int  # id from intake.schema.EVENT_TYPE_IDS
     ts: int  # unix seconds
 
 

@@ -30,6 +30,6 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def shop():
     """The default synthetic shop (planted tastes, chains, lapsing customers)."""
-    from towers.synthetic import make_shop
+    from intake.synthetic import make_shop
 
     return make_shop()

@@ -1,5 +1,6 @@
-"""Imports flow one way: towers <- training <- segments, towers <- indexing, and serving on
-top; nothing imports serving; no import circle between modules."""
+"""Imports flow one way: ecomrec.errors/config <- intake <- towers <- training <- segments,
+towers <- indexing, and serving on top; nothing imports serving; no import circle between
+modules."""
 
 from __future__ import annotations
 
@@ -10,15 +11,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # package -> packages of ours it may import
+# ``BASE`` (ecomrec.errors, ecomrec.config) is reachable from every package and imports
+# nothing of ours; the rest of ``ecomrec`` is the console script on top of everything.
+BASE = "ecomrec.base"
+BASE_MODULES = ("ecomrec.errors", "ecomrec.config")
 ALLOWED = {
-    "towers": {"towers"},
-    "training": {"towers", "training"},
-    "segments": {"towers", "training", "segments"},
-    "indexing": {"towers", "indexing"},
-    "lifecycle": {"towers", "training", "segments", "indexing", "lifecycle"},
-    "serving": {"towers", "training", "segments", "indexing", "lifecycle", "serving", "protos"},
+    "intake": {BASE, "intake"},
+    "towers": {BASE, "intake", "towers"},
+    "training": {BASE, "intake", "towers", "training"},
+    "segments": {BASE, "intake", "towers", "training", "segments"},
+    "indexing": {BASE, "intake", "towers", "indexing"},
+    "lifecycle": {BASE, "intake", "towers", "training", "segments", "indexing", "lifecycle"},
+    "serving": {
+        BASE,
+        "intake",
+        "towers",
+        "training",
+        "segments",
+        "indexing",
+        "lifecycle",
+        "serving",
+        "protos",
+    },
 }
 OURS = {
+    "intake",
     "towers",
     "training",
     "segments",
@@ -28,7 +45,16 @@ OURS = {
     "ecomrec",
     "protos",
 }
-PACKAGES = ("towers", "training", "segments", "indexing", "lifecycle", "serving", "ecomrec")
+PACKAGES = (
+    "intake",
+    "towers",
+    "training",
+    "segments",
+    "indexing",
+    "lifecycle",
+    "serving",
+    "ecomrec",
+)
 
 
 def _modules(path: Path) -> set[str]:
@@ -53,8 +79,14 @@ def _modules(path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in OURS}
 
 
+def _package(module: str) -> str:
+    if module.startswith(BASE_MODULES):
+        return BASE
+    return module.split(".")[0]
+
+
 def _imports(path: Path) -> set[str]:
-    return {m.split(".")[0] for m in _modules(path)}
+    return {_package(m) for m in _modules(path)}
 
 
 def _module_name(path: Path) -> str:
@@ -76,10 +108,19 @@ def test_imports_flow_one_way(package: str) -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_base_imports_nothing_of_ours() -> None:
+    """ecomrec.errors and ecomrec.config sit under every package: they import none of ours
+    but each other (the console script ``ecomrec.cli`` is the only other module there)."""
+    found = {m: _modules(ROOT / (m.replace(".", "/") + ".py")) for m in BASE_MODULES}
+    bad = {m: sorted(d for d in deps if _package(d) != BASE) for m, deps in found.items()}
+    bad = {m: d for m, d in bad.items() if d}
+    assert bad == {}, bad
+
+
 def test_serving_is_a_leaf() -> None:
     importers = [
         str(f.relative_to(ROOT))
-        for pkg in ("towers", "training", "segments", "indexing", "lifecycle")
+        for pkg in ("intake", "towers", "training", "segments", "indexing", "lifecycle")
         for f in (ROOT / pkg).rglob("*.py")
         if "serving" in _imports(f)
     ]

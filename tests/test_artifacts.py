@@ -62,7 +62,7 @@ def _index_state(idx: Path) -> Any:
 
 
 def test_run_and_index_record_provenance(world: dict[str, Path]) -> None:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     fp = load_dataset(str(world["a"])).fingerprint()
     run_fp = json.loads((world["run_a"] / "fingerprint.json").read_text())["dataset"]
@@ -178,8 +178,8 @@ def test_segments_horizon_longer_than_the_data(
 
 
 def test_serve_rerank_default_from_the_package_and_missing_path(tmp_path: Path) -> None:
+    from ecomrec.errors import ConfigError
     from serving.config import DEFAULT_RERANK, ServeConfig, load_serve_config
-    from towers.errors import ConfigError
 
     assert Path(ServeConfig().rerank_policies) == DEFAULT_RERANK and DEFAULT_RERANK.is_file()
     with pytest.raises(ConfigError, match="does not exist"):

@@ -1,7 +1,8 @@
-"""ecomrec shared core: schemas, loaders, feature code and the towers.
+"""Features and models: sequence features (``sequences``), the item, user and basket
+towers, the factor (ALS/EASE) towers, the text encoder, and their inference and ONNX export.
 
-Everything else (``training``, ``indexing``, ``serving``) builds on this package;
-this package imports none of them.
+Builds on ``intake`` (the canonical frames) and ``ecomrec.errors`` / ``ecomrec.config``;
+imports nothing else of ours.
 """
 
 __all__ = ["__version__"]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 from towers.sequences import N_AGE_BUCKETS, N_COUNT_BUCKETS, ItemBag
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from towers.errors import ModelError
+from ecomrec.errors import ModelError
 from towers.inference import load_run
 from towers.model import TwoTower
 from towers.text_encoder import TEXT_DIM

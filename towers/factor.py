@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from towers.errors import ModelError, NotFoundError
+from ecomrec.errors import ModelError, NotFoundError
 from towers.item_tower import ItemTowerConfig
 
 FACTOR_FORMAT = "ecomrec-factor-tower/1"

@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from towers.dataset import Dataset, IdMap, id_map_hash
-from towers.errors import MismatchError, ModelError, NotFoundError
+from ecomrec.errors import MismatchError, ModelError, NotFoundError
+from intake.dataset import Dataset, IdMap, id_map_hash
 from towers.item_tower import build_item_features
 from towers.model import Checkpoint, TwoTower, load_checkpoint
 from towers.sequences import Interactions, SequenceBatch, batch_for_users

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 from towers.text_encoder import DEFAULT_FIELDS, TEXT_DIM
 
 N_PRICE_BUCKETS = 8

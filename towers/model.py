@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from towers.config import from_dict, to_dict
-from towers.errors import ModelError, NotFoundError
+from ecomrec.config import from_dict, to_dict
+from ecomrec.errors import ModelError, NotFoundError
 from towers.item_tower import ItemFeatures, ItemTower, ItemTowerConfig
 from towers.text_encoder import TEXT_DIM
 from towers.user_tower import UserTower, UserTowerConfig

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from towers.errors import DataError
-from towers.schema import EVENT_TYPE_IDS, PAD_ID
+from ecomrec.errors import DataError
+from intake.schema import EVENT_TYPE_IDS, PAD_ID
 
 # Time-gap buckets (seconds since the previous event): 0 = padding, 1 = first event /
 # same instant, then log-spaced up to a year and more.
@@ -355,3 +356,24 @@ def bag_for_users(inter: Interactions, users: np.ndarray, now: int | None = None
         seqs.append(inter.seq(int(u))[m])
         tss.append(inter.seq_ts(int(u))[m])
     return item_bag(seqs, tss, np.full(len(users), t_now, np.int64))
+
+
+def load_sequences(out_dir: str | Path) -> Interactions:
+    """The sequences of :func:`intake.ingest.ingest_event_log`'s output as
+    :class:`Interactions` (all users in memory)."""
+    out = Path(out_dir)
+    n_users = pl.scan_parquet(out / "customers.parquet").select(pl.len()).collect().item()
+    n_items = pl.scan_parquet(out / "products.parquet").select(pl.len()).collect().item()
+    seq = pl.read_parquet(out / "sequences" / "*.parquet").sort("user_id")
+    lens = np.zeros(n_users + 1, np.int64)
+    lens[seq["user_id"].to_numpy()] = seq["items"].list.len().to_numpy()
+    indptr = np.zeros(n_users + 2, np.int64)
+    indptr[1:] = np.cumsum(lens)
+    return Interactions(
+        n_users=n_users,
+        n_items=n_items,
+        indptr=indptr,
+        items=seq["items"].explode().to_numpy().astype(np.int32),
+        ts=seq["ts"].explode().to_numpy().astype(np.int64),
+        event_type=seq["event_type"].explode().to_numpy().astype(np.int8),
+    )

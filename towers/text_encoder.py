@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from towers.errors import ModelError
+from ecomrec.errors import ModelError
 
 log = logging.getLogger(__name__)
 

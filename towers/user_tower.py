@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from towers.errors import ConfigError, ModelError
-from towers.schema import EVENT_TYPE_IDS
+from ecomrec.errors import ConfigError, ModelError
+from intake.schema import EVENT_TYPE_IDS
 from towers.sequences import N_EVENT_TYPES, N_GAP_BUCKETS
 
 log = logging.getLogger(__name__)

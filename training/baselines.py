@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from towers.config import from_dict, to_dict
+from ecomrec.config import from_dict, to_dict
+from ecomrec.errors import ModelError
 from towers.ease import ease_weights
-from towers.errors import ModelError
 from towers.sequences import Interactions
 from training.splits import Targets
 

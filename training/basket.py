@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ecomrec.config import from_dict, to_dict
+from ecomrec.errors import ConfigError, ModelError
+from intake.schema import EVENT_TYPE_IDS
 from towers.basket import BasketTower, BasketTowerConfig
-from towers.config import from_dict, to_dict
 from towers.ease import ease_weights
-from towers.errors import ConfigError, ModelError
-from towers.schema import EVENT_TYPE_IDS
 from towers.sequences import Interactions, bag_for_users, item_bag
 from training.evaluation import evaluate
 from training.splits import Targets

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
-    from towers.loaders.registry import DATASET_HELP
+    from intake.loaders.registry import DATASET_HELP
 
     p = sub.add_parser(
         "train",
@@ -123,7 +123,7 @@ def make_split(ds: Any, spec: str) -> Any:
 
 def resolve_config(name_or_path: str) -> Path:
     """A TOML path, or the name of a config shipped with the package (``quick``)."""
-    from towers.errors import ConfigError
+    from ecomrec.errors import ConfigError
     from training.trainer import default_config_path
 
     p = Path(name_or_path)
@@ -148,7 +148,7 @@ def prepare_run_dir(out: Path, ds: Any, *, overwrite: bool) -> None:
     """
     import shutil
 
-    from towers.errors import MismatchError
+    from ecomrec.errors import MismatchError
     from towers.inference import FINGERPRINT_FILE, read_run_fingerprint
 
     fp = ds.fingerprint()
@@ -181,7 +181,7 @@ def prepare_run_dir(out: Path, ds: Any, *, overwrite: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
     from training.distributed import DistEnv, init_process_group, relaunch
     from training.trainer import default_config_path
     from training.two_tower import train_and_evaluate

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 from towers.model import TwoTower
 from training.pretrain import OptimConfig
 

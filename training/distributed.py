@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 from training.contrastive import ContrastiveConfig
 from training.pretrain import PretrainConfig
 from training.trainer import RunConfig, Trainer

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from towers.config import from_dict
+from ecomrec.config import from_dict
 from towers.factor import FactorTower, factor_tower_from_baseline, save_factor_tower
 from towers.sequences import Interactions
 from training.memory import release_free_memory

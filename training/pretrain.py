@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 from towers.model import TwoTower
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from towers.config import to_dict
+from ecomrec.config import to_dict
 from training.evaluation import evaluate
 from training.retriever import Retriever
 from training.splits import Split
@@ -155,8 +155,8 @@ def model_family(
     ``protocol="buy-again"`` trains the basket tower with repurchases as targets.
     ``tower_overrides`` (nested, as ``ecomrec train --set``) apply to the sequence tower's
     run config."""
-    from towers.config import from_dict
-    from towers.errors import ConfigError
+    from ecomrec.config import from_dict
+    from ecomrec.errors import ConfigError
     from training.baselines import BASELINES
 
     name, _, arg = spec.partition(":")
@@ -187,7 +187,7 @@ def basket_factory(
     follows trains exactly that many epochs (as the CF baselines are refit)."""
     import json
 
-    from towers.config import from_dict
+    from ecomrec.config import from_dict
     from training.basket import BasketRetriever, BasketTrainConfig
 
     fitted: dict[str, BasketRetriever] = {}  # grid point -> the model fitted with validation

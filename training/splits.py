@@ -13,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-from towers.errors import DataError
-from towers.schema import EVENT_TYPE_IDS
+from ecomrec.errors import DataError
+from intake.schema import EVENT_TYPE_IDS
 from towers.sequences import Interactions
 
 TieMode = Literal["file", "shuffle"]

@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from towers.config import config_hash, from_dict, load_toml, to_dict
-from towers.errors import ConfigError
+from ecomrec.config import config_hash, from_dict, load_toml, to_dict
+from ecomrec.errors import ConfigError
 from towers.inference import MANIFEST_FILE, MODEL_FILE, batch_tensors
 from towers.item_tower import (
     ItemTowerConfig,

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from towers.config import to_dict
-from towers.errors import ModelError, NotFoundError
+from ecomrec.config import to_dict
+from ecomrec.errors import ModelError, NotFoundError
 from towers.inference import MANIFEST_FILE, MODEL_FILE, SERVED_KEY, load_run, score_users
 from towers.model import TwoTower
 from towers.sequences import Interactions
@@ -82,7 +82,7 @@ class TwoTowerRetriever:
         run_dir: str | Path | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> TwoTowerRetriever:
-        """Retriever for a loaded :class:`towers.dataset.Dataset` (its catalogue and id map)."""
+        """Retriever for a loaded :class:`intake.dataset.Dataset` (its catalogue and id map)."""
         return cls(ds.items, ds.item_ids.external_ids, config, run_dir, overrides)
 
     def validation_split(self, split: Split) -> Split:
@@ -128,7 +128,7 @@ class TwoTowerRetriever:
         """Open a saved run directory (scores only; training needs the catalogue)."""
         tm = load_run(path)
         ck = tm.checkpoint
-        from towers.config import from_dict
+        from ecomrec.config import from_dict
 
         cfg = from_dict(RunConfig, ck.meta["run_config"])
         r = cls.__new__(cls)

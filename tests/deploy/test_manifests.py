@@ -12,10 +12,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ecomrec.errors import ConfigError
 from indexing.base import IndexConfig
 from indexing.qdrant_server import ServerStore
 from serving.config import load_index_config, load_serve_config
-from towers.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))

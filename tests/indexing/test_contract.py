@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ecomrec.errors import DataError, IndexUnavailableError, InvalidArgumentError, NotFoundError
 from indexing.base import Hit, ItemIndex, SearchFilter, VerificationError
 from indexing.build import (
     build_version,
@@ -25,7 +26,6 @@ from indexing.build import (
 )
 from indexing.store import exact_search
 from tests.indexing.conftest import make_config, make_points
-from towers.errors import DataError, IndexUnavailableError, InvalidArgumentError, NotFoundError
 
 N, D = 600, 16
 

@@ -85,7 +85,7 @@ def test_killed_build_leaves_alias_and_next_build_succeeds(tmp_path: Path) -> No
 
 
 def test_concurrent_writer_is_refused(tmp_path: Path) -> None:
-    from towers.errors import IndexUnavailableError
+    from ecomrec.errors import IndexUnavailableError
 
     store = open_store(IndexConfig(location=str(tmp_path / "i")))
     ids, vecs, payloads = make_points(20, 4)

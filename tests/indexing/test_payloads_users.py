@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ecomrec.errors import DataError
 from indexing.base import UserFilter
 from indexing.build import category_path, item_payloads
 from indexing.store import exact_search
 from indexing.users import audience, build_user_index, user_payloads
-from towers.errors import DataError
 
 
 def test_category_path_prefixes() -> None:
@@ -59,7 +59,7 @@ def test_item_payloads_fields_and_defaults() -> None:
 
 @pytest.mark.realdata
 def test_payloads_from_real_catalogues(data_dir: Path) -> None:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     beauty = load_dataset("beauty", data_dir)
     ids, pay = item_payloads(beauty.items, "m")

@@ -31,7 +31,7 @@ class Shop:
 
 
 def _cut(ds: Any, until: int) -> Any:
-    from towers.dataset import Dataset
+    from intake.dataset import Dataset
 
     return Dataset(
         ds.name, ds.events.filter(pl.col("ts") < until), ds.items, ds.users, ds.item_ids, ds.report
@@ -40,7 +40,7 @@ def _cut(ds: Any, until: int) -> Any:
 
 @pytest.fixture(scope="session")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Shop:
-    from towers.synthetic import SyntheticConfig, make_shop
+    from intake.synthetic import SyntheticConfig, make_shop
 
     ds = make_shop(SyntheticConfig(n_users=300, n_items=120, seed=1))
     t0 = int(ds.events["ts"].min())  # type: ignore[arg-type]

@@ -15,13 +15,13 @@ import polars as pl
 import pytest
 import torch
 
+from ecomrec.errors import ConfigError
+from intake.event_log import EventLogConfig, write_event_log
+from intake.ingest import IngestConfig, ingest_event_log
 from lifecycle.batch import read_output, run_job
 from segments.behaviour import SegmentConfig, SegmentModel, cluster_inputs
-from towers.errors import ConfigError
-from towers.event_log import EventLogConfig, write_event_log
 from towers.inference import load_run
-from towers.ingest import IngestConfig, ingest_event_log, load_sequences
-from towers.sequences import batch_for_users
+from towers.sequences import batch_for_users, load_sequences
 from training.trainer import Trainer, load_run_config
 
 

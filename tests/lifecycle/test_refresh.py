@@ -158,7 +158,7 @@ def test_bad_new_data_changes_nothing(
 ) -> None:
     import polars as pl
 
-    from towers.dataset import Dataset
+    from intake.dataset import Dataset
 
     rc, err = _main(_cli_args(shop, live_run, tmp_path, shop.mid_dir), capsys)
     assert rc in (0, 5), err[-2000:]
@@ -170,7 +170,7 @@ def test_bad_new_data_changes_nothing(
         pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("teleport")).otherwise(pl.col("event_type")).alias("event_type")
     )  # fmt: skip
     ev.write_parquet(bad_dir / "events.parquet")
-    from towers.errors import DataError
+    from ecomrec.errors import DataError
 
     with pytest.raises(DataError):
         Dataset.load(bad_dir)

@@ -12,8 +12,8 @@ from tests.lifecycle.conftest import Shop
 
 
 def test_transplant_keeps_known_items_and_inits_new_ones(shop: Shop, live_run: Path) -> None:
+    from intake.dataset import IdMap
     from lifecycle.warmstart import transplant
-    from towers.dataset import IdMap
     from towers.model import load_checkpoint
     from towers.sequences import Interactions
 

@@ -175,10 +175,10 @@ def test_basket_user_embeddings_ignore_events_after_the_cutoff(tmp_path) -> None
     import polars as pl
     import torch
 
+    from ecomrec.config import from_dict
+    from intake.synthetic import SyntheticConfig, make_shop
     from segments.behaviour import user_embeddings
-    from towers.config import from_dict
     from towers.sequences import Interactions
-    from towers.synthetic import SyntheticConfig, make_shop
     from training.basket import BasketRetriever, BasketTrainConfig
 
     torch.set_num_threads(1)

@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ecomrec.errors import ModelError
 from segments.bgnbd import BGNBD, GammaGamma, transaction_summary
-from towers.errors import ModelError
 
 PUBLISHED = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
 CAL_END = int(dt.datetime(1997, 10, 1, tzinfo=dt.UTC).timestamp())  # 39-week calibration
@@ -29,7 +29,7 @@ def test_cdnow_published_fit(data_dir: Path) -> None:
 
 @pytest.mark.realdata
 def test_summary_from_raw_sample_matches_published_summary(data_dir: Path) -> None:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     ds = load_dataset("cdnow-sample", data_dir=data_dir)
     s = transaction_summary(ds.events, CAL_END, time_unit_days=7.0)

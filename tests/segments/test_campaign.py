@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ecomrec.errors import InvalidArgumentError, NotFoundError
 from segments.campaign import (
     ExactUserSearch,
     bought_before,
@@ -15,7 +16,6 @@ from segments.campaign import (
     theme_precision,
 )
 from segments.rfm import rfm_table
-from towers.errors import InvalidArgumentError, NotFoundError
 
 
 def test_exact_search_matches_brute_force_and_respects_the_filter() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from intake.dataset import Dataset
 from segments.behaviour import SegmentConfig
 from segments.churn import ChurnConfig
 from segments.export import (
@@ -20,7 +21,6 @@ from segments.export import (
     score_customers,
     write_export,
 )
-from towers.dataset import Dataset
 
 
 def category_mix(ds: Dataset, cutoff: int, users: np.ndarray) -> np.ndarray:
@@ -162,8 +162,8 @@ def test_cli_export_and_truncate_on_synthetic(tmp_path: Path) -> None:
         check=True,
     )
     pre = Dataset.load(tmp_path / "pre")
+    from intake.synthetic import make_shop
     from segments.labels import cutoff_for
-    from towers.synthetic import make_shop
 
     full = make_shop()
     assert int(pre.events["ts"].max()) < cutoff_for(full.events, 60)  # type: ignore[arg-type]

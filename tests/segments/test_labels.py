@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ecomrec.errors import DataError
 from segments.labels import LabelConfig, cutoff_for, high_value_flags, make_labels
 from segments.rfm import customer_features
-from towers.errors import DataError
 
 from .test_rfm import CUT, DAY, frame
 

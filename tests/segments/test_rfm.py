@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ecomrec.errors import DataError
 from segments.rfm import SEGMENT_GRID, SEGMENTS, RFMScorer, customer_features, rfm_table, segment_of
-from towers.errors import DataError
 
 DAY = 86400
 CUT = 1_700_000_000 - 1_700_000_000 % DAY  # day-aligned cutoff

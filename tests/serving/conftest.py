@@ -28,7 +28,7 @@ _ensure_protos()
 @pytest.fixture(scope="session")
 def serve_shop() -> Any:
     """A small synthetic shop with planted tastes."""
-    from towers.synthetic import SyntheticConfig, make_shop
+    from intake.synthetic import SyntheticConfig, make_shop
 
     return make_shop(SyntheticConfig(n_users=300, n_items=120, seed=1))
 

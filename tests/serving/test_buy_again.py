@@ -27,7 +27,7 @@ REPEAT_USER, CHURN_USER, STAPLE = 7, 11, 42  # internal ids (1-based)
 def planted_shop() -> Any:
     """make_shop, then user 7 buys item 42 every week of the last 20 weeks (plus their usual
     items) and user 11 buys 15 times in the first 10 weeks and never again."""
-    from towers.synthetic import SyntheticConfig, make_shop
+    from intake.synthetic import SyntheticConfig, make_shop
 
     ds = make_shop(SyntheticConfig(n_users=200, n_items=100, seed=3, lapse_fraction=0.0))
     ev = ds.events

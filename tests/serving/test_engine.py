@@ -35,9 +35,9 @@ def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
 
 
 def test_status_mapping_never_leaks_internals() -> None:
+    from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
     from serving.engine import DeadlineExceededError, UnavailableError
     from serving.status import status_for
-    from towers.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 
     assert status_for(InvalidArgumentError("k", "bad"))[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert status_for(NotFoundError("x"))[0] == grpc.StatusCode.NOT_FOUND

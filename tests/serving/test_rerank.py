@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ecomrec.errors import ConfigError
 from serving import rerank as rr
-from towers.errors import ConfigError
 
 
 def _cands(

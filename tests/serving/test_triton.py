@@ -115,8 +115,8 @@ def test_triton_down_falls_back_to_inprocess(repo: Path, parts: Any, index_dir: 
 
 def test_triton_start_failure_is_reported(tmp_path: Path) -> None:
     """A repository without the model: a clear ModelError naming the kept log, no process left."""
+    from ecomrec.errors import ModelError
     from serving.triton import TritonProcess
-    from towers.errors import ModelError
 
     tp = TritonProcess(tmp_path, ready_timeout_s=60)
     with pytest.raises(ModelError, match=r"see .*\.log"):

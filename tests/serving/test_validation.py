@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ecomrec.errors import ConfigError, InvalidArgumentError, NotFoundError
+from intake.dataset import IdMap
+from intake.schema import EVENT_TYPE_IDS
 from serving._generated.ecomrec.v1 import recommend_pb2 as pb
 from serving.config import ServeConfig, load_serve_config
 from serving.history import History, merge, to_batch
 from serving.validation import RecentEvent, RecommendQuery, validate_recommend
-from towers.dataset import IdMap
-from towers.errors import ConfigError, InvalidArgumentError, NotFoundError
-from towers.schema import EVENT_TYPE_IDS
 from towers.sequences import pad_batch
 
 CFG = ServeConfig(max_k=50, max_recent_events=3)

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 from towers.item_tower import ItemTowerConfig, build_item_features
 from towers.model import TwoTower, load_checkpoint, save_checkpoint
 from towers.sequences import SequenceBatch, pad_batch

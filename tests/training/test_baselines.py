@@ -95,7 +95,7 @@ def test_popularity_ranks_by_count() -> None:
 
 
 def test_unfitted_model_raises_clear_error() -> None:
-    from towers.errors import ModelError
+    from ecomrec.errors import ModelError
 
     with pytest.raises(ModelError, match="not fitted"):
         ALS().score(np.array([1]), Interactions.from_lists([[1]], n_items=1))

@@ -84,7 +84,7 @@ def copurchase_shop() -> tuple[Interactions, np.ndarray]:
 def test_basket_tower_learns_co_purchase_and_round_trips(copurchase_shop, tmp_path) -> None:
     import torch
 
-    from towers.config import from_dict
+    from ecomrec.config import from_dict
     from training.basket import BasketRetriever, BasketTrainConfig
 
     torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def test_buy_again_mixture_is_chosen_on_validation_and_finds_staples() -> None:
     the repeat share chosen on validation is > 0 and the staple ranks first."""
     import torch
 
-    from towers.config import from_dict
+    from ecomrec.config import from_dict
     from training.basket import BasketRetriever, BasketTrainConfig
 
     torch.set_num_threads(1)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from intake.synthetic import SyntheticConfig, make_shop
 from towers.model import load_checkpoint
 from towers.sequences import Interactions
-from towers.synthetic import SyntheticConfig, make_shop
 from training.distributed import (
     DistEnv,
     DistributedTrainer,

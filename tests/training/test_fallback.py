@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 import torch
 
+from intake.synthetic import SyntheticConfig, make_shop
 from towers.factor import FactorTower, factor_tower_from_baseline
 from towers.inference import batch_tensors, load_run, served_kind
 from towers.sequences import Interactions, batch_for_users
-from towers.synthetic import SyntheticConfig, make_shop
 from training.baselines import ALS, EASE, ALSConfig, EASEConfig
 from training.fallback import FallbackConfig, compare_and_select
 from training.splits import leave_one_out
@@ -104,7 +104,7 @@ def test_compare_keeps_the_tower_when_it_wins(
 
 def test_id_only_catalogue_is_detected_and_equals_a_missing_items_file(tmp_path: Path) -> None:
     """``--no-text`` and a dataset folder without ``_items.csv`` train the same id-only model."""
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     rng = np.random.default_rng(0)
     lines, rows = [], []
@@ -243,10 +243,10 @@ def test_baseline_fallback_end_to_end_grpc(shop: Any, tmp_path: Path) -> None:
     assert comp[kind]["valid_ndcg@10"] > comp["two-tower"]["valid_ndcg@10"]
     assert res["test_served"]["ndcg@10"] > res["test"]["ndcg@10"]
 
+    from ecomrec.errors import ModelError
+    from intake.loaders import load_dataset
     from serving.assemble import load_parts
-    from towers.errors import ModelError
     from towers.export import export_onnx
-    from towers.loaders import load_dataset
 
     with pytest.raises(ModelError, match="baseline"):
         export_onnx(run, tmp_path / "onnx")

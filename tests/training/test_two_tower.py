@@ -199,8 +199,8 @@ def test_lora_trains_only_adapters_and_saved_modules() -> None:
 
 
 def _planted_dataset_dir(tmp_path: Path) -> Path:
-    from towers.dataset import Dataset, IdMap
-    from towers.schema import DropReport
+    from intake.dataset import Dataset, IdMap
+    from intake.schema import DropReport
 
     inter, items = planted_shop(n_users=80, seed=4)
     users = inter.user_of_row()
@@ -258,8 +258,8 @@ def test_cli_train_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_test_only_reads_the_test_of_a_no_test_run_once(tmp_path: Path) -> None:
     """Choose on validation (--no-test), then read test once: same numbers as a direct
     evaluation of the saved model; a second read is refused."""
-    from towers.errors import ModelError
-    from towers.loaders import load_dataset
+    from ecomrec.errors import ModelError
+    from intake.loaders import load_dataset
     from training.cli import main, make_split
 
     cfg = _planted_dataset_dir(tmp_path)

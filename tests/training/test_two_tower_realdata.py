@@ -19,7 +19,7 @@ from training.two_tower import TwoTowerRetriever
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_two_tower_beats_popularity_on_a_beauty_slice(data_dir: Path, tmp_path: Path) -> None:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     ds = load_dataset("beauty", data_dir)
     ev = ds.events.filter(pl.col("user_id") <= 3000)

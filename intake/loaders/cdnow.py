@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from towers.dataset import Dataset, IdMap
-from towers.errors import DataError
-from towers.schema import DropReport
+from ecomrec.errors import DataError
+from intake.dataset import Dataset, IdMap
+from intake.schema import DropReport
 
 
 def load_cdnow(path: str | Path, name: str = "cdnow") -> Dataset:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import polars as pl
 
-from towers.dataset import Dataset, densify
-from towers.errors import DataError
-from towers.schema import DropReport, require_columns
+from ecomrec.errors import DataError
+from intake.dataset import Dataset, densify
+from intake.schema import DropReport, require_columns
 
 COLUMNS = [
     "InvoiceNo",

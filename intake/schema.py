@@ -18,7 +18,7 @@ from enum import StrEnum
 
 import polars as pl
 
-from towers.errors import DataError
+from ecomrec.errors import DataError
 
 PAD_ID = 0
 

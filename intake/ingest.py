@@ -1,21 +1,21 @@
 """Ingest an event log bigger than memory: polars lazy/streaming, bounded peak memory.
 
 Input: a directory of Parquet files (hive-partitioned or not) in the raw event-log
-contract (:data:`towers.event_log.EVENT_LOG_COLUMNS`: string ``customer_id`` /
+contract (:data:`intake.event_log.EVENT_LOG_COLUMNS`: string ``customer_id`` /
 ``product_id``, ``timestamp`` as datetime, date, ISO string or unix seconds,
 ``event_type`` in view|cart|purchase|return, ``quantity``, ``price``, ``order_id``,
 ``session_id``). Output directory::
 
     customers.parquet   user_id (1..n, dense, sorted by customer_id), customer_id
     products.parquet    item_id (1..n), product_id
-    events/bucket=K/    canonical events (towers.schema.EVENTS_SCHEMA), users bucketed by user_id % buckets
+    events/bucket=K/    canonical events (intake.schema.EVENTS_SCHEMA), users bucketed by user_id % buckets
     sequences/bucket-K.parquet  one row per user: user_id, items, ts, event_type (lists, time order)
     ingest.json         config, counts, seconds per phase
 
 Every pass is a streaming query (``collect(engine="streaming")`` / ``sink_parquet``): the
 log is read in morsels, never loaded whole. The only in-memory sort is per user bucket
 (``rows / buckets`` events), which is what bounds peak memory; raise ``buckets`` for
-bigger logs. :func:`load_sequences` turns the sequences into
+bigger logs. :func:`towers.sequences.load_sequences` turns the sequences into
 :class:`towers.sequences.Interactions` when they fit in memory (training input).
 """
 
@@ -27,13 +27,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from towers.errors import ConfigError, DataError
-from towers.schema import EVENT_TYPE_IDS, EVENT_TYPES
-from towers.sequences import Interactions
+from ecomrec.errors import ConfigError, DataError
+from intake.schema import EVENT_TYPE_IDS, EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -246,32 +244,12 @@ def ingest_event_log(
     return res
 
 
-def load_sequences(out_dir: str | Path) -> Interactions:
-    """The ingested sequences as :class:`Interactions` (all users in memory)."""
-    out = Path(out_dir)
-    n_users = pl.scan_parquet(out / "customers.parquet").select(pl.len()).collect().item()
-    n_items = pl.scan_parquet(out / "products.parquet").select(pl.len()).collect().item()
-    seq = pl.read_parquet(out / "sequences" / "*.parquet").sort("user_id")
-    lens = np.zeros(n_users + 1, np.int64)
-    lens[seq["user_id"].to_numpy()] = seq["items"].list.len().to_numpy()
-    indptr = np.zeros(n_users + 2, np.int64)
-    indptr[1:] = np.cumsum(lens)
-    return Interactions(
-        n_users=n_users,
-        n_items=n_items,
-        indptr=indptr,
-        items=seq["items"].explode().to_numpy().astype(np.int32),
-        ts=seq["ts"].explode().to_numpy().astype(np.int64),
-        event_type=seq["event_type"].explode().to_numpy().astype(np.int8),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m towers.ingest LOG_DIR OUT_DIR``: ingest a Parquet event log (streaming)."""
+    """``python -m intake.ingest LOG_DIR OUT_DIR``: ingest a Parquet event log (streaming)."""
     import argparse
 
     ap = argparse.ArgumentParser(
-        prog="python -m towers.ingest",
+        prog="python -m intake.ingest",
         description=__doc__.split("\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,9 +1,9 @@
 """Resolve a ``--dataset`` value (a bundled name, a dataset folder, a shop's files) to a Dataset.
 
 One path in: a shop's own files are read through the data contract
-(:mod:`towers.loaders.contract`, docs/data.md); ``ecomrec data import`` writes a dataset
+(:mod:`intake.loaders.contract`, docs/data.md); ``ecomrec data import`` writes a dataset
 folder from them, and that folder is what every command takes. The bundled datasets
-have importers producing the same :class:`~towers.dataset.Dataset`.
+have importers producing the same :class:`~intake.dataset.Dataset`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from towers.dataset import Dataset
-from towers.errors import DataError
+from ecomrec.errors import DataError
+from intake.dataset import Dataset
 
 ENV_VAR = "ECOMREC_DATA_DIR"
 
@@ -68,13 +68,13 @@ def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None) -
     """
     key = str(name_or_path)
     if key == "synthetic":
-        from towers.synthetic import make_shop
+        from intake.synthetic import make_shop
 
         return make_shop()
-    from towers.loaders.cdnow import load_cdnow
-    from towers.loaders.online_retail import COLUMNS as OR_COLUMNS
-    from towers.loaders.online_retail import load_online_retail
-    from towers.loaders.s3rec import load_s3rec
+    from intake.loaders.cdnow import load_cdnow
+    from intake.loaders.online_retail import COLUMNS as OR_COLUMNS
+    from intake.loaders.online_retail import load_online_retail
+    from intake.loaders.s3rec import load_s3rec
 
     if key in DATASETS:
         rel, kind = DATASETS[key]
@@ -87,7 +87,7 @@ def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None) -
     p = Path(key).expanduser()
     if p.is_dir() and (p / "dataset.json").exists():
         return Dataset.load(p)
-    from towers.loaders.contract import ContractOptions, load_contract, read_source
+    from intake.loaders.contract import ContractOptions, load_contract, read_source
 
     if p.is_dir():
         files = _contract_files(p)

@@ -22,8 +22,8 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from towers.errors import ConfigError
-from towers.loaders.contract import EVENT_COLUMNS
+from ecomrec.errors import ConfigError
+from intake.loaders.contract import EVENT_COLUMNS
 
 # the shop data contract's event columns (docs/data.md), in file order
 EVENT_LOG_COLUMNS = EVENT_COLUMNS

@@ -2,9 +2,9 @@
 
 :func:`load_dataset` resolves a dataset by name (``beauty``, ``online-retail``, ``cdnow``,
 ``cdnow-sample``, ``synthetic``) or by path (an S3-Rec prefix such as
-``/data/amazon_s3rec/Sports``; a saved :class:`~towers.dataset.Dataset` directory).
+``/data/amazon_s3rec/Sports``; a saved :class:`~intake.dataset.Dataset` directory).
 """
 
-from towers.loaders.registry import DATASETS, load_dataset, resolve_data_dir
+from intake.loaders.registry import DATASETS, load_dataset, resolve_data_dir
 
 __all__ = ["DATASETS", "load_dataset", "resolve_data_dir"]

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from towers.errors import ConfigError
+from ecomrec.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -8,11 +8,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from towers.errors import DataError
-from towers.event_log import EVENT_LOG_COLUMNS, EventLogConfig, write_event_log
-from towers.ingest import IngestConfig, ingest_event_log, load_sequences, validate_event_log
-from towers.schema import EVENT_TYPE_IDS
-from towers.sequences import Interactions
+from ecomrec.errors import DataError
+from intake.event_log import EVENT_LOG_COLUMNS, EventLogConfig, write_event_log
+from intake.ingest import IngestConfig, ingest_event_log, validate_event_log
+from intake.schema import EVENT_TYPE_IDS
+from towers.sequences import Interactions, load_sequences
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Every way in ends here: ``ecomrec data import``, ``--dataset FILE.csv``, the synthetic
 shop. The bundled datasets (S3-Rec, Online Retail, CDNOW) have their own importers that
-produce the same :class:`~towers.dataset.Dataset` (see docs/data.md for their mapping).
+produce the same :class:`~intake.dataset.Dataset` (see docs/data.md for their mapping).
 
 events     customer_id, product_id, timestamp   (required)
            event_type (view|cart|purchase|return; default purchase), quantity (default 1),
@@ -28,9 +28,9 @@ from typing import Any
 
 import polars as pl
 
-from towers.dataset import Dataset, IdMap, map_ids
-from towers.errors import ConfigError, DataError
-from towers.schema import DropReport
+from ecomrec.errors import ConfigError, DataError
+from intake.dataset import Dataset, IdMap, map_ids
+from intake.schema import DropReport
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "customer_id",

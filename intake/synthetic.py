@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from towers.dataset import Dataset, IdMap
-from towers.loaders.contract import EVENT_COLUMNS
-from towers.schema import DropReport
+from intake.dataset import Dataset, IdMap
+from intake.loaders.contract import EVENT_COLUMNS
+from intake.schema import DropReport
 
 _CATEGORY_NAMES = [
     "Lipstick",

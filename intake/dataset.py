@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from towers.errors import DataError, NotFoundError
-from towers.schema import PAD_ID, DropReport, validate_events, validate_items
+from ecomrec.errors import DataError, NotFoundError
+from intake.schema import PAD_ID, DropReport, validate_events, validate_items
 
 
 class IdMap:

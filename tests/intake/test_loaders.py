@@ -7,10 +7,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from towers.errors import DataError
-from towers.loaders import load_dataset
-from towers.loaders.contract import ContractOptions, load_contract, parse_mapping
-from towers.loaders.s3rec import load_s3rec
+from ecomrec.errors import DataError
+from intake.loaders import load_dataset
+from intake.loaders.contract import ContractOptions, load_contract, parse_mapping
+from intake.loaders.s3rec import load_s3rec
 
 
 @pytest.mark.realdata

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from towers.dataset import Dataset, IdMap
-from towers.errors import DataError
-from towers.schema import DropReport
+from ecomrec.errors import DataError
+from intake.dataset import Dataset, IdMap
+from intake.schema import DropReport
 
 
 def _read_lines(path: Path, what: str) -> list[list[int]]:

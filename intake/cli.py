@@ -1,7 +1,7 @@
 """``ecomrec data describe|import|synth|save``: bring a shop's data in and look at it.
 
 The data contract (column names, types, time-zone rule, what gets dropped) is
-docs/data.md; :mod:`towers.loaders.contract` implements it.
+docs/data.md; :mod:`intake.loaders.contract` implements it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _dataset_arg(p: argparse.ArgumentParser) -> None:
-    from towers.loaders.registry import DATASET_HELP
+    from intake.loaders.registry import DATASET_HELP
 
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument(
@@ -144,7 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     ds = load_dataset(args.dataset, args.data_dir)
     info = ds.describe()
@@ -169,9 +169,9 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _contract_options(args: argparse.Namespace) -> Any:
-    from towers.config import load_toml
-    from towers.errors import ConfigError
-    from towers.loaders.contract import ContractOptions, options_from_toml, parse_mapping
+    from ecomrec.config import load_toml
+    from ecomrec.errors import ConfigError
+    from intake.loaders.contract import ContractOptions, options_from_toml, parse_mapping
 
     fields: dict[str, Any] = {}
     if args.mapping:
@@ -205,9 +205,9 @@ def _contract_options(args: argparse.Namespace) -> Any:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from towers.errors import ConfigError, DataError
-    from towers.loaders import load_dataset
-    from towers.loaders.contract import load_contract
+    from ecomrec.errors import ConfigError, DataError
+    from intake.loaders import load_dataset
+    from intake.loaders.contract import load_contract
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -243,8 +243,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from towers.errors import ConfigError
-    from towers.synthetic import ShopConfig, write_shop
+    from ecomrec.errors import ConfigError
+    from intake.synthetic import ShopConfig, write_shop
 
     if args.customers < 1 or args.products < 1 or args.days < 1:
         raise ConfigError("--customers, --products and --days must be >= 1")
@@ -261,7 +261,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _save(args: argparse.Namespace) -> int:
-    from towers.loaders import load_dataset
+    from intake.loaders import load_dataset
 
     ds = load_dataset(args.dataset, args.data_dir)
     ds.save(args.out)

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 from ecomrec.cli import main
-from towers.errors import DataError
-from towers.loaders import load_dataset
-from towers.loaders.contract import ContractOptions, load_contract, parse_mapping
+from ecomrec.errors import DataError
+from intake.loaders import load_dataset
+from intake.loaders.contract import ContractOptions, load_contract, parse_mapping
 
 NOW = ContractOptions(now=1_800_000_000)  # 2027-01-15: fixed "now" for the future check
 
@@ -255,7 +255,7 @@ def test_online_retail_columns_with_text_customer_ids(tmp_path: Path) -> None:
 
 
 def test_import_bundled_synthetic_keeps_its_fingerprint(tmp_path: Path) -> None:
-    from towers.synthetic import make_shop
+    from intake.synthetic import make_shop
 
     out = tmp_path / "syn"
     assert main(["data", "import", "--bundled", "synthetic", "--out", str(out)]) == 0
