@@ -38,7 +38,7 @@ from training.splits import Split, Targets, leave_one_out, temporal_split
 
 log = logging.getLogger("ablation")
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "towers" / "default.toml"
+DEFAULT_CONFIG = ROOT / "ecomrec" / "configs" / "towers" / "default.toml"
 
 # name -> (overrides, init from the "pretrain" variant's stage-1 checkpoint)
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {

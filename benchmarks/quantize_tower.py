@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    from ecomrec.demo import train_quick
     from intake.loaders import load_dataset
-    from serving.demo import train_quick
     from serving.encoders import quantize_int8
     from serving.history import History
     from towers.inference import load_run

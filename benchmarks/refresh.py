@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weeks", type=int, default=12, help="weeks replayed at the end of the data")
     ap.add_argument(
         "--config",
-        default=str(ROOT / "configs" / "towers" / "quick.toml"),
+        default=str(ROOT / "ecomrec" / "configs" / "towers" / "quick.toml"),
         help="two-tower config of the week-0 model and of every full retrain",
     )
     ap.add_argument("--epochs", type=int, default=4, help="epochs of week 0 and of each retrain")

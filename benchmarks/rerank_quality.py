@@ -4,7 +4,7 @@ with and without re-ranking, overall and per RFM segment.
 Leave-one-out split; the tower (quick config unless ``--model``) is trained on the
 training sequences; each test user's history is ``train_valid``; candidates are the
 top ``--candidates`` items by exact cosine (history excluded, as the service does);
-re-ranking uses ``configs/serving/rerank.toml`` with the user's RFM segment and
+re-ranking uses ``ecomrec/configs/serving/rerank.toml`` with the user's RFM segment and
 popularity within that segment.
 
     python benchmarks/rerank_quality.py --dataset beauty --out results/rerank_beauty.json
@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=3000)
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--policies", default=str(ROOT / "configs" / "serving" / "rerank.toml"))
+    ap.add_argument(
+        "--policies", default=str(ROOT / "ecomrec" / "configs" / "serving" / "rerank.toml")
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -191,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from ecomrec.demo import train_quick
     from intake.loaders import load_dataset
-    from serving.demo import train_quick
 
     ds = load_dataset(a.dataset, a.data_dir)
     run_dir = (

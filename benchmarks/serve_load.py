@@ -525,8 +525,8 @@ def start_servers(
     (from checkout ``code`` when given; ``tag`` names their log files)."""
     import socket
 
+    from ecomrec.demo import build_item_index, train_quick
     from serving.assemble import load_parts
-    from serving.demo import build_item_index, train_quick
 
     run_dir = (
         Path(a.model)
@@ -552,7 +552,7 @@ def start_servers(
     sets = dict(kv.split("=", 1) for kv in a.set)
     sets.setdefault("workers", str(a.workers))
     sets.setdefault("batch_max", str(a.batch_max))
-    sets.setdefault("rerank_policies", str(ROOT / "configs/serving/rerank.toml"))
+    sets.setdefault("rerank_policies", str(ROOT / "ecomrec/configs/serving/rerank.toml"))
     if a.server_procs > 1:
         sets["reuse_port"] = "true"
     port_cfg = (work / f"serve_load.{os.getpid()}{tag}.toml").resolve()

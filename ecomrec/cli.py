@@ -21,9 +21,11 @@ COMMAND_MODULES = [
     "training.cli",  # train
     "segments.cli",  # segments, campaign, churn
     "indexing.cli",  # index
-    "serving.cli",  # serve, export, recommend, demo
+    "serving.cli",  # serve, recommend
+    "serving.export_cli",  # export triton
     "lifecycle.batch_cli",  # batch (sharded jobs on Dask)
     "lifecycle.cli",  # refresh
+    "ecomrec.demo",  # demo: the main job end to end (runs every package)
 ]
 
 

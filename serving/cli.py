@@ -1,4 +1,7 @@
-"""``ecomrec serve | export triton | recommend | demo``: the serving commands."""
+"""``ecomrec serve | recommend``: the service and its command-line client.
+
+``ecomrec export triton`` is in :mod:`serving.export_cli`, ``ecomrec demo`` in
+:mod:`ecomrec.demo`."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve``, ``export``, ``recommend`` and ``demo``."""
+    """Add ``serve`` and ``recommend``."""
     from intake.loaders.registry import DATASET_HELP
 
     s = sub.add_parser("serve", help="run the gRPC Recommend service")
@@ -89,22 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.set_defaults(func=_serve)
 
-    e = sub.add_parser("export", help="export models for other runtimes")
-    esub = e.add_subparsers(dest="export_command", required=True, metavar="TARGET")
-    t = esub.add_parser("triton", help="Triton model repository: ONNX user tower + config.pbtxt")
-    t.add_argument("--model", required=True, help="training run directory")
-    t.add_argument("--out", required=True, help="model repository directory")
-    t.add_argument("--name", default="user_tower", help="model name in the repository")
-    t.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size")
-    t.add_argument("--instances", type=int, default=1, help="model instances")
-    t.add_argument(
-        "--kind", choices=["KIND_CPU", "KIND_GPU"], default="KIND_CPU", help="instance kind"
-    )
-    t.add_argument(
-        "--queue-delay-us", type=int, default=200, help="dynamic batching max queue delay"
-    )
-    t.set_defaults(func=_export_triton)
-
     r = sub.add_parser("recommend", help="call a running service (client)")
     r.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the service")
     r.add_argument("--user", default="", help="external user id")
@@ -125,22 +112,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=_recommend)
-
-    d = sub.add_parser(
-        "demo",
-        help="train quick, build index, fit segments, serve, call: recommendations with reasons",
-    )
-    d.add_argument(
-        "--dataset", default="beauty", help="dataset the demo runs on (bundled name or folder)"
-    )
-    d.add_argument(
-        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
-    )
-    d.add_argument("--work", default="artifacts/demo", help="run, index and segments go here")
-    d.add_argument("--customers", type=int, default=3, help="customers to recommend to")
-    d.add_argument("-k", type=int, default=5, help="recommendations per customer")
-    d.add_argument("--retrain", action="store_true", help="train again even if a run exists")
-    d.set_defaults(func=_demo)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -307,22 +278,6 @@ def check_index_matches_model(index: object, model: object, location: str) -> No
         )
 
 
-def _export_triton(args: argparse.Namespace) -> int:
-    from serving.triton import export_triton
-
-    mdir = export_triton(
-        args.model,
-        args.out,
-        name=args.name,
-        max_batch_size=args.max_batch_size,
-        instances=args.instances,
-        kind=args.kind,
-        queue_delay_us=args.queue_delay_us,
-    )
-    print(f"wrote {mdir}/config.pbtxt and {mdir}/1/model.onnx")
-    return 0
-
-
 def _api_key(arg: str | None) -> str | None:
     if arg:
         return arg
@@ -360,19 +315,4 @@ def _recommend(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(resp), indent=2))
     else:
         print(format_response(resp))
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from serving.demo import run_demo
-
-    run_demo(
-        args.dataset,
-        data_dir=args.data_dir,
-        work=Path(args.work),
-        customers=args.customers,
-        k=args.k,
-        retrain=args.retrain,
-        out=sys.stdout,
-    )
     return 0

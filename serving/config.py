@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ecomrec.config import from_dict, load_toml
+from ecomrec.config import builtin_config, from_dict, load_toml
 from ecomrec.errors import ConfigError
 from indexing.base import IndexConfig
 
-#: The re-rank policies shipped with the package (configs/serving/rerank.toml).
-DEFAULT_RERANK = Path(__file__).resolve().parent.parent / "configs" / "serving" / "rerank.toml"
+#: The re-rank policies shipped with the package (ecomrec/configs/serving/rerank.toml).
+DEFAULT_RERANK = builtin_config("serving", "rerank")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
+    from ecomrec.config import add_config_args
     from intake.loaders.registry import DATASET_HELP
 
     p = sub.add_parser(
@@ -22,12 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
-    p.add_argument(
-        "--config",
-        default=None,
-        help="TOML run config, or the name of one shipped in configs/towers (quick, default, "
-        "gpu_minilm) (default: default)",
-    )
     p.add_argument(
         "--out", required=True, help="run directory (checkpoints, manifest, TensorBoard)"
     )
@@ -45,12 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="loo-file | loo-shuffle | temporal (last 30 days of the log are the test window) "
         "| temporal:YYYY-MM-DD (test window start) (default: loo-file)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (TOML literal), e.g. --set user.dropout=0.3",
+    add_config_args(
+        p,
+        tables="a run config (RunConfig: [user], [item], [pretrain], [contrastive], ...)",
+        example="user.dropout=0.3",
+        kind="towers",
+        config_help="run config: a TOML file (RunConfig: [user], [item], [pretrain], ...) or "
+        "the name of a built-in one (default, gpu_minilm, quick); default: default",
     )
     p.add_argument(
         "--no-text",
@@ -86,24 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["user.dropout=0.3", "seed=1"]`` -> nested dict with TOML-parsed values."""
-    import tomllib
+    """``["user.dropout=0.3", "seed=1"]`` -> nested dict with TOML-parsed values
+    (:func:`ecomrec.config.parse_sets`)."""
+    from ecomrec.config import parse_sets
 
-    out: dict[str, Any] = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(f"--set wants SECTION.KEY=VALUE, got {it!r}")
-        key, val = it.split("=", 1)
-        try:
-            v = tomllib.loads(f"v = {val}")["v"]
-        except tomllib.TOMLDecodeError:
-            v = val
-        d = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = v
-    return out
+    return parse_sets(items)
 
 
 def make_split(ds: Any, spec: str) -> Any:
@@ -123,17 +106,9 @@ def make_split(ds: Any, spec: str) -> Any:
 
 def resolve_config(name_or_path: str) -> Path:
     """A TOML path, or the name of a config shipped with the package (``quick``)."""
-    from ecomrec.errors import ConfigError
-    from training.trainer import default_config_path
+    from ecomrec.config import resolve_config as resolve
 
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    shipped = default_config_path().parent / f"{name_or_path.removesuffix('.toml')}.toml"
-    if "/" not in name_or_path and shipped.exists():
-        return shipped
-    names = sorted(x.stem for x in default_config_path().parent.glob("*.toml"))
-    raise ConfigError(f"--config {name_or_path}: no such file, and not one of {names}")
+    return resolve(name_or_path, "towers")
 
 
 RUN_FILES = ("model.pt", "last.pt", "manifest.json", "results.json", "fingerprint.json")

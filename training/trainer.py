@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ecomrec.config import config_hash, from_dict, load_toml, to_dict
+from ecomrec.config import builtin_config, config_hash, from_dict, load_toml, merge, to_dict
 from ecomrec.errors import ConfigError
 from towers.inference import MANIFEST_FILE, MODEL_FILE, batch_tensors
 from towers.item_tower import (
@@ -143,19 +143,19 @@ class RunConfig:
 
 
 def default_config_path() -> Path:
-    """The default two-tower run config (``configs/towers/default.toml``)."""
-    return Path(__file__).resolve().parent.parent / "configs" / "towers" / "default.toml"
+    """The default two-tower run config (the built-in ``default``,
+    ``ecomrec/configs/towers/default.toml``)."""
+    return builtin_config("towers", "default")
 
 
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """RunConfig from a TOML file (or defaults), with nested ``overrides`` tables merged."""
-    data: dict[str, Any] = load_toml(path) if path is not None else {}
-    for k, v in overrides.items():
-        if isinstance(v, dict):
-            data[k] = {**data.get(k, {}), **v}
-        else:
-            data[k] = v
-    return from_dict(RunConfig, data)
+    data = merge(load_toml(path) if path is not None else {}, overrides)
+    source = f"config file {path}" if path is not None else "defaults"
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def _device(cfg: RunConfig) -> torch.device:

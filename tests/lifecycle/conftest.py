@@ -66,7 +66,7 @@ def live_run(shop: Shop, tmp_path_factory: pytest.TempPathFactory) -> Path:
     inter = Interactions.from_events(shop.old.events, shop.old.n_users, shop.old.n_items)
     r = TwoTowerRetriever.for_dataset(
         shop.old,
-        ROOT / "configs" / "towers" / "quick.toml",
+        ROOT / "ecomrec" / "configs" / "towers" / "quick.toml",
         out,
         {"item": {"use_text": False}, "pretrain": {"epochs": 3}, "threads": 1},
     )

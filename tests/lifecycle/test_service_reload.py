@@ -17,7 +17,9 @@ from tests.lifecycle.conftest import ROOT, Shop, index_cfg, quick_config
 def _serve_cfg() -> Any:
     from serving.config import ServeConfig
 
-    return ServeConfig(port=0, rerank_policies=str(ROOT / "configs" / "serving" / "rerank.toml"))
+    return ServeConfig(
+        port=0, rerank_policies=str(ROOT / "ecomrec" / "configs" / "serving" / "rerank.toml")
+    )
 
 
 def test_service_reloads_promoted_model_without_a_failed_request(

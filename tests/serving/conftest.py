@@ -47,7 +47,7 @@ def train_quick_run(ds: Any, out: Path, epochs: int) -> Path:
     split = leave_one_out(inter)
     r = TwoTowerRetriever.for_dataset(
         ds,
-        Path(__file__).resolve().parents[2] / "configs" / "towers" / "quick.toml",
+        Path(__file__).resolve().parents[2] / "ecomrec" / "configs" / "towers" / "quick.toml",
         out,
         {"item": {"use_text": False}, "pretrain": {"epochs": epochs}, "threads": 1},
     )
@@ -125,7 +125,9 @@ def make_engine(parts: Any, index: Any, segments: Any = None, **cfg_kw: Any) -> 
 
     root = Path(__file__).resolve().parents[2]
     cfg = ServeConfig(
-        port=0, rerank_policies=str(root / "configs" / "serving" / "rerank.toml"), **cfg_kw
+        port=0,
+        rerank_policies=str(root / "ecomrec" / "configs" / "serving" / "rerank.toml"),
+        **cfg_kw,
     )
     return build_recommender(cfg, parts, index, segments, metrics=Metrics())
 

@@ -72,7 +72,7 @@ def test_cli_recommend_reports_rpc_errors(
 def test_cli_export_triton(run_dir: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from serving.cli import register
+    from serving.export_cli import register
 
     ap = argparse.ArgumentParser()
     register(ap.add_subparsers(dest="cmd"))

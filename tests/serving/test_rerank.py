@@ -99,7 +99,7 @@ def test_shipped_policies_load() -> None:
     from pathlib import Path
 
     pol = rr.RerankPolicies.load(
-        Path(__file__).resolve().parents[2] / "configs" / "serving" / "rerank.toml"
+        Path(__file__).resolve().parents[2] / "ecomrec" / "configs" / "serving" / "rerank.toml"
     )
     assert pol.segments and all(0 <= p.diversity < 1 for p in pol.segments.values())
 

@@ -113,7 +113,7 @@ def test_shipped_serve_config_loads() -> None:
     from pathlib import Path
 
     cfg = load_serve_config(
-        Path(__file__).resolve().parents[2] / "configs" / "serving" / "serve.toml"
+        Path(__file__).resolve().parents[2] / "ecomrec" / "configs" / "serving" / "serve.toml"
     )
     assert cfg.encoder in ("inprocess", "onnx", "triton") and cfg.api_keys == ()
 

@@ -22,7 +22,7 @@ from training.splits import leave_one_out
 from training.two_tower import TwoTowerRetriever, hide_item_content
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ROOT / "configs" / "towers" / "quick.toml"
+QUICK = ROOT / "ecomrec" / "configs" / "towers" / "quick.toml"
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_pipeline_recommends_the_planted_taste(tmp_path: Path) -> None:
+    from ecomrec.demo import run_demo
     from intake.synthetic import make_shop
-    from serving.demo import run_demo
 
     out = io.StringIO()
     responses = run_demo("synthetic", work=tmp_path, customers=3, k=5, out=out)

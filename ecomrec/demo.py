@@ -3,23 +3,56 @@
 train the quick tower config -> build the embedded Qdrant index -> fit RFM and
 behavioural segments -> start the gRPC service -> call it -> print recommendations with
 their reasons for a few customers.  Each step reuses its output under ``work`` when
-present (``--retrain`` starts over).  Called by ``ecomrec demo`` / ``make demo``.
+present (``--retrain`` starts over).  ``ecomrec demo`` / ``make demo``: the command is
+registered here (not by a package) because it runs every package, serving included.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import secrets
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-QUICK_CONFIG = ROOT / "configs" / "towers" / "quick.toml"
+QUICK_CONFIG = "quick"  # the built-in tower config (ecomrec/configs/towers/quick.toml)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` command."""
+    d = sub.add_parser(
+        "demo",
+        help="train quick, build index, fit segments, serve, call: recommendations with reasons",
+    )
+    d.add_argument(
+        "--dataset", default="beauty", help="dataset the demo runs on (bundled name or folder)"
+    )
+    d.add_argument(
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
+    )
+    d.add_argument("--work", default="artifacts/demo", help="run, index and segments go here")
+    d.add_argument("--customers", type=int, default=3, help="customers to recommend to")
+    d.add_argument("-k", type=int, default=5, help="recommendations per customer")
+    d.add_argument("--retrain", action="store_true", help="train again even if a run exists")
+    d.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import sys
+
+    run_demo(
+        args.dataset,
+        data_dir=args.data_dir,
+        work=Path(args.work),
+        customers=args.customers,
+        k=args.k,
+        retrain=args.retrain,
+        out=sys.stdout,
+    )
+    return 0
 
 
 def _ecomrec(*args: str, log_file: Path | None = None) -> None:
@@ -60,7 +93,7 @@ def train_quick(
         "--dataset",
         dataset,
         "--config",
-        str(QUICK_CONFIG),
+        QUICK_CONFIG,
         "--out",
         str(run_dir),
         "--no-test",
@@ -96,6 +129,8 @@ def export_segments(dataset: str, run_dir: Path, out: Path, data_dir: str | None
 
 def build_item_index(parts: Any, location: Path) -> str:
     """Embed the catalogue with the item tower and publish a verified index version."""
+    import numpy as np
+
     from indexing.base import IndexConfig
     from indexing.build import build_version, item_payloads, open_store
 
@@ -128,6 +163,8 @@ def run_demo(
     """Run the pipeline and print recommendations; returns (customer id, response) pairs."""
     import sys
 
+    import numpy as np
+
     from indexing.base import IndexConfig
     from indexing.build import open_index
     from intake.loaders import load_dataset
@@ -159,9 +196,7 @@ def run_demo(
     segments = TableSegmentLookup.from_marketing_export(seg_dir, ds.users)
     step(f"segments: {', '.join(f'{s.name} ({s.size})' for s in segments.segments()[:8])} ...")
     key = secrets.token_hex(8)
-    cfg = ServeConfig(
-        port=0, api_keys=(key,), rerank_policies=str(ROOT / "configs" / "serving" / "rerank.toml")
-    )
+    cfg = ServeConfig(port=0, api_keys=(key,))  # re-rank policies: the built-in ones
     metrics = Metrics()
     index = open_index(IndexConfig(location=str(index_dir)))
     engine = build_recommender(cfg, parts, index, segments, metrics=metrics)
