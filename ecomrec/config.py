@@ -129,6 +129,12 @@ def config_hash(*cfgs: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+#: The tables of the one deployment file (deploy/config/serve.toml) that ``serve``,
+#: ``index`` and ``refresh`` all read: each command takes its own and refuses a table
+#: outside this set (a misspelt table name is an error, not a silent default).
+DEPLOY_TABLES = ("serve", "index", "refresh", "drift")
+
+
 # ----------------------------------------------------------------------- built-in configs
 #: The configs shipped inside the package (package data: they are in the wheel).
 BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
@@ -196,10 +202,11 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if v is None:
             continue
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge(out[k], v)
+        if isinstance(v, Mapping):
+            base_v = out.get(k)
+            out[k] = merge(base_v if isinstance(base_v, Mapping) else {}, v)
         else:
-            out[k] = dict(v) if isinstance(v, Mapping) else v
+            out[k] = v
     return out
 
 

@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from ecomrec.config import add_config_args
+
     p.add_argument(
         "--index", default=None, help="index directory (edge) or URL / :memory: (server)"
     )
@@ -24,8 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--api-key", default=None, help="Qdrant server API key")
     p.add_argument("--alias", default=None, help="alias serving reads (default items)")
-    p.add_argument(
-        "--config", default=None, help="TOML file with an [index] table of IndexConfig fields"
+    add_config_args(
+        p,
+        tables="an [index] table of IndexConfig fields (a deployment file's [serve] and "
+        "[refresh] tables are ignored)",
+        example="index.hnsw_m=16",
+        flags="--index, --backend, --api-key, --alias",
     )
 
 
@@ -116,23 +122,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- helpers -------------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> Any:
-    from ecomrec.config import load_toml
+    """IndexConfig: ``[index]`` of --config < --set index.KEY=VALUE < the flags."""
+    from ecomrec.config import DEPLOY_TABLES, read_config
     from indexing.base import IndexConfig
 
-    data: dict[str, Any] = {}
-    if args.config:
-        data.update(load_toml(args.config).get("index", {}))
-    if args.index:
-        data["location"] = args.index
-        if args.backend is None and "backend" not in data:
-            data["backend"] = "server" if args.index.startswith(("http://", "https://")) else "edge"
-    if args.backend:
-        data["backend"] = args.backend
-    if args.api_key:
-        data["api_key"] = args.api_key
-    if args.alias:
-        data["alias"] = args.alias
-    return IndexConfig.from_dict(data)
+    src = read_config(args.config, getattr(args, "set", ()))
+    src.check_tables(DEPLOY_TABLES)
+    flags: dict[str, Any] = {
+        "location": args.index,
+        "backend": args.backend,
+        "api_key": args.api_key,
+        "alias": args.alias,
+    }
+    if args.index and args.backend is None and "backend" not in src.table("index"):
+        flags["backend"] = "server" if args.index.startswith(("http://", "https://")) else "edge"
+    return src.build(IndexConfig, "index", flags)
 
 
 def _existing_store(cfg: Any) -> Any:
@@ -524,6 +528,7 @@ def build_index(
         api_key=None,
         alias=alias,
         config=None,
+        set=[],
         model=model,
         dataset=dataset,
         data_dir=data_dir,

@@ -29,6 +29,8 @@ def _dataset_arg(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``data`` and its actions."""
+    from ecomrec.config import add_config_args
+
     p = sub.add_parser(
         "data", help="bring a shop's data in (import, synth) and inspect it", formatter_class=_FMT
     )
@@ -78,13 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="column mapping, e.g. customer_id=CustomerID,product_id=StockCode,"
         "items.title=Description (prefix events./items. to target one file)",
     )
-    i.add_argument(
-        "--mapping",
-        default=None,
-        metavar="TOML",
-        help="TOML with a [columns] table (canonical = 'Source') and optional timezone, "
-        "timestamp_format, unknown_products; --map and flags given here win",
+    add_config_args(
+        i,
+        tables="a [columns] table (canonical = 'Source') and optional timezone, "
+        "timestamp_format, unknown_products, name (also accepted as --mapping)",
+        example="timezone=Europe/Berlin",
+        flags="--map and the other flags",
     )
+    i.add_argument("--mapping", dest="config", default=None, metavar="TOML", help=argparse.SUPPRESS)
     i.add_argument(
         "--timezone",
         default=None,
@@ -169,13 +172,14 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _contract_options(args: argparse.Namespace) -> Any:
-    from ecomrec.config import load_toml
+    from ecomrec.config import read_config
     from ecomrec.errors import ConfigError
     from intake.loaders.contract import ContractOptions, options_from_toml, parse_mapping
 
     fields: dict[str, Any] = {}
-    if args.mapping:
-        fields.update(options_from_toml(load_toml(args.mapping), args.mapping))
+    if args.config or args.set:
+        src = read_config(args.config, args.set)
+        fields.update(options_from_toml(src.data, src.where))
     cols = dict(fields.get("columns", ()))
     cols.update(dict(parse_mapping(args.map)))
     fields["columns"] = tuple(cols.items())

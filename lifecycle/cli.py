@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``refresh`` command."""
+    from ecomrec.config import add_config_args
+
     p = sub.add_parser(
         "refresh",
         help="warm-start a candidate on new events, shadow-evaluate, promote model + index safely",
@@ -31,7 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data-dir", default=None, help="data directory; $ECOMREC_DATA_DIR when not given"
     )
     p.add_argument("--index", required=True, help="index directory (embedded Qdrant)")
-    p.add_argument("--config", default=None, help="TOML with [refresh], [drift], [index] tables")
+    add_config_args(
+        p,
+        tables="[refresh], [drift] and [index] tables (e.g. the deployment's serve.toml; its "
+        "[serve] table is ignored)",
+        example="refresh.epochs=3",
+    )
     p.add_argument("--state", default=None, help="state directory; <index>.refresh when not given")
     p.add_argument(
         "--since",
@@ -55,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     from lifecycle.state import RefreshLockedError
 
     try:
-        cfg, index_cfg = load_config(args.config)
+        cfg, index_cfg = load_config(args.config, args.set)
         if args.rollback:
             return _rollback(args, index_cfg)
         ds = load_dataset(args.dataset, args.data_dir)

@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecomrec.config import from_dict, load_toml, to_dict
+from ecomrec.config import DEPLOY_TABLES, from_dict, read_config, to_dict
 from ecomrec.errors import ConfigError, DataError
 from indexing.base import IndexConfig
 from indexing.build import (
@@ -102,16 +103,18 @@ class RefreshConfig:
             raise ConfigError("refresh.eval_days must be > 0")
 
 
-def load_config(path: str | Path | None) -> tuple[RefreshConfig, dict[str, Any]]:
-    """(RefreshConfig, [index] table) from a TOML file (defaults without one)."""
-    data = load_toml(path) if path else {}
-    ref = dict(data.get("refresh", {}))
-    if "drift" in data:
-        ref["drift"] = data["drift"]
-    unknown = set(data) - {"refresh", "drift", "index"}
-    if unknown:
-        raise ConfigError(f"unknown table(s) {sorted(unknown)} in {path}")
-    return from_dict(RefreshConfig, ref), dict(data.get("index", {}))
+def load_config(
+    path: str | Path | None, sets: Sequence[str] = ()
+) -> tuple[RefreshConfig, dict[str, Any]]:
+    """(RefreshConfig, [index] table) from a TOML file (defaults without one) and
+    ``--set refresh.KEY=VALUE`` / ``drift.KEY=VALUE`` overrides; the file may be the
+    deployment's serve.toml (its ``[serve]`` table is ignored here)."""
+    src = read_config(path, sets)
+    src.check_tables(DEPLOY_TABLES)
+    cfg = src.build(RefreshConfig, "refresh")
+    if "drift" in src.data:
+        cfg = dataclasses.replace(cfg, drift=src.build(DriftThresholds, "drift"))
+    return cfg, src.table("index")
 
 
 @dataclass

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from ecomrec.config import add_config_args
     from intake.loaders.registry import DATASET_HELP
 
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
@@ -41,38 +42,46 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--horizon-days",
         type=int,
-        default=90,
-        help="churn / value horizon; the data must span at least 3x this many days",
+        default=None,
+        help="churn / value horizon; the data must span at least 3x this many days "
+        "(default: the config's churn.horizon_days, 90)",
     )
     p.add_argument(
-        "--k-segments", type=int, default=None, help="k for k-means (default: silhouette)"
+        "--k-segments",
+        type=int,
+        default=None,
+        help="k for k-means (default: the config's segments.k, else chosen by silhouette)",
     )
     p.add_argument("--with-rfm", action="store_true", help="cluster on embeddings + RFM features")
+    add_config_args(
+        p,
+        tables="the scoring config (MarketingConfig): [churn] (ChurnConfig) and [segments] "
+        "(SegmentConfig) tables",
+        example="churn.epochs=20",
+        flags="--horizon-days, --k-segments, --with-rfm",
+    )
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from ecomrec.config import from_dict
+    """MarketingConfig: --config < --set < the flags (--dataset and --run always win)."""
+    from ecomrec.config import read_config
     from segments.export import MarketingConfig
 
-    seg: dict[str, Any] = {"with_rfm": bool(args.with_rfm)}
-    if args.k_segments is not None:
-        seg["k"] = args.k_segments
-    return from_dict(
-        MarketingConfig,
-        {
-            "dataset": args.dataset,
-            "source": "tower" if args.run else "text",
-            "churn": {"horizon_days": args.horizon_days},
-            "segments": seg,
-        },
-    )
+    src = read_config(args.config, args.set)
+    flags = {
+        "dataset": args.dataset,
+        "source": "tower" if args.run else "text",
+        "churn": {"horizon_days": args.horizon_days},
+        "segments": {"k": args.k_segments, "with_rfm": True if args.with_rfm else None},
+    }
+    return src.build(MarketingConfig, None, flags)
 
 
 def _load(args: argparse.Namespace) -> Any:
     from intake.loaders import load_dataset
 
     ds = load_dataset(args.dataset, data_dir=args.data_dir)
-    check_horizon(ds, args.horizon_days)
+    check_horizon(ds, _config(args).churn.horizon_days)
     if args.run:
         from towers.inference import load_run
 
@@ -131,7 +140,7 @@ def _segments_report(args: argparse.Namespace) -> int:
         evaluation,
         title=f"ecomrec segments: {ds.name}",
         cutoffs=(comp.train.cutoff_ts, comp.test.cutoff_ts),
-        horizon_days=args.horizon_days,
+        horizon_days=cfg.churn.horizon_days,
         currency=args.currency,
     )
     print(path)
@@ -387,11 +396,10 @@ def _emit(df: Any, out: str | None) -> None:
 
 # --------------------------------------------------------------------------- churn
 def _churn_evaluate(args: argparse.Namespace) -> int:
-    from ecomrec.config import from_dict
-    from segments.churn import ChurnConfig, compare
+    from segments.churn import compare
 
     ds = _load(args)
-    cfg = from_dict(ChurnConfig, {"horizon_days": args.horizon_days})
+    cfg = _config(args).churn
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     comp = compare(ds, cfg, source="tower" if args.run else "text", run_dir=args.run, modes=modes)
     res = {"metrics": comp.metrics, "info": comp.info}
@@ -405,7 +413,7 @@ def _churn_evaluate(args: argparse.Namespace) -> int:
 def _churn_truncate(args: argparse.Namespace) -> int:
     from segments.churn import pre_cutoff_dataset
 
-    ds = pre_cutoff_dataset(_load(args), args.horizon_days)
+    ds = pre_cutoff_dataset(_load(args), _config(args).churn.horizon_days)
     ds.save(args.out)
     print(f"saved {ds.name} ({ds.events.height:,} events) to {args.out}")
     return 0

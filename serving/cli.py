@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``recommend``."""
+    from ecomrec.config import add_config_args
     from intake.loaders.registry import DATASET_HELP
 
     s = sub.add_parser("serve", help="run the gRPC Recommend service")
@@ -46,11 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="segments.parquet (user_id, rfm_segment, ...) or an `ecomrec segments export --raw-ids` directory",
     )
-    s.add_argument(
-        "--config",
-        default=None,
-        help="TOML with a [serve] table (example: configs/serving/serve.toml; default: "
-        "built-in ServeConfig, re-rank policies from the package)",
+    add_config_args(
+        s,
+        tables="a [serve] table (ServeConfig) and optionally [index] (IndexConfig), e.g. "
+        "ecomrec/configs/serving/serve.toml or deploy/config/serve.toml; default: built-in "
+        "ServeConfig, re-rank policies from the package",
+        example="serve.workers=4",
+        flags="--index, --index-alias, --host, --port, --metrics-*, --encoder, --triton-url",
     )
     s.add_argument("--host", default=None, help="bind address (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's)")
@@ -117,11 +120,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import time
 
+    from ecomrec.config import read_config
     from indexing.base import IndexConfig
     from indexing.build import open_index
     from intake.loaders import load_dataset
     from serving.assemble import build_recommender, load_parts
-    from serving.config import load_index_config, load_serve_config
+    from serving.config import index_config, serve_config
     from serving.observability import Metrics, configure_logging
     from serving.segments import TableSegmentLookup
     from serving.server import install_signal_handlers, start_server
@@ -140,8 +144,9 @@ def _serve(args: argparse.Namespace) -> int:
         triton_proc = TritonProcess(args.start_triton).start()
         args.triton_url = triton_proc.url
         args.encoder = args.encoder or "triton"
-    cfg = load_serve_config(
-        args.config,
+    src = read_config(args.config, args.set)
+    cfg = serve_config(
+        src,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
@@ -164,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         ds = load_dataset(args.dataset, args.data_dir)
         parts = load_parts(args.model, ds)
-        icfg = load_index_config(args.config, location=args.index, alias=args.index_alias)
+        icfg = index_config(src, location=args.index, alias=args.index_alias)
         if icfg is None:
             icfg = IndexConfig(
                 location=args.index or "artifacts/index", alias=args.index_alias or "items"

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ecomrec.config import builtin_config, from_dict, load_toml
+from ecomrec.config import (
+    DEPLOY_TABLES,
+    ConfigSource,
+    builtin_config,
+    from_dict,
+    merge,
+    read_config,
+)
 from ecomrec.errors import ConfigError
 from indexing.base import IndexConfig
 
@@ -159,29 +167,51 @@ class ServeConfig:
         return tuple(dict.fromkeys((*self.api_keys, *extra)))
 
 
-def load_index_config(path: str | Path | None, **overrides: Any) -> IndexConfig | None:
+def index_config(src: ConfigSource, **overrides: Any) -> IndexConfig | None:
+    """The ``[index]`` table of an already read config (None when it has none and no
+    override is given); ``overrides`` are flags (None = not given)."""
+    if "serve" in src.data or "index" in src.data:  # else: a top-level [serve]-less file
+        src.check_tables(DEPLOY_TABLES)
+    if "index" not in src.data:
+        return None
+    return src.build(IndexConfig, "index", overrides)
+
+
+def load_index_config(
+    path: str | Path | None, *, sets: Sequence[str] = (), **overrides: Any
+) -> IndexConfig | None:
     """The ``[index]`` table of the serve TOML (which index the service opens: an embedded
     directory or a Qdrant server URL with shards, replicas, write consistency), or None
     when the file has none. The API key comes from ``$api_key_env`` (a Secret in deploy/).
     """
-    if path is None:
+    if path is None and not sets:
         return None
-    raw = load_toml(path)
-    if "index" not in raw:
-        return None
-    data = {**raw["index"], **{k: v for k, v in overrides.items() if v is not None}}
-    return IndexConfig.from_dict(data)
+    return index_config(read_config(path, sets), **overrides)
 
 
-def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
-    """Read ``[serve]`` (or the top level) of a TOML file, then apply ``overrides``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        raw = load_toml(path)
-        data = dict(raw.get("serve", raw))
-        rp = data.get("rerank_policies")
-        if isinstance(rp, str) and rp and not Path(rp).is_absolute():
-            # relative to the TOML file, not to the working directory
-            data["rerank_policies"] = str(Path(path).resolve().parent / rp)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(ServeConfig, data)
+def serve_config(src: ConfigSource, **overrides: Any) -> ServeConfig:
+    """ServeConfig from the ``[serve]`` table (or the top level of a file without one) of
+    an already read config, then the flags' ``overrides`` (None = not given)."""
+    if "serve" in src.data:
+        src.check_tables(DEPLOY_TABLES)
+        data = src.table("serve")
+        table: str | None = "serve"
+    else:
+        data, table = src.table(None), None
+    rp = data.get("rerank_policies")
+    if src.path is not None and isinstance(rp, str) and rp and not Path(rp).is_absolute():
+        # relative to the TOML file, not to the working directory
+        data["rerank_policies"] = str(src.path.resolve().parent / rp)
+    raw = merge(data, overrides)
+    try:
+        return from_dict(ServeConfig, raw, prefix=f"{table}." if table else "")
+    except ConfigError as e:
+        raise ConfigError(f"{src.where}: {e}") from e
+
+
+def load_serve_config(
+    path: str | Path | None = None, *, sets: Sequence[str] = (), **overrides: Any
+) -> ServeConfig:
+    """Read ``[serve]`` (or the top level) of a TOML file, ``--set serve.KEY=VALUE``
+    values, then apply ``overrides`` (flags; None = not given)."""
+    return serve_config(read_config(path, sets), **overrides)
