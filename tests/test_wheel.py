@@ -162,3 +162,18 @@ def test_wheel_installs_and_runs_synth_train_index_outside_the_checkout(tmp_path
     )
     (live,) = [v for v in listed if v["live"]]
     assert live["count"] == 40 and live["model_version"] in out
+
+
+def test_the_image_copies_every_package_the_wheel_is_built_from() -> None:
+    """deploy/Dockerfile installs the project like the wheel: every top-level package,
+    protos/ and the build files (the layout moves; the COPY lines must follow)."""
+    import re
+
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    copied = {w for line in re.findall(r"^COPY (.+)$", text, re.M) for w in line.split()[:-1]}
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "benchmarks"}
+    assert packages | {"protos", "pyproject.toml", "setup.py"} <= copied, sorted(
+        packages | {"protos", "pyproject.toml", "setup.py"} - copied
+    )
+    assert all((ROOT / c).exists() for c in copied), copied
+    assert "pip install --no-cache-dir ." in text and " -e " not in text
