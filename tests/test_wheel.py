@@ -172,8 +172,7 @@ def test_the_image_copies_every_package_the_wheel_is_built_from() -> None:
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     copied = {w for line in re.findall(r"^COPY (.+)$", text, re.M) for w in line.split()[:-1]}
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "benchmarks"}
-    assert packages | {"protos", "pyproject.toml", "setup.py"} <= copied, sorted(
-        packages | {"protos", "pyproject.toml", "setup.py"} - copied
-    )
+    needed = packages | {"protos", "pyproject.toml", "setup.py"}
+    assert needed <= copied, sorted(needed - copied)
     assert all((ROOT / c).exists() for c in copied), copied
     assert "pip install --no-cache-dir ." in text and " -e " not in text
