@@ -166,7 +166,8 @@ def resolve_config(name_or_path: str | Path, kind: str | None = None) -> Path:
         if text.removesuffix(".toml") in names:
             return builtin_config(kind, text)
         raise ConfigError(f"--config {text}: no such file, and not one of the built-in {names}")
-    raise ConfigError(f"config file {text} does not exist")
+    hint = f" (built-in {kind} configs by name: {', '.join(builtin_names(kind))})" if kind else ""
+    raise ConfigError(f"config file {text} does not exist{hint}")
 
 
 # ------------------------------------------------------------------ file + --set + flags

@@ -191,3 +191,18 @@ def test_train_config_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"config file {re.escape(str(f))}: .*user\.hiden"):
         load_run_config(f)
     assert load_run_config(resolve_config("quick", "towers"), user={"hidden": 48}).user.hidden == 48
+
+
+def test_train_refuses_a_bad_config_before_loading_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ecomrec.cli import main
+
+    argv = ["train", "--dataset", str(tmp_path / "no-such-shop"), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--config", "quick", "--set", "user.hiden=3"]) == 2
+    err = capsys.readouterr().err
+    assert "towers/quick.toml + --set user.hiden=3: unknown key(s) user.hiden" in err, err
+    assert main([*argv, "--config", "configs/towers/quick.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "configs/towers/quick.toml does not exist (built-in towers configs by name" in err
+    assert not (tmp_path / "r").exists()

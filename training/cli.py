@@ -156,9 +156,10 @@ def prepare_run_dir(out: Path, ds: Any, *, overwrite: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ecomrec.config import read_config
     from intake.loaders import load_dataset
     from training.distributed import DistEnv, init_process_group, relaunch
-    from training.trainer import default_config_path
+    from training.trainer import RunConfig, default_config_path
     from training.two_tower import train_and_evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -166,6 +167,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and env is None:
         return relaunch(args.nproc, _argv_without_nproc(args))
     overrides = parse_overrides(args.set)
+    config = resolve_config(args.config) if args.config else default_config_path()
+    read_config(config, args.set).build(RunConfig)  # a bad config fails now, before the data
     if env is not None:
         init_process_group(env, str(overrides.get("device", "auto")))
     t0 = time.perf_counter()
@@ -182,7 +185,6 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(test_finished_run(Path(args.out), split), indent=2, default=float))
         return 0
-    config = resolve_config(args.config) if args.config else default_config_path()
     out = train_and_evaluate(
         ds,
         split,
