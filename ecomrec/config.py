@@ -121,6 +121,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} does not exist") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p}: {e}") from e
+    except OSError as e:  # a folder, unreadable
+        raise ConfigError(f"config file {p}: {e.strerror or e}") from e
 
 
 def config_hash(*cfgs: Any) -> str:

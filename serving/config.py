@@ -8,14 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ecomrec.config import (
-    DEPLOY_TABLES,
-    ConfigSource,
-    builtin_config,
-    from_dict,
-    merge,
-    read_config,
-)
+from ecomrec.config import DEPLOY_TABLES, ConfigSource, builtin_config, parse_sets, read_config
 from ecomrec.errors import ConfigError
 from indexing.base import IndexConfig
 
@@ -199,14 +192,19 @@ def serve_config(src: ConfigSource, **overrides: Any) -> ServeConfig:
     else:
         data, table = src.table(None), None
     rp = data.get("rerank_policies")
-    if src.path is not None and isinstance(rp, str) and rp and not Path(rp).is_absolute():
-        # relative to the TOML file, not to the working directory
+    given = parse_sets(src.sets)
+    from_set = "rerank_policies" in (given.get("serve", {}) if table else given)
+    if (
+        src.path is not None
+        and not from_set
+        and isinstance(rp, str)
+        and rp
+        and not Path(rp).is_absolute()
+    ):
+        # relative to the TOML file, not to the working directory (a --set value: to the
+        # working directory)
         data["rerank_policies"] = str(src.path.resolve().parent / rp)
-    raw = merge(data, overrides)
-    try:
-        return from_dict(ServeConfig, raw, prefix=f"{table}." if table else "")
-    except ConfigError as e:
-        raise ConfigError(f"{src.where}: {e}") from e
+    return src.build(ServeConfig, table, overrides, data=data)
 
 
 def load_serve_config(

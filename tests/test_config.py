@@ -172,7 +172,7 @@ def test_data_import_config_set_and_flags(tmp_path: Path) -> None:
         _contract_options(build_parser().parse_args([*base, "--set", "columns.nobody=X"]))
 
 
-def test_serve_config_file_set_and_flags(tmp_path: Path) -> None:
+def test_serve_config_file_set_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from serving.config import load_serve_config
 
     f = tmp_path / "serve.toml"
@@ -181,6 +181,16 @@ def test_serve_config_file_set_and_flags(tmp_path: Path) -> None:
     assert (cfg.port, cfg.max_k, cfg.host) == (7000, 7, "127.0.0.1")
     with pytest.raises(ConfigError, match=rf"{re.escape(str(f))}.*serve\.max_kk"):
         load_serve_config(f, sets=["serve.max_kk=1"])
+    # a relative rerank_policies: from the file -> next to the file; from --set -> the cwd
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    for d in (tmp_path, sub):
+        (d / "policies.toml").write_text("[default]\n")
+    f.write_text('[serve]\nrerank_policies = "policies.toml"\n')
+    monkeypatch.chdir(sub)
+    assert load_serve_config(f).rerank_policies == str(tmp_path / "policies.toml")
+    got = load_serve_config(f, sets=["serve.rerank_policies=policies.toml"]).rerank_policies
+    assert got == "policies.toml" and Path(got).resolve() == sub / "policies.toml"
 
 
 def test_train_config_errors_name_the_file(tmp_path: Path) -> None:
