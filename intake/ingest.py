@@ -34,12 +34,13 @@ from pathlib import Path
 import polars as pl
 from tqdm.auto import tqdm
 
-from ecomrec.errors import ConfigError
+from ecomrec.errors import ConfigError, DataError
 from intake.loaders.contract import (
     EVENT_ATTRIBUTES,
     ContractOptions,
     filter_rows,
     iter_events,
+    latest_values,
     merge_lines,
     product_attributes,
 )
@@ -80,18 +81,24 @@ def parse_log(
     scratch: Path,
     options: ContractOptions | None = None,
     chunk_rows: int = 500_000,
+    buckets: int = 32,
     report: DropReport | None = None,
 ) -> DropReport:
-    """Validate and parse every row of the log into ``scratch/part-K.parquet`` (chunked).
+    """Validate and parse every row of the log (chunked) into ``scratch/c=K/`` parts, one
+    folder per customer bucket (a hash of the customer id), so that everything that
+    compares rows (repeated order lines, duplicate views) meets in one bucket.
 
     A bad value raises the contract's :class:`DataError` naming the file, the row (CSV:
     line) and the column; ``report`` gets the row count and the parse notes.
     """
     options = options or ContractOptions()
     report = report or DropReport(str(Path(src).expanduser()))
-    scratch.mkdir(parents=True, exist_ok=True)
     for k, chunk in enumerate(iter_events(src, options, report, chunk_rows)):
-        chunk.write_parquet(scratch / f"part-{k:05d}.parquet")
+        bucket = (pl.col("_customer").hash(seed=0) % buckets).alias("_c")
+        for (b,), part in chunk.with_columns(bucket).partition_by("_c", as_dict=True).items():
+            d = scratch / f"c={b}"
+            d.mkdir(parents=True, exist_ok=True)
+            part.drop("_c").write_parquet(d / f"part-{k:05d}.parquet")
     return report
 
 
@@ -124,28 +131,43 @@ def ingest_event_log(
         shutil.rmtree(scratch)
     try:
         t = time.perf_counter()
-        report = parse_log(src, scratch / "rows", options, cfg.chunk_rows)
+        report = parse_log(src, scratch / "rows", options, cfg.chunk_rows, cfg.buckets)
         sec["parse"] = time.perf_counter() - t
 
+        # clean bucket by bucket: the one in-memory step here (rows / buckets events)
         t = time.perf_counter()
-        parsed = pl.scan_parquet(scratch / "rows" / "*.parquet")
-        kept_rows = filter_rows(parsed, options, report)
-        merge_lines(kept_rows, report).sink_parquet(scratch / "clean.parquet")
-        lf = pl.scan_parquet(scratch / "clean.parquet")
+        (scratch / "clean").mkdir()
+        attrs = [*EVENT_ATTRIBUTES, "price"]
+        latest: dict[str, list[pl.DataFrame]] = {a: [] for a in attrs}
+        bucket_dirs = sorted((scratch / "rows").glob("c=*"))
+        for bdir in tqdm(bucket_dirs, desc="clean", disable=not cfg.progress):
+            kept = filter_rows(pl.scan_parquet(bdir / "*.parquet"), options, report).collect()
+            merge_lines(kept.lazy(), report).collect().write_parquet(
+                scratch / "clean" / f"{bdir.name}.parquet"
+            )
+            for a, part in latest_values(kept, attrs).items():
+                latest[a].append(part)
+            del kept
+        lf = pl.scan_parquet(scratch / "clean" / "*.parquet")
         rows = int(lf.select(pl.len()).collect(engine="streaming").item())
+        if rows == 0:
+            raise DataError(
+                f"no events left after validation ({report.rows_dropped:,} dropped: "
+                f"{report.dropped})",
+                file=report.source,
+            )
         sec["clean"] = time.perf_counter() - t
 
         t = time.perf_counter()
         customers = _id_map(lf, "_customer", "user_id").rename({"_customer": "customer_id"})
         products = _id_map(lf, "_product", "item_id").rename({"_product": "product_id"})
-        present = pl.scan_parquet(scratch / "rows" / "*.parquet").select(
-            [pl.col(a).is_not_null().any() for a in (*EVENT_ATTRIBUTES, "price")]
-        )
-        flags = present.collect(engine="streaming").row(0, named=True)
-        attrs = [a for a, any_ in flags.items() if any_]
-        if attrs:
+        parts = {a: latest_values(pl.concat(v), [a])[a] for a, v in latest.items() if v}
+        parts = {a: p for a, p in parts.items() if p.height}
+        if parts:
             products = products.join(
-                product_attributes(kept_rows, attrs).rename({"external_id": "product_id"}),
+                product_attributes(parts, products["product_id"]).rename(
+                    {"external_id": "product_id"}
+                ),
                 on="product_id",
                 how="left",
             )

@@ -918,11 +918,29 @@ def clean_events(
     return merge_lines(filter_rows(parsed, opts, report, known), report)
 
 
-def product_attributes(kept: pl.LazyFrame, present: list[str]) -> pl.DataFrame:
-    """Per product, the latest non-empty value of each attribute carried on event rows
-    (title, category, brand, price): latest by timestamp, then file order."""
-    aggs = [pl.col(a).sort_by(["ts", "_row"]).drop_nulls().last().alias(a) for a in present]
-    return _collect(kept.group_by("_product").agg(aggs)).rename({"_product": "external_id"})
+def latest_values(rows: pl.DataFrame, attrs: list[str]) -> dict[str, pl.DataFrame]:
+    """Per attribute, each product's latest non-empty value with its (ts, _row).
+
+    Latest by timestamp, then file order. Associative: the latest values of several
+    parts' latest values are the latest values of the whole (how the ingest combines
+    its buckets)."""
+    return {
+        a: rows.select("_product", "ts", "_row", a)
+        .filter(pl.col(a).is_not_null())
+        .sort(["ts", "_row"])
+        .unique("_product", keep="last")
+        for a in attrs
+    }
+
+
+def product_attributes(parts: dict[str, pl.DataFrame], products: pl.Series) -> pl.DataFrame:
+    """``external_id`` + one column per attribute from :func:`latest_values` results."""
+    out = pl.DataFrame({"external_id": products})
+    for a, part in parts.items():
+        out = out.join(
+            part.select(pl.col("_product").alias("external_id"), a), on="external_id", how="left"
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------ loading
@@ -981,11 +999,9 @@ def load_contract(
         items_out = base.join(items_frame, on="external_id", how="left")
     else:
         attrs = [a for a in (*EVENT_ATTRIBUTES, "price") if parsed[a].null_count() < parsed.height]
-        items_out = (
-            base.join(product_attributes(kept_rows, attrs), on="external_id", how="left")
-            if attrs
-            else base
-        )
+        attr_rows = kept_rows.select("_product", "ts", "_row", *attrs).collect()
+        latest = product_attributes(latest_values(attr_rows, attrs), base["external_id"])
+        items_out = base.join(latest, on="external_id", how="left") if attrs else base
     ts_min, ts_max = int(df["ts"].min()), int(df["ts"].max())  # type: ignore[arg-type]
     read = [c for c in ("order_id", "session_id") if parsed[c].null_count() < parsed.height]
     extra: dict[str, object] = {
