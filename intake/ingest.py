@@ -98,7 +98,7 @@ def parse_log(
         for (b,), part in chunk.with_columns(bucket).partition_by("_c", as_dict=True).items():
             d = scratch / f"c={b}"
             d.mkdir(parents=True, exist_ok=True)
-            part.drop("_c").write_parquet(d / f"part-{k:05d}.parquet")
+            part.drop("_c").write_parquet(d / f"part-{k:05d}.parquet", compression="lz4")
     return report
 
 
@@ -141,9 +141,9 @@ def ingest_event_log(
         latest: dict[str, list[pl.DataFrame]] = {a: [] for a in attrs}
         bucket_dirs = sorted((scratch / "rows").glob("c=*"))
         for bdir in tqdm(bucket_dirs, desc="clean", disable=not cfg.progress):
-            kept = filter_rows(pl.scan_parquet(bdir / "*.parquet"), options, report).collect()
-            merge_lines(kept.lazy(), report).collect().write_parquet(
-                scratch / "clean" / f"{bdir.name}.parquet"
+            kept = filter_rows(pl.read_parquet(bdir / "*.parquet"), options, report)
+            merge_lines(kept, report).write_parquet(
+                scratch / "clean" / f"{bdir.name}.parquet", compression="lz4"
             )
             for a, part in latest_values(kept, attrs).items():
                 latest[a].append(part)

@@ -559,6 +559,10 @@ def _as_text(s: pl.Series) -> pl.Series:
     return out.replace("", None)
 
 
+def _nulls(n: int, dtype: pl.DataType) -> pl.Series:
+    return pl.select(pl.repeat(None, n, dtype=dtype)).to_series()
+
+
 def _first(mask: pl.Series) -> int:
     return int(mask.arg_true()[0])
 
@@ -710,13 +714,13 @@ def parse_events(
         types, n_empty = _event_types(table, opts.event_type)
         report.note(f"empty event_type -> {opts.event_type}", n_empty)
     else:
-        types = pl.Series([opts.event_type] * n, dtype=pl.Utf8)
+        types = pl.select(pl.repeat(opts.event_type, n, dtype=pl.Utf8)).to_series()
     if "quantity" in f.columns:
         qty = _numbers(table, "quantity", pl.Int64())
         report.note("empty quantity -> 1", int(qty.is_null().sum()))
         qty = qty.fill_null(1)
     else:
-        qty = pl.Series([1] * n, dtype=pl.Int64)
+        qty = pl.select(pl.repeat(1, n, dtype=pl.Int64)).to_series()
     rule = opts.returns_rule
     if rule is not None:
         hit = rule.mask(_rule_column(table, rule)) & types.is_in(["purchase", "return"])
@@ -728,11 +732,11 @@ def parse_events(
 
     def text(c: str, ids: bool = False) -> pl.Series:
         if c not in f.columns:
-            return pl.Series([None] * n, dtype=pl.Utf8)
+            return _nulls(n, pl.Utf8())
         return _ids(f[c]) if ids else _as_text(f[c])
 
     cols: dict[str, pl.Series] = {
-        "_row": pl.Series(range(first_row, first_row + n), dtype=pl.Int64),
+        "_row": pl.int_range(first_row, first_row + n, dtype=pl.Int64, eager=True),
         "_customer": _ids(f["customer_id"]),
         "_product": _ids(f["product_id"]),
         "ts": parse_timestamps(f["timestamp"], opts, table),
@@ -740,7 +744,7 @@ def parse_events(
         "quantity": qty,
         "price": _numbers(table, "price", pl.Float64())
         if "price" in f.columns
-        else pl.Series([None] * n, dtype=pl.Float64),
+        else _nulls(n, pl.Float64()),
         "order_id": text("order_id", ids=True),
         "session_id": text("session_id", ids=True),
         **{a: text(a) for a in EVENT_ATTRIBUTES},
@@ -809,51 +813,49 @@ def _reason(opts: ContractOptions, known: list[str] | None, now: int) -> pl.Expr
     )
 
 
-def _collect(lf: pl.LazyFrame) -> pl.DataFrame:
-    return lf.collect(engine="streaming")
-
-
 def filter_rows(
-    parsed: pl.LazyFrame,
+    parsed: pl.DataFrame,
     opts: ContractOptions,
     report: DropReport,
     known: list[str] | None = None,
-) -> pl.LazyFrame:
+) -> pl.DataFrame:
     """Row-level drops (counted in ``report``); returns written negative made positive."""
     now = opts.now if opts.now is not None else int(time.time())
-    flagged = parsed.with_columns(_reason(opts, known, now))
-    counts = _collect(flagged.group_by("_drop").len().filter(pl.col("_drop").is_not_null()))
-    for reason, n in counts.sort("_drop").iter_rows():
-        report.drop(reason, n)
-    kept = flagged.filter(pl.col("_drop").is_null()).drop("_drop")
+    reason = parsed.select(_reason(opts, known, now)).to_series()
+    counts = reason.drop_nulls().value_counts(sort=False, name="n")
+    for why, n in counts.sort("_drop").iter_rows():
+        report.drop(why, n)
+    kept = parsed.filter(reason.is_null())
     is_ret = pl.col("event_type") == "return"
-    n_neg = _collect(kept.select((is_ret & (pl.col("quantity") < 0)).sum())).item()
-    report.note("returns with negative quantity (made positive)", n_neg)
+    report.note(
+        "returns with negative quantity (made positive)",
+        int(kept.select((is_ret & (pl.col("quantity") < 0)).sum()).item()),
+    )
     return kept.with_columns(
         pl.when(is_ret).then(pl.col("quantity").abs()).otherwise(pl.col("quantity"))
     )
 
 
-def merge_lines(kept: pl.LazyFrame, report: DropReport) -> pl.LazyFrame:
+def merge_lines(kept: pl.DataFrame, report: DropReport) -> pl.DataFrame:
     """Purchases and returns: lines of one product in one order summed (quantity summed,
     revenue kept: the price becomes the quantity-weighted mean). The order is ``order_id``,
     or the timestamp when there is none. Views and carts: the same event twice is one event
-    (exact duplicates, then same customer/product/timestamp/type: the first line kept)."""
+    (exact duplicates, then same customer/product/timestamp/type: the first line kept).
+
+    Every comparison is within one customer, so a log split by customer gives the same
+    result part by part (the streaming ingest cleans per customer bucket)."""
+    kept = kept.sort("_row")  # "first" below = first in the file
     lines = pl.col("event_type").is_in(["purchase", "return"])
-    first = [
-        pl.col(c).sort_by("_row").first()
-        for c in ("ts", "session_id", "title", "category", "brand")
-    ]
     q, p = pl.col("quantity"), pl.col("price")
     orders = (
         kept.filter(lines)
         .with_columns(
             pl.when(pl.col("order_id").is_null()).then(pl.col("ts")).otherwise(None).alias("_tk")
         )
-        .group_by("_customer", "_product", "event_type", "order_id", "_tk")
+        .group_by("_customer", "_product", "event_type", "order_id", "_tk", maintain_order=True)
         .agg(
-            pl.col("_row").min(),
-            *first,
+            pl.col("_row").first(),
+            *[pl.col(c).first() for c in ("ts", "session_id", "title", "category", "brand")],
             q.sum(),
             (q * p).sum().alias("_rev"),
             q.filter(p.is_not_null()).sum().alias("_qp"),
@@ -877,43 +879,36 @@ def merge_lines(kept: pl.LazyFrame, report: DropReport) -> pl.LazyFrame:
         "session_id",
     ]
     key = ["_customer", "_product", "ts", "event_type"]
-    rest = [c for c in PARSED_SCHEMA if c not in full and c != "_row"]
+    rest = [c for c in PARSED_SCHEMA if c not in full]
     exact = (
         kept.filter(~lines)
-        .group_by(full)
-        .agg(
-            pl.col("_row").min(),
-            *[pl.col(c).sort_by("_row").first() for c in rest],
-            pl.len().alias("_n"),
-        )
+        .group_by(full, maintain_order=True)
+        .agg(*[pl.col(c).first() for c in rest], pl.len().alias("_n"))
     )
-    other = [c for c in PARSED_SCHEMA if c not in key and c != "_row"]
-    same = exact.group_by(key).agg(
-        pl.col("_row").min(),
-        *[pl.col(c).sort_by("_row").first() for c in other],
-        pl.len().alias("_n"),
+    other = [c for c in PARSED_SCHEMA if c not in key]
+    same = exact.group_by(key, maintain_order=True).agg(
+        *[pl.col(c).first() for c in other], pl.len().alias("_n")
     )
 
-    def extra_rows(lf: pl.LazyFrame) -> int:
-        return int(_collect(lf.select((pl.col("_n") - 1).sum())).item() or 0)
+    def extra_rows(df: pl.DataFrame) -> int:
+        return int(df["_n"].sum()) - df.height
 
-    n = (extra_rows(orders), extra_rows(exact), extra_rows(same))
-    report.note(MERGED_NOTE, int(n[0] or 0))
-    report.drop("exact duplicate", int(n[1] or 0))
+    report.note(MERGED_NOTE, extra_rows(orders))
+    report.drop("exact duplicate", extra_rows(exact))
     report.drop(
         "same event twice (customer, product, timestamp, type), other fields differ: first kept",
-        int(n[2] or 0),
+        extra_rows(same),
     )
     cols = [pl.col(c).cast(t) for c, t in PARSED_SCHEMA.items()]
     return pl.concat([orders.select(cols), same.select(cols)], how="vertical")
 
 
 def clean_events(
-    parsed: pl.LazyFrame,
+    parsed: pl.DataFrame,
     opts: ContractOptions,
     report: DropReport,
     known: list[str] | None = None,
-) -> pl.LazyFrame:
+) -> pl.DataFrame:
     """Parsed events -> the kept ones (row drops, then repeated lines summed), counted."""
     return merge_lines(filter_rows(parsed, opts, report, known), report)
 
@@ -973,8 +968,8 @@ def load_contract(
     if cat_table is not None:
         items_frame = _catalogue_frame(cat_table, options, report)
     known = items_frame["external_id"].to_list() if items_frame is not None else None
-    kept_rows = filter_rows(parsed.lazy(), options, report, known)
-    df = merge_lines(kept_rows, report).collect()
+    kept_rows = filter_rows(parsed, options, report, known)
+    df = merge_lines(kept_rows, report)
     if df.height == 0:
         raise DataError(
             f"no events left after validation ({report.rows_dropped:,} dropped: {report.dropped})",
@@ -999,8 +994,7 @@ def load_contract(
         items_out = base.join(items_frame, on="external_id", how="left")
     else:
         attrs = [a for a in (*EVENT_ATTRIBUTES, "price") if parsed[a].null_count() < parsed.height]
-        attr_rows = kept_rows.select("_product", "ts", "_row", *attrs).collect()
-        latest = product_attributes(latest_values(attr_rows, attrs), base["external_id"])
+        latest = product_attributes(latest_values(kept_rows, attrs), base["external_id"])
         items_out = base.join(latest, on="external_id", how="left") if attrs else base
     ts_min, ts_max = int(df["ts"].min()), int(df["ts"].max())  # type: ignore[arg-type]
     read = [c for c in ("order_id", "session_id") if parsed[c].null_count() < parsed.height]
