@@ -322,3 +322,31 @@ def test_one_reader_for_import_and_the_streaming_ingest(tmp_path: Path) -> None:
         assert res.report["notes"] == want.report.notes
         saved = json.loads((out / "ingest.json").read_text())
         assert saved["rows_in"] == raw.height
+
+
+def test_the_ingest_command_takes_the_import_flags(tmp_path: Path) -> None:
+    """`python -m intake.ingest` with the README's invoice flags = `data import`'s events."""
+    from intake.ingest import main as ingest_main
+
+    f = tmp_path / "invoices.csv"
+    f.write_text(INVOICES)
+    assert (
+        main(["data", "import", "--events", str(f), "--out", str(tmp_path / "ds"), *INVOICE_FLAGS])
+        == 0
+    )
+    ds = Dataset.load(tmp_path / "ds")
+    out = tmp_path / "ingest"
+    assert ingest_main([str(f), str(out), "--no-progress", "--buckets", "2", *INVOICE_FLAGS]) == 0
+    ev = pl.read_parquet(out / "events" / "**" / "*.parquet").sort("order")
+    users = pl.read_parquet(out / "customers.parquet")["customer_id"].to_list()
+    items = pl.read_parquet(out / "products.parquet")
+    got = [
+        (users[u - 1], items["product_id"][i - 1], t, q, round(p, 6))
+        for u, i, t, q, p in ev.select(
+            "user_id", "item_id", "event_type", "quantity", "price"
+        ).rows()
+    ]
+    assert got == _rows(ds)
+    assert items.filter(pl.col("product_id") == "85123A")["title"][0] == "WHITE HANGING HEART"
+    report = json.loads((out / "ingest.json").read_text())["report"]
+    assert report["dropped"] == ds.report.dropped and report["notes"] == ds.report.notes
