@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,27 +150,24 @@ def test_segments_config_file_set_and_flags(tmp_path: Path) -> None:
 
 
 def test_data_import_config_set_and_flags(tmp_path: Path) -> None:
-    from intake.cli import _contract_options
+    from intake.cli import contract_options
 
     f = tmp_path / "mapping.toml"
     f.write_text('timezone = "Europe/Berlin"\n[columns]\ncustomer_id = "Customer"\n')
     base = ["data", "import", "--events", "e.csv", "--out", str(tmp_path / "shop")]
-    opts = _contract_options(build_parser().parse_args([*base, "--config", str(f)]))
-    assert (opts.timezone, dict(opts.columns)) == ("Europe/Berlin", {"customer_id": "Customer"})
-    opts = _contract_options(
-        build_parser().parse_args(
-            [*base, "--mapping", str(f), "--set", "timezone=Asia/Tokyo", "--set", "name=mine"]
-        )
-    )
-    assert (opts.timezone, opts.name) == ("Asia/Tokyo", "mine")
-    opts = _contract_options(
-        build_parser().parse_args(
-            [*base, "--config", str(f), "--set", "timezone=Asia/Tokyo", "--timezone", "UTC"]
-        )
-    )
-    assert opts.timezone == "UTC"  # the flag wins
+
+    def opts(*extra: str) -> Any:
+        return contract_options(build_parser().parse_args([*base, *extra]), "shop")
+
+    got = opts("--config", str(f))
+    assert (got.timezone, dict(got.columns)) == ("Europe/Berlin", {"customer_id": "Customer"})
+    got = opts("--mapping", str(f), "--set", "timezone=Asia/Tokyo", "--set", "name=mine")
+    assert (got.timezone, got.name) == ("Asia/Tokyo", "mine")
+    got = opts("--config", str(f), "--set", "timezone=Asia/Tokyo", "--timezone", "UTC")
+    assert got.timezone == "UTC"  # the flag wins
+    assert opts("--set", "currency=GBP").currency == "GBP"
     with pytest.raises(ConfigError, match=r"--set columns.nobody=X.*nobody"):
-        _contract_options(build_parser().parse_args([*base, "--set", "columns.nobody=X"]))
+        opts("--set", "columns.nobody=X")
 
 
 def test_serve_config_file_set_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
