@@ -182,8 +182,7 @@ def format_response(resp: Any) -> str:
     for n, it in enumerate(resp.items, 1):
         title = (it.title[:60] + "...") if len(it.title) > 63 else it.title
         reasons = [
-            "POPULAR" if (r == "POPULAR_IN_SEGMENT" and not resp.segment) else r
-            for r in it.reasons
+            "POPULAR" if (r == "POPULAR_IN_SEGMENT" and not resp.segment) else r for r in it.reasons
         ]
         lines.append(f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(reasons):<32} {title}")
     return "\n".join(lines)
