@@ -45,10 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         fmt = kwargs.get("formatter_class", HelpFormatter)
-        if not (isinstance(fmt, type) and issubclass(fmt, HelpFormatter)):
+        if isinstance(fmt, type) and not issubclass(fmt, HelpFormatter):
             # a package asked for its own formatter (e.g. the plain ArgumentDefaults one):
             # keep it, with the defaults shown once
-            fmt = type(f"Once{getattr(fmt, '__name__', 'Formatter')}", (HelpFormatter, fmt), {})
+            fmt = type(f"Once{fmt.__name__}", (HelpFormatter, fmt), {})
         kwargs["formatter_class"] = fmt
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
