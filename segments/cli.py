@@ -1,8 +1,8 @@
 """``ecomrec segments|campaign|churn`` subcommands (wired into ``ecomrec/cli.py`` by ``register``).
 
     ecomrec segments report --dataset online-retail --out DIR [--run RUN_DIR] [--k K]
-    ecomrec customers show 12346 --dataset online-retail --segments DIR   (reads DIR/scores)
-    ecomrec customers similar 12346 --dataset online-retail --segments DIR --k 10
+    ecomrec customers show 12346 --dataset online-retail --scores DIR   (reads DIR/scores)
+    ecomrec customers similar 12346 --dataset online-retail --scores DIR --k 10
     ecomrec segments export --dataset online-retail --out DIR [--raw-ids] [--salt S]
                             [--previous PREV_EXPORT_DIR]
     ecomrec campaign audience --text "christmas lights" --k 500 [--segment "At Risk"]
@@ -55,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _scores_opts(p: argparse.ArgumentParser, *, producer: bool = False) -> None:
     """Where the saved segment scores are read (and written when missing)."""
     p.add_argument(
-        "--segments",
+        "--scores",
         default=None,
         metavar="DIR",
         help="output folder of `ecomrec segments report` or `export`: its saved scores "
@@ -142,7 +142,7 @@ def _scores(
 
     from segments.artifacts import obtain
 
-    where = out_dir if out_dir is not None else getattr(args, "segments", None)
+    where = out_dir if out_dir is not None else getattr(args, "scores", None)
     t0 = time.perf_counter()
     scored, ev = obtain(
         ds,
@@ -158,7 +158,7 @@ def _scores(
     if where is None and took > 5:
         print(
             f"(scored {scored.table.height:,} customers in {took:.0f} s; run `ecomrec segments "
-            "report --out DIR` once and pass --segments DIR to answer in about a second)",
+            "report --out DIR` once and pass --scores DIR to answer in about a second)",
             file=sys.stderr,
         )
     return scored, ev
@@ -183,7 +183,7 @@ def _segments_report(args: argparse.Namespace) -> int:
 
     ds = _load(args)
     scored, ev = _scores(
-        args, ds, out_dir=args.segments or args.out, with_evaluation=True, on_stale="refit"
+        args, ds, out_dir=args.scores or args.out, with_evaluation=True, on_stale="refit"
     )
     path = write_report(
         args.out,
@@ -215,7 +215,7 @@ def _segments_export(args: argparse.Namespace) -> int:
     prev = load_previous_segments(args.previous) if args.previous else None
     scored = _score(args, ds, prev)
     manifest = write_export(args.out, scored, ds, raw_ids=args.raw_ids, salt=args.salt)
-    # the export folder also holds the scores, for --segments of the analyst commands
+    # the export folder also holds the scores, for --scores of the analyst commands
     save(args.out, scored, ds, embedding_base(args.run))
     if args.run:
         from towers.inference import load_run

@@ -69,7 +69,7 @@ def test_saved_scores_answer_like_a_refit(
 ) -> None:
     a, rep = world["a"], world["report"]
     who = _buyer(a)
-    refit = _show(a, who, capsys=capsys)  # no --segments: everything refitted in memory
+    refit = _show(a, who, capsys=capsys)  # no --scores: everything refitted in memory
     sim_refit = world["root"] / "sim_refit.csv"
     assert main(["customers", "similar", who, "--dataset", str(a), "--k", "5",
                  "--out", str(sim_refit)]) == 0  # fmt: skip
@@ -81,19 +81,19 @@ def test_saved_scores_answer_like_a_refit(
         raise AssertionError("the saved scores were up to date: nothing may be refitted")
 
     monkeypatch.setattr(segments.export, "score_customers", no_refit)
-    saved = _show(a, who, "--segments", str(rep), capsys=capsys)
+    saved = _show(a, who, "--scores", str(rep), capsys=capsys)
     assert saved == refit
     assert saved["churn_probability"] == refit["churn_probability"]
     sim_saved = world["root"] / "sim_saved.csv"
     assert main(["customers", "similar", who, "--dataset", str(a), "--k", "5",
-                 "--segments", str(rep), "--out", str(sim_saved)]) == 0  # fmt: skip
+                 "--scores", str(rep), "--out", str(sim_saved)]) == 0  # fmt: skip
     x, y = pl.read_csv(sim_saved), pl.read_csv(sim_refit)
     assert x["customer"].cast(pl.Utf8).to_list() == y["customer"].cast(pl.Utf8).to_list()
     assert np.allclose(x["similarity"].to_numpy(), y["similarity"].to_numpy(), atol=1e-6)
     # the human table: no column types, rounded values, percentages
     capsys.readouterr()
     assert main(["customers", "similar", who, "--dataset", str(a), "--k", "3",
-                 "--segments", str(rep)]) == 0  # fmt: skip
+                 "--scores", str(rep)]) == 0  # fmt: skip
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:2] == ["customer", "similarity"]
     assert not any(t in " ".join(out) for t in ("str", "f64", "┌", "shape:"))
@@ -113,21 +113,21 @@ def test_stale_scores_are_refused_then_refitted_by_the_report(
     b = world["b"]
     who = _buyer(b)
     capsys.readouterr()
-    rc = main(["customers", "show", who, "--dataset", str(b), "--segments", str(rep)])
+    rc = main(["customers", "show", who, "--dataset", str(b), "--scores", str(rep)])
     err = capsys.readouterr().err
     assert rc == 2 and "another dataset" in err and "Traceback" not in err, err
     fp_a = json.loads((rep / "scores" / "meta.json").read_text())["dataset_fingerprint"]
     assert fp_a in err
     # another config (horizon) on the same data is stale too
     rc = main(["customers", "show", _buyer(world["a"]), "--dataset", str(world["a"]),
-               "--segments", str(rep), "--horizon-days", "60"])  # fmt: skip
+               "--scores", str(rep), "--horizon-days", "60"])  # fmt: skip
     assert rc == 2 and "another config" in capsys.readouterr().err
     # the report (the producer) refits and replaces them
     assert main(["segments", "report", "--dataset", str(b), "--out", str(rep)]) == 0
     meta = json.loads((rep / "scores" / "meta.json").read_text())
     assert meta["dataset_fingerprint"] == load_dataset(str(b)).fingerprint()["id"] != fp_a
     capsys.readouterr()
-    info = _show(b, who, "--segments", str(rep), capsys=capsys)
+    info = _show(b, who, "--scores", str(rep), capsys=capsys)
     assert info["customer"] == who
 
 
@@ -137,8 +137,8 @@ def test_missing_scores_are_computed_and_saved(
     a = world["a"]
     who = _buyer(a)
     where = tmp_path / "scores_here"
-    first = _show(a, who, "--segments", str(where), capsys=capsys)
+    first = _show(a, who, "--scores", str(where), capsys=capsys)
     assert (where / "scores" / "meta.json").is_file()
     meta = json.loads((where / "scores" / "meta.json").read_text())
     assert meta["evaluation"] is False  # show needs no held-out evaluation
-    assert _show(a, who, "--segments", str(where), capsys=capsys) == first
+    assert _show(a, who, "--scores", str(where), capsys=capsys) == first
