@@ -572,7 +572,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--currency",
         default=None,
-        help="currency code of the amounts, e.g. GBP (default: the dataset's, else none)",
+        help="currency code of the amounts, e.g. GBP (default: the dataset's, from "
+        "`data import --currency`, else none)",
     )
     _scores_opts(p, producer=True)
     p.set_defaults(func=_segments_report)
