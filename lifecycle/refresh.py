@@ -48,6 +48,7 @@ from indexing.build import (
     item_payloads,
     open_store,
     publish_version,
+    without_untrained,
 )
 from intake.dataset import Dataset
 from lifecycle.drift import DriftThresholds, drift_report, write_report
@@ -539,6 +540,7 @@ def _bootstrap(
         items = ds.items.filter(pl.col("external_id").is_in(list(known)))
         vecs = tm.embed_items(items)
         item_ids, payloads = item_payloads(items, tm.model_version)
+        item_ids, vecs, payloads, _ = without_untrained(item_ids, vecs, payloads)
         target = build_version(
             store, item_ids, vecs, payloads, model_version=tm.model_version, alias=icfg.alias
         ).version

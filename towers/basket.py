@@ -24,7 +24,9 @@ items by how often and how recently they were bought (the new-items protocol mas
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -136,3 +138,161 @@ class BasketTower(nn.Module):
             r = (self.r_age(t["age"]) + self.r_count(t["count"])).squeeze(1)  # (nnz,)
             s = s.index_put((t["rows"], t["items"]), r, accumulate=True)
         return s
+
+
+# --- serving: the basket tower behind the TwoTower interface -------------------------
+BASKET_FORMAT = "ecomrec-basket-tower/1"
+SERVED_MAX_LEN = 1000  # newest history events the served tower reads (a shop's long B2B histories)
+
+
+def _bucket_seconds() -> np.ndarray:
+    """(N_GAP_BUCKETS,) a representative gap in seconds of each time-gap bucket (0 = padding,
+    1 = same instant, k >= 2: the geometric middle of its edges, the last one 1.5 years)."""
+    from towers.sequences import _GAP_EDGES
+
+    e = _GAP_EDGES.astype(np.float64)
+    mids = [float(np.sqrt(a * b)) for a, b in itertools.pairwise(e)]
+    return np.asarray([0.0, 0.0, *mids, 1.5 * 365 * 86400], np.float64)
+
+
+def bag_from_batch(items: np.ndarray, event_type: np.ndarray, gap: np.ndarray) -> ItemBag:
+    """The :class:`ItemBag` of a padded :class:`~towers.sequences.SequenceBatch` as of just
+    after each row's newest event (the serving "now", as the buy-again mode's).
+
+    Invoices are runs of events at the same instant (gap bucket 1); counts are exact,
+    ages are the sum of each later event's gap-bucket middle (:func:`_bucket_seconds`), so
+    they are approximate within a bucket: the served tower is evaluated in this form
+    (``training.protocol``), so the numbers it reports are the served ones."""
+    from intake.schema import EVENT_TYPE_IDS
+
+    pur = EVENT_TYPE_IDS["purchase"]
+    mid = _bucket_seconds()
+    indptr, out_items, out_count, out_age = [0], [], [], []
+    for r in range(items.shape[0]):
+        real = items[r] > 0  # (T,)
+        g = mid[np.clip(gap[r][real], 0, len(mid) - 1)]  # (n,) seconds since the previous event
+        # age of event i = seconds from it to the newest event (+1 s: "now" is just after)
+        after = np.concatenate([np.cumsum(g[::-1])[::-1][1:], [0.0]]) + 1.0  # (n,)
+        invoice = np.cumsum(gap[r][real] > 1)  # (n,) invoice number of every event
+        m = event_type[r][real] == pur
+        s, inv, age = items[r][real][m], invoice[m], after[m]
+        if len(s):
+            pair, first = np.unique(np.stack([s, inv], 1), axis=0, return_index=True)
+            it, start, cnt = np.unique(pair[:, 0], return_index=True, return_counts=True)
+            last = first[start + cnt - 1]  # the item's newest invoice (its smallest age)
+            out_items.append(it.astype(np.int64))
+            out_count.append(cnt.astype(np.int64))
+            out_age.append(np.round(age[last]).astype(np.int64))
+        indptr.append(indptr[-1] + (len(out_items[-1]) if len(s) else 0))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return ItemBag(np.asarray(indptr, np.int64), cat(out_items), cat(out_count), cat(out_age))
+
+
+class BasketServed(nn.Module):
+    """A trained :class:`BasketTower` with the interface of :class:`towers.model.TwoTower`
+    that indexing, serving and segments use (``item_table``, ``item_vectors``, ``encode``,
+    ``dim``, ``n_items``, ``item_cfg``, ``item_tower.known``), so a basket run is served
+    like every other family (``towers.inference.load_run``).
+
+    The explore score ``scale * (u . E_out[j] + b_j)`` is a dot product of ``[u, 1]`` and
+    ``[E_out[j], b_j]``; both sides are lifted by one dimension (as
+    :class:`towers.factor.FactorTower`: items ``[y / M, sqrt(1 - |y|^2 / M^2)]``, users
+    ``[w / |w|, 0]``) so that the index's cosine order equals the tower's score order.
+    Items never bought in training (``known`` 0) get zero vectors: no trained vector."""
+
+    def __init__(self, tower: BasketTower, known: np.ndarray, max_len: int = SERVED_MAX_LEN):
+        from towers.factor import _NoContent
+        from towers.item_tower import ItemTowerConfig
+
+        super().__init__()
+        self.tower = tower.eval()
+        self.n_items = tower.n_items
+        self.max_len = max_len
+        k = torch.as_tensor(np.asarray(known, np.float32))  # (N+1,)
+        k[0] = 0.0
+        d = tower.cfg.dim + 2
+        self.item_tower = _NoContent(k, d)
+        self.item_cfg = ItemTowerConfig(
+            dim=d, use_text=False, use_brand=False, use_category=False, use_price=False
+        )
+
+    @property
+    def dim(self) -> int:
+        """Vector width in the index (D + 2: the bias and the lift)."""
+        return int(self.tower.cfg.dim) + 2
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor:
+        """(N+1, D+2) lifted unit item vectors; row 0 and unknown items are zeros."""
+        y = torch.cat([self.tower.out_emb.weight, self.tower.out_bias.unsqueeze(1)], 1)  # (N+1, D+1)
+        known = self.item_tower.known.unsqueeze(1)  # (N+1, 1)
+        y = y * known
+        m = float(y.norm(dim=1).max().clamp(min=1e-12))
+        y = y / m
+        rest = (1.0 - (y * y).sum(1, keepdim=True)).clamp(min=0.0).sqrt() * known  # (N+1, 1)
+        return torch.cat([y, rest], 1)
+
+    def item_vectors(self, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(N+1, D+2) unit item vectors (the table is already unit norm)."""
+        return self.item_table() if table is None else table
+
+    @torch.no_grad()
+    def encode(
+        self,
+        items: torch.Tensor,  # (B, T) int64, 0 = padding
+        event_type: torch.Tensor,  # (B, T)
+        gap: torch.Tensor,  # (B, T) time-gap buckets
+        lengths: torch.Tensor,  # (B,)
+        table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, D+2) unit user vectors ``[w / |w|, 0]``, ``w = [u, 1]``; rows without a
+        purchase give zeros."""
+        bag = bag_from_batch(items.cpu().numpy(), event_type.cpu().numpy(), gap.cpu().numpy())
+        u = self.tower.user_vectors(self.tower.bag_tensors(bag))  # (B, D)
+        w = torch.cat([u, torch.ones_like(u[:, :1])], 1)  # (B, D+1)
+        w = nn.functional.normalize(w, dim=-1, eps=1e-12)
+        has = torch.from_numpy(np.diff(bag.indptr) > 0).to(w.dtype).unsqueeze(1)  # (B, 1)
+        return torch.cat([w, torch.zeros_like(w[:, :1])], 1) * has
+
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=-1, eps=1e-12)
+
+
+def save_basket_served(path: str | Path, model: BasketServed, item_ids: list[str], meta: dict) -> None:
+    """Atomically write a served basket tower (weights, config, known mask, external ids)."""
+    from dataclasses import asdict
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": BASKET_FORMAT,
+        "cfg": asdict(model.tower.cfg),
+        "n_items": model.n_items,
+        "state": model.tower.state_dict(),
+        "known": model.item_tower.known.cpu(),
+        "max_len": model.max_len,
+        "item_ids": list(item_ids),
+        "meta": meta,
+    }
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(p)
+
+
+def load_basket_served(path: str | Path) -> tuple[BasketServed, list[str], dict]:
+    """(model, external item ids, meta) of a file written by :func:`save_basket_served`."""
+    from ecomrec.config import from_dict
+    from ecomrec.errors import ModelError, NotFoundError
+
+    p = Path(path)
+    if not p.exists():
+        raise NotFoundError(f"no basket tower at {p}")
+    blob = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != BASKET_FORMAT:
+        raise ModelError(f"{p} is not an ecomrec basket tower")
+    tower = BasketTower(from_dict(BasketTowerConfig, blob["cfg"]), int(blob["n_items"]))
+    tower.load_state_dict(blob["state"])
+    model = BasketServed(tower, blob["known"].numpy(), int(blob["max_len"]))
+    model.eval()
+    return model, list(blob["item_ids"]), dict(blob["meta"])
