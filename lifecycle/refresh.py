@@ -55,7 +55,7 @@ from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
 from lifecycle.state import DeployState, Record, refresh_lock, write_json_atomic
 from lifecycle.warmstart import transplant
-from towers.inference import MANIFEST_FILE, MODEL_FILE
+from towers.inference import MANIFEST_FILE, MODEL_FILE, served_kind
 from towers.model import load_checkpoint, save_checkpoint
 from towers.sequences import Interactions
 from training.trainer import RunConfig, Trainer, peak_rss_mb
@@ -223,6 +223,13 @@ def _refresh_locked(
         w0 = int(now - min(cfg.eval_days * DAY, span / 2))
         inter = Interactions.from_events(ev, ds.n_users, ds.n_items)
         targets, history = window_targets(inter, w0, now)
+        kind = served_kind(live.run)
+        if kind != "two-tower":  # warm start needs the sequence tower itself
+            raise ConfigError(
+                f"the live run {live.run} serves {kind!r}: `ecomrec refresh` warm-starts the "
+                "sequence tower only; retrain with `ecomrec train` (same --out is refused for "
+                "other data: a new run directory) and rebuild the index"
+            )
         ck = load_checkpoint(Path(live.run) / MODEL_FILE)[0]
         rcfg = _train_config(ck.meta.get("run_config", {}), cfg, epochs=cfg.epochs)
         ids = ds.item_ids.external_ids

@@ -167,6 +167,11 @@ class FactorRetriever:
         assert self.model is not None, "fit first"
         return factor_scorer(self.model)(users, history)  # type: ignore[no-any-return]
 
+    def served_model(self) -> FactorTower:
+        """The model ``load_run`` would return."""
+        assert self.model is not None, "fit first"
+        return self.model
+
     def save(self, path: Path) -> None:
         raise NotImplementedError("use save_served (needs the external item ids)")
 

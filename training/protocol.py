@@ -401,11 +401,20 @@ class ServedBasket:
     def config(self) -> Any:
         return self.inner.config
 
+    @property
+    def epochs(self) -> int:
+        """Epochs of the fitted tower (the chosen epoch, or the refit's count)."""
+        return int(self.inner.best_epoch)
+
     def fit(self, train: Any, valid: Any = None) -> None:
         from towers.basket import BasketServed
 
         self.inner.fit(train, valid)
         self.served = BasketServed(self.inner.model, train.item_counts() > 0)
+
+    def served_model(self) -> Any:
+        """The model ``load_run`` would return (:class:`towers.basket.BasketServed`)."""
+        return self.served
 
     def score(self, users: Any, history: Any) -> Any:
         import numpy as np
@@ -594,54 +603,105 @@ def _release(r: ModelResult) -> None:
 def save_served(sel: Selection, dataset: Any, run_dir: Path) -> dict[str, Any]:
     """Save the winner of :func:`select_model` in ``run_dir`` so that
     :func:`towers.inference.load_run` serves it, and record the comparison in the run's
-    ``manifest.json`` (``served`` = ``{kind, path, ...}``). Returns the ``served`` record.
+    ``manifest.json`` (``served`` = ``{kind, path, params, ...}``). Returns ``served``.
 
     The sequence tower is already in ``run_dir`` (``model.pt``, trained there); the basket
     tower is saved as ``served/basket.pt`` (:class:`towers.basket.BasketServed`), ALS/EASE
-    as ``served/<kind>.pt`` (:class:`towers.factor.FactorTower`)."""
-    import json
-    import time as _time
-
-    from towers.basket import save_basket_served
-    from towers.inference import MANIFEST_FILE, MODEL_FILE, SERVED_KEY
-
-    run_dir = Path(run_dir)
-    mf = run_dir / MANIFEST_FILE
-    manifest: dict[str, Any] = json.loads(mf.read_text()) if mf.exists() else {}
-    manifest.setdefault(
-        "model_version", f"{run_dir.name}-{_time.strftime('%Y%m%dT%H%M%S', _time.gmtime())}"
-    )
+    as ``served/<kind>.pt`` (:class:`towers.factor.FactorTower`). The record holds what
+    :func:`refit_served` needs to refit the same model on new data (``ecomrec refresh``)."""
     r = sel.results[sel.served]
-    meta = {
-        "params": r.config,
-        "valid_metrics": r.valid,
-        "refit_on": "train+valid",
-        "model_version": manifest["model_version"],
-    }
-    item_ids = list(dataset.item_ids.external_ids)
-    if sel.served == "sequence-tower":
-        served: dict[str, Any] = {"kind": "two-tower", "path": MODEL_FILE}
-    elif sel.served == "basket-tower":
-        rel = "served/basket.pt"
-        save_basket_served(run_dir / rel, r.model.served, item_ids, meta)
-        served = {"kind": "basket", "path": rel, "params": r.config}
-    else:
-        rel = f"served/{sel.served}.pt"
-        r.model.save_served(run_dir / rel, item_ids, meta)
-        served = {"kind": sel.served, "path": rel, "params": r.config}
-    manifest[SERVED_KEY] = served
-    manifest["selection"] = {
+    kind = SERVED_KIND.get(sel.served, sel.served)
+    selection = {
         "family": sel.family,
         "split": sel.split.protocol,
         "select_metric": "valid ndcg@10",
         "candidates": sel.table(),
         "skipped": sel.skipped,
     }
+    return write_served(
+        Path(run_dir),
+        kind,
+        r.model,
+        list(dataset.item_ids.external_ids),
+        {"params": r.config, "valid_metrics": r.valid, "refit_on": "train+valid"},
+        {"selection": selection},
+    )
+
+
+SERVED_KIND = {"sequence-tower": "two-tower", "basket-tower": "basket"}
+
+
+def write_served(
+    run_dir: Path,
+    kind: str,
+    model: Any,
+    item_ids: list[str],
+    meta: dict[str, Any],
+    manifest_extra: dict[str, Any] | None = None,
+    model_version: str | None = None,
+) -> dict[str, Any]:
+    """Write a fitted ``model`` (:class:`ServedBasket` or
+    :class:`training.fallback.FactorRetriever`; ``two-tower``: already in ``run_dir``) and
+    the manifest's ``served`` record; returns the record."""
+    import json
+    import time as _time
+
+    from towers.basket import save_basket_served
+    from towers.inference import MANIFEST_FILE, MODEL_FILE, SERVED_KEY
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    mf = run_dir / MANIFEST_FILE
+    manifest: dict[str, Any] = json.loads(mf.read_text()) if mf.exists() else {}
+    if model_version:
+        manifest["model_version"] = model_version
+    manifest.setdefault(
+        "model_version", f"{run_dir.name}-{_time.strftime('%Y%m%dT%H%M%S', _time.gmtime())}"
+    )
+    meta = {**meta, "model_version": manifest["model_version"]}
+    params = meta.get("params", {})
+    if kind == "two-tower":
+        served: dict[str, Any] = {"kind": "two-tower", "path": MODEL_FILE}
+    elif kind == "basket":
+        rel = "served/basket.pt"
+        save_basket_served(run_dir / rel, model.served, item_ids, meta)
+        served = {"kind": "basket", "path": rel, "params": params, "epochs": model.epochs}
+    else:
+        rel = f"served/{kind}.pt"
+        model.save_served(run_dir / rel, item_ids, meta)
+        served = {"kind": kind, "path": rel, "params": params, "fallback": to_dict(model.cfg)}
+    manifest[SERVED_KEY] = served
+    manifest.update(manifest_extra or {})
     tmp = mf.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=float))
     tmp.replace(mf)
     return served
+
+
+def refit_served(run_dir: Path, train: Any) -> Any:
+    """The served model of ``run_dir`` refit from scratch on ``train`` with the recipe it
+    was chosen with (basket tower: its parameters and epoch count; ALS/EASE: their
+    parameters). ``ecomrec refresh`` uses it for every family but the sequence tower (which
+    it warm-starts). Returns the fitted :class:`ServedBasket` / ``FactorRetriever``."""
+    import json
+
+    from ecomrec.config import from_dict
+    from ecomrec.errors import ModelError
+    from towers.inference import MANIFEST_FILE, SERVED_KEY
+    from training.basket import BasketRetriever, BasketTrainConfig
+    from training.fallback import FactorRetriever, FallbackConfig
+
+    served = json.loads((Path(run_dir) / MANIFEST_FILE).read_text()).get(SERVED_KEY, {})
+    kind = served.get("kind", "two-tower")
+    if kind == "basket":
+        inner = BasketRetriever(from_dict(BasketTrainConfig, served["params"]))
+        inner.refit_epochs = int(served.get("epochs", inner.config.epochs))
+        r: Any = ServedBasket(inner)
+    elif kind in ("als", "ease"):
+        r = FactorRetriever(kind, served["params"], from_dict(FallbackConfig, served["fallback"]))
+    else:
+        raise ModelError(f"{run_dir} serves {kind!r}: refit_served covers basket, als, ease")
+    r.fit(train, None)
+    return r
 
 
 def selection_text(sel: Selection, served: dict[str, Any] | None = None) -> str:
