@@ -224,7 +224,9 @@ class BasketServed(nn.Module):
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:
         """(N+1, D+2) lifted unit item vectors; row 0 and unknown items are zeros."""
-        y = torch.cat([self.tower.out_emb.weight, self.tower.out_bias.unsqueeze(1)], 1)  # (N+1, D+1)
+        y = torch.cat(
+            [self.tower.out_emb.weight, self.tower.out_bias.unsqueeze(1)], 1
+        )  # (N+1, D+1)
         known = self.item_tower.known.unsqueeze(1)  # (N+1, 1)
         y = y * known
         m = float(y.norm(dim=1).max().clamp(min=1e-12))
@@ -259,7 +261,9 @@ class BasketServed(nn.Module):
         return nn.functional.normalize(x, dim=-1, eps=1e-12)
 
 
-def save_basket_served(path: str | Path, model: BasketServed, item_ids: list[str], meta: dict) -> None:
+def save_basket_served(
+    path: str | Path, model: BasketServed, item_ids: list[str], meta: dict
+) -> None:
     """Atomically write a served basket tower (weights, config, known mask, external ids)."""
     from dataclasses import asdict
 

@@ -138,11 +138,13 @@ class BasketRetriever:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         t0 = time.perf_counter()
+        # the bag is made of purchases only (as bag_for_users and the served tower read it)
+        bought = train.filter(train.event_type == EVENT_TYPE_IDS["purchase"])
         model = BasketTower(cfg.model, train.n_items)
         if cfg.model.init == "ease":
-            model.init_from_ease(ease_weights(train.to_csr(binary=True), cfg.model.ease_l2))
+            model.init_from_ease(ease_weights(bought.to_csr(binary=True), cfg.model.ease_l2))
         self.model = model
-        ex = make_examples(train, cfg)
+        ex = make_examples(bought, cfg)
         log.info("basket tower: %d examples from %d customers", len(ex.users), len(set(ex.users)))
         self._init = (
             (model.in_emb.weight.detach().clone(), model.out_emb.weight.detach().clone())
@@ -171,7 +173,7 @@ class BasketRetriever:
                 leave=False,
             ):
                 idx = order[start : start + cfg.batch_size]
-                loss = self._loss(train, ex, idx, exclude)
+                loss = self._loss(bought, ex, idx, exclude)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -266,13 +266,20 @@ def make_split(
     """The split of a loaded dataset: ``auto`` (:func:`split_rule`), ``temporal``,
     ``temporal:YYYY-MM-DD``, ``loo`` / ``loo-file`` / ``loo-shuffle``.
 
-    History holds every event (views too); targets are purchases under the temporal split.
-    ``protocol="buy-again"`` keeps history items rankable (temporal only)."""
+    History holds every event of an event log (views and carts are the sequence tower's
+    input) but only the purchases of a transaction log (a return or cancellation is not a
+    positive signal for the basket tower or ALS/EASE); targets are purchases under the
+    temporal split. ``protocol="buy-again"`` keeps history items rankable (temporal only)."""
+    import polars as pl
+
     from ecomrec.errors import ConfigError, DataError
     from towers.sequences import Interactions
     from training.splits import default_test_start, leave_one_out, temporal_split
 
-    inter = Interactions.from_events(dataset.events, dataset.n_users, dataset.n_items)
+    events = dataset.events
+    if is_transaction_log(dataset):
+        events = events.filter(pl.col("event_type") == "purchase")
+    inter = Interactions.from_events(events, dataset.n_users, dataset.n_items)
     kind, reason = split_rule(dataset) if spec == "auto" else (spec, f"--split {spec}")
     if kind.startswith("temporal:"):
         kind, test_start = "temporal", kind.split(":", 1)[1]
@@ -308,6 +315,9 @@ def make_split(
         split = leave_one_out(inter, ties=ties, seed=seed)  # type: ignore[arg-type]
     split.protocol["rule"] = reason
     split.protocol["protocol"] = protocol
+    split.protocol["history"] = (
+        "purchases" if events is not dataset.events else "every event (views, carts, ...)"
+    )
     return split
 
 

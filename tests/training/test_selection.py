@@ -200,3 +200,49 @@ def test_id_only_sequence_run_with_unseen_products_serves(
     finally:
         s.close()
         reader.close()
+
+
+def test_refresh_refits_the_served_basket_tower(shop: Path, tmp_path: Path) -> None:
+    """`ecomrec refresh` of a run serving the basket tower: the same recipe refit on the
+    new data, shadow-evaluated against the live model, promoted as a basket run with a new
+    index version (the never-bought products left out again)."""
+    import polars as pl
+
+    from ecomrec.cli import main
+    from intake.dataset import Dataset
+    from intake.loaders import load_dataset
+    from lifecycle.refresh import RefreshConfig, refresh
+    from towers.basket import BasketServed
+    from towers.inference import load_run, served_kind
+
+    full = load_dataset(str(shop))
+    t1 = (int(full.events["ts"].max()) // 86400 - 60) * 86400  # type: ignore[operator]
+    old = Dataset(
+        full.name,
+        full.events.filter(pl.col("ts") < t1),
+        full.items,
+        full.users,
+        full.item_ids,
+        full.report,
+    )
+    old.save(tmp_path / "old")
+    run = tmp_path / "live"
+    assert main(["train", "--dataset", str(tmp_path / "old"), "--out", str(run), *ARGS]) == 0
+    assert served_kind(run) == "basket"
+    cfg = RefreshConfig(
+        eval_days=30, tolerance=1.0, churn_tolerance=1.0, export_onnx=False, min_eval_users=5
+    )
+    res = refresh(run, full, tmp_path / "index", config=cfg, since=t1)
+    assert res.decision == "promoted", res.reason
+    assert res.record is not None
+    new = Path(res.record.run)
+    assert served_kind(new) == "basket" and new != run
+    tm = load_run(new)
+    assert isinstance(tm.model, BasketServed)
+    dec = json.loads((res.report_dir / "decision.json").read_text())  # type: ignore[operator]
+    assert dec["refresh"].startswith("refit (basket")
+    assert dec["ndcg@10"]["candidate"] > 0.3  # the planted next theme is learnt again
+    man = json.loads((new / "manifest.json").read_text())
+    assert man["lineage"]["parent_run"] == str(run.resolve())
+    # the served record keeps the recipe (refit again by the next refresh)
+    assert man["served"]["epochs"] >= 0 and man["served"]["params"]["model"]["dim"] == 32
