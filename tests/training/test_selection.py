@@ -191,7 +191,7 @@ def test_id_only_sequence_run_with_unseen_products_serves(
     assert main([*argv, "--config", "quick", "--set", "threads=1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["served"]["kind"] == "two-tower" and res["family"] == "sequence"
-    ds, parts, reader, s = _served(run, shop, tmp_path / "index", capsys)
+    ds, _parts, reader, s = _served(run, shop, tmp_path / "index", capsys)
     unseen = {ds.item_ids.to_external(i) for i in range(ds.n_items - N_UNSEEN + 1, ds.n_items + 1)}
     try:
         for u in (1, 2, 3):
