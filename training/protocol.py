@@ -436,7 +436,7 @@ class ServedBasket:
         m = self.served
         with torch.no_grad():
             t = batch_tensors(batch_for_users(history, np.asarray(users), m.max_len))
-            u = m.encode(t["items"], t["event_type"], t["gap"], t["lengths"])  # (B, D+2)
+            u = m.encode(t["items"], t["event_type"], t["gap"], t["lengths"])  # (B, 2(D+1))
             s = u @ m.item_table().T  # (B, N+1)
             s[:, m.item_tower.known == 0] = -torch.inf  # not in the index
         return s.numpy()

@@ -157,6 +157,14 @@ def test_basket_run_serves_planted_items_over_grpc(
             sc[h.purchased()] = -np.inf
             want = [ds.item_ids.to_external(int(i)) for i in np.argsort(-sc)[:4]]
             assert set(got) == set(want), (u, got, want)
+            # the lift keeps the tower's own score order: scale * (u . E_out[j] + b_j)
+            from towers.basket import bag_from_batch
+
+            bag = bag_from_batch(t["items"].numpy(), t["event_type"].numpy(), t["gap"].numpy())
+            with torch.no_grad():
+                raw = m.tower.scores(m.tower.bag_tensors(bag), repeat=False)[0].numpy()
+            raw[np.isinf(sc)] = -np.inf
+            assert np.argsort(-raw)[:4].tolist() == np.argsort(-sc)[:4].tolist()
             # the planted answer: the theme after the latest invoice's
             seq, ts = inter.seq(u), inter.seq_ts(u)
             last = int(seq[(ts == ts.max()) & (seq <= 48)][0])  # a theme product (not noise)
