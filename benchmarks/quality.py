@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a run config value (TOML literal, as `ecomrec train --set`; "
-        "basket.* for the basket tower), e.g. --set threads=1",
+        "basket.* for the basket tower, e.g. basket.dims=[64]), e.g. --set threads=1",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars / info logs")
     args = ap.parse_args(argv)

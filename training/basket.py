@@ -42,6 +42,7 @@ class BasketTrainConfig:
     """Training of :class:`BasketTower` (saved with the weights)."""
 
     model: BasketTowerConfig = field(default_factory=BasketTowerConfig)
+    dims: tuple[int, ...] = (256, 512)  # model.dim grid, chosen on validation (select_model)
     targets: Literal["new", "all"] = "new"  # new items only, or repurchases too (buy-again)
     window_days: int = 30  # targets: purchases in the window after the cutoff
     cutoffs_per_user: int = 50  # most recent invoice times used as cutoffs per customer

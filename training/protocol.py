@@ -512,8 +512,9 @@ def select_model(
     after its choice and never for a choice.
 
     ``config``: the sequence tower's run config (TOML path / name / RunConfig; its
-    ``[fallback]`` table lists the baselines); ``overrides``: nested ``--set`` values
-    (``basket.*`` for the basket tower's BasketTrainConfig); ``models``: candidate list
+    ``[fallback]`` table lists the baselines, ``[basket]`` the basket tower's
+    BasketTrainConfig with its ``dims`` grid); ``overrides``: nested ``--set`` values;
+    ``models``: candidate list
     (``tower``, ``als``, ``ease``, ``popularity``, ``co-bought-last``, or any baseline of
     :func:`model_family`); ``run_dir``: where the sequence tower trains (checkpoints)."""
     from ecomrec.errors import ConfigError
@@ -522,7 +523,6 @@ def select_model(
     from training.trainer import default_config_path, load_run_config
 
     ov = dict(overrides or {})
-    basket_ov = ov.pop("basket", {})
     fam = family_of(dataset, family)
     if config is None:
         config = default_config_path()
@@ -546,8 +546,10 @@ def select_model(
         if spec == TOWER:
             name = tower_name(fam)
             if fam == "basket":
-                make_inner = basket_factory(protocol, **basket_ov)
-                grid = [{}] if "dim" in basket_ov.get("model", {}) else list(_basket_grid())
+                bcfg = to_dict(rcfg.basket)
+                bcfg.pop("targets")  # the protocol's (new items / buy-again)
+                make_inner = basket_factory(protocol, **bcfg)
+                grid = [{"model": {**bcfg["model"], "dim": d}} for d in rcfg.basket.dims]
                 make = _served_basket_factory(make_inner, protocol)
             else:
                 from training.two_tower import TwoTowerRetriever
@@ -584,12 +586,6 @@ def select_model(
     if best is None:
         raise ConfigError(f"no servable candidate among {models} (tower, als, ease)")
     return Selection(split=split, family=fam, results=results, served=best[1], skipped=skipped)
-
-
-def _basket_grid() -> list[dict[str, Any]]:
-    from training.basket import BasketRetriever
-
-    return list(BasketRetriever.grid)
 
 
 def _served_basket_factory(

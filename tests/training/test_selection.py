@@ -28,9 +28,10 @@ ARGS = [
     "--set", "fallback.enabled=true",
     "--set", "fallback.als_alphas=[10.0]",
     "--set", "fallback.ease_l2=[50.0]",
-    "--set", "basket.model.dim=32",
+    "--set", "basket.dims=[32]",
     "--set", "basket.epochs=10",
     "--set", "basket.lr=0.01",
+    "--set", "basket.patience=2",
 ]  # fmt: skip
 N_UNSEEN = 6
 
