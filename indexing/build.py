@@ -652,7 +652,8 @@ def list_versions(store: IndexStore, alias: str | None = None) -> list[tuple[Ind
 
 
 def user_query_vectors(model: Any, ds: Any, n: int, seed: int) -> Any:
-    """(Q, D) user vectors of up to ``n`` dataset users with history (real queries)."""
+    """(Q, D) user vectors of up to ``n`` dataset users with history (real queries), the
+    users and the interactions; users whose vector is zero are left out."""
     import numpy as np
 
     from towers.sequences import Interactions, batch_for_users
@@ -666,4 +667,8 @@ def user_query_vectors(model: Any, ds: Any, n: int, seed: int) -> Any:
         enc.encode(batch_for_users(inter, users[a : a + 256], model.max_len))
         for a in range(0, len(users), 256)
     ]
-    return np.concatenate(out), users, inter
+    vecs = np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
+    # a model may give a user no direction (e.g. nothing it reads in the history): such a
+    # query has no cosine order, so it is no test of the index (and no user point)
+    ok = np.linalg.norm(vecs, axis=1) > 0
+    return vecs[ok], users[ok], inter

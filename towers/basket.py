@@ -162,10 +162,12 @@ def bag_from_batch(items: np.ndarray, event_type: np.ndarray, gap: np.ndarray) -
     Invoices are runs of events at the same instant (gap bucket 1); counts are exact,
     ages are the sum of each later event's gap-bucket middle (:func:`_bucket_seconds`), so
     they are approximate within a bucket: the served tower is evaluated in this form
-    (``training.protocol``), so the numbers it reports are the served ones."""
+    (``training.protocol``), so the numbers it reports are the served ones. A row without
+    a purchase reads its views and carts instead (a browsing customer's products stand in
+    for a basket; the tower has nothing else to go on)."""
     from intake.schema import EVENT_TYPE_IDS
 
-    pur = EVENT_TYPE_IDS["purchase"]
+    pur, ret = EVENT_TYPE_IDS["purchase"], EVENT_TYPE_IDS["return"]
     mid = _bucket_seconds()
     indptr, out_items, out_count, out_age = [0], [], [], []
     for r in range(items.shape[0]):
@@ -174,7 +176,10 @@ def bag_from_batch(items: np.ndarray, event_type: np.ndarray, gap: np.ndarray) -
         # age of event i = seconds from it to the newest event (+1 s: "now" is just after)
         after = np.concatenate([np.cumsum(g[::-1])[::-1][1:], [0.0]]) + 1.0  # (n,)
         invoice = np.cumsum(gap[r][real] > 1)  # (n,) invoice number of every event
-        m = event_type[r][real] == pur
+        et = event_type[r][real]
+        m = et == pur
+        if not m.any():  # nothing bought yet: the viewed / carted products stand in
+            m = et != ret
         s, inv, age = items[r][real][m], invoice[m], after[m]
         if len(s):
             pair, first = np.unique(np.stack([s, inv], 1), axis=0, return_index=True)
@@ -246,14 +251,14 @@ class BasketServed(nn.Module):
         lengths: torch.Tensor,  # (B,)
         table: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, 2(D+1)) unit user vectors ``[w / |w|, 0]``, ``w = [u, 1]``; rows without a
-        purchase give zeros."""
+        """(B, 2(D+1)) unit user vectors ``[w / |w|, 0]``, ``w = [u, 1]`` (a row with
+        views or carts only reads those, :func:`bag_from_batch`; a row without any event
+        is zeroed by the encoders: cold start)."""
         bag = bag_from_batch(items.cpu().numpy(), event_type.cpu().numpy(), gap.cpu().numpy())
         u = self.tower.user_vectors(self.tower.bag_tensors(bag))  # (B, D)
         w = torch.cat([u, torch.ones_like(u[:, :1])], 1)  # (B, D+1)
         w = nn.functional.normalize(w, dim=-1, eps=1e-12)
-        has = torch.from_numpy(np.diff(bag.indptr) > 0).to(w.dtype).unsqueeze(1)  # (B, 1)
-        return torch.cat([w, torch.zeros_like(w)], 1) * has  # (B, 2(D+1))
+        return torch.cat([w, torch.zeros_like(w)], 1)  # (B, 2(D+1))
 
     @staticmethod
     def normalise(x: torch.Tensor) -> torch.Tensor:
