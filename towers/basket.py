@@ -169,28 +169,31 @@ def bag_from_batch(items: np.ndarray, event_type: np.ndarray, gap: np.ndarray) -
 
     pur, ret = EVENT_TYPE_IDS["purchase"], EVENT_TYPE_IDS["return"]
     mid = _bucket_seconds()
-    indptr, out_items, out_count, out_age = [0], [], [], []
-    for r in range(items.shape[0]):
-        real = items[r] > 0  # (T,)
-        g = mid[np.clip(gap[r][real], 0, len(mid) - 1)]  # (n,) seconds since the previous event
-        # age of event i = seconds from it to the newest event (+1 s: "now" is just after)
-        after = np.concatenate([np.cumsum(g[::-1])[::-1][1:], [0.0]]) + 1.0  # (n,)
-        invoice = np.cumsum(gap[r][real] > 1)  # (n,) invoice number of every event
-        et = event_type[r][real]
-        m = et == pur
-        if not m.any():  # nothing bought yet: the viewed / carted products stand in
-            m = et != ret
-        s, inv, age = items[r][real][m], invoice[m], after[m]
-        if len(s):
-            pair, first = np.unique(np.stack([s, inv], 1), axis=0, return_index=True)
-            it, start, cnt = np.unique(pair[:, 0], return_index=True, return_counts=True)
-            last = first[start + cnt - 1]  # the item's newest invoice (its smallest age)
-            out_items.append(it.astype(np.int64))
-            out_count.append(cnt.astype(np.int64))
-            out_age.append(np.round(age[last]).astype(np.int64))
-        indptr.append(indptr[-1] + (len(out_items[-1]) if len(s) else 0))
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
-    return ItemBag(np.asarray(indptr, np.int64), cat(out_items), cat(out_count), cat(out_age))
+    items = np.asarray(items, np.int64)
+    b, t = items.shape
+    real = items > 0  # (B, T)
+    g = mid[np.clip(gap, 0, len(mid) - 1)] * real  # (B, T) seconds since the previous event
+    # age of event i = the later events' gaps (+1 s: "now" is just after the newest event)
+    after = np.flip(np.cumsum(np.flip(g, 1), 1), 1) - g + 1.0  # (B, T)
+    invoice = np.cumsum(gap > 1, axis=1)  # (B, T) invoice number of every event
+    bought = real & (event_type == pur)
+    # nothing bought yet: the viewed / carted products stand in
+    m = np.where(bought.any(1, keepdims=True), bought, real & (event_type != ret))  # (B, T)
+    rows, cols = np.nonzero(m)
+    s, inv, age = items[rows, cols], invoice[rows, cols], after[rows, cols]
+    n1 = int(items.max(initial=0)) + 1
+    key = rows * n1 + s  # (row, item)
+    # distinct (row, item, invoice), then per (row, item): invoices and the newest one's age
+    pair, first = np.unique(key * (t + 2) + inv, return_index=True)
+    k, start, cnt = np.unique(pair // (t + 2), return_index=True, return_counts=True)
+    newest = first[start + cnt - 1]
+    row_of = k // n1
+    return ItemBag(
+        np.searchsorted(row_of, np.arange(b + 1)).astype(np.int64),
+        (k % n1).astype(np.int64),
+        cnt.astype(np.int64),
+        np.round(age[newest]).astype(np.int64),
+    )
 
 
 class BasketServed(nn.Module):

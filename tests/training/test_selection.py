@@ -255,3 +255,59 @@ def test_refresh_refits_the_served_basket_tower(shop: Path, tmp_path: Path) -> N
     assert man["lineage"]["parent_run"] == str(run.resolve())
     # the served record keeps the recipe (refit again by the next refresh)
     assert man["served"]["epochs"] >= 0 and man["served"]["params"]["model"]["dim"] == 32
+
+
+def _events(rows: list[tuple[int, int, int]], kind: str = "purchase") -> Any:
+    import polars as pl
+
+    u, i, t = zip(*rows, strict=True)
+    return pl.DataFrame(
+        {
+            "user_id": list(u),
+            "item_id": list(i),
+            "ts": list(t),
+            "event_type": [kind] * len(rows),
+            "order": list(range(len(rows))),
+        }
+    )
+
+
+def test_split_rule_follows_the_data_shape() -> None:
+    """Day-granular single events (reviews) -> leave-one-out; events with times of day ->
+    temporal (event log); baskets -> temporal (transaction log)."""
+    from types import SimpleNamespace
+
+    from training.protocol import make_split, split_rule
+
+    day = 86400
+    reviews = [(u, 1 + (u + k) % 9, k * 3 * day) for u in range(1, 30) for k in range(5)]
+    clicks = [(u, i, t + 3600 * 5 + 17) for u, i, t in reviews]
+    baskets = [(u, 1 + (u + k + j) % 9, k * 3 * day + 3600) for u in range(1, 30)
+               for k in range(5) for j in range(3)]  # fmt: skip
+    for rows, want in ((reviews, "loo"), (clicks, "temporal"), (baskets, "temporal")):
+        ds = SimpleNamespace(events=_events(rows), n_users=29, n_items=9)
+        kind, why = split_rule(ds)
+        assert kind == want, why
+    assert "transaction log" in split_rule(SimpleNamespace(events=_events(baskets)))[1]
+    # a short log caps the windows at a sixth of its span (here 2 days of 12)
+    ds = SimpleNamespace(events=_events(clicks), n_users=29, n_items=9)
+    sp = make_split(ds, "auto")
+    assert sp.protocol["split"] == "temporal" and "last 2 days" in sp.protocol["cutoff_from"]
+    assert make_split(ds, "loo-file").protocol["split"] == "leave-one-out"
+
+
+def test_co_bought_last_ranks_the_latest_baskets_partners() -> None:
+    """The reference rule: items bought together with the user's latest basket first."""
+    from towers.sequences import Interactions
+    from training.protocol import CoBoughtLast
+
+    day = 86400
+    # 1 and 2 are always bought together, 3 with 4; 5 is popular alone
+    seqs = [[1, 2], [3, 4], [1, 2], [5], [5], [5]]
+    ts = [[0, 0], [0, 0], [0, 0], [0], [day], [2 * day]]
+    m = CoBoughtLast()
+    m.fit(Interactions.from_lists(seqs, 5, ts=ts))
+    hist = Interactions.from_lists([[3, 1]], 5, ts=[[0, day]])  # latest basket: item 1
+    s = m.score(np.array([1]), hist)[0]
+    s[[0, 1, 3]] = -np.inf  # padding and own items
+    assert int(np.argmax(s)) == 2
