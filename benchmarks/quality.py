@@ -69,7 +69,8 @@ def markdown_table(result: dict) -> str:
         )
         + f", full ranking over {result['dataset']['items']:,} items, test users "
         + f"{int(next(iter(result['models'].values()))['users']):,}; served: "
-        + f"**{result['served']}** (chosen on validation)",
+        + f"**{result['served'] or 'none (no tower, ALS or EASE compared)'}** (chosen on "
+        + "validation)",
         "",
         "| model | " + " | ".join(METRICS) + " | valid ndcg@10 | train s | eval s |",
         "|---|" + "---:|" * (len(METRICS) + 3),
@@ -83,20 +84,23 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _models(spec: str, family: str) -> tuple[list[str] | None, str]:
-    """``--models`` -> (candidate list for select_model or None = auto, family)."""
+def _models(spec: str, family: str) -> tuple[list[str] | None, str, str | None]:
+    """``--models`` -> (candidate list for select_model or None = auto, family, the
+    sequence tower's config named as ``two-tower:CONFIG.toml`` or None)."""
     if spec == "auto":
-        return None, family
-    out = []
+        return None, family, None
+    out, config = [], None
     for m in (x.strip() for x in spec.split(",") if x.strip()):
         name, _, arg = m.partition(":")
         if name in ("two-tower", TOWER):
             out.append(TOWER)
             if arg in ("basket", "sequence"):
                 family = arg
+            elif arg:
+                family, config = "sequence", arg
         else:
             out.append(m)
-    return out, family
+    return out, family, config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         ties=args.ties,
         seed=args.seed,
     )
-    models, family = _models(args.models, args.family)
-    config = resolve_config(args.config) if args.config else default_config_path()
+    models, family, tower_config = _models(args.models, args.family)
+    named = args.config or tower_config
+    config = resolve_config(named) if named else default_config_path()
     sel = select_model(
         ds,
         split,

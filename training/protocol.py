@@ -232,6 +232,7 @@ def basket_factory(
 
 TOWER = "tower"  # the candidate name of the family's tower in a model list
 REFERENCES = ("popularity", "co-bought-last")  # reported, never served
+SERVABLE = ("sequence-tower", "basket-tower", "als", "ease")  # what select_model may serve
 
 
 def has_time_of_day(dataset: Any) -> bool:
@@ -464,7 +465,7 @@ class Selection:
                     "model": name,
                     "role": "served"
                     if name == self.served
-                    else ("reference" if name in REFERENCES else "candidate"),
+                    else ("candidate" if name in SERVABLE else "reference"),
                     "valid_ndcg@10": r.valid.get("ndcg@10"),
                     "valid_recall@10": r.valid.get("recall@10"),
                     "test_ndcg@10": r.test.get("ndcg@10"),
@@ -540,7 +541,7 @@ def select_model(
     protocol = str(split.protocol.get("protocol", "new-items"))
     results: dict[str, ModelResult] = {}
     skipped: dict[str, str] = {}
-    servable = {tower_name(fam), "als", "ease"}
+    servable = set(SERVABLE)
     best: tuple[float, str] | None = None
     for spec in models:
         if spec == TOWER:
@@ -583,9 +584,10 @@ def select_model(
             best = (r.valid["ndcg@10"], name)
         else:
             _release(r)
-    if best is None:
-        raise ConfigError(f"no servable candidate among {models} (tower, als, ease)")
-    return Selection(split=split, family=fam, results=results, served=best[1], skipped=skipped)
+    # a benchmark may compare baselines only: nothing to serve then ("")
+    return Selection(
+        split=split, family=fam, results=results, served=best[1] if best else "", skipped=skipped
+    )
 
 
 def _served_basket_factory(
@@ -615,6 +617,10 @@ def save_served(sel: Selection, dataset: Any, run_dir: Path) -> dict[str, Any]:
     tower is saved as ``served/basket.pt`` (:class:`towers.basket.BasketServed`), ALS/EASE
     as ``served/<kind>.pt`` (:class:`towers.factor.FactorTower`). The record holds what
     :func:`refit_served` needs to refit the same model on new data (``ecomrec refresh``)."""
+    from ecomrec.errors import ConfigError
+
+    if not sel.served:
+        raise ConfigError("no servable candidate (the tower, als or ease) was compared")
     r = sel.results[sel.served]
     kind = SERVED_KIND.get(sel.served, sel.served)
     selection = {
@@ -722,7 +728,7 @@ def selection_text(sel: Selection, served: dict[str, Any] | None = None) -> str:
     else:
         proto = f"leave-one-out (ties {p.get('ties')})"
     lines = [
-        f"served model: {sel.served}"
+        f"served model: {sel.served or 'none'}"
         + (f" ({served['path']})" if served else "")
         + f"  [family {sel.family}, chosen on validation NDCG@10]",
         f"protocol: {proto}; rule: {p.get('rule', '-')}; {p.get('protocol', 'new-items')}",
