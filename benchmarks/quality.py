@@ -104,7 +104,9 @@ def _models(spec: str, family: str) -> tuple[list[str] | None, str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
+    class _Fmt(argparse.RawDescriptionHelpFormatter, HelpFormatter):
         pass
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)
