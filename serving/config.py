@@ -60,6 +60,12 @@ class ServeConfig:
     max_exclude_ids: int = 1000
     max_id_length: int = 128
     max_text_length: int = 1000
+    # Live events (TrackEvents, docs/events.md): the embedded event log's file ("" = no
+    # TrackEvents: it answers FAILED_PRECONDITION), the log position the served data already
+    # holds (events after it are replayed into the live history at start), events per call.
+    event_log: str = ""
+    event_log_since: int = 0
+    max_track_events: int = 1000
     # Retrieval: ANN fetches k * overfetch candidates (at least min_candidates) for re-ranking.
     overfetch: int = 4
     min_candidates: int = 50

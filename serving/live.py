@@ -2,10 +2,11 @@
 
 The event log calls :meth:`LiveHistory.add` with every committed batch before the append
 returns (``SqliteEventLog(on_commit=...)``), so an acknowledged event is in the next
-Recommend / GetUserProfile of that customer. Events are kept in internal item ids (products
-the served catalogue does not know are counted and skipped: they have no vector), the most
-recent ``max_per_customer`` per customer, for at most ``max_customers`` customers (the least
-recently active are dropped first: their events stay in the log for the next refresh).
+Recommend / GetUserProfile of that customer. Events are kept with the shop's product ids and
+mapped to the served catalogue's internal ids when read (an engine swapped in by a refresh
+may have another catalogue; products it does not know are skipped: they have no vector), the
+most recent ``max_per_customer`` per customer, for at most ``max_customers`` customers (the
+least recently active are dropped first: their events stay in the log for the next refresh).
 """
 
 from __future__ import annotations
@@ -22,15 +23,12 @@ from serving.validation import IdLookup, RecentEvent
 class LiveHistory:
     """Customer external id -> recent live events (time order), thread-safe."""
 
-    def __init__(
-        self, items: IdLookup, max_per_customer: int = 200, max_customers: int = 1_000_000
-    ) -> None:
-        self._items = items
+    def __init__(self, max_per_customer: int = 200, max_customers: int = 1_000_000) -> None:
         self._max_per = max_per_customer
         self._max_customers = max_customers
-        self._by_customer: OrderedDict[str, list[RecentEvent]] = OrderedDict()
+        # customer -> [(product external id, event-type id, ts)] in time order
+        self._by_customer: OrderedDict[str, list[tuple[str, int, int]]] = OrderedDict()
         self._lock = threading.Lock()
-        self.unknown_products = 0
         self.position = 0  # the last log position seen
 
     def add(self, stored: Iterable[StoredEvent]) -> None:
@@ -39,31 +37,38 @@ class LiveHistory:
             for s in stored:
                 self.position = max(self.position, s.seq)
                 e = s.event
-                item = self._items.get(e.product_id)
-                if item is None:
-                    self.unknown_products += 1
-                    continue
                 evs = self._by_customer.pop(e.customer_id, [])
-                evs.append(RecentEvent(item, EVENT_TYPE_IDS[e.event_type], e.ts))
-                if len(evs) > 1 and evs[-1].ts < evs[-2].ts:  # late arrival: keep time order
-                    evs.sort(key=lambda ev: ev.ts)
+                evs.append((e.product_id, EVENT_TYPE_IDS[e.event_type], e.ts))
+                if len(evs) > 1 and evs[-1][2] < evs[-2][2]:  # late arrival: keep time order
+                    evs.sort(key=lambda ev: ev[2])
                 del evs[: -self._max_per]
                 self._by_customer[e.customer_id] = evs  # most recently active last
                 while len(self._by_customer) > self._max_customers:
                     self._by_customer.popitem(last=False)
 
-    def recent(self, customer_id: str) -> tuple[RecentEvent, ...]:
-        """The customer's live events in time order (empty when none)."""
+    def count(self, customer_id: str) -> int:
+        """How many live events the customer has (known products or not)."""
+        with self._lock:
+            return len(self._by_customer.get(customer_id, ()))
+
+    def recent(self, customer_id: str, items: IdLookup) -> tuple[RecentEvent, ...]:
+        """The customer's live events of products ``items`` knows, in time order."""
         if not customer_id:
             return ()
         with self._lock:
-            return tuple(self._by_customer.get(customer_id, ()))
+            evs = list(self._by_customer.get(customer_id, ()))
+        out = []
+        for product, et, ts in evs:
+            item = items.get(product)
+            if item is not None:
+                out.append(RecentEvent(item, et, ts))
+        return tuple(out)
 
     def merged(
-        self, customer_id: str, request_events: tuple[RecentEvent, ...]
+        self, customer_id: str, request_events: tuple[RecentEvent, ...], items: IdLookup
     ) -> tuple[RecentEvent, ...]:
-        """Live events followed by the request's own, in time order, exact repeats once."""
-        live = self.recent(customer_id)
+        """Live events and the request's own, in time order, exact repeats once."""
+        live = self.recent(customer_id, items)
         if not live:
             return request_events
         out = list(dict.fromkeys(live + request_events))
