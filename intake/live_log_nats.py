@@ -164,6 +164,12 @@ def wait_for_jetstream(servers: Sequence[str], deadline_s: float) -> None:
     asyncio.run(probe())
 
 
+def _failed(e: BaseException) -> asyncio.Future[api.PubAck]:
+    f: asyncio.Future[api.PubAck] = asyncio.get_running_loop().create_future()
+    f.set_exception(e)
+    return f
+
+
 class NatsEventLog:
     """The :class:`~intake.live_log.EventLog` protocol on a JetStream stream.
 
@@ -271,18 +277,8 @@ class NatsEventLog:
         end = time.monotonic() + cfg.append_deadline_s
         wait = 0.05
         while True:
-            results = await asyncio.gather(
-                *(
-                    self._js.publish(
-                        subjects[i],
-                        payloads[i],
-                        timeout=cfg.ack_timeout_s,
-                        stream=cfg.stream,
-                        headers={"Nats-Msg-Id": f"{batch_id}:{i}"},
-                    )
-                    for i in pending
-                ),
-                return_exceptions=True,
+            results = await self._publish_all(
+                [(subjects[i], payloads[i], f"{batch_id}:{i}") for i in pending]
             )
             retry: list[int] = []
             for i, r in zip(pending, results, strict=True):
@@ -303,6 +299,33 @@ class NatsEventLog:
             pending = retry
             await asyncio.sleep(wait)
             wait = min(1.0, wait * 2)
+
+    async def _publish_all(self, msgs: list[tuple[str, bytes, str]]) -> list[Any]:
+        """Publish pipelined (one reply subscription for all acks), wait for the acks
+        together; each entry is a PubAck or the exception of that message (a timeout when
+        no ack came within ``ack_timeout_s``)."""
+        futs: list[asyncio.Future[api.PubAck]] = []
+        try:
+            for subject, payload, msg_id in msgs:
+                headers = {"Nats-Msg-Id": msg_id}
+                futs.append(
+                    await self._js.publish_async(
+                        subject, payload, stream=self.config.stream, headers=headers
+                    )
+                )
+        except Exception as e:  # the connection broke mid-batch: the rest are retried
+            futs.extend(_failed(e) for _ in range(len(msgs) - len(futs)))
+        done, _ = await asyncio.wait(futs, timeout=self.config.ack_timeout_s)
+        out: list[Any] = []
+        for f in futs:
+            if f not in done:
+                f.cancel()  # frees its slot; a late ack is dropped, the retry dedupes
+                out.append(nats.errors.TimeoutError())
+            elif f.exception() is not None:
+                out.append(f.exception())
+            else:
+                out.append(f.result())
+        return out
 
     # ---------------------------------------------------------------- reading
     async def _open_reader(self, start_seq: int, subject: str | None = None) -> tuple[Any, int]:
