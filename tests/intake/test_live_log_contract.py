@@ -33,12 +33,6 @@ NOW = 1_760_000_000
 MakeLog = Callable[..., EventLog]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNatsCluster]:
-    with LocalNatsCluster(tmp_path_factory.mktemp("nats")) as c:
-        yield c
-
-
 @pytest.fixture(params=["sqlite", "nats"])
 def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeLog]:
     """A factory of logs that share one store (a reopen sees the same events)."""
