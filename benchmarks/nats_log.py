@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from intake.live_log import LiveEvent, SqliteEventLog
-from intake.live_log_nats import NatsEventLog, NatsLogConfig, _encode
+from intake.live_log_nats import NatsEventLog, NatsLogConfig, encode_event
 from intake.nats_local import LocalNatsCluster
 
 log = logging.getLogger("nats_log")
@@ -121,7 +121,7 @@ def main() -> None:
         )
 
         async def publish_batch(batch: list[LiveEvent], bid: str) -> None:
-            payload = b"[" + b",".join(_encode(e) for e in batch) + b"]"
+            payload = b"[" + b",".join(encode_event(e) for e in batch) + b"]"
             await batch_log._js.publish(
                 "bb.batch", payload, stream="BENCH_BATCH", headers={"Nats-Msg-Id": bid}
             )

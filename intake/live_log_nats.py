@@ -94,7 +94,7 @@ def customer_subject(prefix: str, customer_id: str) -> str:
     return f"{prefix}.{token[:2]}.{token}"
 
 
-def _encode(e: LiveEvent) -> bytes:
+def encode_event(e: LiveEvent) -> bytes:
     row = [
         e.customer_id,
         e.product_id,
@@ -108,7 +108,7 @@ def _encode(e: LiveEvent) -> bytes:
     return json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _decode(data: bytes) -> LiveEvent:
+def decode_event(data: bytes) -> LiveEvent:
     c, p, t, ts, q, price, o, s = json.loads(data)
     return LiveEvent(c, p, t, int(ts), int(q), price, o, s)
 
@@ -270,7 +270,7 @@ class NatsEventLog:
     async def _append(self, events: list[LiveEvent], batch_id: str) -> tuple[list[int], list[bool]]:
         cfg = self.config
         subjects = [customer_subject(cfg.subject_prefix, e.customer_id) for e in events]
-        payloads = [_encode(e) for e in events]
+        payloads = [encode_event(e) for e in events]
         seqs = [0] * len(events)
         dups = [False] * len(events)
         pending = list(range(len(events)))
@@ -364,7 +364,7 @@ class NatsEventLog:
         A reader whose node dies is reopened from the last sequence it yielded.
         """
         for seq, data in self._read_raw(after, limit, None):
-            yield StoredEvent(seq, _decode(data))
+            yield StoredEvent(seq, decode_event(data))
 
     def _read_raw(
         self, after: int, limit: int | None, subject: str | None
@@ -442,7 +442,7 @@ class NatsEventLog:
                     break
                 assert msg.seq is not None
                 seq = msg.seq + 1
-                if msg.data is None or _decode(msg.data).customer_id != customer_id:
+                if msg.data is None or decode_event(msg.data).customer_id != customer_id:
                     continue  # a hash collision: another customer's event stays
                 try:
                     await self._js.delete_msg(stream, msg.seq)

@@ -131,3 +131,42 @@ def test_a_history_file_instead_of_a_folder_is_refused(tmp_path: Path) -> None:
         f = _csv(_events(5), tmp_path / "h.csv")
         with pytest.raises(ConfigError, match=r"folder of \.parquet"):
             import_with_live(log, f, tmp_path / "shop")
+
+
+def test_the_import_live_command_gives_the_file_fingerprint(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    events = _events(150)
+    from_file = load_contract(_csv(events, tmp_path / "all.csv"))
+    history = tmp_path / "history"
+    history.mkdir()
+    _csv(events[:100], tmp_path / "h.csv")
+    pl.read_csv(tmp_path / "h.csv", infer_schema=False).write_parquet(
+        history / "000-history.parquet"
+    )
+    with SqliteEventLog(tmp_path / "log.db") as log:
+        ack = log.append(events[100:])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ecomrec",
+        "data",
+        "import-live",
+        "--log",
+        str(tmp_path / "log.db"),
+    ]
+    cmd += ["--events", str(history), "--out", str(tmp_path / "shop"), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["position"] == ack.last_seq and out["live_events"] == 51
+    assert out["fingerprint"] == from_file.fingerprint()
+    missing = subprocess.run(
+        [*cmd[:6], str(tmp_path / "nope.db"), *cmd[7:]], capture_output=True, text=True, env=env
+    )
+    assert missing.returncode != 0 and "nope.db" in missing.stderr
+    assert "Traceback" not in missing.stderr
