@@ -80,9 +80,11 @@ def hnsw_cost(location: str, n: int, queries: int = 200) -> tuple[int, float, fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--sizes", default="12000,50000,100000,200000,400000", help="catalogue sizes")
     ap.add_argument("--dim", type=int, default=32, help="vector dimension")
