@@ -102,7 +102,8 @@ def test_events_through_the_log_give_the_file_import_fingerprint(
     ds2, part2 = import_with_live(event_log, history, out)
     assert (part2.after, part2.position, part2.events) == (a1.last_seq, a2.last_seq, 41)
     saved = Dataset.load(out)
-    assert saved.extra["live_log"]["position"] == a2.last_seq
+    lineage = saved.extra["live_log"]
+    assert isinstance(lineage, dict) and lineage["position"] == a2.last_seq
     assert saved.fingerprint() == from_file.fingerprint() == ds2.fingerprint()
     assert saved.report.dropped == from_file.report.dropped  # the duplicate view, both ways
     # nothing new: the same dataset, the position unchanged
