@@ -386,6 +386,9 @@ class NatsEventLog:
                 except Exception as e:
                     if not _retryable(e) or time.monotonic() > end:
                         raise
+                    log.info(
+                        "nats: reader of %s reopened after %d: %r", self.config.stream, last, e
+                    )
                     if sub is not None:
                         self._call(self._close_reader(sub))
                     sub = None
@@ -396,6 +399,7 @@ class NatsEventLog:
                         raise EventLogUnavailableError(
                             f"nats: reading {self.config.stream} after {last} stalled"
                         )
+                    log.info("nats: reader of %s reopened after %d", self.config.stream, last)
                     self._call(self._close_reader(sub))
                     sub = None
                     continue

@@ -8,6 +8,7 @@ while a writer appends, and forgetting a customer on every replica's disk.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 import signal
@@ -271,6 +272,33 @@ def test_kill_9_of_the_stream_leader_during_writes_loses_no_acknowledged_batch(
         # the killed node comes back and catches up from its peers
         c.start_node(victim)
         c.wait_ready()
+
+
+@pytest.mark.slow
+def test_a_reader_whose_node_dies_resumes_and_reads_everything_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="intake.live_log_nats")
+    with LocalNatsCluster(tmp_path / "nats") as c:
+        cfg = NatsLogConfig(
+            servers=tuple(c.urls), ack_timeout_s=1.0, append_deadline_s=30.0, read_chunk=100
+        )
+        with NatsEventLog(cfg) as log:
+            for b in range(40):
+                log.append([_ev(f"c{i % 5}", f"p{b}-{i}") for i in range(100)], f"r{b}")
+            it = log.read()
+            got = [next(it) for _ in range(1500)]
+            # kill the node that serves this reader's consumer
+            infos = log._call(log._js.consumers_info(cfg.stream))
+            assert len(infos) == 1 and infos[0].cluster is not None
+            host = str(infos[0].cluster.leader)
+            c.kill(int(host.removeprefix("n")))
+            got.extend(it)
+        assert [s.seq for s in got] == list(range(1, 4001))
+        assert [s.event.product_id for s in got] == [
+            f"p{b}-{i}" for b in range(40) for i in range(100)
+        ]
+        assert "reopened" in caplog.text  # the read did lose its consumer and came back
 
 
 WRITER = r"""
