@@ -418,6 +418,49 @@ class NatsEventLog:
             if sub is not None:
                 self._call(self._close_reader(sub))
 
+    def follow(
+        self, after: int, on_events: Callable[[list[StoredEvent]], None]
+    ) -> Callable[[], None]:
+        """Deliver every event with position ``> after``, then each new one as any writer's
+        append is acknowledged, to ``on_events`` (the live history of a service replica that
+        must see the other replicas' events). Returns a function that stops it.
+
+        An ordered push consumer (in memory, flow control, 1 s heartbeats: the client
+        recreates it from the last delivered position when its node dies). ``on_events``
+        runs on the client's loop thread: keep it quick (hand work to a queue).
+        """
+
+        async def start() -> Any:
+            async def deliver(msg: Any) -> None:
+                try:
+                    seq = msg.metadata.sequence.stream
+                    on_events([StoredEvent(seq, decode_event(msg.data))])
+                except Exception:
+                    log.exception("nats: follower of %s: on_events failed", self.config.stream)
+
+            cfg = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
+            )
+            return await self._js.subscribe(
+                f"{self.config.subject_prefix}.>",
+                cb=deliver,
+                stream=self.config.stream,
+                config=cfg,
+                ordered_consumer=True,
+                idle_heartbeat=1.0,
+            )
+
+        sub = self._call(start())
+
+        def stop() -> None:
+            if not self._closed:
+                try:
+                    self._call(sub.unsubscribe(), timeout=10)
+                except Exception as e:
+                    log.debug("nats: stopping a follower: %r", e)
+
+        return stop
+
     def position(self) -> int:
         info = self._call(self._js.stream_info(self.config.stream))
         return int(info.state.last_seq)

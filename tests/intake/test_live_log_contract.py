@@ -274,6 +274,44 @@ def test_kill_9_of_the_stream_leader_during_writes_loses_no_acknowledged_batch(
         c.wait_ready()
 
 
+def test_a_follower_sees_every_writer_once_in_order_within_a_second(
+    cluster: LocalNatsCluster,
+) -> None:
+    """Two handles (two service replicas): what one appends reaches the other's follower."""
+    stream = f"F{uuid.uuid4().hex[:12]}"
+    cfg = NatsLogConfig(servers=tuple(cluster.urls), stream=stream, subject_prefix=stream)
+    got: list[StoredEvent] = []
+    arrived: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def on_events(stored: list[StoredEvent]) -> None:
+        with lock:
+            got.extend(stored)
+            for s in stored:
+                arrived[s.seq] = time.monotonic()
+
+    with NatsEventLog(cfg) as writer, NatsEventLog(cfg) as replica:
+        writer.append([_ev("old", f"o{i}") for i in range(5)])
+        stop = replica.follow(after=2, on_events=on_events)  # history after position 2 first
+        acked_at: dict[int, float] = {}
+        for b in range(20):
+            a = writer.append([_ev(f"c{b % 4}", f"p{b}-{i}") for i in range(25)])
+            for seq in range(a.first_seq, a.last_seq + 1):
+                acked_at[seq] = time.monotonic()
+        deadline = time.monotonic() + 10
+        while len(got) < 3 + 500 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop()
+        writer.append([_ev("late", "x")])
+        time.sleep(0.3)  # nothing after stop() (a check for absence)
+    assert [s.seq for s in got] == list(range(3, 506))
+    assert [s.event.product_id for s in got[3:]] == [
+        f"p{b}-{i}" for b in range(20) for i in range(25)
+    ]
+    lag = sorted(arrived[q] - t for q, t in acked_at.items())
+    assert lag[int(0.99 * (len(lag) - 1))] < 1.0, lag[-5:]  # p99 ack -> follower
+
+
 @pytest.mark.slow
 def test_a_reader_whose_node_dies_resumes_and_reads_everything_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
