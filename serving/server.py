@@ -2,9 +2,11 @@
 
 The server is grpcio's asyncio server (``grpc.aio``) on an event loop in its own thread
 (:class:`_LoopThread`), so :func:`start_server` and :class:`ServiceHandle` stay plain
-synchronous calls for the CLI, the demo and the tests.  Coroutine handlers (Recommend,
-health, reflection) run on the loop; plain handlers (the other ecomrec methods) run on
-a pool of ``ServeConfig.workers`` threads (grpc.aio's ``migration_thread_pool``).
+synchronous calls for the CLI, the demo and the tests.  Every handler is async (ecomrec
+methods, health, reflection) and runs on the loop; their blocking work runs on a pool of
+``ServeConfig.workers`` threads, the loop's default executor.  The gate
+(:class:`ApiKeyInterceptor`) keeps the call budgets: keyed calls, keyless health calls,
+RecommendBatch and reflection streams, each with its own limit.
 
 Health (``grpc.health.v1``) answers NOT_SERVING until :meth:`ServiceHandle.set_ready` is
 called with a loaded model and index, and while the index cannot be searched
