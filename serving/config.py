@@ -31,10 +31,18 @@ class ServeConfig:
     metrics_port: int = -1
     metrics_host: str = "127.0.0.1"
     workers: int = 8
-    # Long-lived streams (reflection) open at once; must be < workers so unary calls
-    # always find a worker (further streams get RESOURCE_EXHAUSTED).
+    # RecommendBatch streams open at once; must be < workers so unary calls always find a
+    # worker (further streams get RESOURCE_EXHAUSTED).
     max_streams: int = 2
+    # Reflection streams open at once (their own slots: idle ones never block batches).
+    max_reflection_streams: int = 2
+    # Calls in flight with a valid API key (every method); more get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
+    # Health calls in flight WITHOUT a key (their own budget: keyless callers can never
+    # take a keyed caller's place); a keyless call must send its request within
+    # open_request_timeout_s (then CANCELLED).
+    max_open_rpcs: int = 32
+    open_request_timeout_s: float = 5.0
     max_message_bytes: int = 1 << 20
     # Requests without a deadline get this one (seconds).
     default_deadline_s: float = 2.0
@@ -122,6 +130,8 @@ class ServeConfig:
             "overfetch",
             "max_message_bytes",
             "max_concurrent_rpcs",
+            "max_open_rpcs",
+            "max_reflection_streams",
             "index_full_check_every",
             "max_batch_requests",
         ):
@@ -129,7 +139,11 @@ class ServeConfig:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"ServeConfig.port must be in [0, 65535], got {self.port}")
-        if self.default_deadline_s <= 0 or self.triton_timeout_s <= 0:
+        if (
+            self.default_deadline_s <= 0
+            or self.triton_timeout_s <= 0
+            or self.open_request_timeout_s <= 0
+        ):
             raise ConfigError("ServeConfig deadlines must be > 0")
         if self.rerank_policies and not Path(self.rerank_policies).is_file():
             raise ConfigError(
