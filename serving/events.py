@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ecomrec.errors import InvalidArgumentError
+from ecomrec.errors import ConfigError, InvalidArgumentError
 from intake.live_log import (
+    MAX_BATCH,
     Ack,
     EventLog,
     EventProblem,
@@ -27,6 +28,7 @@ from intake.live_log import (
     validate_batch,
 )
 from serving.live import LiveHistory
+from serving.requests import UnavailableError
 from serving.validation import IdLookup, RecommendQuery
 
 log = logging.getLogger(__name__)
@@ -99,14 +101,18 @@ class EventIntake:
     def track(self, request: Any, now: float | None = None) -> TrackResult:
         """Validate and append a ``TrackEventsRequest``; returns once the events are durable."""
         now = time.time() if now is None else now
-        if len(request.events) > self.max_events:
+        limit = min(self.max_events, MAX_BATCH)
+        if len(request.events) > limit:
             raise InvalidArgumentError(
-                "events", f"at most {self.max_events} events per call, got {len(request.events)}"
+                "events", f"at most {limit} events per call, got {len(request.events)}"
             )
         if len(request.batch_id) > 128:
             raise InvalidArgumentError("batch_id", "longer than 128 characters")
         good, problems = validate_batch(raw_events(request, now), now=now)
-        ack = self.log.append(good, batch_id=request.batch_id or None) if good else Ack(0, 0, 0)
+        try:
+            ack = self.log.append(good, batch_id=request.batch_id or None) if good else Ack(0, 0, 0)
+        except ConfigError as e:  # closed while stopping
+            raise UnavailableError("the event log is closed (the server is stopping)") from e
         return TrackResult(ack.written, tuple(problems), ack)
 
     def with_live(self, q: RecommendQuery, items: IdLookup) -> RecommendQuery:

@@ -28,6 +28,10 @@ class CancelledError(EcomrecError):
     """The client cancelled the request."""
 
 
+class FailedPreconditionError(EcomrecError):
+    """The call cannot work in this deployment as configured (e.g. no event log)."""
+
+
 class UnavailableError(EcomrecError):
     """A dependency is down and no fallback exists."""
 

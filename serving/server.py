@@ -470,6 +470,11 @@ class ServiceHandle:
     _monitor: IndexMonitor | None = None
     _loop: _LoopThread | None = None
     _pool: futures.ThreadPoolExecutor | None = None
+    _on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the server has stopped (the servicer's ``close``: event log)."""
+        self._on_stop.append(fn)
 
     @property
     def target(self) -> str:
@@ -534,6 +539,11 @@ class ServiceHandle:
                 self._loop.stop()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
+        for fn in self._on_stop:
+            try:
+                fn()
+            except Exception:
+                log.exception("closing %s at stop failed", fn)
         if self._metrics_server is not None:
             srv, thread = self._metrics_server
             srv.shutdown()
@@ -676,6 +686,9 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
         _pool=pool,
     )
     handle.set_ready(False)
+    close = getattr(servicer, "close", None)
+    if close is not None:
+        handle.on_stop(close)
     metrics.set_index_source(lambda: index_version(_engine_index(servicer)))
     if cfg.metrics_port >= 0:
         from prometheus_client import start_http_server

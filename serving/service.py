@@ -30,9 +30,11 @@ from serving import validation as val
 from serving.config import ServeConfig
 from serving.encoders import EncoderUnavailableError
 from serving.engine import Recommender
+from serving.events import EventIntake
 from serving.observability import LogLimiter, Metrics, pseudonymise
 from serving.requests import (
     CancelledError,
+    FailedPreconditionError,
     RecommendResult,
     RequestContext,
     ResultItem,
@@ -160,6 +162,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         engine: Recommender | None,
         cfg: ServeConfig | None = None,
         metrics: Metrics | None = None,
+        events: EventIntake | None = None,
     ) -> None:
         if engine is None and cfg is None:
             raise ValueError("give an engine or a config")
@@ -167,6 +170,22 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self.cfg: ServeConfig = engine.cfg if engine is not None else cfg  # type: ignore[assignment]
         self.metrics = metrics or (engine.metrics if engine is not None else None)
         self.pb = _pb()
+        if events is None and self.cfg.event_log:
+            events = EventIntake.open(
+                self.cfg.event_log, self.cfg.event_log_since, self.cfg.max_track_events
+            )
+        self.events = events  # TrackEvents and live history (None: no event log)
+
+    def _live(self, q: val.RecommendQuery) -> val.RecommendQuery:
+        """``q`` with the customer's acknowledged live events (TrackEvents) merged in."""
+        if self.events is None:
+            return q
+        return self.events.with_live(q, self.engine.items)
+
+    def close(self) -> None:
+        """Release what the servicer owns (the event log); called when the server stops."""
+        if self.events is not None:
+            self.events.close()
 
     @property
     def engine(self) -> Recommender:
@@ -245,7 +264,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         """On the event loop (``ServeConfig.recommend_path``), or on a worker thread where
         concurrent requests' encode and search are batched."""
         engine = self.engine  # one engine per request (a reload may swap it meanwhile)
-        q = val.validate_recommend(request, self.cfg, engine.users, engine.items)
+        q = self._live(val.validate_recommend(request, self.cfg, engine.users, engine.items))
         if self.cfg.recommend_on_loop:
             res = engine.recommend(q, call.ctx)
         else:
@@ -292,7 +311,9 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         failed: dict[int, Exception] = {}
         for i, r in enumerate(request.requests):
             try:
-                queries.append(val.validate_recommend(r, self.cfg, engine.users, engine.items))
+                queries.append(
+                    self._live(val.validate_recommend(r, self.cfg, engine.users, engine.items))
+                )
             except Exception as e:
                 failed[i] = e
         results = iter(engine.recommend_many(queries, ctx))
@@ -361,6 +382,21 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self, request: pb2.GetUserProfileRequest, call: _Call
     ) -> pb2.UserProfile:
         engine = self.engine  # in-memory lookups: on the loop
+        live = 0
+        if self.events is not None:
+            val._check_id("user_id", request.user_id, self.cfg, required=True)
+            live = self.events.live.count(request.user_id)
+        if live and engine.users.get(request.user_id) is None:
+            # known only from live events: no segments or scores yet (next refresh)
+            return self.pb.UserProfile(  # type: ignore[no-any-return]
+                user_id=request.user_id,
+                churn_probability=-1.0,
+                high_value_probability=-1.0,
+                recency_days=-1.0,
+                frequency=-1,
+                monetary=-1.0,
+                n_events=live,
+            )
         user = val.validate_user_id(request.user_id, self.cfg, engine.users)
         p = engine.profile(user)
         s = p.segments
@@ -377,7 +413,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             recency_days=num(s.recency_days),
             frequency=-1 if s.frequency is None else s.frequency,
             monetary=num(s.monetary),
-            n_events=p.n_events,
+            n_events=p.n_events + live,
         )
 
     @_rpc("ListSegments")
@@ -424,4 +460,26 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             ],
             model_version=engine.model_version,
             degraded=res.degraded,
+        )
+
+    @_rpc("TrackEvents")
+    async def TrackEvents(
+        self, request: pb2.TrackEventsRequest, call: _Call
+    ) -> pb2.TrackEventsResponse:
+        """Validate, append durably (on a worker: the commit waits for the disk), answer."""
+        if self.events is None:
+            raise FailedPreconditionError(
+                "this service has no event log (set event_log in the serve config)"
+            )
+        res = await self._blocking(self.events.track, request)
+        return self.pb.TrackEventsResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
+            accepted=res.accepted,
+            errors=[
+                self.pb.EventError(index=e.index, field=e.field, message=e.message)
+                for e in res.problems
+            ],
+            first_position=res.ack.first_seq,
+            last_position=res.ack.last_seq,
+            replayed=res.ack.replayed,
         )

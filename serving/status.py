@@ -9,6 +9,7 @@ IndexUnavailableError      degraded answer where a fallback exists, else UNAVAIL
 encoder unavailable        in-process fallback (degraded), else UNAVAILABLE "user encoder
                            unavailable" (the cause is only logged)
 DeadlineExceededError      DEADLINE_EXCEEDED
+FailedPreconditionError    FAILED_PRECONDITION (e.g. TrackEvents without an event log)
 anything else              INTERNAL "internal error (request <id>)": the trace is logged,
                            never sent
 =========================  =====================================================
@@ -20,7 +21,12 @@ import grpc
 
 from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 from serving.encoders import EncoderUnavailableError
-from serving.requests import CancelledError, DeadlineExceededError, UnavailableError
+from serving.requests import (
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    UnavailableError,
+)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -33,6 +39,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, CancelledError):
         return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, FailedPreconditionError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, IndexUnavailableError):
         return grpc.StatusCode.UNAVAILABLE, "index unavailable; retry later"
     if isinstance(exc, EncoderUnavailableError):
