@@ -74,6 +74,11 @@ class ServeConfig:
     event_log: str = ""
     event_log_since: int = 0
     max_track_events: int = 1000
+    # ForgetCustomer (admin): the keys allowed to call it (accepted as API keys too),
+    # and the dataset folder / derived folders it cleans (docs/events.md, "Forget").
+    admin_keys: tuple[str, ...] = ()
+    forget_dataset: str = ""
+    forget_artifacts: tuple[str, ...] = ()
     # Retrieval: ANN fetches k * overfetch candidates (at least min_candidates) for re-ranking.
     overfetch: int = 4
     min_candidates: int = 50
@@ -173,10 +178,11 @@ class ServeConfig:
         return self.recommend_path == "loop"
 
     def resolved_api_keys(self) -> tuple[str, ...]:
-        """Keys from the config plus those in ``$api_keys_env`` (comma-separated)."""
+        """Keys from the config plus those in ``$api_keys_env`` (comma-separated), plus the
+        admin keys (an admin key is an API key that may also call the admin RPCs)."""
         env = os.environ.get(self.api_keys_env, "")
         extra = tuple(k.strip() for k in env.split(",") if k.strip())
-        return tuple(dict.fromkeys((*self.api_keys, *extra)))
+        return tuple(dict.fromkeys((*self.api_keys, *extra, *self.admin_keys)))
 
 
 def load_index_config(path: str | Path | None, **overrides: Any) -> IndexConfig | None:

@@ -16,6 +16,7 @@ strands a worker or a stream slot.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from ecomrec.errors import IndexUnavailableError, InvalidArgumentError
+from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 from serving import validation as val
 from serving.config import ServeConfig
 from serving.encoders import EncoderUnavailableError
@@ -35,6 +36,7 @@ from serving.observability import LogLimiter, Metrics, pseudonymise
 from serving.requests import (
     CancelledError,
     FailedPreconditionError,
+    PermissionDeniedError,
     RecommendResult,
     RequestContext,
     ResultItem,
@@ -77,12 +79,13 @@ def _activity(context: grpc.aio.ServicerContext) -> Callable[[], bool]:
 class _Call:
     """One call's bookkeeping: start time, request id, engine context."""
 
-    __slots__ = ("ctx", "rid", "t0")
+    __slots__ = ("context", "ctx", "rid", "t0")
 
     def __init__(
         self, request: Any, context: grpc.aio.ServicerContext, default_deadline_s: float
     ) -> None:
         self.t0 = time.perf_counter()
+        self.context = context
         self.rid: str = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
         remaining = context.time_remaining()
         timeout = default_deadline_s if remaining is None else min(remaining, 3600.0)
@@ -175,9 +178,13 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                 self.cfg.event_log, self.cfg.event_log_since, self.cfg.max_track_events
             )
         self.events = events  # TrackEvents and live history (None: no event log)
+        self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
 
     def _live(self, q: val.RecommendQuery) -> val.RecommendQuery:
-        """``q`` with the customer's acknowledged live events (TrackEvents) merged in."""
+        """``q`` with the customer's acknowledged live events (TrackEvents) merged in; a
+        customer forgotten since start is served as a stranger (live events after it only)."""
+        if q.user is not None and q.user_external in self.forgotten:
+            q = dataclasses.replace(q, user=None)
         if self.events is None:
             return q
         return self.events.with_live(q, self.engine.items)
@@ -382,6 +389,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self, request: pb2.GetUserProfileRequest, call: _Call
     ) -> pb2.UserProfile:
         engine = self.engine  # in-memory lookups: on the loop
+        if request.user_id in self.forgotten:
+            raise NotFoundError(f"user_id: unknown user {request.user_id[:40]!r}")
         live = 0
         if self.events is not None:
             val._check_id("user_id", request.user_id, self.cfg, required=True)
@@ -456,7 +465,9 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         return self.pb.FindAudienceResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             members=[
-                self.pb.AudienceMember(user_id=u, score=s, segment=g) for u, s, g in res.members
+                self.pb.AudienceMember(user_id=u, score=s, segment=g)
+                for u, s, g in res.members
+                if u not in self.forgotten
             ],
             model_version=engine.model_version,
             degraded=res.degraded,
@@ -483,3 +494,41 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             last_position=res.ack.last_seq,
             replayed=res.ack.replayed,
         )
+
+    @_rpc("ForgetCustomer")
+    async def ForgetCustomer(
+        self, request: pb2.ForgetCustomerRequest, call: _Call
+    ) -> pb2.ForgetCustomerResponse:
+        """Admin: forget a customer in the log, the service's memory and (configured) the
+        dataset folder and derived files."""
+        md = dict(call.context.invocation_metadata() or ())
+        key = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
+        if not self.cfg.admin_keys or key not in self.cfg.admin_keys:
+            raise PermissionDeniedError("ForgetCustomer needs an admin key (serve admin_keys)")
+        customer = val._check_id("customer_id", request.customer_id, self.cfg, required=True)
+        receipt, complete = await self._blocking(self._forget, customer)
+        return self.pb.ForgetCustomerResponse(  # type: ignore[no-any-return]
+            request_id=call.rid, receipt=receipt, complete=complete
+        )
+
+    def _forget(self, customer: str) -> tuple[list[str], bool]:
+        self.forgotten.add(customer)
+        lines = ["forgotten in this service's memory (history, profile, audiences)"]
+        if self.events is not None:
+            self.events.live.forget(customer)
+        if self.cfg.forget_dataset:
+            from intake.forget import forget_customer
+
+            r = forget_customer(
+                customer,
+                self.cfg.forget_dataset,
+                event_log=self.events.log if self.events is not None else None,
+                artifacts=self.cfg.forget_artifacts,
+                keys=(self.cfg.pseudonym_salt,),
+            )
+            return lines + r.lines(), not r.leftover
+        if self.events is not None:
+            n = self.events.log.forget(customer)
+            lines.append(f"removed {n:>8,}  events in the live log")
+        lines.append("note: no forget_dataset configured: run `ecomrec customers forget` on it")
+        return lines, True

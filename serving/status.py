@@ -10,6 +10,7 @@ encoder unavailable        in-process fallback (degraded), else UNAVAILABLE "use
                            unavailable" (the cause is only logged)
 DeadlineExceededError      DEADLINE_EXCEEDED
 FailedPreconditionError    FAILED_PRECONDITION (e.g. TrackEvents without an event log)
+PermissionDeniedError      PERMISSION_DENIED (an admin call without an admin key)
 anything else              INTERNAL "internal error (request <id>)": the trace is logged,
                            never sent
 =========================  =====================================================
@@ -25,6 +26,7 @@ from serving.requests import (
     CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
+    PermissionDeniedError,
     UnavailableError,
 )
 
@@ -39,6 +41,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, CancelledError):
         return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, FailedPreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, IndexUnavailableError):

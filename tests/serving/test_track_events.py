@@ -196,3 +196,52 @@ def test_acknowledged_events_reach_the_next_request_within_a_second(live: Served
             assert time.perf_counter() - t < 5
         lags.append(time.perf_counter() - t)
     assert float(np.percentile(lags, 99)) < 1.0
+
+
+def test_forget_customer_rpc_needs_an_admin_key_and_forgets(
+    parts: Any, index_dir: Path, segments: Any, tmp_path: Path
+) -> None:
+    from intake.dataset import Dataset
+
+    data = tmp_path / "shop"
+    parts.dataset.save(data)
+    reader = open_reader(index_dir)
+    s = Served(
+        make_engine(
+            parts,
+            reader,
+            segments,
+            event_log=str(tmp_path / "events.db"),
+            admin_keys=("admin-key",),
+            forget_dataset=str(data),
+        )
+    )
+    try:
+        user = s.engine.users.to_external(7)
+        now = int(time.time()) - 5
+        _track(s, [{"customer_id": user, "product_id": _items(s, 1)[0], "timestamp": now}])
+        known = _ids(_recommend(s, user))
+        stranger = _ids(_recommend(s, "never-seen-before"))
+        assert known != stranger
+        req = s.pb.ForgetCustomerRequest(customer_id=user)
+        with pytest.raises(grpc.RpcError) as e:
+            s.call("ForgetCustomer", req)  # an ordinary API key
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        resp = s.stub.ForgetCustomer(req, metadata=(("x-api-key", "admin-key"),), timeout=60)
+        assert resp.complete
+        assert any("events in the live log" in line for line in resp.receipt)
+        assert all(user not in line for line in resp.receipt)
+        # served as a stranger from now on; no profile; gone from the dataset folder
+        assert _ids(_recommend(s, user)) == stranger
+        with pytest.raises(grpc.RpcError) as e:
+            s.call("GetUserProfile", s.pb.GetUserProfileRequest(user_id=user))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert Dataset.load(data).users.get(user) is None
+        log = SqliteEventLog(s.cfg.event_log)
+        try:
+            assert [e.event.customer_id for e in log.read()] == []
+        finally:
+            log.close()
+    finally:
+        s.close()
+        reader.close()
