@@ -29,15 +29,15 @@ from ecomrec.errors import IndexUnavailableError, InvalidArgumentError
 from serving import validation as val
 from serving.config import ServeConfig
 from serving.encoders import EncoderUnavailableError
-from serving.engine import (
+from serving.engine import Recommender
+from serving.observability import LogLimiter, Metrics, pseudonymise
+from serving.requests import (
     CancelledError,
-    Recommender,
     RecommendResult,
     RequestContext,
     ResultItem,
     UnavailableError,
 )
-from serving.observability import LogLimiter, Metrics, pseudonymise
 from serving.status import status_for
 
 if TYPE_CHECKING:
