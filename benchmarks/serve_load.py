@@ -242,6 +242,61 @@ def client_worker(
     )
 
 
+def events_sender(
+    target: str,
+    key: str,
+    customers: list[str],
+    products: list[str],
+    rate: float,
+    batch: int,
+    stop: Any,
+    out: Any,
+) -> None:
+    """Send TrackEvents at ``rate`` events/s (batches of ``batch``) until ``stop`` is set;
+    puts (events acknowledged, calls failed) on ``out``."""
+    import grpc
+
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+    from serving._generated.ecomrec.v1 import recommend_pb2_grpc as pbg
+
+    rng = np.random.default_rng(0)
+    channel = grpc.insecure_channel(target)
+    stub = pbg.RecommendServiceStub(channel)
+    md = (("x-api-key", key),)
+    sent = failed = 0
+    t0 = time.monotonic()
+    k = 0
+    while not stop.is_set():
+        due = t0 + k * batch / rate
+        wait = due - time.monotonic()
+        if wait > 0:
+            stop.wait(wait)
+            continue
+        now = int(time.time())
+        req = pb.TrackEventsRequest(
+            events=[
+                pb.TrackedEvent(
+                    customer_id=customers[int(c)],
+                    product_id=products[int(i)],
+                    event_type="view",
+                    timestamp=now,
+                )
+                for c, i in zip(
+                    rng.integers(0, len(customers), batch),
+                    rng.integers(0, len(products), batch),
+                    strict=True,
+                )
+            ]
+        )
+        try:
+            sent += stub.TrackEvents(req, metadata=md, timeout=10).accepted
+        except grpc.RpcError:
+            failed += 1
+        k += 1
+    channel.close()
+    out.put((sent, failed))
+
+
 def run_point(
     target: str,
     key: str,
@@ -555,6 +610,9 @@ def start_servers(
     sets.setdefault("rerank_policies", str(ROOT / "configs/serving/rerank.toml"))
     if a.server_procs > 1:
         sets["reuse_port"] = "true"
+    if getattr(a, "events_rate", 0):
+        log_file = (work / f"serve_load.events{tag}.{os.getpid()}.db").resolve()
+        sets.setdefault("event_log", str(log_file))
     port_cfg = (work / f"serve_load.{os.getpid()}{tag}.toml").resolve()
     port_cfg.write_text(
         "[serve]\nport = 0\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
@@ -841,6 +899,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rounds", type=int, default=1, help="measurements of every point (per server set)"
     )
+    ap.add_argument(
+        "--events-rate",
+        type=float,
+        default=0.0,
+        help="paired A/B of live events: the servers get an event log, and every point is "
+        "measured with TrackEvents flowing at this many events/s (batches of 50: 'this') and "
+        "without ('baseline'), alternating, --rounds times (0 = off)",
+    )
     ap.add_argument("--users", type=int, default=2000, help="distinct users in the request mix")
     ap.add_argument("--seed", type=int, default=0, help="user sample seed")
     ap.add_argument("--out", required=True, help="JSON output (.md table and .png plot beside)")
@@ -886,7 +952,45 @@ def main(argv: list[str] | None = None) -> int:
             for _target, _, pids, _ in sets:
                 log.info("server idle after %.0f s of start-up work", wait_idle(pids))
 
+        customers = ds.users.external_ids
+        products = ds.item_ids.external_ids
+
+        def with_events(target: str, key: str, measure: Any) -> dict[str, Any]:
+            ctx = mp.get_context("spawn")
+            stop, q = ctx.Event(), ctx.Queue()
+            sender = ctx.Process(
+                target=events_sender,
+                args=(target, key, customers, products, a.events_rate, 50, stop, q),
+            )
+            sender.start()
+            try:
+                row: dict[str, Any] = measure()
+            finally:
+                stop.set()
+                sent, failed = q.get(timeout=60)
+                sender.join(30)
+            row["events_acknowledged"] = sent
+            row["events_failed_calls"] = failed
+            row["events_rate"] = a.events_rate
+            return row
+
         def point(mode: str, amount: float, rnd: int) -> dict[str, Any]:
+            if a.events_rate:  # one server set; with and without events, alternating
+                target, key, pids, _ = sets[0]
+                arms = [("this", runs), ("baseline", base_runs)]
+                for name, rows in arms if rnd % 2 == 0 else arms[::-1]:
+
+                    def measure(target: str = target, key: str = key, pids: Any = pids) -> Any:
+                        return run_point(
+                            target, key, payloads, mode, amount, a.seconds, a.warmup,
+                            a.client_procs, pids, a.channels,
+                        )  # fmt: skip
+
+                    row = with_events(target, key, measure) if name == "this" else measure()
+                    row["round"] = rnd
+                    row["server_set"] = name
+                    rows.append(row)
+                return runs[-1]
             order = sets if rnd % 2 == 0 else sets[::-1]  # alternate who goes first
             for target, key, pids, rows in order:
                 row = run_point(
@@ -974,6 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds > 1 or base_runs:
         res["paired"] = paired_summary(runs, base_runs)
         res["baseline_code"] = a.baseline_code
+        res["events_rate"] = a.events_rate or None
         res["baseline_runs"] = base_runs
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
