@@ -16,6 +16,7 @@ import numpy as np
 from indexing.base import ItemIndex
 from serving.catalog import ItemCatalog, SegmentPopularity
 from serving.config import ServeConfig
+from serving.discovery import discovery_parts
 from serving.encoders import (
     FallbackEncoder,
     InProcessEncoder,
@@ -130,6 +131,7 @@ def build_recommender(
     text = None
     if getattr(model.model.item_cfg, "use_text", False):
         text = model.embed_text
+    complements, product_search = discovery_parts(cfg, parts)  # built on first use
     engine = Recommender(
         cfg=cfg,
         model_version=model.model_version,
@@ -146,6 +148,8 @@ def build_recommender(
         metrics=metrics,
         text_embedder=text,
         user_vectors=UserVectors(lambda: all_user_vectors(local, parts.history, model.max_len)),
+        complements=complements,
+        product_search=product_search,
     )
     if metrics is not None:
         metrics.set_versions(model.model_version, Recommender.index_version(index))

@@ -260,6 +260,8 @@ class Recommender:
         metrics: Metrics | None = None,
         text_embedder: Callable[[list[str]], np.ndarray] | None = None,
         user_vectors: UserVectors | None = None,
+        complements: Any = None,  # towers.complements.ComplementModel (CompleteBasket)
+        product_search: Any = None,  # towers.product_search.ProductSearch (SearchProducts)
     ) -> None:
         self.cfg = cfg
         self.model_version = model_version
@@ -276,6 +278,8 @@ class Recommender:
         self.metrics = metrics
         self.text_embedder = text_embedder
         self.user_vectors = user_vectors
+        self.complements = complements
+        self.product_search = product_search
         # items the index holds beyond the catalogue: metadata from their index payloads
         self.index_only = IndexOnlyItems()
         # exact numpy search below the crossover; batching of encode + search
