@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,6 +62,10 @@ from training.splits import default_test_start
 log = logging.getLogger("benchmarks.complements")
 _PERSONAL = ("personal_weight", "own_weight")
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr@10")
+
+
+Scorer = Callable[["Case"], np.ndarray]
+Thunk = Callable[[], Scorer]
 
 
 @dataclass(frozen=True)
@@ -168,70 +173,83 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     # candidate configurations of every method; each returns a case scorer for a fit
-    def grids(
-        f: Fitted, past: pl.DataFrame, now: int
-    ) -> dict[str, list[tuple[dict, Callable[[Case], np.ndarray], Callable[[Case], np.ndarray]]]]:
-        plain = lambda c: c.basket  # noqa: E731 - the basket's own items
-        out: dict[str, list] = {"popularity": [({}, lambda c: f.count, plain)]}
-        conf = (f.co / np.maximum(f.count[:, None], 1.0)).astype(
-            np.float32
-        )  # (N+1, N+1) conf(i -> j)
-        lift = (conf / np.maximum(f.count[None, :] / f.x.shape[0], 1e-12)).astype(np.float32)
-        out["assoc-rules"] = []
-        for support in (1, 2, 5):
-            ok = f.co >= support
-            for name, m in (("confidence", conf * ok), ("lift", lift * ok)):
-                out["assoc-rules"].append(
-                    (
-                        {"measure": name, "min_support": support},
-                        lambda c, m=m: m[c.basket].max(0),
-                        plain,
-                    )
-                )
-        cos = f.co / (np.sqrt(np.outer(f.count, f.count)) + 1e-12)
-        out["item-knn"] = []
-        for shrink in (0.0, 10.0):
-            sim = f.co / (np.sqrt(np.outer(f.count, f.count)) + shrink + 1e-12) if shrink else cos
-            for k in (20, 100, n_items):
-                if k < n_items:
-                    thr = -np.partition(-sim, k - 1, axis=1)[:, k - 1 : k]
-                    simk = np.where(sim >= thr, sim, 0.0)
-                else:
-                    simk = sim
-                out["item-knn"].append(
-                    (
-                        {"neighbours": k, "shrink": shrink},
-                        lambda c, s=simk: s[c.basket].sum(0),
-                        plain,
-                    )
-                )
-        out["ease"] = []
-        for l2 in (10.0, 25.0, 50.0, 200.0, 500.0):
+    def grids(f: Fitted, past: pl.DataFrame, now: int) -> dict[str, list[tuple[dict, Thunk]]]:
+        """Every method's candidate configurations; each thunk builds its case scorer on
+        demand (heavy fits shared through ``memo``), so only what is evaluated is built."""
+        memo: dict[Any, Any] = {}
+
+        def once(key: Any, build: Callable[[], Any]) -> Any:
+            if key not in memo:
+                memo[key] = build()
+            return memo[key]
+
+        def conf() -> np.ndarray:  # (N+1, N+1) conf(i -> j)
+            return once(
+                "conf", lambda: (f.co / np.maximum(f.count[:, None], 1.0)).astype(np.float32)
+            )
+
+        def lift() -> np.ndarray:
+            return once(
+                "lift",
+                lambda: (conf() / np.maximum(f.count[None, :] / f.x.shape[0], 1e-12)).astype(
+                    np.float32
+                ),
+            )
+
+        def assoc(measure: str, support: int) -> Scorer:
+            m = (conf() if measure == "confidence" else lift()) * (f.co >= support)
+            return lambda c: m[c.basket].max(0)
+
+        def knn(k: int, shrink: float) -> Scorer:
+            sim = f.co / (np.sqrt(np.outer(f.count, f.count)) + shrink + 1e-12)
+            if k < n_items:
+                thr = -np.partition(-sim, k - 1, axis=1)[:, k - 1 : k]
+                sim = np.where(sim >= thr, sim, 0.0)
+            return lambda c: sim[c.basket].sum(0)
+
+        def ease(l2: float) -> Scorer:
             w = ease_weights(f.x, l2)
-            out["ease"].append(({"l2": l2}, lambda c, w=w: w[c.basket].sum(0), plain))
+            return lambda c: w[c.basket].sum(0)
+
+        def ours(cfg: ComplementConfig, personal: bool) -> Scorer:
+            model = once(
+                (cfg.ease_l2, cfg.half_life_days),
+                lambda: ComplementModel.fit(past, ds.items, n_items, cfg, now=now),
+            )
+            m = dataclasses.replace(model, cfg=cfg)
+            if personal:
+                return lambda c: m.score(c.basket, f.history.get(c.user, ()))
+            return lambda c: m.score(c.basket)
+
+        out: dict[str, list[tuple[dict, Thunk]]] = {"popularity": [({}, lambda: lambda c: f.count)]}
+        out["assoc-rules"] = [
+            ({"measure": ms, "min_support": sup}, lambda ms=ms, sup=sup: assoc(ms, sup))
+            for sup in (1, 2, 5)
+            for ms in ("confidence", "lift")
+        ]
+        out["item-knn"] = [
+            ({"neighbours": k, "shrink": sh}, lambda k=k, sh=sh: knn(k, sh))
+            for sh in (0.0, 10.0)
+            for k in (20, 100, n_items)
+        ]
+        out["ease"] = [({"l2": l2}, lambda l2=l2: ease(l2)) for l2 in (10.0, 25.0, 50.0, 200.0)]
         out["ours"], out["ours-personal"] = [], []
         for l2 in args.ours_l2:
             for hl in args.ours_half_life:
-                base = ComplementConfig(ease_l2=l2, half_life_days=hl)
-                model = ComplementModel.fit(past, ds.items, n_items, base, now=now)
                 for cw in (0.0, 0.3, 1.0):
-                    cfg = dataclasses.replace(
-                        base, conf_weight=cw, personal_weight=0.0, own_weight=0.0
+                    cfg = ComplementConfig(
+                        ease_l2=l2,
+                        half_life_days=hl,
+                        conf_weight=cw,
+                        personal_weight=0.0,
+                        own_weight=0.0,
                     )
-                    m0 = dataclasses.replace(model, cfg=cfg)
-                    out["ours"].append(
-                        (dataclasses.asdict(cfg), lambda c, m=m0: m.score(c.basket), None)
-                    )
+                    out["ours"].append((dataclasses.asdict(cfg), lambda cfg=cfg: ours(cfg, False)))
                     for pw in (0.1, 0.3):
                         for ow in (0.02, 0.05, 0.2):
                             pcfg = dataclasses.replace(cfg, personal_weight=pw, own_weight=ow)
-                            mp = dataclasses.replace(model, cfg=pcfg)
                             out["ours-personal"].append(
-                                (
-                                    dataclasses.asdict(pcfg),
-                                    lambda c, m=mp: m.score(c.basket, f.history.get(c.user, ())),
-                                    None,
-                                )
+                                (dataclasses.asdict(pcfg), lambda pcfg=pcfg: ours(pcfg, True))
                             )
         return out
 
@@ -258,8 +276,8 @@ def run(args: argparse.Namespace) -> dict:
                 c for c in cands if {k: v for k, v in c[0].items() if k not in _PERSONAL} == base
             ]
         best: tuple[dict, dict] | None = None
-        for params, scorer, _ in cands:
-            m = evaluate(cases["valid"], scorer, lambda c: excl["valid"][id(c)], fv.count)
+        for params, thunk in cands:
+            m = evaluate(cases["valid"], thunk(), lambda c: excl["valid"][id(c)], fv.count)
             log.info("valid %-14s %s ndcg@10 %.4f", name, params, m["ndcg@10"])
             if best is None or m["ndcg@10"] > best[1]["ndcg@10"]:
                 best = (params, m)
@@ -268,8 +286,10 @@ def run(args: argparse.Namespace) -> dict:
     valid_s = time.perf_counter() - t0
     past, a, _ = phases["test"]
     ft = fit_stats(past, n_items)
-    for name, (params, scorer) in grids_for_chosen(grids, ft, past, a, chosen).items():
-        m = evaluate(cases["test"], scorer, lambda c: excl["test"][id(c)], ft.count)
+    test_grid = grids(ft, past, a)
+    for name, (params, _) in chosen.items():
+        thunk = next(t for p, t in test_grid[name] if p == params)
+        m = evaluate(cases["test"], thunk(), lambda c: excl["test"][id(c)], ft.count)
         results[name] = {**{k: m[k] for k in METRICS}, "valid": chosen[name][1], "params": params}
         log.info("test  %-14s ndcg@10 %.4f recall@10 %.4f", name, m["ndcg@10"], m["recall@10"])
     baselines = [n for n in results if not n.startswith("ours")]
@@ -293,19 +313,6 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-
-
-def grids_for_chosen(
-    grids: Callable, f: Fitted, past: pl.DataFrame, now: int, chosen: dict[str, tuple[dict, dict]]
-) -> dict[str, tuple[dict, Callable[[Case], np.ndarray]]]:
-    """The chosen configuration of every method, refitted on ``past``."""
-    out = {}
-    for name, cands in grids(f, past, now).items():
-        for params, scorer, _ in cands:
-            if params == chosen[name][0]:
-                out[name] = (params, scorer)
-                break
-    return out
 
 
 def _day(ts: int) -> str:
@@ -352,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ours-half-life",
         type=float,
         nargs="+",
-        default=[0.0, 90.0, 180.0],
+        default=[0.0, 180.0],
         help="recency half-life grid of ours (days, 0 = none)",
     )
     ap.add_argument("--out", default=None, help="JSON output path (markdown table beside it)")
