@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -42,10 +43,10 @@ def _call(args: argparse.Namespace, fn: Callable[[Any], Any]) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from serving.cli import _api_key
     from serving.client import RecommendClient, format_products
 
-    with RecommendClient(args.target, api_key=_api_key(args.api_key), timeout_s=args.timeout) as c:
+    key = args.api_key or os.environ.get("ECOMREC_API_KEYS", "").split(",")[0].strip() or None
+    with RecommendClient(args.target, api_key=key, timeout_s=args.timeout) as c:
         try:
             resp = fn(c)
         except grpc.RpcError as e:
