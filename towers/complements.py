@@ -59,11 +59,12 @@ _VARIANT_TEXT = """
     small medium large mini jumbo giant big little tiny xs s m l xl xxl xxxl size sizes
     regular petite tall slim wide
     set pack packs of piece pieces pc pcs count ct pair pairs
+    oz fl ml ounce ounces litre liter
 """
 VARIANT_WORDS = frozenset(_VARIANT_TEXT.split())
 #: Units that follow a number in a size ("16 fl oz", "250ml", "2 x 50 g").
 _UNITS = r"(?:fl|oz|ounce|ounces|ml|l|litre|liter|g|gram|grams|kg|lb|lbs|cm|mm|m|inch|in|x)"
-_NUMBER_UNIT = re.compile(rf"\b\d+(?:[.,]\d+)?\s*{_UNITS}?\b")
+_NUMBER_UNIT = re.compile(rf"\b\d+(?:[.,]\d+)?(?:\s*{_UNITS}\b)*")
 _WORD = re.compile(r"[a-z]+")
 
 
