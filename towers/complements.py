@@ -89,8 +89,8 @@ class ComplementConfig:
     """Hyper-parameters of :class:`ComplementModel` (chosen on a validation month by
     ``benchmarks/complements.py``; the defaults are its choice on Online Retail)."""
 
-    ease_l2: float = 10.0
-    half_life_days: float = 180.0  # invoice weight 0.5 ** (age / half-life); 0 = no decay
+    ease_l2: float = 25.0
+    half_life_days: float = 0.0  # invoice weight 0.5 ** (age / half-life); 0 = no decay
     # co-purchase weights kept per item; 0 = all (EASE: a dense (N+1)^2 float32 matrix,
     # 54 MB at 3,676 items: EASE's negative weights matter, the top 200 positive ones
     # alone lost 0.009 validation NDCG@10 on Online Retail); the cosine kind keeps 200
@@ -98,7 +98,7 @@ class ComplementConfig:
     conf_weight: float = 0.3
     min_support: int = 2  # invoices holding both items, for an association rule
     personal_weight: float = 0.1
-    own_weight: float = 0.05
+    own_weight: float = 0.2
     ease_max_items: int = 8000  # above: cosine co-occurrence instead of EASE
 
     def __post_init__(self) -> None:
