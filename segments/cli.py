@@ -132,7 +132,7 @@ def _segments_report(args: argparse.Namespace) -> int:
         title=f"ecomrec segments: {ds.name}",
         cutoffs=(comp.train.cutoff_ts, comp.test.cutoff_ts),
         horizon_days=args.horizon_days,
-        currency=args.currency,
+        currency=args.currency or str(ds.extra.get("currency") or "the shop's currency"),
     )
     print(path)
     return 0
@@ -419,7 +419,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
-        "--currency", default="the shop's currency", help="currency named in the report, e.g. GBP"
+        "--currency",
+        default=None,
+        help="currency named in the report, e.g. GBP (default: the dataset's, from "
+        "`data import --currency`, else 'the shop's currency')",
     )
     p.set_defaults(func=_segments_report)
     p = ss.add_parser("export", help="analyst Parquet export (pseudonymised ids by default)")
