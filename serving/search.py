@@ -2,7 +2,7 @@
 
 :func:`search_products` ranks the catalogue with the engine's
 :class:`towers.product_search.ProductSearch` (``engine.product_search``: BM25 over the item
-text + the item tower's MiniLM, ``lexical_weight`` 0.3 chosen on validation queries),
+text + the item tower's MiniLM, ``lexical_weight`` 0.6 chosen on Beauty's validation queries),
 applies the request's filters with the engine's catalogue, and, for a known customer
 with a history, re-ranks the hybrid's top ``candidates`` (100) with the user vector::
 
