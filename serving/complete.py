@@ -101,14 +101,16 @@ def validate_basket(req: Any, cfg: ServeConfig, users: Any, items: Any) -> Baske
 
 
 def top_k(scores: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
-    """(<= k,) int64 ids of the best finite scores among ``mask``, best first."""
+    """(<= k,) int64 ids of the best finite scores among ``mask``, best first; equal
+    scores in id order (deterministic, like a stable sort of the whole array)."""
     s = np.where(mask, scores, -np.inf)
     ok = int(np.isfinite(s).sum())
     k = min(k, ok)
     if k <= 0:
         return np.zeros(0, np.int64)
-    top = np.argpartition(-s, k - 1)[:k]
-    return top[np.argsort(-s[top], kind="stable")].astype(np.int64)
+    kth = np.partition(s, len(s) - k)[len(s) - k]  # the k-th largest score
+    cand = np.flatnonzero(s >= kth)
+    return cand[np.lexsort((cand, -s[cand]))][:k].astype(np.int64)
 
 
 def result_item(
