@@ -34,6 +34,7 @@ from serving.catalog import ItemCatalog
 from serving.config import ServeConfig
 from serving.discovery import resolve
 from serving.engine import RequestContext, ResultItem, UnavailableError
+from towers.complements import entries
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,6 @@ def _strongest(model: Any, basket: Sequence[int], top: np.ndarray) -> list[int]:
     if not len(top):
         return []
     b = np.asarray(list(basket), np.int64)
-    rows = model.weights[b]
-    w = rows[:, top].toarray() if hasattr(rows, "toarray") else rows[:, top]  # (B, k)
+    w = entries(model.weights, b, top)  # (B, k)
     best = w.argmax(axis=0)
     return [int(b[i]) if w[i, c] > 0 else 0 for c, i in enumerate(best)]

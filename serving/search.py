@@ -18,6 +18,10 @@ Reasons: ``TEXT_MATCH`` (BM25 > 0) with ``word:<w>`` for each query word in the 
 text, ``brand:<brand>`` / ``category:<level>`` when the query names them,
 ``SEMANTIC_MATCH`` (cosine of query and item text >= 0.3), ``FOR_YOU`` when the user
 vector moved the item up.
+
+Cost (Beauty, 12,101 items, this machine under load ~9): ~5 ms of CPU for the MiniLM
+query forward (ONNX Runtime), ~2.5 ms for the exact cosine over the (N+1, 384) text
+vectors (memory-bound), under 1 ms for BM25, the blend and the reasons.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
             t = ctx.timed("score", t)
             try:
                 personal = _user_relevance(engine, hist, cands, ctx, degraded)
+                t = time.perf_counter()
             except (IndexUnavailableError, EncoderUnavailableError, UnavailableError) as e:
                 log.warning("SearchProducts: not personalised: %s", e)
                 degraded.append(
@@ -138,17 +143,29 @@ def _user_relevance(
     index = engine.index
     if index is None:
         raise IndexUnavailableError("no index loaded")
-    try:
-        items = np.asarray(index.get_vectors(cands.tolist()), np.float32)  # (C, D)
-    except IndexUnavailableError:
-        raise
-    except Exception as e:  # items missing from the index or an engine fault
-        raise IndexUnavailableError(f"index lookup failed: {e}") from e
+    items = _item_vectors(engine, index, cands)  # (C, D)
     ctx.timed("ann", t)
     if not np.isfinite(items).all():
         raise IndexUnavailableError("the index returned non-finite vectors")
     u = np.asarray(vec, np.float32)[0]
     return (items @ u).astype(np.float64)
+
+
+def _item_vectors(engine: Any, index: Any, ids: np.ndarray) -> np.ndarray:
+    """(C, D) item vectors of the live version: from the engine's exact-search copy when it
+    is loaded and holds them all (no index round trip), else from the index."""
+    exact = getattr(engine, "exact", None)
+    try:
+        m = exact.matrix(index, index.version) if exact is not None else None
+        if m is not None and int(ids.max(initial=0)) < len(m.row_of):
+            rows = m.row_of[ids]
+            if (rows >= 0).all():
+                return np.asarray(m.vectors[rows], np.float32)
+        return np.asarray(index.get_vectors(ids.tolist()), np.float32)
+    except IndexUnavailableError:
+        raise
+    except Exception as e:  # items missing from the index or an engine fault
+        raise IndexUnavailableError(f"index lookup failed: {e}") from e
 
 
 def _result(
