@@ -27,7 +27,10 @@ vectors (memory-bound), under 1 ms for BM25, the blend and the reasons.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +39,18 @@ import numpy as np
 from ecomrec.errors import IndexUnavailableError, InvalidArgumentError
 from indexing.base import SearchFilter
 from serving import validation as val
+from serving.batching import Batcher
 from serving.complete import ProductsResult, result_item, top_k
 from serving.config import ServeConfig
 from serving.discovery import resolve
 from serving.encoders import EncoderUnavailableError, encode_with_status
-from serving.engine import ENCODER_FALLBACK, INDEX_UNAVAILABLE, RequestContext, UnavailableError
+from serving.engine import (
+    ENCODER_FALLBACK,
+    INDEX_UNAVAILABLE,
+    DeadlineExceededError,
+    RequestContext,
+    UnavailableError,
+)
 from serving.history import to_batch
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,7 @@ TEXT_MATCH = "TEXT_MATCH"
 SEMANTIC_MATCH = "SEMANTIC_MATCH"
 FOR_YOU = "FOR_YOU"
 SEMANTIC_MIN = 0.3  # cosine of query and item text that counts as a semantic match
+BATCH_MAX = 16  # queries per MiniLM forward
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,28 @@ def validate_search(req: Any, cfg: ServeConfig, users: Any, items: Any) -> Searc
     )
 
 
+_batchers: weakref.WeakKeyDictionary[Any, Batcher[str, np.ndarray]] = weakref.WeakKeyDictionary()
+_batchers_lock = threading.Lock()
+
+
+def _semantic_batcher(ps: Any) -> Batcher[str, np.ndarray]:
+    """The query-encoding batcher of one ProductSearch: concurrent requests' queries go
+    through one MiniLM forward and one pass over the item text vectors (requests that
+    arrive while a batch runs form the next one; nobody waits for company)."""
+    got = _batchers.get(ps)
+    if got is None:
+        with _batchers_lock:
+            got = _batchers.get(ps)
+            if got is None:
+
+                def run(texts: Sequence[str]) -> list[np.ndarray]:
+                    vecs = ps.encode(list(texts))  # (B, 384)
+                    return list(ps.semantic_many(vecs))  # B x (N+1,)
+
+                got = _batchers[ps] = Batcher(run, BATCH_MAX, 0.0, "ecomrec-search-encode")
+    return got
+
+
 def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> ProductsResult:
     """The top ``q.k`` products for ``q.text`` (see the module docstring)."""
     ps = resolve(getattr(engine, "product_search", None))
@@ -92,10 +125,13 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
         raise UnavailableError("this deployment has no product search")
     t = time.perf_counter()
     ctx.check("encode")
-    qvec = ps.encode([q.text])[0]  # (384,)
+    try:
+        sem_q = _semantic_batcher(ps).run(q.text, max(ctx.remaining(), 0.001))  # (N+1,)
+    except TimeoutError:
+        raise DeadlineExceededError("deadline exceeded in the query encoder") from None
     t = ctx.timed("encode", t)
     ctx.check("score")
-    scores, lex, sem = ps.hybrid(q.text, qvec)  # (N+1,) each
+    scores, lex, sem = ps.hybrid(q.text, semantic=sem_q)  # (N+1,) each
     mask = engine.catalog.mask(q.filters)
     if q.exclude:
         mask[np.asarray(q.exclude, np.int64)] = False

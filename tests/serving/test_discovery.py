@@ -248,3 +248,15 @@ def test_cli_basket_and_search(served_shop: Served, planted: Planted) -> None:
         user = planted.ds.users.to_external(7)
         assert main(["search", "dinosaur lunchbox", "-k", "2", "--user", user, *common]) == 0
     assert planted.d in out.getvalue().splitlines()[1]
+
+
+def test_concurrent_searches_equal_single_ones(served_shop: Served, planted: Planted) -> None:
+    """Concurrent calls share the query batcher; each answer equals the call made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = served_shop
+    queries = ["dinosaur lunchbox", "garden hose", "Lipstick", "Rexco", "hose reel"] * 3
+    alone = [[i.item_id for i in _search(s, q, k=5).items] for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda q: [i.item_id for i in _search(s, q, k=5).items], queries))
+    assert together == alone

@@ -106,3 +106,18 @@ def test_onnx_query_encoder_equals_torch(tmp_path: Path) -> None:
     texts = ["gift for a 6-year-old who likes dinosaurs under £20", "oily skin", "a"]
     np.testing.assert_allclose(enc.encode(texts), encode_texts(texts), atol=1e-4)
     np.testing.assert_array_equal(enc.encode(["oily skin"]), enc.encode(["oily skin"]))  # LRU
+
+
+def test_batched_queries_equal_single_ones(tmp_path: Path) -> None:
+    """SearchProducts batches concurrent queries (one MiniLM forward, one pass over the
+    item vectors): each row equals the query encoded and scored alone."""
+    from towers.product_search import ProductSearch
+    from towers.text_onnx import QueryEncoder
+
+    enc = QueryEncoder(cache_dir=tmp_path, lru=0)
+    items = pl.DataFrame({"item_id": [1, 2, 3], "title": ["Lip Balm", "Hair Dryer", "Tea Cup"]})
+    ps = ProductSearch.from_items(items, 3, enc.encode)
+    texts = ["balm", "a hair dryer for travel with a long cord", "cup"]
+    batch = ps.semantic_many(enc.encode(texts))  # (3, 4)
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(batch[i], ps.semantic(enc.encode([t])[0]), atol=1e-5)
