@@ -114,7 +114,11 @@ def _semantic_batcher(ps: Any) -> Batcher[str, np.ndarray]:
                     vecs = ps.encode(list(texts))  # (B, 384)
                     return list(ps.semantic_many(vecs))  # B x (N+1,)
 
-                got = _batchers[ps] = Batcher(run, BATCH_MAX, 0.0, "ecomrec-search-encode")
+                # coming() = 0: a lone query runs in its caller's thread (no hand-over);
+                # queries arriving while a batch runs queue up and form the next one
+                got = _batchers[ps] = Batcher(
+                    run, BATCH_MAX, 0.0, "ecomrec-search-encode", coming=lambda: 0
+                )
     return got
 
 
