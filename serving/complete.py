@@ -33,7 +33,7 @@ from serving import validation as val
 from serving.catalog import ItemCatalog
 from serving.config import ServeConfig
 from serving.discovery import resolve
-from serving.engine import RequestContext, ResultItem, UnavailableError
+from serving.requests import RequestContext, ResultItem, UnavailableError
 from towers.complements import entries
 
 log = logging.getLogger(__name__)

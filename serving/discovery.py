@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from serving.config import ServeConfig
-from serving.engine import UnavailableError
+from serving.requests import UnavailableError
 
 log = logging.getLogger(__name__)
 

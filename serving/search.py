@@ -44,14 +44,14 @@ from serving.complete import ProductsResult, result_item, top_k
 from serving.config import ServeConfig
 from serving.discovery import resolve
 from serving.encoders import EncoderUnavailableError, encode_with_status
-from serving.engine import (
+from serving.history import to_batch
+from serving.requests import (
     ENCODER_FALLBACK,
     INDEX_UNAVAILABLE,
     DeadlineExceededError,
     RequestContext,
     UnavailableError,
 )
-from serving.history import to_batch
 
 log = logging.getLogger(__name__)
 
