@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
                     )
                     out["ours"].append((dataclasses.asdict(cfg), lambda cfg=cfg: ours(cfg, False)))
                     for pw in (0.1, 0.3):
-                        for ow in (0.02, 0.05, 0.2):
+                        for ow in (0.05, 0.2, 0.5, 1.0):
                             pcfg = dataclasses.replace(cfg, personal_weight=pw, own_weight=ow)
                             out["ours-personal"].append(
                                 (dataclasses.asdict(pcfg), lambda pcfg=pcfg: ours(pcfg, True))
