@@ -425,3 +425,34 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             model_version=engine.model_version,
             degraded=res.degraded,
         )
+
+    @_rpc("CompleteBasket")
+    def CompleteBasket(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+        from serving.complete import complete_basket, validate_basket
+
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = validate_basket(request, self.cfg, engine.users, engine.items)
+        res = complete_basket(engine, q, ctx)
+        return self.pb.CompleteBasketResponse(
+            request_id=rid,
+            items=_filters_pb(self.pb, res.items),
+            model_version=res.model_version,
+            unknown_item_ids=list(res.unknown),
+            degraded=res.degraded,
+            degraded_reasons=list(res.degraded_reasons),
+        )
+
+    @_rpc("SearchProducts")
+    def SearchProducts(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+        from serving.search import search_products, validate_search
+
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = validate_search(request, self.cfg, engine.users, engine.items)
+        res = search_products(engine, q, ctx)
+        return self.pb.SearchProductsResponse(
+            request_id=rid,
+            items=_filters_pb(self.pb, res.items),
+            model_version=res.model_version,
+            degraded=res.degraded,
+            degraded_reasons=list(res.degraded_reasons),
+        )
