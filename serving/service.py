@@ -427,14 +427,16 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
 
     @_rpc("CompleteBasket")
-    def CompleteBasket(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+    async def CompleteBasket(
+        self, request: pb2.CompleteBasketRequest, call: _Call
+    ) -> pb2.CompleteBasketResponse:
         from serving.complete import complete_basket, validate_basket
 
         engine = self.engine  # one engine per request (a reload may swap it meanwhile)
         q = validate_basket(request, self.cfg, engine.users, engine.items)
-        res = complete_basket(engine, q, ctx)
-        return self.pb.CompleteBasketResponse(
-            request_id=rid,
+        res = await self._blocking(complete_basket, engine, q, call.ctx)
+        return self.pb.CompleteBasketResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
             model_version=res.model_version,
             unknown_item_ids=list(res.unknown),
@@ -443,14 +445,16 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
 
     @_rpc("SearchProducts")
-    def SearchProducts(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+    async def SearchProducts(
+        self, request: pb2.SearchProductsRequest, call: _Call
+    ) -> pb2.SearchProductsResponse:
         from serving.search import search_products, validate_search
 
         engine = self.engine  # one engine per request (a reload may swap it meanwhile)
         q = validate_search(request, self.cfg, engine.users, engine.items)
-        res = search_products(engine, q, ctx)
-        return self.pb.SearchProductsResponse(
-            request_id=rid,
+        res = await self._blocking(search_products, engine, q, call.ctx)  # MiniLM + scoring
+        return self.pb.SearchProductsResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
             model_version=res.model_version,
             degraded=res.degraded,
