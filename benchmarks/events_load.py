@@ -62,7 +62,6 @@ def serve(log_path: str, port_q: Any, stop: Any) -> None:
 
 def client(target: str, concurrency: int, batch: int, seconds: float, seed: int, out: Any) -> None:
     import grpc
-
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
     from serving._generated.ecomrec.v1 import recommend_pb2_grpc as pbg
 

@@ -133,6 +133,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=_recommend)
 
+    from serving.discovery_cli import register as register_discovery
+
+    register_discovery(sub)  # `basket`, `search`
+
     d = sub.add_parser(
         "demo",
         help="train quick, build index, fit segments, serve, call: recommendations with reasons",
@@ -230,6 +234,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.follow_refresh:
             reloader = _follow_refresh(args, cfg, servicer, metrics)
             engine = servicer.engine
+        from serving.discovery import warm
+
+        warm(servicer.engine)  # CompleteBasket / SearchProducts models, before SERVING
         if cfg.gc_freeze:
             import gc
 

@@ -127,6 +127,11 @@ class ServeConfig:
     # (resolved from the package, not the working directory); "" turns re-ranking off; a
     # path that does not exist is an error.
     rerank_policies: str = str(DEFAULT_RERANK)
+    # CompleteBasket / SearchProducts (docs/complements.md): the co-purchase model and the
+    # product search are built from the served dataset (`ecomrec serve` builds them before
+    # health turns SERVING); false = that call answers UNAVAILABLE.
+    complements: bool = True
+    product_search: bool = True
 
     def __post_init__(self) -> None:
         for name in (

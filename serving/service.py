@@ -532,3 +532,38 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             lines.append(f"removed {n:>8,}  events in the live log")
         lines.append("note: no forget_dataset configured: run `ecomrec customers forget` on it")
         return lines, True
+
+    @_rpc("CompleteBasket")
+    async def CompleteBasket(
+        self, request: pb2.CompleteBasketRequest, call: _Call
+    ) -> pb2.CompleteBasketResponse:
+        from serving.complete import complete_basket, validate_basket
+
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = validate_basket(request, self.cfg, engine.users, engine.items)
+        res = await self._blocking(complete_basket, engine, q, call.ctx)
+        return self.pb.CompleteBasketResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
+            items=_filters_pb(self.pb, res.items),
+            model_version=res.model_version,
+            unknown_item_ids=list(res.unknown),
+            degraded=res.degraded,
+            degraded_reasons=list(res.degraded_reasons),
+        )
+
+    @_rpc("SearchProducts")
+    async def SearchProducts(
+        self, request: pb2.SearchProductsRequest, call: _Call
+    ) -> pb2.SearchProductsResponse:
+        from serving.search import search_products, validate_search
+
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = validate_search(request, self.cfg, engine.users, engine.items)
+        res = await self._blocking(search_products, engine, q, call.ctx)  # MiniLM + scoring
+        return self.pb.SearchProductsResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
+            items=_filters_pb(self.pb, res.items),
+            model_version=res.model_version,
+            degraded=res.degraded,
+            degraded_reasons=list(res.degraded_reasons),
+        )

@@ -388,6 +388,7 @@ def test_serve_process_survives_cancels_and_sighup_and_exits_on_sigterm(
 
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
     from serving._generated.ecomrec.v1 import recommend_pb2_grpc as pbg
+
     from tests.serving.conftest import API_KEY
     from tests.serving.test_serve_process import Proc
 
