@@ -246,7 +246,9 @@ _INSERT = (
 )
 
 
-def _row(e: LiveEvent) -> tuple[Any, ...]:
+def event_row(e: LiveEvent) -> tuple[Any, ...]:
+    """The event's fields in contract order (``customer_id ... session_id``): one row of the
+    SQLite log, one JSON array of the NATS log."""
     return (
         e.customer_id,
         e.product_id,
@@ -341,7 +343,7 @@ class SqliteEventLog:
                         continue
                 first = last = 0
                 if events:
-                    conn.executemany(_INSERT, [_row(e) for e in events])
+                    conn.executemany(_INSERT, [event_row(e) for e in events])
                     # one writer holds the write lock for the transaction: the AUTOINCREMENT
                     # positions of one executemany are contiguous, ending at the last rowid
                     last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
