@@ -246,7 +246,9 @@ _INSERT = (
 )
 
 
-def _row(e: LiveEvent) -> tuple[Any, ...]:
+def event_row(e: LiveEvent) -> tuple[Any, ...]:
+    """The event's fields in contract order (``customer_id ... session_id``): one row of the
+    SQLite log, one JSON array of the NATS log."""
     return (
         e.customer_id,
         e.product_id,
@@ -297,12 +299,17 @@ class SqliteEventLog:
 
     # ---------------------------------------------------------------- writing
     def append(self, events: Sequence[LiveEvent], batch_id: str | None = None) -> Ack:
+        return self.submit(events, batch_id).result()
+
+    def submit(self, events: Sequence[LiveEvent], batch_id: str | None = None) -> Future[Ack]:
+        """Queue an append for the writer; the future resolves once the events are durable
+        (an asyncio caller awaits it with ``asyncio.wrap_future`` and blocks no thread)."""
         fut: Future[Ack] = Future()
         with self._lock:
             if self._closed:
                 raise ConfigError(f"event log {self.path} is closed")
             self._jobs.put((events, batch_id, fut))
-        return fut.result()
+        return fut
 
     def _run(self) -> None:
         while True:
@@ -335,11 +342,13 @@ class SqliteEventLog:
                         acks.append(Ack(prev.first_seq, prev.last_seq, prev.written, replayed=True))
                         continue
                 first = last = 0
-                for e in events:
-                    cur = conn.execute(_INSERT, _row(e))
-                    last = int(cur.lastrowid or 0)
-                    first = first or last
-                    stored.append(StoredEvent(last, e))
+                if events:
+                    conn.executemany(_INSERT, [event_row(e) for e in events])
+                    # one writer holds the write lock for the transaction: the AUTOINCREMENT
+                    # positions of one executemany are contiguous, ending at the last rowid
+                    last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+                    first = last - len(events) + 1
+                    stored += [StoredEvent(first + i, e) for i, e in enumerate(events)]
                 ack = Ack(first, last, len(events))
                 if batch_id is not None:
                     conn.execute(

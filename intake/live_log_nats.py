@@ -46,7 +46,7 @@ import nats.js.errors
 from nats.js import api
 
 from ecomrec.errors import ConfigError, EcomrecError
-from intake.live_log import Ack, LiveEvent, StoredEvent
+from intake.live_log import Ack, LiveEvent, StoredEvent, event_row
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,7 @@ def customer_subject(prefix: str, customer_id: str) -> str:
 
 
 def encode_event(e: LiveEvent) -> bytes:
-    row = [
-        e.customer_id,
-        e.product_id,
-        e.event_type,
-        e.ts,
-        e.quantity,
-        e.price,
-        e.order_id,
-        e.session_id,
-    ]
+    row = list(event_row(e))
     return json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -477,12 +477,12 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     async def TrackEvents(
         self, request: pb2.TrackEventsRequest, call: _Call
     ) -> pb2.TrackEventsResponse:
-        """Validate, append durably (on a worker: the commit waits for the disk), answer."""
+        """Validate (on the loop), append durably (the log's writer thread), answer."""
         if self.events is None:
             raise FailedPreconditionError(
                 "this service has no event log (set event_log in the serve config)"
             )
-        res = await self._blocking(self.events.track, request)
+        res = await self.events.track_async(request)  # validation here, the commit awaited
         return self.pb.TrackEventsResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             accepted=res.accepted,
