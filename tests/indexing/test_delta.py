@@ -19,7 +19,7 @@ import pytest
 from indexing.base import SearchFilter
 from indexing.build import build_version, delete_points, open_store, rollback, upsert_points
 from indexing.integrity import compute_checksums
-from tests.indexing.conftest import make_config, make_points
+from tests.indexing.conftest import indexed_vectors, make_config, make_points
 from tests.indexing.test_contract import FILTERS, _reference
 
 N, D = 600, 16
@@ -44,7 +44,11 @@ class Expected:
 
 
 def _store(tmp_path: Path, **kw: Any) -> Any:
-    return open_store(make_config("edge", tmp_path, delta_min_base=1, **kw))
+    # full_scan_threshold_kb=1: base and delta shards get an HNSW graph (600 points of 16
+    # floats are far below the default 1000 KB, where every search is a full scan)
+    return open_store(
+        make_config("edge", tmp_path, delta_min_base=1, full_scan_threshold_kb=1, **kw)
+    )
 
 
 def _updates(store: Any, exp: Expected) -> None:
@@ -92,6 +96,10 @@ def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str
     e_ids, e_vecs, e_pays = exp.arrays()
     reader = store.open()
     assert reader.count() == len(e_ids) == store.manifest(live).count
+    # both layers are searched through a graph: base (600) + delta (57 live points; the
+    # delta's graph may still hold the vectors of points deleted from it)
+    graph, points = indexed_vectors(reader)
+    assert points == N + layer["delta_points"] and graph >= points
     qs = np.concatenate([np.random.default_rng(3).normal(size=(6, D)), e_vecs[:4]])
     qs = qs.astype(np.float32)
     for f in FILTERS:
@@ -169,9 +177,12 @@ def test_small_versions_are_copied_whole(tmp_path: Path) -> None:
     store.close()
 
 
-# A reader in another process: queries the alias in a loop, prints "version id,id,...".
+# A reader in another process: queries the alias in a loop, prints "version id,id,...",
+# until the stop file exists (then one last query: it sees the last committed version);
+# the deadline only guards against a test that never writes the stop file.
 READER = """
 import sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
 import numpy as np
 from indexing.base import IndexConfig
@@ -179,11 +190,17 @@ from indexing.build import open_store
 store = open_store(IndexConfig(location={loc!r}))
 reader = store.open()
 q = np.array({q!r}, dtype=np.float32)
-print("ready", flush=True)
-end = time.monotonic() + {seconds}
-while time.monotonic() < end:
+stop = Path({stop!r})
+
+def answer():
     hits = reader.search(q, 10, with_payload=False)
     print(reader._tls.version, ",".join(str(h.item_id) for h in hits), flush=True)
+
+print("ready", flush=True)
+end = time.monotonic() + 300
+while not stop.exists() and time.monotonic() < end:
+    answer()
+answer()
 """
 
 
@@ -206,9 +223,10 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
         answers[version] = _reference(e_ids, e_vecs, e_pays, q, 10, SearchFilter())
 
     record(first)
+    stop = tmp_path / "stop"
     child = subprocess.Popen(
         [sys.executable, "-c", READER.format(
-            root=str(root), loc=str(tmp_path / "index"), q=q.tolist(), seconds=12
+            root=str(root), loc=str(tmp_path / "index"), q=q.tolist(), stop=str(stop)
         )],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -226,7 +244,8 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
     v = delete_points(store, gone).version
     exp.delete(gone)
     record(v)
-    out, _ = child.communicate(timeout=60)
+    stop.touch()
+    out, _ = child.communicate(timeout=120)
     lines = [ln.split(" ") for ln in out.strip().splitlines()]
     seen = {ver for ver, _ in lines}
     assert len(lines) > 20 and v in seen  # the reader followed the alias to the last one
