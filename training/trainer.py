@@ -350,10 +350,14 @@ class Trainer:
         self._vocab_cache: dict[str, list[str]] | None = vocab
         self.init_model = init_model
         self._fit_on: Interactions | None = None
-        # hooks for training/distributed.py: only the main process writes files; every
-        # step's loss (averaged over processes there) is kept for parity checks
-        self.is_main = True
+        # every step's loss (averaged over processes in a DDP job) is kept for parity checks
         self.step_losses: list[float] = []
+        self._join_process_group()
+
+    def _join_process_group(self) -> None:
+        """This process's place in a DDP job (training/distributed.py overrides it): here
+        the only process, so the one that writes files."""
+        self.is_main = True
 
     # --- model ---------------------------------------------------------------------
     def build_model(self, train: Interactions) -> TwoTower:
