@@ -1,6 +1,7 @@
 """``ecomrec refresh``: new events in, a better model and index out, safely.
 
-One refresh, under an exclusive lock of the state directory (:mod:`lifecycle.state`):
+One refresh, under an exclusive lock of the state directory (:mod:`lifecycle.state`; the
+deploy record is :mod:`indexing.deploy`):
 
 1. ingest: load the dataset (the loaders' validation and drop report); the new data is
    every event at or after the live record's ``data_until``; none -> exit 4;
@@ -48,10 +49,11 @@ from indexing.build import (
     open_store,
     publish_version,
 )
+from indexing.deploy import DEPLOY_FILE, DeployState, Record, write_json_atomic
 from intake.dataset import Dataset
 from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
-from lifecycle.state import DEPLOY_FILE, DeployState, Record, refresh_lock, write_json_atomic
+from lifecycle.state import refresh_lock
 from lifecycle.warmstart import transplant
 from towers.inference import MANIFEST_FILE, MODEL_FILE
 from towers.model import load_checkpoint, save_checkpoint

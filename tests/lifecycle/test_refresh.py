@@ -210,7 +210,7 @@ def _assert_old_or_new_good(tmp: Path, before: dict[str, Any], alias: str) -> st
     the alias answers.  Returns "old" or "new"."""
     from indexing.base import IndexConfig
     from indexing.build import open_index, open_store
-    from lifecycle.state import DeployState
+    from indexing.deploy import DeployState
 
     live = asdict(DeployState(tmp / "index.refresh").live())  # parses, or DataError
     now_alias = alias_target(tmp / "index")

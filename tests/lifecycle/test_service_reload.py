@@ -23,8 +23,8 @@ def _serve_cfg() -> Any:
 def test_service_reloads_promoted_model_without_a_failed_request(
     shop: Shop, live_run: Path, tmp_path: Path
 ) -> None:
+    from indexing.deploy import DeployState
     from lifecycle.refresh import refresh
-    from lifecycle.state import DeployState
     from serving.observability import Metrics
     from serving.reload import EngineReloader, engine_from_record
     from tests.serving.conftest import Served
