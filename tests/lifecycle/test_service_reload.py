@@ -65,22 +65,29 @@ def test_service_reloads_promoted_model_without_a_failed_request(
                 errors.append(e)
             i += 4
 
+    def answered_since(t: float, n: int = 3, timeout: float = 60) -> None:
+        """Wait (with a deadline, not a fixed sleep) for n answers to requests started after t."""
+        end = time.monotonic() + timeout
+        while sum(1 for a, *_ in list(answers) if a > t) < n:
+            assert time.monotonic() < end and not errors, (errors[:3], len(answers))
+            time.sleep(0.01)
+
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     try:
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        answered_since(0.0)
         # a promotion while the service runs: the manifest changes, the watcher reloads
         second = refresh(live_run, shop.full, tmp_path / "index", config=cfg, index_cfg=index_cfg())
         assert second.record is not None and second.decision == "promoted"
         assert reloader.check()
         t_swap = time.monotonic()  # windows: from after one action to before the next
-        time.sleep(0.5)
+        answered_since(t_swap)
         # roll back in memory, then forward again on SIGHUP
         t_swap_end = time.monotonic()
         assert reloader.rollback()
         t_back = time.monotonic()
-        time.sleep(0.5)
+        answered_since(t_back)
         reloader.install_sighup()
         n_before = reloader.reloads
         t_back_end = time.monotonic()
@@ -89,7 +96,7 @@ def test_service_reloads_promoted_model_without_a_failed_request(
         while reloader.reloads == n_before and time.monotonic() < deadline:
             time.sleep(0.05)
         t_hup = time.monotonic()
-        time.sleep(0.5)
+        answered_since(t_hup)
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         stop.set()
