@@ -227,6 +227,11 @@ class _QdrantWire:
         self.thread.start()
 
     def close(self) -> None:
+        import time
+
+        end = time.monotonic() + 10  # the client checks the server version in a thread
+        while ("GET", "/", None) not in self.calls and time.monotonic() < end:
+            time.sleep(0.01)
         self.server.shutdown()
         self.server.server_close()
 
