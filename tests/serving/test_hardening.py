@@ -406,7 +406,8 @@ def test_health_watchers_keep_hearing_after_one_leaves(fresh: Served) -> None:
     try:
         assert all(next(w).status == _serving() for w in watches)
         watches[0].cancel()
-        time.sleep(0.5)  # the server sees the cancellation
+        # the server sees the cancellation: two watchers left
+        assert wait_for(lambda: fresh.handle.health._watching.get("") == 2, timeout=10)
         fresh.handle.set_ready(False)
         with ThreadPoolExecutor(2) as pool:
             got = [pool.submit(next, w) for w in watches[1:]]
