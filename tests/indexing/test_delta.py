@@ -81,6 +81,7 @@ def _updates(store: Any, exp: Expected) -> None:
     ],
     ids=["default", "postfilter", "filtered-hnsw"],
 )
+@pytest.mark.slow
 def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str, Any]) -> None:
     store = _store(tmp_path, delta_max_fraction=1.0, **planner)
     ids, vecs, pays = make_points(N, D)
@@ -126,6 +127,7 @@ def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str
     store.close()
 
 
+@pytest.mark.slow
 def test_compaction_rollback_prune_and_integrity(tmp_path: Path) -> None:
     store = _store(tmp_path, delta_max_fraction=0.1, keep_versions=2)
     ids, vecs, pays = make_points(N, D)
@@ -204,6 +206,7 @@ answer()
 """
 
 
+@pytest.mark.slow
 def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
     """Delta updates under a reader in another process: every answer is exactly one
     committed version's brute-force answer (never a half-applied update)."""

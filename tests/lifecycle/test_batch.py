@@ -185,6 +185,7 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
         run_job("embed-items", out, None, run_dir=shop["run"])
 
 
+@pytest.mark.slow
 def test_cli_runs_a_job_in_process_and_reports_it(
     shop: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

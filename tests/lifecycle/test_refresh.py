@@ -20,6 +20,8 @@ import pytest
 
 from tests.lifecycle.conftest import ROOT, Shop, alias_target, index_cfg, quick_config
 
+pytestmark = pytest.mark.slow  # a trained model / a served process per module: seconds
+
 CONFIG_TOML = """
 [refresh]
 eval_days = 60.0

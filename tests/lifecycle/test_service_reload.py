@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.lifecycle.conftest import ROOT, Shop, index_cfg, quick_config
 
 
@@ -20,6 +22,7 @@ def _serve_cfg() -> Any:
     return ServeConfig(port=0, rerank_policies=str(ROOT / "configs" / "serving" / "rerank.toml"))
 
 
+@pytest.mark.slow
 def test_service_reloads_promoted_model_without_a_failed_request(
     shop: Shop, live_run: Path, tmp_path: Path
 ) -> None:

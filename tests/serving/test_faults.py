@@ -54,6 +54,7 @@ def test_index_missing_serves_segment_popularity(parts: Any, segments: Any, tmp_
         reader.close()
 
 
+@pytest.mark.slow
 def test_index_lost_while_serving_then_recovers(parts: Any, tmp_path: Path) -> None:
     d = tmp_path / "idx"
     build_index(d, parts)

@@ -190,6 +190,7 @@ def test_garbage_protobuf_is_invalid_argument_with_one_log_line(
 
 
 # -- 3 + 4. a damaged index at start-up ------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "scramble"])
 def test_damaged_index_at_start_degrades_every_method(
     parts: Any, segments: Any, tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
@@ -303,6 +304,7 @@ def _versions_info(s: Served) -> str:
     raise AssertionError("no ecomrec_versions_info")
 
 
+@pytest.mark.slow
 def test_version_metric_follows_cli_build_and_rollback(
     parts: Any, segments: Any, tmp_path: Path
 ) -> None:
@@ -373,6 +375,7 @@ def test_not_found_after_delete_names_the_external_id(
 
 
 # -- NOT_SERVING before the port closes -------------------------------------------------------
+@pytest.mark.slow
 def test_stop_reports_not_serving_before_closing_the_port(fresh: Served, parts: Any) -> None:
     stopper = threading.Thread(target=fresh.handle.stop, args=(0.5, 4.0))
     stopper.start()
