@@ -46,9 +46,8 @@ class Expected:
 def _store(tmp_path: Path, **kw: Any) -> Any:
     # full_scan_threshold_kb=1: base and delta shards get an HNSW graph (600 points of 16
     # floats are far below the default 1000 KB, where every search is a full scan)
-    return open_store(
-        make_config("edge", tmp_path, delta_min_base=1, full_scan_threshold_kb=1, **kw)
-    )
+    kw.setdefault("full_scan_threshold_kb", 1)
+    return open_store(make_config("edge", tmp_path, delta_min_base=1, **kw))
 
 
 def _updates(store: Any, exp: Expected) -> None:
@@ -260,7 +259,7 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
 def test_failed_delta_update_leaves_alias_and_base(tmp_path: Path) -> None:
     from indexing.base import VerificationError
 
-    store = _store(tmp_path)
+    store = _store(tmp_path, full_scan_threshold_kb=1000)  # about counts: no graph needed
     ids, vecs, pays = make_points(N, D)
     base = build_version(store, ids, vecs, pays, model_version="m").version
     before = compute_checksums(tmp_path / "index" / "versions" / base)
