@@ -28,11 +28,11 @@ from training.splits import default_test_start, temporal_split
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__,
-        formatter_class=type(
-            "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}
-        ),
+        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, HelpFormatter), {}),
     )
     ap.add_argument("--dataset", default="online-retail", help="name or path")
     ap.add_argument("--data-dir", default=None, help="data directory ($ECOMREC_DATA_DIR)")

@@ -1,4 +1,4 @@
-"""Where exact numpy search stops paying: CPU per query of ``serving.exact`` vs catalogue size.
+"""Where exact numpy search stops paying: CPU per query of ``indexing.exact`` vs catalogue size.
 
 For each size N, unit vectors (N, D) and queries: CPU microseconds per query of the exact
 path the engine uses (one matrix product for a batch, the sampled top-n cut, the final
@@ -39,7 +39,7 @@ def _cpu_per_call(fn: Any, min_s: float = 0.5) -> float:
 def exact_cost(n_items: int, dim: int, n: int, batch: int, seed: int = 0) -> float:
     """CPU microseconds per query of the engine's exact search at this size."""
     from indexing.base import SearchFilter
-    from serving.exact import ExactMatrix, ExactSearch
+    from indexing.exact import ExactMatrix, ExactSearch
 
     rng = np.random.default_rng(seed)
     vecs = rng.standard_normal((n_items, dim)).astype(np.float32)
@@ -80,9 +80,11 @@ def hnsw_cost(location: str, n: int, queries: int = 200) -> tuple[int, float, fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--sizes", default="12000,50000,100000,200000,400000", help="catalogue sizes")
     ap.add_argument("--dim", type=int, default=32, help="vector dimension")

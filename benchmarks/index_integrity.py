@@ -69,9 +69,9 @@ def run(items: int, dim: int, queries: int, work: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--items", type=int, default=12101, help="points in the version")
     ap.add_argument("--dim", type=int, default=64, help="vector dimension")
     ap.add_argument("--queries", type=int, default=300, help="timed queries per reader")

@@ -418,7 +418,9 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
+    class _Fmt(argparse.RawDescriptionHelpFormatter, HelpFormatter):
         pass
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)

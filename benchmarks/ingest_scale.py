@@ -74,9 +74,11 @@ def run_size(rows: int, work: Path, buckets: int, chunk_rows: int, keep: bool) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--rows", default="10000000,100000000", help="comma-separated log sizes")
     ap.add_argument("--out", required=True, help="JSON file with one record per size")

@@ -114,7 +114,9 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
+    class _Fmt(argparse.RawDescriptionHelpFormatter, HelpFormatter):
         pass
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)

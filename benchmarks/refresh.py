@@ -97,9 +97,11 @@ def score(run: Path, targets: Any, history: Interactions) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--dataset", default="online-retail", help="dataset name or path")
     ap.add_argument("--weeks", type=int, default=12, help="weeks replayed at the end of the data")

@@ -760,9 +760,11 @@ def plot_open_loop(res: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--dataset", default="beauty", help="dataset name or path")
     ap.add_argument("--data-dir", default=None, help="dataset root (default: $ECOMREC_DATA_DIR)")

@@ -27,11 +27,11 @@ from training.two_tower import TwoTowerRetriever, hide_item_content
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    from ecomrec.cli import HelpFormatter  # shows each default once
+
     ap = argparse.ArgumentParser(
         description=__doc__,
-        formatter_class=type(
-            "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}
-        ),
+        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, HelpFormatter), {}),
     )
     ap.add_argument("--dataset", default="beauty", help="dataset name or path")
     ap.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")

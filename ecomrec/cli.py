@@ -27,11 +27,29 @@ COMMAND_MODULES = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not when the help text already says what the
+    default is ("(default: $ECOMREC_DATA_DIR)", "default: the config's") and not for
+    ``None`` (an option that is simply not given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        low = text.lower()
+        if "default:" in low or "(default" in low or "%(default)" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)command's --help shows each option's default."""
+    """Every (sub)command's --help shows each option's default (once)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        fmt = kwargs.get("formatter_class", HelpFormatter)
+        if isinstance(fmt, type) and not issubclass(fmt, HelpFormatter):
+            # a package asked for its own formatter (e.g. the plain ArgumentDefaults one):
+            # keep it, with the defaults shown once
+            fmt = type(f"Once{fmt.__name__}", (HelpFormatter, fmt), {})
+        kwargs["formatter_class"] = fmt
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 

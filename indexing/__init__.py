@@ -8,6 +8,7 @@ from indexing.base import (
     ItemIndex,
     SearchFilter,
     UserFilter,
+    VectorSearch,
     VerificationError,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "ItemIndex",
     "SearchFilter",
     "UserFilter",
+    "VectorSearch",
     "VerificationError",
 ]

@@ -335,11 +335,12 @@ def new_version_name(alias: str) -> str:
 
 
 @runtime_checkable
-class ItemIndex(Protocol):
-    """Read side of a vector index, as serving uses it.
+class VectorSearch(Protocol):
+    """The search part of an index: what every back end answers, the exact in-memory one
+    (:class:`indexing.exact.ExactIndex`) included.
 
-    ``version`` is read from the alias when a query starts, and the whole query runs
-    on that one version: a refresh never mixes two versions in one answer.
+    ``version`` names the one version a query runs on; the serving engine reads it before
+    and after a query to report the version that answered (:mod:`serving.retrieval`).
     """
 
     @property
@@ -349,15 +350,7 @@ class ItemIndex(Protocol):
 
     @property
     def version(self) -> str:
-        """Name of the version the alias points at now."""
-        ...
-
-    def manifest(self) -> IndexManifest:
-        """Manifest of the live version."""
-        ...
-
-    def count(self, flt: SearchFilter | None = None) -> int:
-        """Number of points (matching ``flt``) in the live version."""
+        """Name of the version queries run on now (the alias target for a follower)."""
         ...
 
     def search(
@@ -367,8 +360,11 @@ class ItemIndex(Protocol):
         flt: SearchFilter | None = None,
         exclude_ids: Sequence[int] = (),
         hnsw_ef: int | None = None,
+        *,
+        with_payload: bool = True,
     ) -> list[Hit]:
-        """Top-``k`` hits for one query vector ``(D,)``, best first."""
+        """Top-``k`` hits for one query vector ``(D,)``, best first; ``with_payload=False``
+        leaves ``Hit.payload`` empty (the caller has the metadata: faster)."""
         ...
 
     def search_batch(
@@ -378,8 +374,28 @@ class ItemIndex(Protocol):
         flt: SearchFilter | None = None,
         exclude_ids: Sequence[Sequence[int]] | None = None,
         hnsw_ef: int | None = None,
+        *,
+        with_payload: bool = True,
     ) -> list[list[Hit]]:
-        """Top-``k`` hits for each row of ``vectors`` ``(B, D)``; ``exclude_ids`` per row."""
+        """Top-``k`` hits for each row of ``vectors`` ``(B, D)``, all on one version;
+        ``exclude_ids`` one list per row; each row's answer equals :meth:`search`'s."""
+        ...
+
+
+@runtime_checkable
+class ItemIndex(VectorSearch, Protocol):
+    """Read side of a vector index, as serving uses it: every operation the engine calls.
+
+    ``version`` is read from the alias when a query starts, and the whole query runs
+    on that one version: a refresh never mixes two versions in one answer.
+    """
+
+    def manifest(self) -> IndexManifest:
+        """Manifest of the live version."""
+        ...
+
+    def count(self, flt: SearchFilter | None = None) -> int:
+        """Number of points (matching ``flt``) in the live version."""
         ...
 
     def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
@@ -388,6 +404,10 @@ class ItemIndex(Protocol):
 
     def get_payloads(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Payloads for ``ids`` in order; unknown ids raise NotFoundError."""
+        ...
+
+    def existing_ids(self, ids: Sequence[int]) -> set[int]:
+        """The subset of ``ids`` the live version holds (one round trip, no error)."""
         ...
 
     def close(self) -> None:

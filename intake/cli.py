@@ -71,41 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="folder of the bundled datasets (default: $ECOMREC_DATA_DIR)",
     )
     i.add_argument("--out", required=True, help="dataset folder to write")
-    i.add_argument(
-        "--map",
-        default=None,
-        metavar="CANONICAL=SOURCE,...",
-        help="column mapping, e.g. customer_id=CustomerID,product_id=StockCode,"
-        "items.title=Description (prefix events./items. to target one file)",
-    )
-    i.add_argument(
-        "--mapping",
-        default=None,
-        metavar="TOML",
-        help="TOML with a [columns] table (canonical = 'Source') and optional timezone, "
-        "timestamp_format, unknown_products; --map and flags given here win",
-    )
-    i.add_argument(
-        "--timezone",
-        default=None,
-        help="shop time zone for timestamps without an offset (IANA name; default: UTC)",
-    )
-    i.add_argument(
-        "--timestamp-format",
-        default=None,
-        help="strftime format for text timestamps that are not ISO 8601, e.g. '%%d/%%m/%%Y %%H:%%M'",
-    )
-    i.add_argument(
-        "--unknown-products",
-        choices=["drop", "keep"],
-        default=None,
-        help="events for products not in the catalogue (default: drop, counted)",
-    )
-    i.add_argument(
-        "--now",
-        default=None,
-        help="ISO date-time for the future-timestamp check (default: the current time)",
-    )
+    add_contract_arguments(i)
     i.add_argument("--name", default=None, help="dataset name (default: the --out folder name)")
     i.add_argument(
         "--overwrite", action="store_true", help="replace an existing dataset folder at --out"
@@ -168,10 +134,91 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _contract_options(args: argparse.Namespace) -> Any:
+def add_contract_arguments(p: argparse.ArgumentParser) -> None:
+    """The data-contract options (docs/data.md), shared by ``data import`` and the ingest."""
+    p.add_argument(
+        "--map",
+        default=None,
+        metavar="CANONICAL=SOURCE,...",
+        help="column mapping, e.g. customer_id=CustomerID,product_id=StockCode,"
+        "items.title=Description (prefix events./items. to target one file); a column "
+        "no file has is an error",
+    )
+    p.add_argument(
+        "--mapping",
+        default=None,
+        metavar="TOML",
+        help="TOML with a [columns] table (canonical = 'Source') and any option below "
+        "(timezone, timestamp_format, returns, not_products = [...], ...); flags given "
+        "here win",
+    )
+    p.add_argument(
+        "--timezone",
+        default=None,
+        help="shop time zone for timestamps without an offset (IANA name; default: UTC)",
+    )
+    p.add_argument(
+        "--timestamp-format",
+        default=None,
+        help="strftime format for text timestamps that are not ISO 8601, e.g. '%%m/%%d/%%Y %%H:%%M'",
+    )
+    p.add_argument(
+        "--unknown-products",
+        choices=["drop", "keep"],
+        default=None,
+        help="events for products not in the catalogue (default: drop, counted)",
+    )
+    p.add_argument(
+        "--event-type",
+        default=None,
+        metavar="TYPE",
+        help="type of rows without one (no event_type column, or an empty cell): view, cart, "
+        "purchase or return (default: purchase); e.g. view for a click log",
+    )
+    p.add_argument(
+        "--returns",
+        default=None,
+        metavar="RULE",
+        help="purchase rows that are returns: 'COLUMN OP VALUE', e.g. 'order_id startswith C' "
+        "(cancelled invoices) or 'quantity < 0'; OP: startswith endswith contains matches "
+        "= != < <= > >=",
+    )
+    p.add_argument(
+        "--not-products",
+        default=None,
+        metavar="ID,...",
+        help="product ids that are not products (postage, fees, adjustments), exactly as "
+        "written, e.g. 'POST,DOT,M,C2,BANK CHARGES'; their rows are dropped and counted",
+    )
+    p.add_argument(
+        "--not-products-pattern",
+        default=None,
+        metavar="REGEX",
+        help="more non-product ids: a regular expression matched against the whole id, "
+        "e.g. 'gift_.*'",
+    )
+    p.add_argument(
+        "--currency",
+        default=None,
+        help="the shop's currency (GBP, EUR, ...), kept with the dataset for reports",
+    )
+    p.add_argument(
+        "--now",
+        default=None,
+        help="ISO date-time for the future-timestamp check (default: the current time)",
+    )
+
+
+def contract_options(args: argparse.Namespace, default_name: str) -> Any:
+    """:class:`ContractOptions` from ``--mapping`` TOML, then the flags given (flags win)."""
     from ecomrec.config import load_toml
     from ecomrec.errors import ConfigError
-    from intake.loaders.contract import ContractOptions, options_from_toml, parse_mapping
+    from intake.loaders.contract import (
+        ContractOptions,
+        options_from_toml,
+        parse_list,
+        parse_mapping,
+    )
 
     fields: dict[str, Any] = {}
     if args.mapping:
@@ -179,28 +226,26 @@ def _contract_options(args: argparse.Namespace) -> Any:
     cols = dict(fields.get("columns", ()))
     cols.update(dict(parse_mapping(args.map)))
     fields["columns"] = tuple(cols.items())
-    if args.timezone:
-        fields["timezone"] = args.timezone
-    if args.timestamp_format:
-        fields["timestamp_format"] = args.timestamp_format
-    if args.unknown_products:
-        fields["unknown_products"] = args.unknown_products
+    for flag in (
+        "timezone",
+        "timestamp_format",
+        "unknown_products",
+        "event_type",
+        "returns",
+        "not_products_pattern",
+        "currency",
+    ):
+        if getattr(args, flag):
+            fields[flag] = getattr(args, flag)
+    if args.not_products:
+        fields["not_products"] = parse_list(args.not_products)
     if args.now:
         try:
             now = dt.datetime.fromisoformat(args.now)
         except ValueError:
             raise ConfigError(f"--now {args.now!r} is not an ISO date-time") from None
         fields["now"] = int((now if now.tzinfo else now.replace(tzinfo=dt.UTC)).timestamp())
-    fields["name"] = args.name or fields.get("name") or Path(args.out).name
-    tz = fields.get("timezone", "UTC")
-    try:
-        import zoneinfo
-
-        zoneinfo.ZoneInfo(tz)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"unknown time zone {tz!r} (want an IANA name like Europe/Berlin)"
-        ) from None
+    fields["name"] = getattr(args, "name", None) or fields.get("name") or default_name
     return ContractOptions(**fields)
 
 
@@ -220,7 +265,7 @@ def _import(args: argparse.Namespace) -> int:
             raise ConfigError("give either --bundled or --events/--items, not both")
         ds = load_dataset(args.bundled, args.data_dir)
     elif args.events:
-        ds = load_contract(args.events, args.items, _contract_options(args))
+        ds = load_contract(args.events, args.items, contract_options(args, out.name))
     else:
         raise ConfigError("give --events FILE (and --items FILE) or --bundled NAME")
     if out.exists() and not (out / "dataset.json").exists():

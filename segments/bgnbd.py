@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy import optimize, special
 
 from ecomrec.errors import DataError, ModelError
 
@@ -112,6 +111,8 @@ class BGNBD:
         r: float, alpha: float, a: float, b: float, x: np.ndarray, t_x: np.ndarray, T: np.ndarray
     ) -> np.ndarray:
         """(n,) per-customer log-likelihood (equation 6 of the paper, in log space)."""
+        from scipy import special  # lazy: scipy costs ~1 s to import
+
         a1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
         a2 = (
             special.gammaln(a + b)
@@ -137,6 +138,8 @@ class BGNBD:
         init: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
     ) -> BGNBD:
         """Maximum-likelihood fit over log-parameters (L-BFGS-B, then Nelder-Mead polish)."""
+        from scipy import optimize  # lazy: scipy costs ~1 s to import
+
         x, t_x, TT = _arrays(frequency, recency, T)
         if len(x) == 0:
             raise ModelError("cannot fit BG/NBD on zero customers")
@@ -202,6 +205,8 @@ class BGNBD:
         self, t: float, frequency: np.ndarray, recency: np.ndarray, T: np.ndarray
     ) -> np.ndarray:
         """(n,) E[number of purchases in (T, T + t] | history] (equation 10 of the paper)."""
+        from scipy import special  # lazy: scipy costs ~1 s to import
+
         p = self._p()
         x, t_x, TT = _arrays(frequency, recency, T)
         z = t / (p.alpha + TT + t)
@@ -232,6 +237,8 @@ class GammaGamma:
         p: float, q: float, v: float, x: np.ndarray, m: np.ndarray
     ) -> np.ndarray:
         """(n,) log density of the mean value ``m`` of ``x >= 1`` transactions."""
+        from scipy import special  # lazy: scipy costs ~1 s to import
+
         return np.asarray(
             special.gammaln(p * x + q)
             - special.gammaln(p * x)
@@ -244,6 +251,8 @@ class GammaGamma:
 
     def fit(self, frequency: np.ndarray, monetary_value: np.ndarray) -> GammaGamma:
         """Fit on customers with ``frequency > 0`` and positive mean value (others ignored)."""
+        from scipy import optimize  # lazy: scipy costs ~1 s to import
+
         x = np.asarray(frequency, dtype=np.float64)
         m = np.asarray(monetary_value, dtype=np.float64)
         keep = (x > 0) & (m > 0)

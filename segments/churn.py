@@ -25,6 +25,8 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +69,25 @@ class ChurnConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("query", "value")
+    # BLAS / OpenMP / torch threads for these small fits (thousands of customers): on a
+    # busy machine more threads only spin (k-means 13x, GBDT 12x slower with 2 than 1)
+    threads: int = 1
+
+
+@contextmanager
+def limited_threads(n: int = 1) -> Iterator[None]:
+    """Run the block with at most ``n`` BLAS/OpenMP threads (threadpoolctl) and ``n`` torch
+    intra-op threads; the previous settings come back afterwards."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        with threadpool_limits(limits=max(1, n)):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- data
@@ -255,11 +276,16 @@ class GBDTModel:
         )
 
     def fit(self, train: CutoffData) -> GBDTModel:
-        from sklearn.ensemble import HistGradientBoostingRegressor
-
         x = train.features()
         for task in TASKS:
             self.models[task] = self._clf().fit(x, train.label(task))
+        return self.fit_spend(train)
+
+    def fit_spend(self, train: CutoffData) -> GBDTModel:
+        """Only the spend regressor (log1p of the window's spend on the RFM features)."""
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        x = train.features()
         self.models["spend"] = HistGradientBoostingRegressor(
             loss="squared_error",
             max_iter=self.cfg.gbdt_max_iter,
@@ -271,6 +297,12 @@ class GBDTModel:
         ).fit(x, np.log1p(train.table["future_spend"].to_numpy()))
         return self
 
+    def predict_spend(self, data: CutoffData) -> np.ndarray:
+        """(n,) expected spend in the horizon (the regressor's expm1, floored at 0)."""
+        if "spend" not in self.models:
+            raise ModelError("GBDTModel.fit_spend must run before predict_spend")
+        return np.asarray(np.expm1(self.models["spend"].predict(data.features())).clip(min=0.0))
+
     def predict(self, data: CutoffData) -> Predictions:
         if not self.models:
             raise ModelError("GBDTModel.fit must run before predict")
@@ -281,6 +313,99 @@ class GBDTModel:
             self.models["high_value"].predict_proba(x)[:, 1],
             np.expm1(self.models["spend"].predict(x)).clip(min=0.0),
         )
+
+
+# --------------------------------------------------------------------------- spend
+SPEND_METHODS: tuple[str, str] = ("gbdt", "last_window")
+
+
+def recent_spend(ds: Dataset, cutoff_ts: int, users: np.ndarray, horizon_days: int) -> np.ndarray:
+    """(n,) net spend of ``users`` (in that order) in ``[cutoff - H days, cutoff)``: the
+    "same as the last H days" prediction, with the label's definition (purchased minus
+    returned value, floored at 0; :func:`segments.labels.make_labels`)."""
+    start = int(cutoff_ts) - horizon_days * DAY
+    lab = make_labels(
+        ds.events.filter(pl.col("ts") < cutoff_ts),
+        users,
+        start,
+        LabelConfig(horizon_days, require_full_window=False),
+    )
+    ids = lab["user_id"].to_numpy().astype(np.int64)  # sorted, unique
+    val = lab["future_spend"].to_numpy().astype(np.float64)
+    u = np.asarray(users, dtype=np.int64)
+    if len(ids) == 0:
+        return np.zeros(len(u), np.float64)
+    pos = np.clip(np.searchsorted(ids, u), 0, len(ids) - 1)
+    return np.where(ids[pos] == u, val[pos], 0.0)
+
+
+def spend_errors(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE and the relative error on the total (sum predicted / sum actual - 1)."""
+    a = np.asarray(actual, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    tot = float(a.sum())
+    return {
+        "mae": float(np.mean(np.abs(p - a))),
+        "rmse": float(np.sqrt(np.mean((p - a) ** 2))),
+        "total_error": float(p.sum() / tot - 1.0) if tot > 0 else float("nan"),
+        "actual_total": tot,
+        "predicted_total": float(p.sum()),
+        "n": float(len(a)),
+    }
+
+
+@dataclass(frozen=True)
+class SpendChoice:
+    """Which spend prediction to show, chosen by MAE on a validation window."""
+
+    method: str  # one of SPEND_METHODS
+    valid_cutoff_ts: int  # the cutoff whose observed window decided
+    valid: dict[str, dict[str, float]]  # method -> spend_errors on that window
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "valid_cutoff_ts": self.valid_cutoff_ts, "valid": self.valid}
+
+
+def choose_spend(ds: Dataset, cfg: ChurnConfig, valid: CutoffData) -> SpendChoice:
+    """GBDT regressor or "same as the last H days", whichever has the lower MAE on the
+    observed window of ``valid`` (a cutoff whose labels are known and that is never the
+    test cutoff). The regressor is trained one horizon before ``valid`` (its window ends at
+    ``valid``'s cutoff), as it is trained one horizon before the scored cutoff in use."""
+    h = cfg.horizon_days
+    if "future_spend" not in valid.table.columns:
+        raise DataError("choose_spend needs a cutoff with an observed spend window")
+    actual = valid.label("future_spend")
+    last = recent_spend(ds, valid.cutoff_ts, valid.users, h)
+    errs = {"last_window": spend_errors(actual, last)}
+    fit_cut = valid.cutoff_ts - h * DAY
+    fit, _ = prepare(ds, fit_cut, cfg)
+    if fit.table.height >= 20:
+        g = GBDTModel(cfg).fit_spend(fit).predict_spend(valid)
+        errs["gbdt"] = spend_errors(actual, g)
+    else:
+        log.warning(
+            "spend choice: only %d customers before %d; the GBDT regressor is not validated "
+            "and the last-window spend is used",
+            fit.table.height,
+            fit_cut,
+        )
+    method = min(errs, key=lambda m: (errs[m]["mae"], m != "gbdt"))
+    log.info(
+        "predicted spend: %s (validation MAE %s)",
+        method,
+        {m: round(e["mae"], 2) for m, e in errs.items()},
+    )
+    return SpendChoice(method, int(valid.cutoff_ts), errs)
+
+
+def predict_spend(
+    ds: Dataset, cfg: ChurnConfig, choice: SpendChoice, train: CutoffData, data: CutoffData
+) -> np.ndarray:
+    """(n,) spend of ``data``'s customers in the next horizon by the chosen method; the GBDT
+    regressor is fitted on ``train`` (a cutoff whose window is observed)."""
+    if choice.method == "last_window":
+        return recent_spend(ds, data.cutoff_ts, data.users, cfg.horizon_days)
+    return GBDTModel(cfg).fit_spend(train).predict_spend(data)
 
 
 # --------------------------------------------------------------------------- ours
@@ -513,6 +638,8 @@ class Comparison:
     train: CutoffData
     test: CutoffData
     info: dict[str, Any]
+    # spend in the test window: method -> spend_errors; "chosen" -> the validated choice
+    spend: dict[str, Any] = field(default_factory=dict)
 
 
 def compare(
@@ -528,7 +655,17 @@ def compare(
     ``ours`` is the mode with the best mean ROC-AUC on the validation slice of the
     *training* cutoff (never chosen on test). Modes ``lora``/``full`` need ``run_dir``;
     mode ``rfm_only`` is the ablation "same head, no embedding" (``heads_rfm_only``).
+    The predicted spend is checked too (``Comparison.spend``): GBDT, BG/NBD and "same as
+    the last H days" against the test window's actual spend, and the method the export
+    would show, chosen on the training cutoff's window (:func:`choose_spend`).
     """
+    with limited_threads(cfg.threads):
+        return _compare(ds, cfg, source=source, run_dir=run_dir, modes=modes)
+
+
+def _compare(
+    ds: Dataset, cfg: ChurnConfig, *, source: str, run_dir: str | None, modes: tuple[str, ...]
+) -> Comparison:
     from segments.behaviour import tower_batches, user_embeddings
 
     train, test = temporal_split(ds, cfg)
@@ -590,7 +727,18 @@ def compare(
     for task in TASKS:
         y = test.label(task)
         metrics[task] = {name: binary_metrics(y, p.of(task)) for name, p in preds.items()}
-    return Comparison(metrics, preds, train, test, info)
+    choice = choose_spend(ds, cfg, train)
+    actual = test.label("future_spend")
+    candidates = {
+        "gbdt": preds["gbdt"].spend,
+        "last_window": recent_spend(ds, test.cutoff_ts, test.users, cfg.horizon_days),
+        "bgnbd": preds["bgnbd"].spend,
+    }
+    spend: dict[str, Any] = {
+        m: spend_errors(actual, v) for m, v in candidates.items() if v is not None
+    }
+    spend["chosen"] = choice.to_dict()
+    return Comparison(metrics, preds, train, test, info, spend)
 
 
 def pre_cutoff_dataset(ds: Dataset, horizon_days: int) -> Dataset:

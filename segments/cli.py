@@ -1,6 +1,8 @@
 """``ecomrec segments|campaign|churn`` subcommands (wired into ``ecomrec/cli.py`` by ``register``).
 
     ecomrec segments report --dataset online-retail --out DIR [--run RUN_DIR] [--k K]
+    ecomrec customers show 12346 --dataset online-retail --scores DIR   (reads DIR/scores)
+    ecomrec customers similar 12346 --dataset online-retail --scores DIR --k 10
     ecomrec segments export --dataset online-retail --out DIR [--raw-ids] [--salt S]
                             [--previous PREV_EXPORT_DIR]
     ecomrec campaign audience --text "christmas lights" --k 500 [--segment "At Risk"]
@@ -48,6 +50,24 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--k-segments", type=int, default=None, help="k for k-means (default: silhouette)"
     )
     p.add_argument("--with-rfm", action="store_true", help="cluster on embeddings + RFM features")
+
+
+def _scores_opts(p: argparse.ArgumentParser, *, producer: bool = False) -> None:
+    """Where the saved segment scores are read (and written when missing)."""
+    p.add_argument(
+        "--scores",
+        default=None,
+        metavar="DIR",
+        help="output folder of `ecomrec segments report` or `export`: its saved scores "
+        "(DIR/scores) are read when they match this dataset and options, else computed and "
+        "saved there"
+        + (" (default: --out)" if producer else "; without it everything is refitted (slow)"),
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="recompute the scores even when saved ones are up to date (and replace them)",
+    )
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -108,31 +128,72 @@ def check_horizon(ds: Any, horizon_days: int) -> None:
         )
 
 
-def _score(args: argparse.Namespace, ds: Any, previous: Any = None) -> Any:
-    from segments.export import score_customers
+def _scores(
+    args: argparse.Namespace,
+    ds: Any,
+    *,
+    out_dir: str | None = None,
+    previous: Any = None,
+    with_evaluation: bool = False,
+    on_stale: str = "refuse",
+) -> tuple[Any, Any]:
+    """(scored customers, evaluation or None): saved ones when up to date, else refitted."""
+    import time
 
-    return score_customers(ds, _config(args), run_dir=args.run, previous=previous)
+    from segments.artifacts import obtain
+
+    where = out_dir if out_dir is not None else getattr(args, "scores", None)
+    t0 = time.perf_counter()
+    scored, ev = obtain(
+        ds,
+        _config(args),
+        run_dir=args.run,
+        out_dir=where,
+        on_stale=on_stale,  # type: ignore[arg-type]
+        refit=bool(getattr(args, "refit", False)),
+        with_evaluation=with_evaluation,
+        previous=previous,
+    )
+    took = time.perf_counter() - t0
+    if where is None and took > 5:
+        print(
+            f"(scored {scored.table.height:,} customers in {took:.0f} s; run `ecomrec segments "
+            "report --out DIR` once and pass --scores DIR to answer in about a second)",
+            file=sys.stderr,
+        )
+    return scored, ev
+
+
+def _score(args: argparse.Namespace, ds: Any, previous: Any = None) -> Any:
+    return _scores(args, ds, previous=previous)[0]
+
+
+def _currency(args: argparse.Namespace, ds: Any) -> str | None:
+    """--currency, else the dataset's own (``Dataset.extra["currency"]``), else none."""
+    given = getattr(args, "currency", None)
+    if given:
+        return str(given)
+    cur = (getattr(ds, "extra", None) or {}).get("currency")
+    return str(cur) if cur else None
 
 
 # --------------------------------------------------------------------------- segments
 def _segments_report(args: argparse.Namespace) -> int:
-    from segments.churn import TASKS, compare
     from segments.report import write_report
 
     ds = _load(args)
-    scored = _score(args, ds)
-    cfg = _config(args)
-    comp = compare(ds, cfg.churn, source=cfg.source, run_dir=args.run, modes=("frozen",))
-    preds = {k: v for k, v in comp.predictions.items() if k != "ours"}
-    evaluation = {t: (comp.test.label(t), preds) for t in TASKS}
+    scored, ev = _scores(
+        args, ds, out_dir=args.scores or args.out, with_evaluation=True, on_stale="refit"
+    )
     path = write_report(
         args.out,
         scored,
-        evaluation,
+        ev.by_task(),
         title=f"ecomrec segments: {ds.name}",
-        cutoffs=(comp.train.cutoff_ts, comp.test.cutoff_ts),
+        cutoffs=(ev.train_cutoff_ts, ev.test_cutoff_ts),
         horizon_days=args.horizon_days,
-        currency=args.currency,
+        currency=_currency(args, ds),
+        spend_check=ev.spend,
     )
     print(path)
     return 0
@@ -147,10 +208,15 @@ def _segments_export(args: argparse.Namespace) -> int:
             f"--out {args.out} already exists: exports are never overwritten; choose a new "
             "folder (pass the old one as --previous to keep segment ids stable)"
         )
+    from segments.artifacts import save
+    from segments.export import embedding_base
+
     ds = _load(args)
     prev = load_previous_segments(args.previous) if args.previous else None
     scored = _score(args, ds, prev)
     manifest = write_export(args.out, scored, ds, raw_ids=args.raw_ids, salt=args.salt)
+    # the export folder also holds the scores, for --scores of the analyst commands
+    save(args.out, scored, ds, embedding_base(args.run))
     if args.run:
         from towers.inference import load_run
 
@@ -306,6 +372,8 @@ def _customers_show(args: argparse.Namespace) -> int:
         .head(args.top)
     )
     titles = dict(zip(ds.items["item_id"].to_list(), ds.items["title"].to_list()))
+    h = scored.cfg.churn.horizon_days
+    method = scored.spend_choice.get("method", "gbdt")
 
     def day(t: int) -> str:
         return _dt.datetime.fromtimestamp(t, _dt.UTC).date().isoformat()
@@ -318,13 +386,18 @@ def _customers_show(args: argparse.Namespace) -> int:
         "events": dict(sorted(ev.group_by("event_type").len().iter_rows())),
         "rfm_segment": row["rfm_segment"],
         "rfm_code": row["rfm_code"],
+        "segment_id": int(row["segment_id"]),
         "segment": row["segment_name"],
         "churn_probability": round(float(row["churn_probability"]), 4),
         "high_value_probability": round(float(row["high_value_probability"]), 4),
+        "horizon_days": h,
         "predicted_spend": round(float(row["predicted_spend"]), 2),
-        "recency_days": row["recency_days"],
-        "frequency": row["frequency"],
+        "predicted_spend_method": method,
+        "recent_spend": round(float(row.get("recent_spend") or 0.0), 2),
+        "recency_days": round(float(row["recency_days"]), 2),
+        "frequency": int(row["frequency"]),
         "monetary": round(float(row["monetary"]), 2),
+        "currency": _currency(args, ds),
         "top_items": [
             {"item": ds.item_ids.to_external(int(i)), "title": titles.get(int(i)), "bought": int(q)}
             for i, q in top.iter_rows()
@@ -333,13 +406,70 @@ def _customers_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    for k, v in info.items():
-        if k != "top_items":
-            print(f"{k:24s} {v}")
-    print("top items")
-    for t in info["top_items"]:  # type: ignore[union-attr]
-        print(f"  {t['bought']:>4}  {t['item']}  {t['title'] or ''}")  # type: ignore[index]
+    print(format_customer(info))
     return 0
+
+
+SPEND_METHOD_WORDS = {
+    "gbdt": "GBDT regressor on the RFM features",
+    "last_window": "same as the last {h} days",
+}
+
+
+def format_customer(info: dict[str, Any]) -> str:
+    """The ``customers show`` block for a person (``info`` is its ``--json`` dict)."""
+    from segments import tables as tb
+
+    cur = info.get("currency")
+    h = info["horizon_days"]
+    events = ", ".join(f"{k} {v:,}" for k, v in info["events"].items())
+    how = SPEND_METHOD_WORDS.get(info["predicted_spend_method"], info["predicted_spend_method"])
+    pairs = [
+        ("customer", str(info["customer"])),
+        ("as of", f"{info['as_of']} (data before that day)"),
+        ("first seen", info["first_seen"]),
+        ("last seen", info["last_seen"]),
+        ("events", events),
+        ("RFM segment", f"{info['rfm_segment']} (R, F, M scores {info['rfm_code']})"),
+        ("behavioural segment", f"{info['segment_id']}: {info['segment']}"),
+        ("churn probability", f"{tb.percent(info['churn_probability'])} (no purchase in {h} days)"),
+        ("high-value probability", f"{tb.percent(info['high_value_probability'])}"),
+        (
+            f"predicted spend, {h} days",
+            f"{tb.money(info['predicted_spend'], cur)} ({how.format(h=h)}; chosen on a "
+            "validation window)",
+        ),
+        (f"spend, last {h} days", tb.money(info["recent_spend"], cur)),
+        ("last purchase", f"{tb.days(info['recency_days'])} days before the as-of date"),
+        ("orders", f"{info['frequency']:,}"),
+        ("net spend, all time", tb.money(info["monetary"], cur)),
+    ]
+    top = tb.render(
+        info["top_items"],
+        [
+            tb.Column("bought", "units", tb.number, ">"),
+            tb.Column("item", "item"),
+            tb.Column("title", "title", max_width=60),
+        ],
+    )
+    return tb.key_values(pairs) + "\n\ntop items\n" + top
+
+
+def similar_table(rows: list[dict[str, Any]], currency: str | None = None) -> str:
+    """The ``customers similar`` table (rows as in its --out file)."""
+    from segments import tables as tb
+
+    return tb.render(
+        rows,
+        [
+            tb.Column("customer", "customer"),
+            tb.Column("similarity", "similarity", lambda v: tb.number(v, 3), ">"),
+            tb.Column("rfm_segment", "RFM segment"),
+            tb.Column("segment", "behavioural segment", max_width=40),
+            tb.Column("churn_probability", "churn", tb.percent, ">"),
+            tb.Column("predicted_spend", "predicted spend", lambda v: tb.money(v, currency), ">"),
+        ],
+    )
 
 
 def _customers_similar(args: argparse.Namespace) -> int:
@@ -363,11 +493,32 @@ def _customers_similar(args: argparse.Namespace) -> int:
             "rfm_segment": [t["rfm_segment"][rows[u]] for u, _ in keep],
             "segment": [t["segment_name"][rows[u]] for u, _ in keep],
             "churn_probability": [t["churn_probability"][rows[u]] for u, _ in keep],
+            "predicted_spend": [t["predicted_spend"][rows[u]] for u, _ in keep],
         },
-        schema_overrides={"similarity": pl.Float64},
+        schema_overrides={
+            "customer": pl.Utf8,
+            "similarity": pl.Float64,
+            "rfm_segment": pl.Utf8,
+            "segment": pl.Utf8,
+            "churn_probability": pl.Float64,
+            "predicted_spend": pl.Float64,
+        },
     )
-    _emit(out, args.out)
+    if args.out:
+        _emit(out, args.out)
+    else:
+        print(
+            f"customers most like {args.customer} (cosine of behaviour embeddings, "
+            f"as of {_day(scored.now_ts)})"
+        )
+        print(similar_table(out.to_dicts(), _currency(args, ds)))
     return 0
+
+
+def _day(ts: int) -> str:
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).date().isoformat()
 
 
 def _emit(df: Any, out: str | None) -> None:
@@ -379,10 +530,10 @@ def _emit(df: Any, out: str | None) -> None:
             df.write_csv(out)
         print(f"wrote {df.height} rows to {out}")
     else:
-        import polars as pl
+        from segments import tables as tb
 
-        with pl.Config(tbl_rows=50, tbl_cols=10, fmt_str_lengths=60):
-            print(df)
+        rows = df.to_dicts()
+        print(tb.render(rows, tb.auto_columns(rows, df.columns)))
 
 
 # --------------------------------------------------------------------------- churn
@@ -419,8 +570,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
-        "--currency", default="the shop's currency", help="currency named in the report, e.g. GBP"
+        "--currency",
+        default=None,
+        help="currency code of the amounts, e.g. GBP (default: the dataset's, from "
+        "`data import --currency`, else none)",
     )
+    _scores_opts(p, producer=True)
     p.set_defaults(func=_segments_report)
     p = ss.add_parser("export", help="analyst Parquet export (pseudonymised ids by default)")
     _common(p)
@@ -432,6 +587,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--salt", default=None, help="pseudonymisation salt (default $ECOMREC_EXPORT_SALT)"
     )
     p.add_argument("--previous", default=None, help="previous export dir: keep segment ids stable")
+    _scores_opts(p)
     p.set_defaults(func=_segments_export)
 
     camp = sub.add_parser("campaign", help="campaign audiences and per-customer plans")
@@ -445,6 +601,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--segment", default=None, help="RFM segment name or behavioural segment id/name"
     )
     p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
+    _scores_opts(p)
     p.set_defaults(func=_campaign_audience)
     p = cs.add_parser("plan", help="top products with a reason for each customer of a segment")
     _common(p)
@@ -456,6 +613,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--limit", type=int, default=20, help="customers (highest predicted spend first)"
     )
     p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
+    _scores_opts(p)
     p.set_defaults(func=_campaign_plan)
     p = cs.add_parser("evaluate", help="offline audience precision@N per product theme")
     _common(p)
@@ -470,12 +628,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("--top", type=int, default=5, help="number of top items")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--currency",
+        default=None,
+        help="currency code of the amounts, e.g. GBP (default: the dataset's, else none)",
+    )
+    _scores_opts(p)
     p.set_defaults(func=_customers_show)
     p = cus.add_parser("similar", help="customers nearest in the behaviour embedding space")
     p.add_argument("customer", metavar="ID", help="external customer id (as in the events)")
     _common(p)
     p.add_argument("--k", type=int, default=10, help="number of similar customers")
     p.add_argument("--out", default=None, help=".csv or .parquet (default: print)")
+    p.add_argument(
+        "--currency",
+        default=None,
+        help="currency code of the amounts, e.g. GBP (default: the dataset's, else none)",
+    )
+    _scores_opts(p)
     p.set_defaults(func=_customers_similar)
 
     ch = sub.add_parser("churn", help="churn / high-value models")

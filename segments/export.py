@@ -5,9 +5,11 @@ report and the campaign commands:
 
 1. features and RFM segments of every customer at ``now`` (the day after the last
    event: no labels exist yet);
-2. churn / high-value heads ("ours", frozen user embeddings + RFM features) and the
-   GBDT spend regressor trained at the latest *labelled* cutoff (its window ends at
-   ``now``), then applied at ``now``;
+2. churn / high-value heads ("ours", frozen user embeddings + RFM features) trained at
+   the latest *labelled* cutoff (its window ends at ``now``), then applied at ``now``;
+   predicted spend = the GBDT regressor trained there or "same as the last H days",
+   whichever had the lower MAE on the window ending at that cutoff
+   (:func:`segments.churn.choose_spend`);
 3. user embeddings at ``now`` clustered into behavioural segments (ids stable w.r.t.
    a previous export's ``segments_model.json``) and profiled.
 
@@ -48,7 +50,15 @@ from segments.behaviour import (
     profile_segments,
     user_embeddings,
 )
-from segments.churn import ChurnConfig, GBDTModel, TowerHeads, prepare
+from segments.churn import (
+    ChurnConfig,
+    TowerHeads,
+    choose_spend,
+    limited_threads,
+    predict_spend,
+    prepare,
+    recent_spend,
+)
 from segments.labels import cutoff_for
 
 log = logging.getLogger(__name__)
@@ -116,10 +126,21 @@ class ScoredCustomers:
     model_version: str
     config_hash: str
     cfg: MarketingConfig
+    # how ``predicted_spend`` was made: segments.churn.SpendChoice.to_dict()
+    spend_choice: dict[str, Any] = field(default_factory=dict)
 
     @property
     def users(self) -> np.ndarray:
         return self.table["user_id"].to_numpy().astype(np.int64)
+
+
+def embedding_base(run_dir: str | Path | None) -> str:
+    """What the user embeddings come from: ``text:all-MiniLM-L6-v2`` or ``tower:<version>``."""
+    if run_dir is None:
+        return "text:all-MiniLM-L6-v2"
+    from towers.inference import load_run
+
+    return f"tower:{load_run(run_dir).model_version}"
 
 
 def score_customers(
@@ -136,6 +157,21 @@ def score_customers(
     ``embed(ds, cutoff_ts, users) -> (n, D)`` replaces the configured embedding source
     (e.g. a precomputed or custom user representation).
     """
+    with limited_threads(cfg.churn.threads):
+        return _score_customers(
+            ds, cfg, run_dir=run_dir, previous=previous, now_ts=now_ts, embed=embed
+        )
+
+
+def _score_customers(
+    ds: Dataset,
+    cfg: MarketingConfig,
+    *,
+    run_dir: str | Path | None,
+    previous: SegmentModel | None,
+    now_ts: int | None,
+    embed: Callable[[Dataset, int, np.ndarray], np.ndarray] | None,
+) -> ScoredCustomers:
     ccfg = cfg.churn
     now = int(now_ts) if now_ts is not None else (int(ds.events["ts"].max()) // DAY + 1) * DAY  # type: ignore[arg-type]
     label_cut = cutoff_for(ds.events.filter(pl.col("ts") < now), ccfg.horizon_days)
@@ -150,7 +186,11 @@ def score_customers(
     emb_now = embed(ds, now, cur.users)
     heads = TowerHeads(ccfg).fit_frozen(emb_tr, train)
     pred = heads.predict_frozen(emb_now, cur)
-    spend = GBDTModel(ccfg).fit(train).predict(cur).spend
+    # predicted spend: GBDT or "same as the last H days", chosen on the window that ends
+    # at the training cutoff (regressor fitted one horizon earlier), never on ``now``
+    choice = choose_spend(ds, ccfg, train)
+    spend = predict_spend(ds, ccfg, choice, train, cur)
+    recent = recent_spend(ds, now, cur.users, ccfg.horizon_days)
     x, stats = cluster_inputs(
         emb_now, cur.table, cfg.segments, previous.rfm_stats if previous else None
     )
@@ -158,13 +198,7 @@ def score_customers(
     seg = sm.assign(x)
     profiles = profile_segments(ds, now, cur.users, seg, cur.table, pred.churn)
     names = {p["segment"]: p["name"] for p in profiles}
-    if run_dir is not None:
-        from towers.inference import load_run
-
-        tm = load_run(run_dir)
-        base_version = f"tower:{tm.model_version}"
-    else:
-        base_version = "text:all-MiniLM-L6-v2"
+    base_version = embedding_base(run_dir)
     chash = config_hash(cfg)
     version = f"{base_version}+heads-frozen@{dt.datetime.fromtimestamp(label_cut, dt.UTC):%Y-%m-%d}"
     table = cur.table.with_columns(
@@ -173,9 +207,10 @@ def score_customers(
         pl.Series("churn_probability", pred.churn, dtype=pl.Float64),
         pl.Series("high_value_probability", pred.high_value, dtype=pl.Float64),
         pl.Series("predicted_spend", spend, dtype=pl.Float64),
+        pl.Series("recent_spend", recent, dtype=pl.Float64),
     )
     log.info("scored %d customers at %d into %d segments", table.height, now, len(profiles))
-    return ScoredCustomers(now, table, emb_now, sm, profiles, version, chash, cfg)
+    return ScoredCustomers(now, table, emb_now, sm, profiles, version, chash, cfg, choice.to_dict())
 
 
 # --------------------------------------------------------------------------- ids

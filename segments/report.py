@@ -169,6 +169,67 @@ def _table_html(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+SPEND_NAMES = {
+    "gbdt": "GBDT regressor (RFM features)",
+    "last_window": "same as the last {h} days",
+    "bgnbd": "BG/NBD x Gamma-Gamma",
+}
+
+
+def _spend_section(
+    spend: dict[str, Any], h: int, currency: str | None, in_use: dict[str, Any]
+) -> list[str]:
+    """The predicted spend's errors on the held-out cutoff and the method in use."""
+    from segments.tables import money
+
+    chosen = (spend.get("chosen") or {}).get("method")
+    rows = []
+    for m, e in spend.items():
+        if m == "chosen" or not isinstance(e, dict):
+            continue
+        rows.append(
+            {
+                "method": SPEND_NAMES.get(m, m).format(h=h)
+                + (" (chosen on validation)" if m == chosen else ""),
+                "MAE": money(e["mae"], currency),
+                "RMSE": money(e["rmse"], currency),
+                "total predicted": money(e["predicted_total"], currency),
+                "total actual": money(e["actual_total"], currency),
+                "error on total": f"{100 * e['total_error']:+.1f} %",
+            }
+        )
+    valid = (spend.get("chosen") or {}).get("valid") or {}
+    why = ", ".join(
+        f"{SPEND_NAMES.get(m, m).format(h=h)} {money(e['mae'], currency)}" for m, e in valid.items()
+    )
+    now = in_use.get("method")
+    now_valid = in_use.get("valid") or {}
+    now_why = ", ".join(
+        f"{SPEND_NAMES.get(m, m).format(h=h)} {money(e['mae'], currency)}"
+        for m, e in now_valid.items()
+    )
+    text = (
+        f"Error of each method against the actual spend in the {h} days after the held-out "
+        "cutoff (per customer: MAE, RMSE; and on the total). Between the GBDT regressor and "
+        f"'same as the last {h} days' the one with the lower MAE on the window before is "
+        f"chosen (validation, never the held-out window; MAE there: {why})."
+    )
+    if now:
+        text += (
+            f" The customer scores (predicted_spend) use the same rule one window later: "
+            f"{SPEND_NAMES.get(now, now).format(h=h)} (MAE on the latest observed window: "
+            f"{now_why})."
+        )
+    return [
+        f"<h2>Predicted spend in the next {h} days</h2>",
+        f"<p class='cap'>{html.escape(text)}</p>",
+        _table_html(
+            rows,
+            ["method", "MAE", "RMSE", "total predicted", "total actual", "error on total"],
+        ),
+    ]
+
+
 def write_report(
     out_dir: str | Path,
     scored: ScoredCustomers,
@@ -177,15 +238,20 @@ def write_report(
     *,
     cutoffs: tuple[int, int] | None = None,
     horizon_days: int | None = None,
-    currency: str = "the shop's currency",
+    currency: str | None = None,
+    spend_check: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``report.html`` (self-contained, inline PNGs) into ``out_dir``; returns its path.
 
     ``evaluation`` maps a task (``churn``/``high_value``) to (labels at the held-out cutoff,
     {model name: predictions}) for the calibration and lift charts and the metric table.
     The header states the as-of date, the (train, test) ``cutoffs``, the horizon and the
-    currency; every chart has a line saying how to read it; shares are percentages.
+    currency (``None``: amounts without a unit); every chart has a line saying how to read
+    it; shares are percentages. ``spend_check`` (``Comparison.spend``) adds the predicted
+    spend's errors on the held-out cutoff and which method the scores use.
     """
+    from segments.tables import money
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -204,7 +270,11 @@ def write_report(
             f"Models trained at the cutoff <b>{day(cutoffs[0])}</b> and checked at "
             f"<b>{day(cutoffs[1])}</b> (outcomes known up to the as-of date)."
         )
-    facts.append(f"Amounts (monetary, spend) in {html.escape(currency)}.")
+    if currency:
+        facts.append(f"Amounts (monetary, spend) in {html.escape(currency)}.")
+    else:
+        facts.append("Amounts (monetary, spend) in the shop's currency (not set).")
+    unit = currency or "the shop's currency"
     profiles = [
         {
             **p,
@@ -213,6 +283,16 @@ def write_report(
                 for k in ("share", "churn_rate")
                 if isinstance(p.get(k), int | float)
             },
+            **(
+                {"mean_monetary": money(p["mean_monetary"], currency)}
+                if isinstance(p.get("mean_monetary"), int | float)
+                else {}
+            ),
+            **(
+                {"mean_recency_days": f"{float(p['mean_recency_days']):.1f}"}
+                if isinstance(p.get("mean_recency_days"), int | float)
+                else {}
+            ),
         }
         for p in scored.profiles
     ]
@@ -256,7 +336,7 @@ def write_report(
         "<h2>RFM</h2>",
         caption(
             "Recency score (rows) by frequency score (columns), 5 = best: the number is "
-            f"customers, the colour their mean spend in {currency}."
+            f"customers, the colour their mean spend in {unit}."
         ),
         f'<img src="{plot_rfm_heatmap(scored.table)}">',
         "<h2>Churn by segment</h2>",
@@ -284,6 +364,8 @@ def write_report(
             -len(evaluation),
             _table_html(rows, ["task", "model", "roc_auc", "pr_auc", "brier", "lift@10"]),
         )
+    if spend_check:
+        parts += _spend_section(spend_check, h, currency, scored.spend_choice)
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px}"

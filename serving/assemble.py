@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from indexing.base import ItemIndex
+from serving.audience import UserVectors
 from serving.catalog import ItemCatalog, SegmentPopularity
 from serving.config import ServeConfig
 from serving.encoders import (
@@ -24,7 +25,7 @@ from serving.encoders import (
     TowerEncoder,
     TritonEncoder,
 )
-from serving.engine import Recommender, UserVectors
+from serving.engine import Recommender
 from serving.history import EmbeddedHistoryStore, to_batch
 from serving.observability import Metrics
 from serving.rerank import RerankPolicies

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from ecomrec.errors import NotFoundError
-from indexing.base import SearchFilter
+from indexing.base import ItemIndex, SearchFilter
 from intake.schema import EVENT_TYPE_IDS
 from serving.rerank import Boost, boost_vector, category_key, popularity_scores
 
@@ -265,7 +265,7 @@ class IndexOnlyItems:
         self.fetched = 0  # ids read from the index (cache misses)
         self.hits = 0
 
-    def info(self, index: Any, version: str, ids: Sequence[int]) -> dict[int, ItemInfo]:
+    def info(self, index: ItemIndex, version: str, ids: Sequence[int]) -> dict[int, ItemInfo]:
         """``{id: ItemInfo}`` for ``ids``; ids the index no longer holds (deleted since the
         search) are left out."""
         out: dict[int, ItemInfo] = {}

@@ -123,6 +123,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--price-max", type=float, default=None, help="highest price")
     r.add_argument("--api-key", default=None, help="default: first key of $ECOMREC_API_KEYS")
     r.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    r.add_argument(
+        "--mode",
+        choices=["explore", "buy-again"],
+        default="explore",
+        help="explore: products not bought yet; buy-again: the customer's own products "
+        "(recency-weighted purchase frequency) blended with new ones, marked BUY_AGAIN",
+    )
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=_recommend)
 
@@ -352,6 +359,7 @@ def _recommend(args: argparse.Namespace) -> int:
                 categories=args.category,
                 price_min=args.price_min,
                 price_max=args.price_max,
+                mode="" if args.mode == "explore" else args.mode,
             )
         except grpc.RpcError as e:
             print(f"ecomrec: error: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -87,8 +87,10 @@ class RecommendClient:
         include_purchased: bool = False,
         request_id: str = "",
         timeout_s: float | None = None,
+        mode: str = "",
     ) -> Any:
-        """``RecommendResponse``; ``events`` are ``(item_id, event_type, unix_ts)``."""
+        """``RecommendResponse``; ``events`` are ``(item_id, event_type, unix_ts)``; ``mode``
+        ``""``/``"explore"`` (new items) or ``"buy-again"`` (own items blended in)."""
         pb = self.pb
         f = pb.Filters(categories=list(categories), in_stock_only=in_stock_only)
         if price_min is not None:
@@ -103,6 +105,7 @@ class RecommendClient:
             filters=f,
             exclude_item_ids=list(exclude),
             include_purchased=include_purchased,
+            mode=mode,
         )
         return self._call("Recommend", req, timeout_s)
 
@@ -170,13 +173,16 @@ class RecommendClient:
 
 def format_response(resp: Any) -> str:
     """A human-readable block for one RecommendResponse."""
-    head = f"segment {resp.segment or '-'}  model {resp.model_version}  index {resp.index_version or '-'}"
+    # an empty segment: the customer is in no segment, so "popular" is over all customers
+    seg = resp.segment or "none (popular = over all customers)"
+    head = f"segment {seg}  model {resp.model_version}  index {resp.index_version or 'none'}"
     if resp.degraded:
         head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
     lines = [head]
     for n, it in enumerate(resp.items, 1):
         title = (it.title[:60] + "...") if len(it.title) > 63 else it.title
-        lines.append(
-            f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(it.reasons):<32} {title}"
-        )
+        reasons = [
+            "POPULAR" if (r == "POPULAR_IN_SEGMENT" and not resp.segment) else r for r in it.reasons
+        ]
+        lines.append(f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(reasons):<32} {title}")
     return "\n".join(lines)

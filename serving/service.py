@@ -22,8 +22,9 @@ import grpc
 from ecomrec.errors import InvalidArgumentError
 from serving import validation as val
 from serving.config import ServeConfig
-from serving.engine import Recommender, RequestContext, ResultItem, UnavailableError
+from serving.engine import Recommender
 from serving.observability import Metrics, pseudonymise
+from serving.requests import RequestContext, ResultItem, UnavailableError
 from serving.status import status_for
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import grpc
 
 from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 from serving.encoders import EncoderUnavailableError
-from serving.engine import CancelledError, DeadlineExceededError, UnavailableError
+from serving.requests import CancelledError, DeadlineExceededError, UnavailableError
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

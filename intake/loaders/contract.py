@@ -1,27 +1,34 @@
 """The data contract: a shop's own events and catalogue (docs/data.md) -> :class:`Dataset`.
 
 Every way in ends here: ``ecomrec data import``, ``--dataset FILE.csv``, the synthetic
-shop. The bundled datasets (S3-Rec, Online Retail, CDNOW) have their own importers that
+shop, and the streaming ingest (:mod:`intake.ingest`), which reads the same files with the
+same functions (:func:`iter_events` parses, :func:`clean_events` drops and sums), chunk by
+chunk. The bundled datasets (S3-Rec, Online Retail, CDNOW) have their own importers that
 produce the same :class:`~intake.dataset.Dataset` (see docs/data.md for their mapping).
 
 events     customer_id, product_id, timestamp   (required)
            event_type (view|cart|purchase|return; default purchase), quantity (default 1),
-           price, order_id, session_id          (optional)
+           price, order_id, session_id, title, category, brand   (optional)
 catalogue  product_id (required); title, description, category ("A > B > C"), brand,
            price, available                    (optional)
 
-Ids are strings of any form (``"00042"`` stays ``"00042"``). Files: CSV (UTF-8), Parquet,
-or a folder of (partitioned) Parquet files. Other column names are mapped with
-``{canonical: source}`` (``--map customer_id=CustomerID``). Time-zone rule: a timestamp
-with an offset (``Z``, ``+01:00``) is converted to UTC; one without is read in the shop's
-``timezone`` (default UTC); integers are Unix seconds (milliseconds above 10^11).
+Ids are strings exactly as written (``"00042"`` stays ``"00042"``, ``" A1"`` stays
+``" A1"``; empty or blank = missing). Files: CSV (UTF-8), Parquet, or a folder of
+(partitioned) Parquet files. Other column names are mapped with ``{canonical: source}``
+(``--map customer_id=CustomerID``). Time-zone rule: a timestamp with an offset (``Z``,
+``+01:00``) is converted to UTC; one without is read in the shop's ``timezone`` (default
+UTC); integers are Unix seconds (milliseconds above 10^11). Invoice exports: ``returns``
+(a rule that marks purchase rows as returns), ``not_products`` (codes that are not
+products), and repeated lines of one product in one order are summed.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import time
-from collections.abc import Mapping
+import zoneinfo
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,9 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "order_id",
     "session_id",
 )
+# product attributes an events file may carry on every row (used when no catalogue is given)
+EVENT_ATTRIBUTES: tuple[str, ...] = ("title", "category", "brand")
+EVENT_ACCEPTED: tuple[str, ...] = EVENT_COLUMNS + EVENT_ATTRIBUTES
 EVENT_REQUIRED: tuple[str, ...] = ("customer_id", "product_id", "timestamp")
 ITEM_COLUMNS: tuple[str, ...] = (
     "product_id",
@@ -75,11 +85,99 @@ EVENT_SYNONYMS: dict[str, str] = {
 FUTURE_TOLERANCE_S = 86400  # clocks and time zones: a day ahead of "now" is still accepted
 _ISO = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$"
 _OFFSET = r"(Z|[+-]\d{2}:?\d{2})$"
+RULE_OPS: tuple[str, ...] = (
+    "startswith",
+    "endswith",
+    "contains",
+    "matches",
+    "=",
+    "!=",
+    "<",
+    "<=",
+    ">",
+    ">=",
+)
+MERGED_NOTE = "repeated lines of one product in one order summed (quantity summed, revenue kept)"
+# The parsed events every chunk becomes (before drops), the same on both roads.
+PARSED_SCHEMA: dict[str, pl.DataType] = {
+    "_row": pl.Int64(),
+    "_customer": pl.Utf8(),
+    "_product": pl.Utf8(),
+    "ts": pl.Int64(),
+    "event_type": pl.Utf8(),
+    "quantity": pl.Int64(),
+    "price": pl.Float64(),
+    "order_id": pl.Utf8(),
+    "session_id": pl.Utf8(),
+    "title": pl.Utf8(),
+    "category": pl.Utf8(),
+    "brand": pl.Utf8(),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``COLUMN OP VALUE``: a row test on one events column (canonical or source name)."""
+
+    column: str
+    op: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str, where: str = "--returns") -> Rule:
+        parts = text.strip().split(None, 2)
+        if len(parts) != 3 or parts[1].lower() not in RULE_OPS:
+            raise ConfigError(
+                f"{where} {text!r}: want 'COLUMN OP VALUE' with OP one of {list(RULE_OPS)}, "
+                "e.g. 'order_id startswith C' or 'quantity < 0'"
+            )
+        value = parts[2].strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        op = parts[1].lower()
+        if op in ("<", "<=", ">", ">="):
+            try:
+                float(value)
+            except ValueError:
+                raise ConfigError(f"{where} {text!r}: {op} wants a number, got {value!r}") from None
+        if op == "matches":
+            _check_regex(value, where)
+        return cls(parts[0], op, value)
+
+    def mask(self, s: pl.Series) -> pl.Series:
+        """True where the rule holds (null cells never match)."""
+        if self.op in ("<", "<=", ">", ">="):
+            num = s.cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+            v = float(self.value)
+            out = {"<": num < v, "<=": num <= v, ">": num > v, ">=": num >= v}[self.op]
+        else:
+            txt = s.cast(pl.Utf8)
+            if self.op == "startswith":
+                out = txt.str.starts_with(self.value)
+            elif self.op == "endswith":
+                out = txt.str.ends_with(self.value)
+            elif self.op == "contains":
+                out = txt.str.contains(self.value, literal=True)
+            elif self.op == "matches":
+                out = txt.str.contains(f"^(?:{self.value})$")
+            elif self.op == "=":
+                out = txt == self.value
+            else:
+                out = txt != self.value
+        return out.fill_null(False)
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    try:
+        pl.Series(["x"]).str.contains(pattern)
+    except pl.exceptions.PolarsError as e:
+        raise ConfigError(f"{where}: bad regular expression {pattern!r}: {_first_line(e)}") from e
 
 
 @dataclass(frozen=True)
 class ContractOptions:
-    """How to read a shop's files: column mapping, time zone, timestamp format, "now"."""
+    """How to read a shop's files: column mapping, time zone, timestamp format, "now",
+    and the export's own conventions (returns, non-product codes, a default event type)."""
 
     columns: tuple[tuple[str, str], ...] = ()  # (canonical, source); "events."/"items." prefix
     timezone: str = "UTC"
@@ -87,10 +185,48 @@ class ContractOptions:
     now: int | None = None  # Unix seconds for the future-timestamp check (None: wall clock)
     name: str = "shop"
     unknown_products: str = "drop"  # events for products not in the catalogue: drop | keep
+    event_type: str = "purchase"  # type of rows without one (no column, or an empty cell)
+    returns: str | None = None  # rule turning purchase rows into returns: "order_id startswith C"
+    not_products: tuple[str, ...] = ()  # product ids that are not products (POST, C2, ...)
+    not_products_pattern: str | None = None  # regex (whole id) for more of them: "gift_.*"
+    currency: str | None = None  # the shop's currency (GBP, EUR, ...), carried into reports
+
+    def __post_init__(self) -> None:
+        if self.unknown_products not in ("drop", "keep"):
+            raise ConfigError(
+                f"unknown_products must be 'drop' or 'keep', got {self.unknown_products!r}"
+            )
+        et = EVENT_SYNONYMS.get(self.event_type.strip().lower())
+        if et is None:
+            raise ConfigError(
+                f"event_type {self.event_type!r} is not one of view, cart, purchase, return"
+            )
+        object.__setattr__(self, "event_type", et)
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"unknown time zone {self.timezone!r} (want an IANA name like Europe/Berlin)"
+            ) from None
+        if self.returns is not None:
+            Rule.parse(self.returns)
+        if self.not_products_pattern is not None:
+            _check_regex(self.not_products_pattern, "--not-products-pattern")
+
+    @property
+    def returns_rule(self) -> Rule | None:
+        return Rule.parse(self.returns) if self.returns else None
+
+    def not_product(self, ids: pl.Series) -> pl.Series:
+        """True for ids that are not products (``not_products`` or the pattern)."""
+        out = ids.is_in(list(self.not_products)) if self.not_products else ids.is_null() & False
+        if self.not_products_pattern:
+            out = out | ids.str.contains(f"^(?:{self.not_products_pattern})$")
+        return out.fill_null(False)
 
     def mapping_for(self, table: str, present: list[str]) -> dict[str, str]:
         """``{source: canonical}`` renames for one table ("events" or "items")."""
-        canon = EVENT_COLUMNS if table == "events" else ITEM_COLUMNS
+        canon = EVENT_ACCEPTED if table == "events" else ITEM_COLUMNS
         out: dict[str, str] = {}
         for key, src in self.columns:
             scope, _, name = key.rpartition(".")
@@ -101,6 +237,40 @@ class ContractOptions:
             if src in present:
                 out[src] = name
         return out
+
+    def check_mapping(self, present: Mapping[str, tuple[str, list[str]] | None]) -> None:
+        """Every mapping names a column of a given file: ``present`` = {table: (file, columns)}.
+
+        A mapping to a column no file has, or to the catalogue when none is given, is an error.
+        """
+        for key, src in self.columns:
+            scope, _, name = key.rpartition(".")
+            targets = (
+                [scope]
+                if scope
+                else [
+                    t
+                    for t, canon in (("events", EVENT_ACCEPTED), ("items", ITEM_COLUMNS))
+                    if name in canon
+                ]
+            )
+            given: list[tuple[str, list[str]]] = [
+                g for t in targets if (g := present.get(t)) is not None
+            ]
+            if not given:
+                raise ConfigError(
+                    f"column mapping {key}={src} is for the catalogue, but no catalogue "
+                    "(--items) was given; map it onto the events with "
+                    f"{name}={src} or give --items"
+                )
+            if not any(src in cols for _, cols in given):
+                f, cols = given[0]
+                raise DataError(
+                    f"column mapping {key}={src}: the file has no column {src!r}; "
+                    f"its columns are {cols}",
+                    file=f,
+                    column=src,
+                )
 
 
 def parse_mapping(text: str | None) -> tuple[tuple[str, str], ...]:
@@ -120,28 +290,47 @@ def parse_mapping(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_list(text: str | None) -> tuple[str, ...]:
+    """``"POST,DOT,BANK CHARGES"`` -> ids exactly as written between the commas."""
+    if not text:
+        return ()
+    return tuple(p for p in text.split(",") if p != "")
+
+
 def _check_key(key: str, where: str) -> None:
     scope, _, name = key.rpartition(".")
     if scope not in ("", "events", "items"):
         raise ConfigError(f"{where}: {key!r}: prefix must be 'events.' or 'items.'")
     allowed = (
-        EVENT_COLUMNS
+        EVENT_ACCEPTED
         if scope == "events"
         else ITEM_COLUMNS
         if scope == "items"
-        else EVENT_COLUMNS + ITEM_COLUMNS
+        else EVENT_ACCEPTED + ITEM_COLUMNS
     )
     if name not in allowed:
         raise ConfigError(
-            f"{where}: {key!r} is not a contract column; events: {list(EVENT_COLUMNS)}, "
+            f"{where}: {key!r} is not a contract column; events: {list(EVENT_ACCEPTED)}, "
             f"catalogue: {list(ITEM_COLUMNS)}"
         )
+
+
+_TOML_KEYS = (
+    "timezone",
+    "timestamp_format",
+    "unknown_products",
+    "name",
+    "event_type",
+    "returns",
+    "not_products_pattern",
+    "currency",
+)
 
 
 def options_from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Fields of :class:`ContractOptions` from a TOML table (``[columns]``, ``timezone``, ...)."""
     out: dict[str, Any] = {}
-    allowed = {"columns", "timezone", "timestamp_format", "unknown_products", "name"}
+    allowed = {"columns", "not_products", *_TOML_KEYS}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; allowed {sorted(allowed)}")
@@ -158,7 +347,12 @@ def options_from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             _check_key(k, source)
             pairs.append((k, str(v)))
     out["columns"] = tuple(pairs)
-    for k in ("timezone", "timestamp_format", "unknown_products", "name"):
+    if "not_products" in data:
+        np_ = data["not_products"]
+        if not isinstance(np_, list):
+            raise ConfigError(f"{source}: not_products must be a list of product ids")
+        out["not_products"] = tuple(str(x) for x in np_)
+    for k in _TOML_KEYS:
         if k in data:
             out[k] = str(data[k])
     return out
@@ -167,17 +361,20 @@ def options_from_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ reading
 @dataclass
 class Table:
-    """A read file: its frame (all columns as read), the source name and how rows are named."""
+    """A read file (or one chunk of it): its frame, the source name and how rows are named."""
 
     frame: pl.DataFrame
     file: str
     csv: bool  # True: errors give file line numbers (header = line 1)
     renamed: dict[str, str] = field(default_factory=dict)  # canonical -> source column
     source_columns: list[str] = field(default_factory=list)  # the file's own header
+    row_offset: int = 0  # rows of the same file before this chunk
+    source: pl.DataFrame | None = None  # the chunk with the file's own column names
 
     def where(self, row: int, column: str | None = None) -> dict[str, Any]:
         """DataError keyword arguments locating 0-based ``row`` (and the SOURCE column name)."""
         col = self.renamed.get(column, column) if column else None
+        row += self.row_offset
         if self.csv:
             return {"file": self.file, "line": row + 2, "column": col}
         return {"file": self.file, "row": row, "column": col}
@@ -194,12 +391,39 @@ def _bad_utf8_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
-def read_source(path: str | Path) -> Table:
-    """Read a CSV (all columns as text), a Parquet file or a folder of Parquet files.
+def check_csv_shape(path: Path, separator: str) -> None:
+    """Every line has the header's number of fields (one streaming pass, quotes respected).
 
-    Empty, header-only, 0-row and non-UTF-8 inputs are one clear DataError naming the file.
+    A truncated last line (an export cut short) or a ragged line is an error naming the
+    line, never a row with made-up empty fields. Blank lines are skipped, as the reader does.
     """
-    p = Path(path).expanduser()
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=separator)
+            header = next(reader, None)
+            if header is None:
+                return
+            n = len(header)
+            for row in reader:
+                if len(row) != n and row:
+                    raise DataError(
+                        f"{len(row)} field(s) where the header has {n}: a truncated or ragged "
+                        "line (an export cut short?); fix or remove the line",
+                        file=str(path),
+                        line=reader.line_num,
+                    )
+    except UnicodeDecodeError:
+        return  # the reader reports it with its line
+    except csv.Error as e:
+        raise DataError(f"cannot parse CSV: {e}", file=str(path)) from e
+
+
+def _csv_separator(p: Path) -> str:
+    return "\t" if p.suffix.lower() == ".tsv" else ","
+
+
+def _source_files(p: Path) -> tuple[list[Path], bool]:
+    """The files of a source path and whether they are CSV; errors for what is not readable."""
     file = str(p)
     if not p.exists():
         raise DataError("file does not exist", file=file)
@@ -207,48 +431,95 @@ def read_source(path: str | Path) -> Table:
         parts = sorted(p.rglob("*.parquet"))
         if not parts:
             raise DataError("folder holds no .parquet files", file=file)
-        try:
-            df = pl.scan_parquet(
-                [str(x) for x in parts], hive_partitioning=True, missing_columns="insert"
-            ).collect()
-        except (pl.exceptions.PolarsError, OSError) as e:
-            raise DataError(f"cannot read the Parquet folder: {_first_line(e)}", file=file) from e
-        csv = False
-    elif p.suffix.lower() == ".parquet":
-        try:
-            df = pl.read_parquet(p)
-        except (pl.exceptions.PolarsError, OSError) as e:
-            raise DataError(f"not a readable Parquet file: {_first_line(e)}", file=file) from e
-        csv = False
-    elif p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return parts, False
+    suf = p.suffix.lower()
+    if suf == ".parquet":
+        return [p], False
+    if suf in (".csv", ".tsv", ".txt"):
         if p.stat().st_size == 0:
             raise DataError("file is empty (no header, no rows)", file=file)
+        return [p], True
+    raise DataError(
+        f"unsupported file type {p.suffix!r}: want .csv, .tsv, .parquet or a folder of "
+        ".parquet files",
+        file=file,
+    )
+
+
+def _hive_columns(root: Path, f: Path, have: list[str]) -> list[pl.Expr]:
+    """``key=value`` folders between ``root`` and ``f`` as text columns the file lacks."""
+    if root == f:
+        return []
+    out = []
+    for part in f.relative_to(root).parts[:-1]:
+        k, eq, v = part.partition("=")
+        if eq and k not in have:
+            out.append(pl.lit(v, pl.Utf8).alias(k))
+    return out
+
+
+def iter_source(path: str | Path, chunk_rows: int | None = None) -> Iterator[Table]:
+    """Read a CSV (every column as text), a Parquet file or a folder of Parquet files.
+
+    ``chunk_rows`` None: one table per file (eager); otherwise chunks of about that many
+    rows, read in streaming. Empty, header-only, 0-row, ragged and non-UTF-8 inputs are one
+    clear DataError naming the file (and the line).
+    """
+    p = Path(path).expanduser()
+    files, is_csv = _source_files(p)
+    rows = 0
+    for f in files:
+        if is_csv:
+            sep = _csv_separator(f)
+            check_csv_shape(f, sep)
+            lf = pl.scan_csv(f, separator=sep, infer_schema=False)
+        else:
+            lf = pl.scan_parquet(f)
+        offset = 0
         try:
-            df = pl.read_csv(
-                p,
-                separator="\t" if p.suffix.lower() == ".tsv" else ",",
-                infer_schema_length=0,  # every column as text: ids keep leading zeros
+            schema = lf.collect_schema()
+            hive = _hive_columns(p, f, list(schema))
+            if hive:
+                lf = lf.with_columns(hive)
+            chunks: Any = (
+                [lf.collect()]
+                if chunk_rows is None
+                else lf.collect_batches(chunk_size=chunk_rows, engine="streaming")
             )
+            for chunk in chunks:
+                if chunk.height == 0:
+                    continue
+                yield Table(chunk, str(f if p.is_dir() else p), is_csv, row_offset=offset)
+                offset += chunk.height
         except pl.exceptions.PolarsError as e:
-            bad = _bad_utf8_line(p)  # only scanned on failure: big files stay fast
-            if bad is not None:
-                raise DataError(
-                    f"not UTF-8 text ({bad[1]}); re-save the file as UTF-8",
-                    file=file,
-                    line=bad[0],
-                ) from None
-            raise DataError(f"cannot parse CSV: {_first_line(e)}", file=file) from e
-        csv = True
-    else:
-        raise DataError(
-            f"unsupported file type {p.suffix!r}: want .csv, .tsv, .parquet or a folder of "
-            ".parquet files",
-            file=file,
-        )
-    if df.height == 0:
-        what = "header only, no data rows" if csv else "0 rows"
-        raise DataError(f"no data ({what})", file=file)
-    return Table(df, file, csv)
+            if is_csv:
+                bad = _bad_utf8_line(f)  # only scanned on failure: big files stay fast
+                if bad is not None:
+                    raise DataError(
+                        f"not UTF-8 text ({bad[1]}); re-save the file as UTF-8",
+                        file=str(f),
+                        line=bad[0],
+                    ) from None
+                raise DataError(f"cannot parse CSV: {_first_line(e)}", file=str(f)) from e
+            what = "the Parquet folder" if p.is_dir() else "not a readable Parquet file"
+            raise DataError(
+                f"{'cannot read ' + what if p.is_dir() else what}: {_first_line(e)}", file=str(f)
+            ) from e
+        except OSError as e:
+            raise DataError(f"cannot read: {_first_line(e)}", file=str(f)) from e
+        rows += offset
+    if rows == 0:
+        what = "header only, no data rows" if is_csv else "0 rows"
+        raise DataError(f"no data ({what})", file=str(p))
+
+
+def read_source(path: str | Path) -> Table:
+    """The whole source as one table (a folder's files concatenated, missing columns null)."""
+    tables = list(iter_source(path))
+    if len(tables) == 1:
+        return tables[0]
+    frame = pl.concat([t.frame for t in tables], how="diagonal_relaxed")
+    return Table(frame, str(Path(path).expanduser()), False)
 
 
 def _first_line(e: BaseException) -> str:
@@ -257,9 +528,10 @@ def _first_line(e: BaseException) -> str:
 
 def _rename(table: Table, opts: ContractOptions, kind: str) -> Table:
     ren = opts.mapping_for(kind, table.frame.columns)
-    canon = set(EVENT_COLUMNS if kind == "events" else ITEM_COLUMNS)
+    canon = set(EVENT_ACCEPTED if kind == "events" else ITEM_COLUMNS)
     # a source column already carrying a canonical name that another column is mapped onto
     clash = [c for c in ren.values() if c in table.frame.columns and c not in ren]
+    table.source = table.frame
     df = table.frame.drop(clash) if clash else table.frame
     table.source_columns = list(table.frame.columns)
     df = df.rename(ren)
@@ -282,8 +554,13 @@ def _require(table: Table, cols: tuple[str, ...], kind: str) -> None:
 
 # ------------------------------------------------------------------------------ parsing
 def _as_text(s: pl.Series) -> pl.Series:
+    """Free text (titles, types, numbers): surrounding blanks trimmed, empty = missing."""
     out = s.cast(pl.Utf8).str.strip_chars()
     return out.replace("", None)
+
+
+def _nulls(n: int, dtype: pl.DataType) -> pl.Series:
+    return pl.select(pl.repeat(None, n, dtype=dtype)).to_series()
 
 
 def _first(mask: pl.Series) -> int:
@@ -302,12 +579,17 @@ def _unix(v: pl.Series) -> pl.Series:
 
 
 def _ids(s: pl.Series) -> pl.Series:
-    """Ids as text; a float column of whole numbers (``17850.0``) reads as ``17850``."""
+    """Ids as text, exactly as written; empty or blank = missing.
+
+    A float column of whole numbers (``17850.0``, a spreadsheet's Parquet) reads as ``17850``.
+    """
     if s.dtype.is_float():
         whole = s.is_null() | (s == s.round(0))
         if bool(whole.all()):
             s = s.cast(pl.Int64)
-    return _as_text(s)
+    txt = s.cast(pl.Utf8)
+    blank = txt.str.strip_chars() == ""
+    return pl.select(pl.when(blank).then(None).otherwise(txt)).to_series().alias(s.name)
 
 
 def parse_timestamps(s: pl.Series, opts: ContractOptions, table: Table) -> pl.Series:
@@ -361,6 +643,9 @@ def parse_timestamps(s: pl.Series, opts: ContractOptions, table: Table) -> pl.Se
     if bad.any():
         r = _first(bad)
         raise DataError(f"timestamp {txt[r]!r} {hint}", **table.where(r, name))
+    miss = txt.is_null()
+    if miss.any():
+        raise DataError("empty timestamp", **table.where(_first(miss), name))
     return out
 
 
@@ -382,11 +667,12 @@ def _numbers(table: Table, col: str, dtype: pl.DataType) -> pl.Series:
     return cast.cast(dtype)
 
 
-def _event_types(table: Table) -> pl.Series:
+def _event_types(table: Table, default: str) -> tuple[pl.Series, int]:
+    """Canonical types and how many cells were empty (given ``default``)."""
     raw = _as_text(table.frame["event_type"])
     low = raw.str.to_lowercase()
     mapped = low.replace_strict(EVENT_SYNONYMS, default=None, return_dtype=pl.Utf8)
-    bad = mapped.is_null()
+    bad = mapped.is_null() & raw.is_not_null()
     if bad.any():
         r = _first(bad)
         raise DataError(
@@ -394,7 +680,262 @@ def _event_types(table: Table) -> pl.Series:
             f"(accepted synonyms: {sorted(set(EVENT_SYNONYMS) - set(EVENT_SYNONYMS.values()))})",
             **table.where(r, "event_type"),
         )
-    return mapped
+    empty = raw.is_null()
+    return mapped.fill_null(default), int(empty.sum())
+
+
+def _rule_column(table: Table, rule: Rule) -> pl.Series:
+    """The column a rule names: a canonical events column or the file's own column name."""
+    if rule.column in table.frame.columns:
+        return table.frame[rule.column]
+    if table.source is not None and rule.column in table.source.columns:
+        return table.source[rule.column]
+    raise DataError(
+        f"--returns {rule.column} {rule.op} {rule.value!r}: the file has no column "
+        f"{rule.column!r}; its columns are {table.source_columns}",
+        file=table.file,
+        column=rule.column,
+    )
+
+
+def parse_events(
+    table: Table, opts: ContractOptions, report: DropReport, first_row: int = 0
+) -> pl.DataFrame:
+    """One events table (renamed) -> :data:`PARSED_SCHEMA` rows; bad values are DataErrors.
+
+    ``first_row`` numbers the rows across chunks and files (the source order kept as
+    ``order``). Notes (empty quantity -> 1, empty type -> default, returns by rule) go to
+    ``report``. Nothing is dropped here: :func:`clean_events` does that, counted.
+    """
+    f = table.frame
+    n = f.height
+    _require(table, EVENT_REQUIRED, "events")
+    if "event_type" in f.columns:
+        types, n_empty = _event_types(table, opts.event_type)
+        report.note(f"empty event_type -> {opts.event_type}", n_empty)
+    else:
+        types = pl.select(pl.repeat(opts.event_type, n, dtype=pl.Utf8)).to_series()
+    if "quantity" in f.columns:
+        qty = _numbers(table, "quantity", pl.Int64())
+        report.note("empty quantity -> 1", int(qty.is_null().sum()))
+        qty = qty.fill_null(1)
+    else:
+        qty = pl.select(pl.repeat(1, n, dtype=pl.Int64)).to_series()
+    rule = opts.returns_rule
+    if rule is not None:
+        hit = rule.mask(_rule_column(table, rule)) & types.is_in(["purchase", "return"])
+        report.note(
+            f"purchase rows made returns by the rule '{opts.returns}'",
+            int((hit & (types == "purchase")).sum()),
+        )
+        types = pl.select(pl.when(hit).then(pl.lit("return")).otherwise(types)).to_series()
+
+    def text(c: str, ids: bool = False) -> pl.Series:
+        if c not in f.columns:
+            return _nulls(n, pl.Utf8())
+        return _ids(f[c]) if ids else _as_text(f[c])
+
+    cols: dict[str, pl.Series] = {
+        "_row": pl.int_range(first_row, first_row + n, dtype=pl.Int64, eager=True),
+        "_customer": _ids(f["customer_id"]),
+        "_product": _ids(f["product_id"]),
+        "ts": parse_timestamps(f["timestamp"], opts, table),
+        "event_type": types,
+        "quantity": qty,
+        "price": _numbers(table, "price", pl.Float64())
+        if "price" in f.columns
+        else _nulls(n, pl.Float64()),
+        "order_id": text("order_id", ids=True),
+        "session_id": text("session_id", ids=True),
+        **{a: text(a) for a in EVENT_ATTRIBUTES},
+    }
+    return pl.DataFrame({k: v.alias(k).cast(PARSED_SCHEMA[k]) for k, v in cols.items()})
+
+
+def iter_events(
+    path: str | Path,
+    opts: ContractOptions,
+    report: DropReport,
+    chunk_rows: int | None = None,
+    catalogue: tuple[str, list[str]] | None = None,
+) -> Iterator[pl.DataFrame]:
+    """The events source, parsed chunk by chunk (``chunk_rows`` None: one chunk per file).
+
+    The mapping is checked against the first file's columns (and ``catalogue`` = (file,
+    columns) when one is given) before any row is parsed. ``report.rows_in`` counts rows.
+    """
+    first_row = 0
+    for i, table in enumerate(iter_source(path, chunk_rows)):
+        if i == 0:
+            opts.check_mapping(
+                {"events": (table.file, list(table.frame.columns)), "items": catalogue}
+            )
+        _rename(table, opts, "events")
+        parsed = parse_events(table, opts, report, first_row)
+        first_row += parsed.height
+        report.rows_in += parsed.height
+        yield parsed
+
+
+# ------------------------------------------------------------------------------ cleaning
+def _reason(opts: ContractOptions, known: list[str] | None, now: int) -> pl.Expr:
+    """The first drop reason of a row (null: kept), in the documented order."""
+    is_ret = pl.col("event_type") == "return"
+    q = pl.col("quantity")
+    not_prod = pl.lit(False)
+    if opts.not_products:
+        not_prod = not_prod | pl.col("_product").is_in(list(opts.not_products))
+    if opts.not_products_pattern:
+        not_prod = not_prod | pl.col("_product").str.contains(f"^(?:{opts.not_products_pattern})$")
+    chain = (
+        pl.when(pl.col("_customer").is_null())
+        .then(pl.lit("no customer_id (guest or missing)"))
+        .when(pl.col("_product").is_null())
+        .then(pl.lit("no product_id"))
+        .when(not_prod.fill_null(False))
+        .then(pl.lit("not a product (--not-products): ") + pl.col("_product"))
+    )
+    if known is not None and opts.unknown_products == "drop":
+        chain = chain.when(~pl.col("_product").is_in(known)).then(
+            pl.lit("product not in the catalogue")
+        )
+    return (
+        chain.when(~is_ret & (q <= 0))
+        .then(pl.lit("zero or negative quantity outside a return"))
+        .when(is_ret & (q == 0))
+        .then(pl.lit("return with zero quantity"))
+        .when(pl.col("price") < 0)
+        .then(pl.lit("negative price"))
+        .when(pl.col("ts") > now + FUTURE_TOLERANCE_S)
+        .then(pl.lit("timestamp in the future"))
+        .otherwise(pl.lit(None, pl.Utf8))
+        .alias("_drop")
+    )
+
+
+def filter_rows(
+    parsed: pl.DataFrame,
+    opts: ContractOptions,
+    report: DropReport,
+    known: list[str] | None = None,
+) -> pl.DataFrame:
+    """Row-level drops (counted in ``report``); returns written negative made positive."""
+    now = opts.now if opts.now is not None else int(time.time())
+    reason = parsed.select(_reason(opts, known, now)).to_series()
+    counts = reason.drop_nulls().value_counts(sort=False, name="n")
+    for why, n in counts.sort("_drop").iter_rows():
+        report.drop(why, n)
+    kept = parsed.filter(reason.is_null())
+    is_ret = pl.col("event_type") == "return"
+    report.note(
+        "returns with negative quantity (made positive)",
+        int(kept.select((is_ret & (pl.col("quantity") < 0)).sum()).item()),
+    )
+    return kept.with_columns(
+        pl.when(is_ret).then(pl.col("quantity").abs()).otherwise(pl.col("quantity"))
+    )
+
+
+def merge_lines(kept: pl.DataFrame, report: DropReport) -> pl.DataFrame:
+    """Purchases and returns: lines of one product in one order summed (quantity summed,
+    revenue kept: the price becomes the quantity-weighted mean). The order is ``order_id``,
+    or the timestamp when there is none. Views and carts: the same event twice is one event
+    (exact duplicates, then same customer/product/timestamp/type: the first line kept).
+
+    Every comparison is within one customer, so a log split by customer gives the same
+    result part by part (the streaming ingest cleans per customer bucket)."""
+    kept = kept.sort("_row")  # "first" below = first in the file
+    lines = pl.col("event_type").is_in(["purchase", "return"])
+    q, p = pl.col("quantity"), pl.col("price")
+    orders = (
+        kept.filter(lines)
+        .with_columns(
+            pl.when(pl.col("order_id").is_null()).then(pl.col("ts")).otherwise(None).alias("_tk")
+        )
+        .group_by("_customer", "_product", "event_type", "order_id", "_tk", maintain_order=True)
+        .agg(
+            pl.col("_row").first(),
+            *[pl.col(c).first() for c in ("ts", "session_id", "title", "category", "brand")],
+            q.sum(),
+            (q * p).sum().alias("_rev"),
+            q.filter(p.is_not_null()).sum().alias("_qp"),
+            pl.len().alias("_n"),
+        )
+        .with_columns(
+            pl.when(pl.col("_qp") > 0)
+            .then(pl.col("_rev") / pl.col("_qp"))
+            .otherwise(None)
+            .alias("price")
+        )
+    )
+    full = [
+        "_customer",
+        "_product",
+        "ts",
+        "event_type",
+        "quantity",
+        "price",
+        "order_id",
+        "session_id",
+    ]
+    key = ["_customer", "_product", "ts", "event_type"]
+    rest = [c for c in PARSED_SCHEMA if c not in full]
+    exact = (
+        kept.filter(~lines)
+        .group_by(full, maintain_order=True)
+        .agg(*[pl.col(c).first() for c in rest], pl.len().alias("_n"))
+    )
+    other = [c for c in PARSED_SCHEMA if c not in key]
+    same = exact.group_by(key, maintain_order=True).agg(
+        *[pl.col(c).first() for c in other], pl.len().alias("_n")
+    )
+
+    def extra_rows(df: pl.DataFrame) -> int:
+        return int(df["_n"].sum()) - df.height
+
+    report.note(MERGED_NOTE, extra_rows(orders))
+    report.drop("exact duplicate", extra_rows(exact))
+    report.drop(
+        "same event twice (customer, product, timestamp, type), other fields differ: first kept",
+        extra_rows(same),
+    )
+    cols = [pl.col(c).cast(t) for c, t in PARSED_SCHEMA.items()]
+    return pl.concat([orders.select(cols), same.select(cols)], how="vertical")
+
+
+def clean_events(
+    parsed: pl.DataFrame,
+    opts: ContractOptions,
+    report: DropReport,
+    known: list[str] | None = None,
+) -> pl.DataFrame:
+    """Parsed events -> the kept ones (row drops, then repeated lines summed), counted."""
+    return merge_lines(filter_rows(parsed, opts, report, known), report)
+
+
+def latest_values(rows: pl.DataFrame, attrs: list[str]) -> dict[str, pl.DataFrame]:
+    """Per attribute, each product's latest non-empty value with its (ts, _row).
+
+    Latest by timestamp, then file order. Associative: the latest values of several
+    parts' latest values are the latest values of the whole (how the ingest combines
+    its buckets)."""
+    return {
+        a: rows.select("_product", "ts", "_row", a)
+        .filter(pl.col(a).is_not_null())
+        .sort(["ts", "_row"])
+        .unique("_product", keep="last")
+        for a in attrs
+    }
+
+
+def product_attributes(parts: dict[str, pl.DataFrame], products: pl.Series) -> pl.DataFrame:
+    """``external_id`` + one column per attribute from :func:`latest_values` results."""
+    out = pl.DataFrame({"external_id": products})
+    for a, part in parts.items():
+        out = out.join(
+            part.select(pl.col("_product").alias("external_id"), a), on="external_id", how="left"
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------ loading
@@ -406,78 +947,33 @@ def load_contract(
     """Validate and load a shop's events (+ catalogue); the drop report says what was dropped.
 
     Errors (a :class:`DataError` naming the file, the CSV line or Parquet row, and the
-    column): unreadable / empty files, a missing required column, an unparsable timestamp,
-    quantity or price, an unknown event type, a duplicate catalogue product_id.
-    Dropped and counted: rows without customer_id or product_id, exact duplicate rows, the
-    same event twice (customer, product, timestamp, type) with other fields differing,
-    events for products not in the catalogue, zero/negative quantity outside returns,
-    negative prices, timestamps in the future.
+    column): unreadable / empty / ragged files, a missing required column, a mapping to a
+    column no file has, an unparsable timestamp, quantity or price, an unknown event type,
+    a duplicate catalogue product_id.
+    Dropped and counted: rows without customer_id or product_id, non-product codes
+    (``not_products``), events for products not in the catalogue, zero/negative quantity
+    outside returns, negative prices, timestamps in the future, for views and carts exact
+    duplicates and the same event twice. Summed (noted): repeated lines of one product in
+    one order. Without a catalogue, products take the latest title/category/brand/price
+    seen on their event rows.
     """
-    ev = _rename(read_source(events), options, "events")
-    _require(ev, EVENT_REQUIRED, "events")
-    report = DropReport(ev.file, rows_in=ev.frame.height)
-    f = ev.frame
-    cols: dict[str, pl.Series] = {
-        "_customer": _ids(f["customer_id"]),
-        "_product": _ids(f["product_id"]),
-        "ts": parse_timestamps(f["timestamp"], options, ev),
-        "event_type": _event_types(ev)
-        if "event_type" in f.columns
-        else pl.Series([EVENT_SYNONYMS["purchase"]] * f.height, dtype=pl.Utf8),
-        "quantity": _numbers(ev, "quantity", pl.Int64())
-        if "quantity" in f.columns
-        else pl.Series([1] * f.height, dtype=pl.Int64),
-        "price": _numbers(ev, "price", pl.Float64())
-        if "price" in f.columns
-        else pl.Series([None] * f.height, dtype=pl.Float64),
-    }
-    for opt in ("order_id", "session_id"):
-        if opt in f.columns:
-            cols[opt] = _as_text(f[opt])
-    df = pl.DataFrame({k: v.alias(k) for k, v in cols.items()}).with_row_index("_row")
-
-    def drop(mask: pl.Expr, reason: str) -> None:
-        nonlocal df
-        n = df.filter(mask).height
-        report.drop(reason, n)
-        if n:
-            df = df.filter(~mask)
-
-    drop(pl.col("_customer").is_null(), "no customer_id (guest or missing)")
-    drop(pl.col("_product").is_null(), "no product_id")
-    key = ["_customer", "_product", "ts", "event_type"]
-    full = key + ["quantity", "price"] + [c for c in ("order_id", "session_id") if c in df.columns]
-    drop(pl.struct(full).is_duplicated() & ~pl.struct(full).is_first_distinct(), "exact duplicate")
-    drop(
-        pl.struct(key).is_duplicated() & ~pl.struct(key).is_first_distinct(),
-        "same event twice (customer, product, timestamp, type), other fields differ: first kept",
-    )
-    is_ret = pl.col("event_type") == "return"
-    n_neg_ret = df.filter(is_ret & (pl.col("quantity") < 0)).height
-    report.note("returns with negative quantity (made positive)", n_neg_ret)
-    df = df.with_columns(
-        pl.when(is_ret).then(pl.col("quantity").abs()).otherwise(pl.col("quantity"))
-    )
-    drop(~is_ret & (pl.col("quantity") <= 0), "zero or negative quantity outside a return")
-    drop(is_ret & (pl.col("quantity") == 0), "return with zero quantity")
-    drop(pl.col("price") < 0, "negative price")
-    now = options.now if options.now is not None else int(time.time())
-    drop(pl.col("ts") > now + FUTURE_TOLERANCE_S, "timestamp in the future")
-
+    report = DropReport(str(Path(events).expanduser()))
     items_frame: pl.DataFrame | None = None
+    cat_cols: tuple[str, list[str]] | None = None
+    cat_table: Table | None = None
     if items is not None:
-        items_frame = _load_catalogue(items, options)
-        known = items_frame["external_id"]
-        if options.unknown_products == "drop":
-            drop(~pl.col("_product").is_in(known.implode()), "product not in the catalogue")
-        elif options.unknown_products != "keep":
-            raise ConfigError(
-                f"unknown_products must be 'drop' or 'keep', got {options.unknown_products!r}"
-            )
+        cat_table = read_source(items)
+        cat_cols = (cat_table.file, list(cat_table.frame.columns))
+    parsed = pl.concat(list(iter_events(events, options, report, None, cat_cols)))
+    if cat_table is not None:
+        items_frame = _catalogue_frame(cat_table, options, report)
+    known = items_frame["external_id"].to_list() if items_frame is not None else None
+    kept_rows = filter_rows(parsed, options, report, known)
+    df = merge_lines(kept_rows, report)
     if df.height == 0:
         raise DataError(
             f"no events left after validation ({report.rows_dropped:,} dropped: {report.dropped})",
-            file=ev.file,
+            file=report.source,
         )
     df = df.sort(["ts", "_row"])  # time order; file order breaks ties
     users = IdMap(sorted(df["_customer"].unique().to_list()))
@@ -489,34 +985,45 @@ def load_contract(
     item_map = IdMap(ext)
     out = map_ids(df, "_customer", "_product", users, item_map)
     keep = ["user_id", "item_id", "ts", "event_type", "quantity", "price"]
-    extra_cols = [c for c in ("order_id", "session_id") if c in out.columns]
     events_out = out.select(
         [pl.col(c) for c in keep] + [pl.col("_row").cast(pl.Int64).alias("order")]
     ).with_columns(pl.col("quantity").cast(pl.Int32))
     base = item_map.to_frame("item_id")
-    items_out = (
-        base.join(items_frame, on="external_id", how="left") if items_frame is not None else base
-    )
+    attrs: list[str] = []
+    if items_frame is not None:
+        items_out = base.join(items_frame, on="external_id", how="left")
+    else:
+        attrs = [a for a in (*EVENT_ATTRIBUTES, "price") if parsed[a].null_count() < parsed.height]
+        latest = product_attributes(latest_values(kept_rows, attrs), base["external_id"])
+        items_out = base.join(latest, on="external_id", how="left") if attrs else base
     ts_min, ts_max = int(df["ts"].min()), int(df["ts"].max())  # type: ignore[arg-type]
-    ds = Dataset(
+    read = [c for c in ("order_id", "session_id") if parsed[c].null_count() < parsed.height]
+    extra: dict[str, object] = {
+        "format": "contract",
+        "events_file": report.source,
+        "items_file": str(items) if items is not None else None,
+        "timezone": options.timezone,
+        "columns": dict(options.columns),
+        "time_span": [_iso(ts_min), _iso(ts_max)],
+        "currency": options.currency,
+        "returns": options.returns,
+        "not_products": list(options.not_products),
+        "not_products_pattern": options.not_products_pattern,
+        "default_event_type": options.event_type,
+    }
+    if attrs:
+        extra["product_attributes_from_events"] = attrs
+    if read:  # order ids group lines; not part of the canonical events frame
+        extra["event_columns_read"] = read
+    return Dataset(
         name=options.name,
         events=events_out,
         items=items_out,
         users=users,
         item_ids=item_map,
         report=report,
-        extra={
-            "format": "contract",
-            "events_file": ev.file,
-            "items_file": str(items) if items is not None else None,
-            "timezone": options.timezone,
-            "columns": dict(options.columns),
-            "time_span": [_iso(ts_min), _iso(ts_max)],
-        },
+        extra=extra,
     )
-    if extra_cols:  # used to tell duplicates apart; not part of the canonical events frame
-        ds.extra["event_columns_read"] = extra_cols
-    return ds
 
 
 def _iso(ts: int) -> str:
@@ -525,11 +1032,13 @@ def _iso(ts: int) -> str:
 
 def read_catalogue(path: str | Path, options: ContractOptions = ContractOptions()) -> pl.DataFrame:
     """A catalogue file in the contract as canonical item rows (``external_id``, title, ...)."""
-    return _load_catalogue(path, options)
+    t = read_source(path)
+    options.check_mapping({"items": (t.file, list(t.frame.columns)), "events": None})
+    return _catalogue_frame(t, options, DropReport(t.file))
 
 
-def _load_catalogue(path: str | Path, options: ContractOptions) -> pl.DataFrame:
-    t = _rename(read_source(path), options, "items")
+def _catalogue_frame(t: Table, options: ContractOptions, report: DropReport) -> pl.DataFrame:
+    t = _rename(t, options, "items")
     _require(t, ("product_id",), "catalogue")
     f = t.frame
     pid = _ids(f["product_id"])
@@ -553,7 +1062,12 @@ def _load_catalogue(path: str | Path, options: ContractOptions) -> pl.DataFrame:
         cols["price"] = _numbers(t, "price", pl.Float64())
     if "available" in f.columns:
         cols["available"] = _booleans(t, "available")
-    return pl.DataFrame({k: v.alias(k) for k, v in cols.items()})
+    out = pl.DataFrame({k: v.alias(k) for k, v in cols.items()})
+    notp = options.not_product(out["external_id"])
+    if notp.any():
+        report.drop("catalogue rows that are not products (--not-products)", int(notp.sum()))
+        out = out.filter(~notp)
+    return out
 
 
 _TRUE = {"1", "true", "t", "yes", "y", "in stock", "in_stock", "available"}

@@ -2,7 +2,10 @@
 
 Same query, same filter -> the same top-k ids as numpy brute force; bad input gives
 clear errors and leaves the live version untouched; upsert/delete are idempotent;
-rollback and version-at-query-time behave.
+rollback and version-at-query-time behave; every ``ItemIndex`` operation the serving
+engine calls (``existing_ids``, ``with_payload=False``, version reads) behaves alike.  The
+exact in-memory back end (``indexing.exact.ExactIndex``, the search part of the protocol)
+runs the search contract over each backend's stored vectors.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import polars as pl
 import pytest
 
 from ecomrec.errors import DataError, IndexUnavailableError, InvalidArgumentError, NotFoundError
-from indexing.base import Hit, ItemIndex, SearchFilter, VerificationError
+from indexing.base import Hit, ItemIndex, SearchFilter, VectorSearch, VerificationError
 from indexing.build import (
     build_version,
     delete_points,
@@ -24,6 +27,7 @@ from indexing.build import (
     rollback,
     upsert_points,
 )
+from indexing.exact import ExactIndex, ExactSearch, PayloadMasks, supports_exact
 from indexing.store import exact_search
 from tests.indexing.conftest import indexed_vectors, make_config, make_points
 
@@ -128,6 +132,76 @@ def test_bad_queries_raise_invalid_argument(built: Any) -> None:
         reader.search(np.ones(D, np.float32), 0)
     with pytest.raises(InvalidArgumentError, match="price_min"):
         SearchFilter(price_min=5.0, price_max=1.0)
+
+
+def test_existing_ids_and_version_reads(built: Any) -> None:
+    store, ids, _vecs, _payloads = built
+    reader = store.open()
+    assert reader.existing_ids([3, 1, N, N + 1, 10**6]) == {1, 3, N}
+    assert reader.existing_ids([]) == set()
+    assert reader.existing_ids(ids.tolist()) == set(ids.tolist())
+    v1 = reader.version
+    assert v1 == reader.manifest().version == store.alias_target("items")
+    pinned = store.open(version=v1)
+    ids2, vecs2, pay2 = make_points(N - 100, D, seed=2, model_version="m2")
+    m2 = build_version(store, ids2, vecs2, pay2, model_version="m2")
+    assert reader.version == m2.version and pinned.version == v1  # follower vs pinned
+    assert reader.existing_ids([N - 100, N - 99]) == {N - 100}  # the live version's points
+    assert pinned.existing_ids([N - 100, N - 99]) == {N - 100, N - 99}
+
+
+def test_search_without_payload_returns_the_same_hits(built: Any) -> None:
+    store, _ids, vecs, _payloads = built
+    reader = store.open()
+    qs = vecs[:4] + 0.05
+    for f in FILTERS:
+        with_p = reader.search_batch(qs, 8, f, [[1], [], [2, 3], []])
+        bare = reader.search_batch(qs, 8, f, [[1], [], [2, 3], []], with_payload=False)
+        for a, b in zip(with_p, bare):
+            assert [h.item_id for h in b] == [h.item_id for h in a]
+            np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-6)
+            assert all(not h.payload for h in b) and all(h.payload for h in a)
+        one = reader.search(qs[0], 8, f, exclude_ids=[1], with_payload=False)
+        assert [h.item_id for h in one] == [h.item_id for h in bare[0]]
+
+
+def _exact_backend(reader: Any, ids: np.ndarray) -> ExactIndex:
+    masks = PayloadMasks.from_index(reader, ids.tolist())
+    ex = ExactSearch(masks, max_items=N).index(reader, reader.version, block=True)
+    assert ex is not None and ex.version == reader.version and ex.dim == D
+    return ex
+
+
+def test_exact_backend_matches_bruteforce_and_the_index(built: Any) -> None:
+    """The exact back end over this backend's stored vectors: the same top-k as numpy
+    brute force on the source vectors and as the index (scores too), for every filter
+    it serves; batches equal single queries; bad input is refused like the index does."""
+    store, ids, vecs, payloads = built
+    reader = store.open()
+    ex = _exact_backend(reader, ids)
+    assert isinstance(ex, VectorSearch)
+    rng = np.random.default_rng(4)
+    qs = rng.normal(size=(6, D)).astype(np.float32)
+    served = [f for f in FILTERS if supports_exact(f)]
+    assert len(served) == len(FILTERS) - 1  # brands go to the index
+    for f in served:
+        for q in qs:
+            hits = ex.search(q, 10, f)
+            assert [h.item_id for h in hits] == _reference(ids, vecs, payloads, q, 10, f)
+            ann = reader.search(q, 10, f)
+            assert [h.item_id for h in hits] == [h.item_id for h in ann]
+            np.testing.assert_allclose([h.score for h in hits], [h.score for h in ann], atol=1e-5)
+        excl = [[1], [], [3, 4], [], [5, 6, 7], [2]]
+        batch = ex.search_batch(qs, 7, f, excl)
+        for q, e, got in zip(qs, excl, batch):
+            assert [h.item_id for h in got] == [h.item_id for h in ex.search(q, 7, f, e)]
+            assert not set(e) & {h.item_id for h in got}
+    with pytest.raises(InvalidArgumentError, match="flt"):
+        ex.search(qs[0], 5, FILTERS[4])  # brands: the index's job
+    with pytest.raises(InvalidArgumentError, match="vector"):
+        ex.search(np.ones(D + 1, np.float32), 5)
+    with pytest.raises(InvalidArgumentError, match="k"):
+        ex.search(qs[0], 0)
 
 
 def _snapshot(store: Any) -> tuple[str | None, list[str]]:

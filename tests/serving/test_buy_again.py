@@ -125,3 +125,28 @@ def test_churn_score_finds_the_churner(planted_shop: Any) -> None:
     p_churn, p_rep = p_alive[users == CHURN_USER][0], p_alive[users == REPEAT_USER][0]
     assert p_churn < 0.2 < p_rep
     assert p_churn <= np.quantile(p_alive, 0.05)  # among the 5% least likely to be alive
+
+
+def test_cli_recommend_buy_again_mode(
+    served_shop: Served, planted_shop: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ecomrec recommend --mode buy-again` asks the service for the buy-again mixture: the
+    repeat buyer's staple comes first with BUY_AGAIN; the default mode does not offer it."""
+    import argparse
+
+    from serving.cli import register
+    from tests.serving.conftest import API_KEY
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="cmd"))
+    ext = planted_shop.users.to_external(REPEAT_USER)
+    staple = planted_shop.item_ids.to_external(STAPLE)
+    base = ["recommend", "--target", served_shop.handle.target, "--user", ext, "-k", "5"]
+    base += ["--api-key", API_KEY]
+    args = ap.parse_args([*base, "--mode", "buy-again"])
+    assert args.func(args) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
+    assert first[1] == staple and "BUY_AGAIN" in first[3]
+    args = ap.parse_args(base)
+    assert args.func(args) == 0
+    assert staple not in capsys.readouterr().out.split()

@@ -158,3 +158,18 @@ def test_tls_round_trip(parts: Any, index_dir: Path, tmp_path: Path) -> None:
     finally:
         handle.stop(0.5)
         reader.close()
+
+
+def test_format_response_names_the_segment_or_says_there_is_none() -> None:
+    """A customer in no segment: the header says so and popularity is "POPULAR" (over all
+    customers), never "segment -" beside POPULAR_IN_SEGMENT."""
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+    from serving.client import format_response
+
+    item = pb.ScoredItem(item_id="85123A", score=0.5, reasons=["POPULAR_IN_SEGMENT"])
+    none = format_response(pb.RecommendResponse(items=[item], model_version="m1"))
+    head, line = none.splitlines()
+    assert head.startswith("segment none (popular = over all customers)  model m1")
+    assert line.split()[3] == "POPULAR" and "segment -" not in none
+    seg = format_response(pb.RecommendResponse(items=[item], segment="Champions"))
+    assert seg.startswith("segment Champions") and "POPULAR_IN_SEGMENT" in seg

@@ -15,7 +15,7 @@ from tests.serving.conftest import Served, wait_for
 
 def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
     from serving import validation as val
-    from serving.engine import DeadlineExceededError, RequestContext
+    from serving.requests import DeadlineExceededError, RequestContext
 
     ext = parts.dataset.users.to_external(int(parts.history.users()[0]))
     q = val.validate_recommend(
@@ -28,7 +28,7 @@ def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
     with pytest.raises(DeadlineExceededError, match="history"):
         served.engine.recommend(q, ctx)
     cancelled = RequestContext(deadline=time.monotonic() + 5, is_active=lambda: False)
-    from serving.engine import CancelledError
+    from serving.requests import CancelledError
 
     with pytest.raises(CancelledError):
         served.engine.recommend(q, cancelled)
@@ -36,7 +36,7 @@ def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
 
 def test_status_mapping_never_leaks_internals() -> None:
     from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
-    from serving.engine import DeadlineExceededError, UnavailableError
+    from serving.requests import DeadlineExceededError, UnavailableError
     from serving.status import status_for
 
     assert status_for(InvalidArgumentError("k", "bad"))[0] == grpc.StatusCode.INVALID_ARGUMENT

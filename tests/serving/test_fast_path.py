@@ -97,7 +97,7 @@ def test_fast_path_matches_single_request_path(parts: Any, index_dir: Path, segm
     from serving import validation as val
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
     from serving.encoders import TowerEncoder
-    from serving.engine import RequestContext
+    from serving.requests import RequestContext
 
     reader = open_reader(index_dir)
     engine = make_engine(parts, reader, segments, batch_max=16, batch_wait_ms=2.0)
@@ -186,7 +186,7 @@ def test_event_loop_and_worker_paths_answer_alike_over_grpc(
 
 def test_exact_search_equals_index_search_with_filters(parts: Any, index_dir: Path) -> None:
     from indexing.base import SearchFilter
-    from serving.exact import ExactSearch
+    from indexing.exact import ExactSearch
 
     reader = open_reader(index_dir)
     try:
@@ -220,7 +220,7 @@ def test_exact_search_equals_index_search_with_filters(parts: Any, index_dir: Pa
 
 def test_exact_search_refuses_damaged_vectors(parts: Any, index_dir: Path) -> None:
     """Non-finite stored vectors are never served from memory (the index path degrades)."""
-    from serving.exact import ExactSearch
+    from indexing.exact import ExactSearch
 
     reader = open_reader(index_dir)
     real = reader.get_vectors
@@ -237,23 +237,6 @@ def test_exact_search_refuses_damaged_vectors(parts: Any, index_dir: Path) -> No
         assert ex.matrix(reader, reader.version) is None  # not retried per request
     finally:
         reader.close()
-
-
-def test_top_rows_is_exact() -> None:
-    from serving.exact import top_rows
-
-    rng = np.random.default_rng(1)
-    for t in range(300):
-        n, k = int(rng.integers(1, 30_000)), int(rng.integers(1, 200))
-        s = rng.standard_normal(n).astype(np.float32)
-        if t % 3 == 0:
-            s = np.round(s, 1)  # many ties
-        if t % 4 == 0:
-            s[rng.random(n) < 0.95] = -np.inf  # a selective filter
-        got = top_rows(s, k)
-        want = np.sort(s)[::-1][: min(k, n)]
-        assert len(got) == min(k, n)
-        np.testing.assert_array_equal(np.sort(s[got])[::-1], want)
 
 
 def _mmr_reference(c: Any, user: Any, policy: Any, k: int) -> list[tuple]:
