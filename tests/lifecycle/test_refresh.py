@@ -252,6 +252,14 @@ def _new_run(runs: Path) -> Any:
     return lambda: {p.name for p in runs.iterdir()} != old
 
 
+def _new_version_committed(index: Path, known: set[str]) -> Any:
+    def trigger() -> bool:
+        vdirs = [p for p in (index / "versions").iterdir() if p.name not in known]
+        return any((p / "manifest.json").exists() for p in vdirs)
+
+    return trigger
+
+
 # (what, trigger(tmp, known versions) -> condition, delay after it in seconds or None = random
 # moment of a whole reference refresh)
 KILLS: list[tuple[str, Any, Any]] = [
@@ -271,9 +279,12 @@ KILLS: list[tuple[str, Any, Any]] = [
         lambda rng, ref: 0.0,
     ),
     (
-        "during the deploy-record write",
-        lambda t, known: lambda: any((t / "index.refresh").glob("deploy.json.tmp*")),
-        lambda rng, ref: 0.0,
+        # the new version is committed (its manifest written): the deploy-record write
+        # (temporary file, fsync, rename) follows at once; a kill inside it leaves the
+        # temporary file behind (checked below when it happens)
+        "around the deploy-record write",
+        lambda t, known: _new_version_committed(t / "index", known),
+        lambda rng, ref: rng.uniform(0.0, 0.03),
     ),
     (
         "at a random moment",
@@ -288,8 +299,8 @@ def test_sigkill_at_random_moments_leaves_old_or_new_state_and_rerun_completes(
     shop: Shop, live_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A real ``ecomrec refresh`` process SIGKILLed from outside: during the index build,
-    around the rename of the new run, inside the deploy-record write (its temporary file
-    exists) and at a random moment.  After each kill the deployment is the old good one or
+    around and right after the rename of the new run, around the deploy-record write and
+    at a random moment (random delays after each trigger).  After each kill the deployment is the old good one or
     the new good one (a reader of the alias answers), and the next refresh completes and
     leaves no debris."""
     from indexing.base import IndexConfig
@@ -346,4 +357,5 @@ def test_sigkill_at_random_moments_leaves_old_or_new_state_and_rerun_completes(
             assert versions <= known_now, versions - known_now
         finally:
             store.close()
-    assert states["during the index build"] == "old", (states, inside)  # before the commit
+    # the new run in place, its index not built yet: nothing committed
+    assert states["right after the rename of the new run"] == "old", (states, inside)
