@@ -45,13 +45,10 @@ test: lint
 
 # The edit-test loop: ruff + every test not marked `slow` (each under ~2 s; no mypy, no
 # Triton venv, no real-data or multi-process runs). `make test` still runs everything.
-# Test files go to a private folder in RAM (/dev/shm when there is one): the index tests
-# fsync, which stalls for seconds on a busy shared disk.
 test-fast: install protos
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	@tmp=$$(mktemp -d -p /dev/shm ecomrec-tests.XXXXXX 2>/dev/null || mktemp -d); \
-	TMPDIR=$$tmp $(BIN)/python -m pytest -q -m "not slow"; rc=$$?; rm -rf "$$tmp"; exit $$rc
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py --dataset beauty --models popularity,als,bpr,itemknn --ties file --out results/quality_beauty_file.json
