@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install protos demo test test-fast lint format bench-quality clean
+.PHONY: install protos demo test test-fast lint format bench-quality clean nats-server
 
 # The venv is created when missing; torch is pinned to the CPU wheel (an unpinned torch pulls
 # a multi-GB CUDA build), then the project with its dev extras.
@@ -38,8 +38,14 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Debian's nats-server for the distributed event log's tests (a 3-node JetStream cluster they
+# start themselves; nothing runs it as a service). Needs root, as in CI; skipped if installed.
+nats-server:
+	command -v nats-server >/dev/null || test -x /usr/sbin/nats-server \
+	  || (apt-get update && apt-get install -y nats-server)
+
 # All tests (CI runs exactly this). Triton tests need the separate venv (numpy<2).
-test: lint
+test: lint nats-server
 	bash serving/triton_venv.sh
 	$(BIN)/python -m pytest -q
 

@@ -1,19 +1,26 @@
-"""Full-ranking quality benchmark: popularity, personal top, implicit ALS/BPR/kNN, EASE, two-tower.
+"""Full-ranking quality benchmark: a thin wrapper over ``training.protocol`` (the split
+rule and model selection ``ecomrec train`` runs: same split, same candidates, same winner).
 
-    python benchmarks/quality.py --dataset beauty --models popularity,als,bpr \\
-        --ties file --out results/quality_beauty.json
+    python benchmarks/quality.py --dataset online-retail --out results/or.json
+    python benchmarks/quality.py --dataset beauty --models tower,als,ease,popularity,bpr \\
+        --split loo-file --out results/quality_beauty.json
     python benchmarks/quality.py --dataset online-retail --protocol buy-again \\
-        --models personal-top,als,ease,two-tower --out results/or_buy_again.json
+        --models personal-top,als,ease,tower --out results/or_buy_again.json
 
-Transaction logs (baskets of items per invoice) get a temporal split by default: the last
-``--test-days`` days of the log are the test window, the ``--valid-days`` before it
-validation (``--test-start`` overrides). ``--protocol new-items`` ranks only items the
-customer has not bought (history excluded); ``buy-again`` keeps the history rankable, so
-repurchases are targets too (the share of repeat targets is reported).
+``--split auto`` (default) is ``training.protocol.split_rule``: temporal with the cutoff
+from the data for transaction logs and event logs with times of day (the last
+``--test-days`` days are the test window, the ``--valid-days`` before it validation),
+leave-one-out for day-granular review sequences. ``--models auto`` is what ``ecomrec
+train`` compares: the family's tower (``--family``: the basket tower on transaction logs,
+else the sequence transformer), the run config's ``[fallback]`` baselines (ALS/EASE in
+their served form), popularity and the "co-bought with the last item" rule. Any baseline
+of ``training.protocol.model_family`` may be added by name. ``--protocol buy-again``
+keeps the history rankable, so repurchases are targets too.
 
-Writes JSON shaped ``{"dataset": {...}, "protocol": {...}, "models": {NAME: {...}}}`` and a
-markdown table next to it (same name, ``.md``). Hyperparameters are chosen on validation
-(NDCG@10), never on test; CF models are refit on train+validation before the test.
+Writes JSON shaped ``{"dataset": {...}, "protocol": {...}, "served": NAME, "models":
+{NAME: {...}}}`` and a markdown table next to it (same name, ``.md``). Every choice is
+made on validation (NDCG@10), never on test; CF models are refit on train+validation
+before the test.
 """
 
 from __future__ import annotations
@@ -30,52 +37,13 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-
 from intake.loaders import load_dataset
-from towers.sequences import Interactions
-from training.cli import parse_overrides
-from training.protocol import is_transaction_log, model_family, run_protocol
-from training.splits import Split, Targets, default_test_start, leave_one_out, temporal_split
+from training.cli import parse_overrides, resolve_config
+from training.protocol import TOWER, make_split, select_model, selection_text
+from training.trainer import default_config_path
 from training.two_tower import hide_item_content
 
 METRICS = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr@10", "coverage@10"]
-
-
-def make_split(args: argparse.Namespace, inter: Interactions, transaction_log: bool) -> Split:
-    """Leave-one-out, or temporal (the default for transaction logs; cutoff from the data)."""
-    split_kind = args.split or ("temporal" if transaction_log else "loo")
-    buy_again = args.protocol == "buy-again"
-    if buy_again and split_kind != "temporal":
-        raise SystemExit("--protocol buy-again needs a temporal split")
-    if split_kind == "temporal":
-        cutoff: str | int = (
-            args.test_start
-            if args.test_start
-            else default_test_start(inter, test_days=args.test_days)
-        )
-        split = temporal_split(
-            inter, cutoff, valid_days=args.valid_days, exclude_seen=not buy_again
-        )
-        split.protocol["cutoff_from"] = (
-            "--test-start"
-            if args.test_start
-            else (f"data: last {args.test_days} days are the test window")
-        )
-        split.protocol["repeat_share_test"] = repeat_share(split.test, split.train_valid)
-        split.protocol["repeat_share_valid"] = repeat_share(split.valid, split.train)
-        return split
-    return leave_one_out(inter, ties=args.ties, seed=args.seed)
-
-
-def repeat_share(targets: Targets, history: Interactions) -> float:
-    """Share of (customer, item) targets the customer had already bought (0 under new-items)."""
-    lens = np.diff(targets.indptr)
-    if lens.sum() == 0:
-        return 0.0
-    users = np.repeat(targets.users, lens)
-    seen = history.to_csr()[users, targets.items.astype(np.int64)]
-    return float(np.asarray(seen).ravel().mean())
 
 
 def markdown_table(result: dict) -> str:
@@ -99,7 +67,10 @@ def markdown_table(result: dict) -> str:
             if "hidden" in str(result["dataset"].get("item_content"))
             else ""
         )
-        + f", full ranking over {result['dataset']['items']:,} items, test users {int(next(iter(result['models'].values()))['users']):,}",
+        + f", full ranking over {result['dataset']['items']:,} items, test users "
+        + f"{int(next(iter(result['models'].values()))['users']):,}; served: "
+        + f"**{result['served'] or 'none (no tower, ALS or EASE compared)'}** (chosen on "
+        + "validation)",
         "",
         "| model | " + " | ".join(METRICS) + " | valid ndcg@10 | train s | eval s |",
         "|---|" + "---:|" * (len(METRICS) + 3),
@@ -113,6 +84,25 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _models(spec: str, family: str) -> tuple[list[str] | None, str, str | None]:
+    """``--models`` -> (candidate list for select_model or None = auto, family, the
+    sequence tower's config named as ``two-tower:CONFIG.toml`` or None)."""
+    if spec == "auto":
+        return None, family, None
+    out, config = [], None
+    for m in (x.strip() for x in spec.split(",") if x.strip()):
+        name, _, arg = m.partition(":")
+        if name in ("two-tower", TOWER):
+            out.append(TOWER)
+            if arg in ("basket", "sequence"):
+                family = arg
+            elif arg:
+                family, config = "sequence", arg
+        else:
+            out.append(m)
+    return out, family, config
+
+
 def main(argv: list[str] | None = None) -> dict:
     from ecomrec.cli import HelpFormatter  # shows each default once
 
@@ -121,23 +111,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Fmt)
     ap.add_argument(
-        "--dataset",
-        default="beauty",
-        help="name (beauty, online-retail, ...) or S3-Rec path prefix",
+        "--dataset", default="beauty", help="name (beauty, online-retail, ...) or a path"
     )
     ap.add_argument("--data-dir", default=None, help="data directory (default $ECOMREC_DATA_DIR)")
     ap.add_argument(
         "--models",
-        default="popularity,als,bpr",
-        help="comma list: popularity, personal-top, als, bpr, itemknn, ease, "
-        "two-tower[:CONFIG.toml|:basket|:sequence]",
+        default="auto",
+        help="auto (what `ecomrec train` compares) or a comma list: tower (= two-tower"
+        "[:basket|:sequence]), als, ease, popularity, co-bought-last, personal-top, bpr, "
+        "itemknn",
+    )
+    ap.add_argument(
+        "--family",
+        choices=["auto", "sequence", "basket"],
+        default="auto",
+        help="the tower family (auto: basket on transaction logs)",
+    )
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="the sequence tower's run config (its [fallback] lists the baselines), as "
+        "`ecomrec train --config` (default: default)",
     )
     ap.add_argument("--ties", choices=["file", "shuffle"], default="file", help="loo ties")
     ap.add_argument(
         "--split",
-        choices=["loo", "temporal"],
-        default=None,
-        help="default: temporal for transaction logs (baskets), else loo",
+        default="auto",
+        help="auto | temporal | temporal:YYYY-MM-DD | loo | loo-file | loo-shuffle",
     )
     ap.add_argument(
         "--protocol",
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a value of the sequence tower's run config (TOML literal, as "
-        "`ecomrec train --set`), e.g. --set threads=1",
+        help="override a run config value (TOML literal, as `ecomrec train --set`; "
+        "basket.* for the basket tower, e.g. basket.dims=[64]), e.g. --set threads=1",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars / info logs")
     args = ap.parse_args(argv)
@@ -177,10 +177,31 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_dataset(args.dataset, args.data_dir)
     if args.no_text:
         ds = hide_item_content(ds)
-    purchases = ds.events.filter(ds.events["event_type"] == "purchase")
-    inter = Interactions.from_events(purchases, ds.n_users, ds.n_items)
-    split = make_split(args, inter, is_transaction_log(ds))
-    split.protocol["protocol"] = args.protocol
+    split_spec = args.split
+    if split_spec == "loo":
+        split_spec = f"loo-{args.ties}"
+    split = make_split(
+        ds,
+        split_spec,
+        protocol=args.protocol,
+        test_start=args.test_start,
+        test_days=args.test_days,
+        valid_days=args.valid_days,
+        ties=args.ties,
+        seed=args.seed,
+    )
+    models, family, tower_config = _models(args.models, args.family)
+    named = args.config or tower_config
+    config = resolve_config(named) if named else default_config_path()
+    sel = select_model(
+        ds,
+        split,
+        family=family,
+        config=config,
+        overrides=parse_overrides(args.set),
+        models=models,
+        progress=not args.quiet,
+    )
     desc = ds.describe()
     result: dict = {
         "dataset": {k: desc[k] for k in ("dataset", "users", "items", "interactions", "time_range")}
@@ -190,40 +211,39 @@ def main(argv: list[str] | None = None) -> dict:
             "ranking": "full catalogue, history items excluded"
             if args.protocol == "new-items"
             else "full catalogue, history items kept (repurchases are targets)",
-            "selection": "hyperparameters and epochs chosen on validation ndcg@10",
+            "selection": "hyperparameters, epochs and the served model chosen on validation "
+            "ndcg@10",
             "test_history": "train + validation",
+            "family": sel.family,
+            "config": str(config),
             "tower_set": list(args.set),
         },
+        "served": sel.served,
+        "skipped": sel.skipped,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "models": {},
+        "models": {
+            name: {
+                **{k: r.test[k] for k in r.test if k != "eval_seconds"},
+                "valid": {k: v for k, v in r.valid.items() if k != "eval_seconds"},
+                "config": r.config,
+                "grid": r.grid,
+                "train_seconds": r.train_seconds,
+                "eval_seconds": r.eval_seconds,
+            }
+            for name, r in sel.results.items()
+        },
     }
-    tower_overrides = parse_overrides(args.set)
-    for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
-        name, make, grid = model_family(
-            spec, dataset=ds, protocol=args.protocol, tower_overrides=tower_overrides
-        )
-        r = run_protocol(name, make, grid, split, progress=not args.quiet)
-        result["models"][name] = {
-            **{k: r.test[k] for k in r.test if k != "eval_seconds"},
-            "valid": {k: v for k, v in r.valid.items() if k != "eval_seconds"},
-            "config": r.config,
-            "grid": r.grid,
-            "train_seconds": r.train_seconds,
-            "eval_seconds": r.eval_seconds,
-        }
-        logging.info(
-            "%s: test recall@10 %.4f ndcg@10 %.4f", name, r.test["recall@10"], r.test["ndcg@10"]
-        )
     import resource
 
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     table = markdown_table(result)
     print(table)
+    print(selection_text(sel))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

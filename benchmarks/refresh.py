@@ -10,6 +10,12 @@ events (same recipe and epochs as week 0), then all three models are scored on t
 week [b_k, b_{k+1}) with the history before b_k: full-ranking NDCG@10 (every item ranked,
 history excluded; targets = new items each customer bought that week).
 
+Week 0 and every retrain run ``ecomrec train``'s selection (``training.protocol``), so
+the refreshed model is the family a shop is served (the basket tower or EASE on a
+transaction log: refit by the refresh; the sequence tower: warm-started);
+``--sequence-only`` trains the sequence tower with fixed epochs instead (the issue-16
+replay).
+
     nice -n 5 python benchmarks/refresh.py --dataset online-retail --weeks 12 \
         --out results/refresh_online_retail.json
 
@@ -91,6 +97,21 @@ def train_scratch(ds: Dataset, cfg: Any, out: Path) -> tuple[Path, float, float]
     return out, time.perf_counter() - t, time.process_time() - c
 
 
+def train_selected(
+    ds: Dataset, config: Any, overrides: dict[str, Any], out: Path
+) -> tuple[Path, float, float]:
+    """What ``ecomrec train`` does (``training.protocol``): the split rule, the family's
+    tower vs ALS/EASE chosen on validation, the winner refit and saved for serving."""
+    from training.protocol import make_split, save_served, select_model
+
+    t, c = time.perf_counter(), time.process_time()
+    split = make_split(ds, "auto")
+    sel = select_model(ds, split, config=config, overrides=overrides, run_dir=out, test=False)
+    served = save_served(sel, ds, out)
+    log.info("selected %s (%s) on %s", sel.served, served["kind"], split.protocol.get("rule"))
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
 def score(run: Path, targets: Any, history: Interactions) -> float:
     tm = load_run(run)
     return float(ranking_metrics(tm.model, targets, history, tm.max_len).get("ndcg@10", 0.0))
@@ -111,6 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         help="two-tower config of the week-0 model and of every full retrain",
     )
     ap.add_argument("--epochs", type=int, default=4, help="epochs of week 0 and of each retrain")
+    ap.add_argument(
+        "--sequence-only",
+        action="store_true",
+        help="week 0 and the retrains train the sequence tower (fixed epochs, no selection); "
+        "default: `ecomrec train`'s selection, so the refreshed family is the served one "
+        "(the basket tower or EASE on a transaction log)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="run config override of the selection (as `ecomrec train --set`)",
+    )
     ap.add_argument("--refresh-epochs", type=int, default=2, help="warm-start epochs per refresh")
     ap.add_argument("--refresh-lr", type=float, default=1e-3, help="warm-start learning rate")
     ap.add_argument("--eval-days", type=float, default=3.0, help="refresh shadow window (days)")
@@ -143,7 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     inter_all = Interactions.from_events(ds.events, ds.n_users, ds.n_items)
     weeks: list[dict[str, Any]] = []
-    week0, w0_s, w0_cpu = train_scratch(cut(ds, bounds[0]), cfg, work / "week0")
+    from training.cli import parse_overrides
+
+    sel_ov = {**overrides, **parse_overrides(args.set)}
+
+    def retrain_on(d: Dataset, out: Path) -> tuple[Path, float, float]:
+        if args.sequence_only:
+            return train_scratch(d, cfg, out)
+        return train_selected(d, args.config or default_config_path(), sel_ov, out)
+
+    week0, w0_s, w0_cpu = retrain_on(cut(ds, bounds[0]), work / "week0")
     log.info("week 0 model trained in %.1f s", w0_s)
     live = week0
     index = work / "index"
@@ -172,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             row["alerts"] = res.alerts
             state = json.loads((index.parent / "index.refresh" / "deploy.json").read_text())
             live = Path(state["live"]["run"])
-            retrain, row["retrain_seconds"], row["retrain_cpu_seconds"] = train_scratch(
-                now, cfg, work / f"retrain{k}"
+            retrain, row["retrain_seconds"], row["retrain_cpu_seconds"] = retrain_on(
+                now, work / f"retrain{k}"
             )
         targets, history = window_targets(inter_all, lo, hi)
         row["scored_users"] = len(targets)

@@ -57,6 +57,12 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("serve_load")
 
 METHOD = "/ecomrec.v1.RecommendService/Recommend"
+#: ``--method``: which call the load drives (the requests come from ``make_requests``).
+METHODS = {
+    "recommend": METHOD,
+    "complete-basket": "/ecomrec.v1.RecommendService/CompleteBasket",
+    "search": "/ecomrec.v1.RecommendService/SearchProducts",
+}
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -124,6 +130,7 @@ def client_worker(
     seed: int,
     out: Any,
     channels: int = 1,
+    method: str = METHOD,
 ) -> None:
     """Closed loop (``amount`` = in-flight requests) or open loop (``amount`` = req/s).
 
@@ -145,7 +152,7 @@ def client_worker(
         for _ in range(n_chan)
     ]
     # bytes in, bytes out: no protobuf work per request
-    calls = [ch.unary_unary(METHOD) for ch in chans]
+    calls = [ch.unary_unary(method) for ch in chans]
     n_calls = len(calls)
     md = (("x-api-key", key),)
     n_pay = len(payloads)
@@ -242,6 +249,60 @@ def client_worker(
     )
 
 
+def events_sender(
+    target: str,
+    key: str,
+    customers: list[str],
+    products: list[str],
+    rate: float,
+    batch: int,
+    stop: Any,
+    out: Any,
+) -> None:
+    """Send TrackEvents at ``rate`` events/s (batches of ``batch``) until ``stop`` is set;
+    puts (events acknowledged, calls failed) on ``out``."""
+    import grpc
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+    from serving._generated.ecomrec.v1 import recommend_pb2_grpc as pbg
+
+    rng = np.random.default_rng(0)
+    channel = grpc.insecure_channel(target)
+    stub = pbg.RecommendServiceStub(channel)
+    md = (("x-api-key", key),)
+    sent = failed = 0
+    t0 = time.monotonic()
+    k = 0
+    while not stop.is_set():
+        due = t0 + k * batch / rate
+        wait = due - time.monotonic()
+        if wait > 0:
+            stop.wait(wait)
+            continue
+        now = int(time.time())
+        req = pb.TrackEventsRequest(
+            events=[
+                pb.TrackedEvent(
+                    customer_id=customers[int(c)],
+                    product_id=products[int(i)],
+                    event_type="view",
+                    timestamp=now,
+                )
+                for c, i in zip(
+                    rng.integers(0, len(customers), batch),
+                    rng.integers(0, len(products), batch),
+                    strict=True,
+                )
+            ]
+        )
+        try:
+            sent += stub.TrackEvents(req, metadata=md, timeout=10).accepted
+        except grpc.RpcError:
+            failed += 1
+        k += 1
+    channel.close()
+    out.put((sent, failed))
+
+
 def run_point(
     target: str,
     key: str,
@@ -253,6 +314,7 @@ def run_point(
     client_procs: int,
     server_pids: list[int],
     channels: int = 1,
+    method: str = METHOD,
 ) -> dict[str, Any]:
     """One measured point: ``client_procs`` generator processes, server CPU from /proc."""
     ctx = mp.get_context("spawn")
@@ -268,7 +330,19 @@ def run_point(
     workers = [
         ctx.Process(
             target=client_worker,
-            args=(target, key, payloads, mode, shares[j], t_measure, t_end, j + 1, q, channels),
+            args=(
+                target,
+                key,
+                payloads,
+                mode,
+                shares[j],
+                t_measure,
+                t_end,
+                j + 1,
+                q,
+                channels,
+                method,
+            ),
             daemon=True,
         )
         for j in range(procs)
@@ -355,9 +429,55 @@ def run_point(
 
 
 # -- requests and server set-up ---------------------------------------------------------------
+def make_basket_requests(ds: Any, n: int, seed: int) -> list[Any]:
+    """CompleteBasket requests: a real user's newest 1-4 items as the basket, every second
+    request with the user id (personalised)."""
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+
+    from towers.sequences import Interactions
+
+    inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
+    users = np.flatnonzero(inter.lengths() >= 2)
+    rng = np.random.default_rng(seed)
+    out = []
+    for j, u in enumerate(rng.choice(users, size=min(n, len(users)), replace=False)):
+        seq = inter.seq(int(u))
+        take = seq[-int(rng.integers(1, 5)) :]
+        items = [ds.item_ids.to_external(int(i)) for i in dict.fromkeys(take.tolist())]
+        user = ds.users.to_external(int(u)) if j % 2 else ""
+        out.append(pb.CompleteBasketRequest(item_ids=items, user_id=user, k=10))
+    return out
+
+
+def make_search_requests(ds: Any, n: int, seed: int) -> list[Any]:
+    """SearchProducts requests: 1-3 words of a random catalogue title (with its brand for
+    every third), every second request with a real user id (personalised)."""
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+
+    rng = np.random.default_rng(seed)
+    titles = ds.items["title"].to_list()
+    brands = ds.items["brand"].to_list() if "brand" in ds.items.columns else [None] * len(titles)
+    rows = [i for i, t in enumerate(titles) if t and len(t.split()) >= 2]
+    n_users = len(ds.users)
+    out = []
+    for j in range(n):
+        r = rows[int(rng.integers(len(rows)))]
+        words = titles[r].split()
+        pick = sorted(
+            rng.choice(len(words), size=min(len(words), int(rng.integers(1, 4))), replace=False)
+        )
+        q = " ".join(words[i] for i in pick)
+        if j % 3 == 0 and brands[r]:
+            q = f"{brands[r]} {q}"
+        user = ds.users.to_external(int(rng.integers(1, n_users + 1))) if j % 2 else ""
+        out.append(pb.SearchProductsRequest(query=q[:200], user_id=user, k=10))
+    return out
+
+
 def make_requests(ds: Any, n: int, seed: int) -> list[Any]:
     """Recommend requests of ``n`` real users (every 5th with its newest item as a session event)."""
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+
     from towers.sequences import Interactions
 
     inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))
@@ -555,6 +675,9 @@ def start_servers(
     sets.setdefault("rerank_policies", str(ROOT / "configs/serving/rerank.toml"))
     if a.server_procs > 1:
         sets["reuse_port"] = "true"
+    if getattr(a, "events_rate", 0):
+        log_file = (work / f"serve_load.events{tag}.{os.getpid()}.db").resolve()
+        sets.setdefault("event_log", str(log_file))
     port_cfg = (work / f"serve_load.{os.getpid()}{tag}.toml").resolve()
     port_cfg.write_text(
         "[serve]\nport = 0\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in sets.items())
@@ -841,6 +964,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rounds", type=int, default=1, help="measurements of every point (per server set)"
     )
+    ap.add_argument(
+        "--events-rate",
+        type=float,
+        default=0.0,
+        help="paired A/B of live events: the servers get an event log, and every point is "
+        "measured with TrackEvents flowing at this many events/s (batches of 50: 'this') and "
+        "without ('baseline'), alternating, --rounds times (0 = off)",
+    )
+    ap.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default="recommend",
+        help="the call to load: Recommend, CompleteBasket (real users' newest items as "
+        "baskets) or SearchProducts (words of catalogue titles); half of the last two "
+        "personalised",
+    )
     ap.add_argument("--users", type=int, default=2000, help="distinct users in the request mix")
     ap.add_argument("--seed", type=int, default=0, help="user sample seed")
     ap.add_argument("--out", required=True, help="JSON output (.md table and .png plot beside)")
@@ -858,7 +997,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (OUT_DIR / "ecomrec" / "v1" / "recommend_pb2.py").exists():
         generate()
     ds = load_dataset(a.dataset, a.data_dir)
-    payloads = [r.SerializeToString() for r in make_requests(ds, a.users, a.seed)]
+    make = {
+        "recommend": make_requests,
+        "complete-basket": make_basket_requests,
+        "search": make_search_requests,
+    }[a.method]
+    payloads = [r.SerializeToString() for r in make(ds, a.users, a.seed)]
     servers: list[subprocess.Popen[bytes]] = []
     triton = None
     work = Path(a.work)
@@ -886,7 +1030,45 @@ def main(argv: list[str] | None = None) -> int:
             for _target, _, pids, _ in sets:
                 log.info("server idle after %.0f s of start-up work", wait_idle(pids))
 
+        customers = ds.users.external_ids
+        products = ds.item_ids.external_ids
+
+        def with_events(target: str, key: str, measure: Any) -> dict[str, Any]:
+            ctx = mp.get_context("spawn")
+            stop, q = ctx.Event(), ctx.Queue()
+            sender = ctx.Process(
+                target=events_sender,
+                args=(target, key, customers, products, a.events_rate, 50, stop, q),
+            )
+            sender.start()
+            try:
+                row: dict[str, Any] = measure()
+            finally:
+                stop.set()
+                sent, failed = q.get(timeout=60)
+                sender.join(30)
+            row["events_acknowledged"] = sent
+            row["events_failed_calls"] = failed
+            row["events_rate"] = a.events_rate
+            return row
+
         def point(mode: str, amount: float, rnd: int) -> dict[str, Any]:
+            if a.events_rate:  # one server set; with and without events, alternating
+                target, key, pids, _ = sets[0]
+                arms = [("this", runs), ("baseline", base_runs)]
+                for name, rows in arms if rnd % 2 == 0 else arms[::-1]:
+
+                    def measure(target: str = target, key: str = key, pids: Any = pids) -> Any:
+                        return run_point(
+                            target, key, payloads, mode, amount, a.seconds, a.warmup,
+                            a.client_procs, pids, a.channels, METHODS[a.method],
+                        )  # fmt: skip
+
+                    row = with_events(target, key, measure) if name == "this" else measure()
+                    row["round"] = rnd
+                    row["server_set"] = name
+                    rows.append(row)
+                return runs[-1]
             order = sets if rnd % 2 == 0 else sets[::-1]  # alternate who goes first
             for target, key, pids, rows in order:
                 row = run_point(
@@ -900,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
                     a.client_procs,
                     pids,
                     a.channels,
+                    METHODS[a.method],
                 )
                 row["round"] = rnd
                 row["server_set"] = "baseline" if rows is base_runs else "this"
@@ -951,6 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         },
         "dataset": a.dataset,
+        "method": a.method,
         "encoder": a.encoder,
         "server_procs": a.server_procs,
         "client_procs": a.client_procs,
@@ -974,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds > 1 or base_runs:
         res["paired"] = paired_summary(runs, base_runs)
         res["baseline_code"] = a.baseline_code
+        res["events_rate"] = a.events_rate or None
         res["baseline_runs"] = base_runs
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

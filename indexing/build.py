@@ -353,6 +353,30 @@ def _finish(
     return manifest
 
 
+def without_untrained(
+    ids: np.ndarray, vectors: np.ndarray, payloads: Sequence[dict[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], int]:
+    """Leave out catalogue rows without a trained vector (all zeros): products a model
+    without a content path (ids only, ALS/EASE, the basket tower) never saw in training.
+
+    Returns (ids, vectors, payloads, how many were left out). Such a product has no
+    direction under cosine distance, so it cannot be searched for; it stays in the
+    catalogue (the service still knows it, and popularity fills may return it) and gets a
+    vector once a training run sees it. The count goes into the build report
+    (``provenance["left_out_no_vector"]``)."""
+    vecs = np.asarray(vectors)
+    keep = np.abs(vecs).sum(axis=1) > 0 if len(vecs) else np.zeros(0, bool)
+    n = int((~keep).sum())
+    if n:
+        log.warning("%d catalogue rows have no trained vector: left out of the index", n)
+    return (
+        np.asarray(ids)[keep],
+        vecs[keep],
+        [p for p, k in zip(payloads, keep.tolist(), strict=True) if k],
+        n,
+    )
+
+
 def build_version(
     store: IndexStore,
     ids: np.ndarray,
@@ -649,7 +673,8 @@ def list_versions(store: IndexStore, alias: str | None = None) -> list[tuple[Ind
 
 
 def user_query_vectors(model: Any, ds: Any, n: int, seed: int) -> Any:
-    """(Q, D) user vectors of up to ``n`` dataset users with history (real queries)."""
+    """(Q, D) user vectors of up to ``n`` dataset users with history (real queries), the
+    users and the interactions; users whose vector is zero are left out."""
     import numpy as np
 
     from towers.sequences import Interactions, batch_for_users
@@ -663,4 +688,8 @@ def user_query_vectors(model: Any, ds: Any, n: int, seed: int) -> Any:
         enc.encode(batch_for_users(inter, users[a : a + 256], model.max_len))
         for a in range(0, len(users), 256)
     ]
-    return np.concatenate(out), users, inter
+    vecs = np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
+    # a model may give a user no direction (e.g. nothing it reads in the history): such a
+    # query has no cosine order, so it is no test of the index (and no user point)
+    ok = np.linalg.norm(vecs, axis=1) > 0
+    return vecs[ok], users[ok], inter

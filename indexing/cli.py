@@ -247,6 +247,13 @@ def _build(args: argparse.Namespace) -> int:
         raise DataError(
             f"{len(vectors)} vectors for {items.height} catalogue rows", file=args.vectors
         )
+    if args.model:  # products the model never saw and has no content for: left out, counted
+        from indexing.build import without_untrained
+
+        ids, vectors, payloads, left_out = without_untrained(ids, vectors, payloads)
+        provenance["left_out_no_vector"] = left_out
+        if left_out:
+            print(f"{left_out:,} catalogue products have no trained vector: left out of the index")
     m = build_version(
         store,
         ids,

@@ -79,6 +79,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--json", action="store_true", help="print the drop report as JSON")
     i.set_defaults(func=_import)
 
+    li = dsub.add_parser(
+        "import-live",
+        help="add the live event log's events since the dataset's recorded log position to a "
+        "history folder and import it (the contract import; docs/events.md), e.g. before "
+        "`ecomrec refresh`",
+        formatter_class=_FMT,
+    )
+    where = li.add_mutually_exclusive_group(required=True)
+    where.add_argument("--log", default=None, help="the embedded event log (SQLite file)")
+    where.add_argument(
+        "--nats",
+        default=None,
+        help="NATS JetStream servers of the distributed log, comma-separated "
+        "(nats://nats-0:4222,...)",
+    )
+    li.add_argument(
+        "--nats-stream", default="ECOMREC_EVENTS", help="JetStream stream of the live log"
+    )
+    li.add_argument(
+        "--events",
+        required=True,
+        help="history folder of .parquet parts; the live events are added to it as "
+        "live-<first>-<last>.parquet",
+    )
+    li.add_argument("--items", default=None, help="catalogue file (as for `data import`)")
+    li.add_argument(
+        "--out",
+        required=True,
+        help="dataset folder to write (replaced); its lineage records the consumed position",
+    )
+    add_contract_arguments(li)
+    li.add_argument("--name", default=None, help="dataset name (default: the --out folder name)")
+    li.add_argument("--json", action="store_true", help="print the result as JSON")
+    li.set_defaults(func=_import_live)
+
     s = dsub.add_parser(
         "synth",
         help="write a realistic synthetic shop in the data contract (events.csv, catalogue.csv)",
@@ -282,6 +317,49 @@ def _import(args: argparse.Namespace) -> int:
         f"wrote {out}: {ds.n_users:,} customers, {ds.n_items:,} products, "
         f"{ds.events.height:,} events {info['event_types']}, "
         f"{info['time_range'][0]} .. {info['time_range'][1]} (UTC), "  # type: ignore[index]
+        f"fingerprint {ds.fingerprint()['id']}"
+    )
+    return 0
+
+
+def _import_live(args: argparse.Namespace) -> int:
+    from intake.live_import import import_with_live
+    from intake.live_log import EventLog, SqliteEventLog
+
+    event_log: EventLog
+    if args.log:
+        if not Path(args.log).is_file():
+            from ecomrec.errors import DataError
+
+            raise DataError("no event log here", file=args.log)
+        event_log = SqliteEventLog(args.log)
+    else:
+        from intake.live_log_nats import NatsEventLog, NatsLogConfig
+
+        servers = tuple(u.strip() for u in args.nats.split(",") if u.strip())
+        event_log = NatsEventLog(NatsLogConfig(servers=servers, stream=args.nats_stream))
+    try:
+        out = Path(args.out)
+        ds, part = import_with_live(
+            event_log, args.events, out, args.items, contract_options(args, out.name)
+        )
+    finally:
+        event_log.close()
+    result = {
+        "position": part.position,
+        "after": part.after,
+        "live_events": part.events,
+        "part": str(part.path) if part.path else None,
+        "fingerprint": ds.fingerprint(),
+        "report": ds.report.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(result, default=str))
+        return 0
+    print(str(ds.report))
+    print(
+        f"wrote {out}: {part.events:,} live events (log positions {part.after + 1}.."
+        f"{part.position}), {ds.events.height:,} events in all, "
         f"fingerprint {ds.fingerprint()['id']}"
     )
     return 0

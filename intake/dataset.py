@@ -171,19 +171,17 @@ class Dataset:
         not_dataset = d.exists() and not (d.is_dir() and (d / "dataset.json").exists())
         if not_dataset and (not d.is_dir() or any(d.iterdir())):
             raise DataError(f"{d} exists and is not a saved dataset; refusing to overwrite it")
+        from intake.tombstones import FILE as TOMBSTONES
+        from intake.tombstones import Tombstones
+
+        # customers forgotten in this folder stay forgotten, whatever is written here now
+        tombs = Tombstones.read(d) if d.is_dir() else Tombstones({})
+        ds, _ = tombs.apply(self)
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
         try:
-            self.events.write_parquet(tmp / "events.parquet")
-            self.items.write_parquet(tmp / "items.parquet")
-            self.users.to_frame("user_id").write_parquet(tmp / "users.parquet")
-            self.item_ids.to_frame("item_id").write_parquet(tmp / "item_ids.parquet")
-            meta = {
-                "name": self.name,
-                "report": self.report.to_dict(),
-                "extra": self.extra,
-                "fingerprint": self.fingerprint(),
-            }
-            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
+            if tombs:
+                shutil.copy2(d / TOMBSTONES, tmp / TOMBSTONES)
+            ds._write(tmp)
             if d.exists():
                 old = d.with_name(f".{d.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -195,6 +193,19 @@ class Dataset:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, tmp: Path) -> None:
+        self.events.write_parquet(tmp / "events.parquet")
+        self.items.write_parquet(tmp / "items.parquet")
+        self.users.to_frame("user_id").write_parquet(tmp / "users.parquet")
+        self.item_ids.to_frame("item_id").write_parquet(tmp / "item_ids.parquet")
+        meta = {
+            "name": self.name,
+            "report": self.report.to_dict(),
+            "extra": self.extra,
+            "fingerprint": self.fingerprint(),
+        }
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, default=str))
 
     @classmethod
     def load(cls, directory: str | Path) -> Dataset:

@@ -48,6 +48,7 @@ from indexing.build import (
     item_payloads,
     open_store,
     publish_version,
+    without_untrained,
 )
 from indexing.deploy import DEPLOY_FILE, DeployState, Record, write_json_atomic
 from intake.dataset import Dataset
@@ -55,7 +56,7 @@ from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
 from lifecycle.state import refresh_lock
 from lifecycle.warmstart import transplant
-from towers.inference import MANIFEST_FILE, MODEL_FILE
+from towers.inference import MANIFEST_FILE, MODEL_FILE, served_kind
 from towers.model import load_checkpoint, save_checkpoint
 from towers.sequences import Interactions
 from training.trainer import RunConfig, Trainer, peak_rss_mb
@@ -220,6 +221,11 @@ def _refresh_locked(
         w0 = int(now - min(cfg.eval_days * DAY, span / 2))
         inter = Interactions.from_events(ev, ds.n_users, ds.n_items)
         targets, history = window_targets(inter, w0, now)
+        if served_kind(live.run) != "two-tower":  # basket / ALS / EASE: refit, not warm start
+            return _refresh_refit(
+                ds, inter, targets, history, cfg, store, icfg, deploy, live, state, tmp,
+                name, report_dir, base, w0, now, timings, t_all,
+            )  # fmt: skip
         ck = load_checkpoint(Path(live.run) / MODEL_FILE)[0]
         rcfg = _train_config(ck.meta.get("run_config", {}), cfg, epochs=cfg.epochs)
         ids = ds.item_ids.external_ids
@@ -309,6 +315,151 @@ def _refresh_locked(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         store.close()
+
+
+def _live_view(inter: Interactions, live_ids: list[str], ds: Dataset) -> Interactions:
+    """``inter`` in the live model's item ids (events of products it does not know are
+    dropped): how the live model sees the same customers when the catalogue grew."""
+    if live_ids == ds.item_ids.external_ids:
+        return inter
+    pos = {e: i + 1 for i, e in enumerate(live_ids)}
+    to_live = np.zeros(ds.n_items + 1, np.int64)
+    for i, e in enumerate(ds.item_ids.external_ids, start=1):
+        to_live[i] = pos.get(e, 0)
+    mapped = to_live[inter.items]
+    keep = mapped > 0
+    view = Interactions(
+        inter.n_users, len(live_ids), inter.indptr, mapped.astype(np.int32), inter.ts,
+        inter.event_type,
+    )  # fmt: skip
+    return view.filter(keep)
+
+
+def _refresh_refit(
+    ds: Dataset,
+    inter: Interactions,
+    targets: Any,
+    history: Interactions,
+    cfg: RefreshConfig,
+    store: Any,
+    icfg: IndexConfig,
+    deploy: DeployState,
+    live: Record,
+    state: Path,
+    tmp: Path,
+    name: str,
+    report_dir: Path,
+    base: dict[str, Any],
+    w0: int,
+    now: int,
+    timings: dict[str, float],
+    t_all: float,
+) -> RefreshResult:
+    """Refresh of a run serving the basket tower or ALS/EASE (no warm start): the served
+    model's recipe (:func:`training.protocol.refit_served`) refit on every event before the
+    window, shadow-evaluated against the live model on ``[w0, now)`` with the same
+    decision rule, and on promotion refit on every event and published like a warm-started
+    candidate. Model drift (live vs candidate vectors) is not comparable across refits
+    (another vector space): the drift report measures the candidate against itself."""
+    from towers.inference import load_run
+    from training.protocol import refit_served
+
+    tm_live = load_run(live.run)
+    t = time.perf_counter()
+    cand = refit_served(Path(live.run), history)
+    timings["train_seconds"] = time.perf_counter() - t
+    _step("trained")
+    t = time.perf_counter()
+    live_ids = tm_live.item_ids.external_ids
+    inter_live = _live_view(inter, live_ids, ds)
+    t_live, h_live = window_targets(inter_live, w0, now)
+    m_live = ranking_metrics(tm_live.model, t_live, h_live, tm_live.max_len)
+    cm = cand.served_model()
+    max_len = int(getattr(cm, "max_len", 0) or getattr(getattr(cm, "cfg", None), "max_len", 200))
+    m_cand = ranking_metrics(cm, targets, history, max_len)
+    span = (inter, w0, now - w0)
+    churn = churn_metrics({"candidate": cm}, *span, max_len, cfg.churn_max_users, cfg.seed)
+    churn_live = churn_metrics(
+        {"live": tm_live.model}, inter_live, w0, now - w0, tm_live.max_len,
+        cfg.churn_max_users, cfg.seed,
+    )  # fmt: skip
+    if "live" in churn_live and churn:
+        churn["live"] = churn_live["live"]
+    timings["eval_seconds"] = time.perf_counter() - t
+    promote, reason = decide(m_live, m_cand, churn, cfg)
+    metrics = {"live": m_live, "candidate": m_cand, "churn": churn, "window": [w0, now]}
+    _step("evaluated")
+    t = time.perf_counter()
+    drift = drift_report(
+        events=ds.events, items=ds.items, inter=inter, live_items=set(live_ids),
+        since=live.data_until, now=now, live=cm, candidate=cm, max_len=max_len, churn=churn,
+        thresholds=cfg.drift, seed=cfg.seed,
+    )  # fmt: skip
+    timings["drift_seconds"] = time.perf_counter() - t
+    dec: dict[str, Any] = {
+        **base,
+        "decision": "promoted" if promote else "not-promoted",
+        "reason": reason,
+        "refresh": f"refit ({served_kind(live.run)}: no warm start)",
+        "model_drift": "not comparable across refits (candidate vs itself)",
+        "window": [w0, now],
+        "ndcg@10": {"live": m_live.get("ndcg@10"), "candidate": m_cand.get("ndcg@10")},
+        "churn_auc": {
+            "live": churn.get("live", {}).get("auc"),
+            "candidate": churn.get("candidate", {}).get("auc"),
+        },
+        "metrics": metrics,
+        "tolerance": cfg.tolerance,
+        "churn_tolerance": cfg.churn_tolerance,
+        "alerts": drift["alerts"],
+    }
+    record = None
+    if promote:
+        t = time.perf_counter()
+        work = tmp / name
+        full = refit_served(Path(live.run), inter) if cfg.refit_epochs > 0 else cand
+        timings["refit_seconds"] = time.perf_counter() - t
+        mf = json.loads((Path(live.run) / MANIFEST_FILE).read_text())
+        from training.protocol import write_served
+
+        write_served(
+            work,
+            served_kind(live.run),
+            full,
+            ds.item_ids.external_ids,
+            {"params": mf["served"].get("params", {}), "refit_on": "all events"},
+            {
+                "lineage": {
+                    "parent_run": live.run,
+                    "parent_model_version": live.model_version,
+                    "data_from": live.data_until,
+                    "data_until": now,
+                    "window": [w0, now],
+                    "ndcg@10": dec["ndcg@10"],
+                    "churn_auc": dec["churn_auc"],
+                    "fingerprint": dec["fingerprint"],
+                },
+                "selection": mf.get("selection", {}),
+            },
+            model_version=f"{name}-{dec['fingerprint'][:8]}",
+        )
+        ds.save(work / "dataset")
+        record = _publish(ds, inter, cfg, store, icfg, deploy, live, state, work, name, w0, now,
+                          dec, timings)  # fmt: skip
+        dec["promoted_run"] = record.run
+        dec["index_version"] = record.index_version
+    timings["total_seconds"] = time.perf_counter() - t_all
+    dec["timings"] = timings
+    dec["peak_rss_mb"] = peak_rss_mb()
+    write_report(drift, dec, report_dir)
+    write_json_atomic(report_dir / "decision.json", dec)
+    code = (
+        (EXIT_DRIFT_ALERT if drift["alerts"] else EXIT_PROMOTED) if promote else EXIT_NOT_PROMOTED
+    )
+    log.info("refresh %s (refit): %s (%s)", name, dec["decision"], reason)
+    return RefreshResult(
+        dec["decision"], code, reason, report_dir, record, metrics, timings, drift["alerts"]
+    )
 
 
 def decide(
@@ -419,6 +570,29 @@ def _promote(
         export_onnx(work, work / "onnx")
         timings["export_seconds"] = time.perf_counter() - t
     _step("exported")
+    return _publish(
+        ds, inter, cfg, store, icfg, deploy, live, state, work, name, w0, now, dec, timings
+    )
+
+
+def _publish(
+    ds: Dataset,
+    inter: Interactions,
+    cfg: RefreshConfig,
+    store: Any,
+    icfg: IndexConfig,
+    deploy: DeployState,
+    live: Record,
+    state: Path,
+    work: Path,
+    name: str,
+    w0: int,
+    now: int,
+    dec: dict[str, Any],
+    timings: dict[str, float],
+) -> Record:
+    """Move the finished run ``work`` into the state, build its index version (unpublished),
+    commit ``deploy.json``, then move the alias."""
     final = state / "runs" / name
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work, final)  # same filesystem: atomic
@@ -537,6 +711,7 @@ def _bootstrap(
         items = ds.items.filter(pl.col("external_id").is_in(list(known)))
         vecs = tm.embed_items(items)
         item_ids, payloads = item_payloads(items, tm.model_version)
+        item_ids, vecs, payloads, _ = without_untrained(item_ids, vecs, payloads)
         target = build_version(
             store, item_ids, vecs, payloads, model_version=tm.model_version, alias=icfg.alias
         ).version

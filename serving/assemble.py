@@ -17,6 +17,7 @@ from indexing.base import ItemIndex
 from serving.audience import UserVectors
 from serving.catalog import ItemCatalog, SegmentPopularity
 from serving.config import ServeConfig
+from serving.discovery import discovery_parts
 from serving.encoders import (
     FallbackEncoder,
     InProcessEncoder,
@@ -131,6 +132,7 @@ def build_recommender(
     text = None
     if getattr(model.model.item_cfg, "use_text", False):
         text = model.embed_text
+    complements, product_search = discovery_parts(cfg, parts)  # built on first use
     engine = Recommender(
         cfg=cfg,
         model_version=model.model_version,
@@ -147,6 +149,8 @@ def build_recommender(
         metrics=metrics,
         text_embedder=text,
         user_vectors=UserVectors(lambda: all_user_vectors(local, parts.history, model.max_len)),
+        complements=complements,
+        product_search=product_search,
     )
     if metrics is not None:
         metrics.set_versions(model.model_version, Recommender.index_version(index))

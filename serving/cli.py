@@ -133,6 +133,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=_recommend)
 
+    from serving.discovery_cli import register as register_discovery
+
+    register_discovery(sub)  # `basket`, `search`
+
     d = sub.add_parser(
         "demo",
         help="train quick, build index, fit segments, serve, call: recommendations with reasons",
@@ -210,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
 
             build_index(icfg.location, args.model, args.dataset, args.data_dir, icfg.alias)
         local_copy: bool | str = (cfg.index_copy_dir or True) if cfg.index_local_copy else False
+        require_index_dir(icfg)  # a typo'd --index is refused, nothing is created there
         index = open_index(icfg, local_copy=local_copy)
         # an index built from another model refuses at once (no service answering INTERNAL)
         check_index_matches_model(index, parts.model, icfg.location)
@@ -229,6 +234,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.follow_refresh:
             reloader = _follow_refresh(args, cfg, servicer, metrics)
             engine = servicer.engine
+        from serving.discovery import warm
+
+        warm(servicer.engine)  # CompleteBasket / SearchProducts models, before SERVING
         if cfg.gc_freeze:
             import gc
 
@@ -248,14 +256,38 @@ def _serve(args: argparse.Namespace) -> int:
         )
         done.wait()
     finally:
-        if reloader is not None:
-            reloader.stop()
-        handle.stop(cfg.grace_s)
-        if index is not None:
-            index.close()
-        if triton_proc is not None:
-            triton_proc.stop()
+        # every step runs even when one before it fails: the private index copy (temp
+        # folder) must go on every exit path
+        try:
+            if reloader is not None:
+                reloader.stop()
+        finally:
+            try:
+                handle.stop(cfg.grace_s)
+            finally:
+                try:
+                    if index is not None:
+                        index.close()
+                finally:
+                    if triton_proc is not None:
+                        triton_proc.stop()
     return 0
+
+
+def require_index_dir(icfg: Any) -> None:
+    """Refuse an embedded ``--index`` folder that is not an index (no ``aliases/``), so a
+    typo is an error naming the path instead of an empty index created there."""
+    from ecomrec.errors import NotFoundError
+
+    if icfg.backend != "edge" or icfg.location == ":memory:":
+        return
+    root = Path(icfg.location)
+    if not (root / "aliases").is_dir():
+        what = "does not exist" if not root.exists() else "is not an index (no aliases/ folder)"
+        raise NotFoundError(
+            f"serve: index {root} {what}; nothing was created there: build one with "
+            f"`ecomrec index build --index {root} ...` (or serve --build-index), or check --index"
+        )
 
 
 def _follow_refresh(args: argparse.Namespace, cfg: Any, servicer: Any, metrics: Any) -> Any:

@@ -141,6 +141,66 @@ class RecommendClient:
         )
         return self._call("FindAudience", req, timeout_s)
 
+    def _filters(
+        self,
+        categories: Sequence[str] = (),
+        price_min: float | None = None,
+        price_max: float | None = None,
+        in_stock_only: bool = False,
+    ) -> Any:
+        f = self.pb.Filters(categories=list(categories), in_stock_only=in_stock_only)
+        if price_min is not None:
+            f.price_min = price_min
+        if price_max is not None:
+            f.price_max = price_max
+        return f
+
+    def complete_basket(
+        self,
+        item_ids: Sequence[str],
+        user_id: str = "",
+        k: int = 10,
+        *,
+        categories: Sequence[str] = (),
+        price_min: float | None = None,
+        price_max: float | None = None,
+        in_stock_only: bool = False,
+        exclude: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> Any:
+        """``CompleteBasketResponse``: complements of the items in a cart or on a page."""
+        req = self.pb.CompleteBasketRequest(
+            item_ids=list(item_ids),
+            user_id=user_id,
+            k=k,
+            filters=self._filters(categories, price_min, price_max, in_stock_only),
+            exclude_item_ids=list(exclude),
+        )
+        return self._call("CompleteBasket", req, timeout_s)
+
+    def search_products(
+        self,
+        query: str,
+        user_id: str = "",
+        k: int = 10,
+        *,
+        categories: Sequence[str] = (),
+        price_min: float | None = None,
+        price_max: float | None = None,
+        in_stock_only: bool = False,
+        exclude: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> Any:
+        """``SearchProductsResponse``: products for a text query (personalised with a user)."""
+        req = self.pb.SearchProductsRequest(
+            query=query,
+            user_id=user_id,
+            k=k,
+            filters=self._filters(categories, price_min, price_max, in_stock_only),
+            exclude_item_ids=list(exclude),
+        )
+        return self._call("SearchProducts", req, timeout_s)
+
     def wait_ready(self, timeout_s: float = 30.0) -> bool:
         """Block until health says SERVING (or the timeout passes)."""
         import time
@@ -185,4 +245,21 @@ def format_response(resp: Any) -> str:
             "POPULAR" if (r == "POPULAR_IN_SEGMENT" and not resp.segment) else r for r in it.reasons
         ]
         lines.append(f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {'+'.join(reasons):<32} {title}")
+    return "\n".join(lines)
+
+
+def format_products(resp: Any) -> str:
+    """A human-readable block for a CompleteBasket / SearchProducts response."""
+    head = f"model {resp.model_version}"
+    unknown = list(getattr(resp, "unknown_item_ids", ()))
+    if unknown:
+        head += f"  ignored unknown items: {', '.join(unknown)}"
+    if resp.degraded:
+        head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
+    lines = [head]
+    for n, it in enumerate(resp.items, 1):
+        title = (it.title[:50] + "...") if len(it.title) > 53 else it.title
+        lines.append(
+            f"  {n:>2}. {it.item_id:<12} {it.score:7.3f}  {title:<53} {' '.join(it.reasons)}"
+        )
     return "\n".join(lines)

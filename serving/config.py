@@ -31,10 +31,18 @@ class ServeConfig:
     metrics_port: int = -1
     metrics_host: str = "127.0.0.1"
     workers: int = 8
-    # Long-lived streams (reflection) open at once; must be < workers so unary calls
-    # always find a worker (further streams get RESOURCE_EXHAUSTED).
+    # RecommendBatch streams open at once; must be < workers so unary calls always find a
+    # worker (further streams get RESOURCE_EXHAUSTED).
     max_streams: int = 2
+    # Reflection streams open at once (their own slots: idle ones never block batches).
+    max_reflection_streams: int = 2
+    # Calls in flight with a valid API key (every method); more get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
+    # Health calls in flight WITHOUT a key (their own budget: keyless callers can never
+    # take a keyed caller's place); a keyless call must send its request within
+    # open_request_timeout_s (then CANCELLED).
+    max_open_rpcs: int = 32
+    open_request_timeout_s: float = 5.0
     max_message_bytes: int = 1 << 20
     # Requests without a deadline get this one (seconds).
     default_deadline_s: float = 2.0
@@ -60,6 +68,17 @@ class ServeConfig:
     max_exclude_ids: int = 1000
     max_id_length: int = 128
     max_text_length: int = 1000
+    # Live events (TrackEvents, docs/events.md): the embedded event log's file ("" = no
+    # TrackEvents: it answers FAILED_PRECONDITION), the log position the served data already
+    # holds (events after it are replayed into the live history at start), events per call.
+    event_log: str = ""
+    event_log_since: int = 0
+    max_track_events: int = 1000
+    # ForgetCustomer (admin): the keys allowed to call it (accepted as API keys too),
+    # and the dataset folder / derived folders it cleans (docs/events.md, "Forget").
+    admin_keys: tuple[str, ...] = ()
+    forget_dataset: str = ""
+    forget_artifacts: tuple[str, ...] = ()
     # Retrieval: ANN fetches k * overfetch candidates (at least min_candidates) for re-ranking.
     overfetch: int = 4
     min_candidates: int = 50
@@ -108,6 +127,11 @@ class ServeConfig:
     # (resolved from the package, not the working directory); "" turns re-ranking off; a
     # path that does not exist is an error.
     rerank_policies: str = str(DEFAULT_RERANK)
+    # CompleteBasket / SearchProducts (docs/complements.md): the co-purchase model and the
+    # product search are built from the served dataset (`ecomrec serve` builds them before
+    # health turns SERVING); false = that call answers UNAVAILABLE.
+    complements: bool = True
+    product_search: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -116,6 +140,8 @@ class ServeConfig:
             "overfetch",
             "max_message_bytes",
             "max_concurrent_rpcs",
+            "max_open_rpcs",
+            "max_reflection_streams",
             "index_full_check_every",
             "max_batch_requests",
         ):
@@ -123,7 +149,11 @@ class ServeConfig:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"ServeConfig.port must be in [0, 65535], got {self.port}")
-        if self.default_deadline_s <= 0 or self.triton_timeout_s <= 0:
+        if (
+            self.default_deadline_s <= 0
+            or self.triton_timeout_s <= 0
+            or self.open_request_timeout_s <= 0
+        ):
             raise ConfigError("ServeConfig deadlines must be > 0")
         if self.rerank_policies and not Path(self.rerank_policies).is_file():
             raise ConfigError(
@@ -153,10 +183,11 @@ class ServeConfig:
         return self.recommend_path == "loop"
 
     def resolved_api_keys(self) -> tuple[str, ...]:
-        """Keys from the config plus those in ``$api_keys_env`` (comma-separated)."""
+        """Keys from the config plus those in ``$api_keys_env`` (comma-separated), plus the
+        admin keys (an admin key is an API key that may also call the admin RPCs)."""
         env = os.environ.get(self.api_keys_env, "")
         extra = tuple(k.strip() for k in env.split(",") if k.strip())
-        return tuple(dict.fromkeys((*self.api_keys, *extra)))
+        return tuple(dict.fromkeys((*self.api_keys, *extra, *self.admin_keys)))
 
 
 def load_index_config(path: str | Path | None, **overrides: Any) -> IndexConfig | None:

@@ -97,7 +97,7 @@ def export_segments(dataset: str, run_dir: Path, out: Path, data_dir: str | None
 def build_item_index(parts: Any, location: Path) -> str:
     """Embed the catalogue with the item tower and publish a verified index version."""
     from indexing.base import IndexConfig
-    from indexing.build import build_version, item_payloads, open_store
+    from indexing.build import build_version, item_payloads, open_store, without_untrained
 
     store = open_store(IndexConfig(location=str(location)))
     try:
@@ -107,6 +107,7 @@ def build_item_index(parts: Any, location: Path) -> str:
             [m.embed_items(items[a : a + 4096]) for a in range(0, items.height, 4096)]
         )
         ids, payloads = item_payloads(items, m.model_version, parts.history.inter.item_counts())
+        ids, vecs, payloads, _ = without_untrained(ids, vecs, payloads)  # never-seen, no content
         manifest = build_version(
             store, ids, vecs, payloads, model_version=m.model_version, config_hash=m.config_hash
         )

@@ -81,6 +81,8 @@ class Recommender:
         metrics: Metrics | None = None,
         text_embedder: Callable[[list[str]], np.ndarray] | None = None,
         user_vectors: UserVectors | None = None,
+        complements: Any = None,  # towers.complements.ComplementModel (CompleteBasket)
+        product_search: Any = None,  # towers.product_search.ProductSearch (SearchProducts)
     ) -> None:
         # user tower + vector search (exact below the crossover), batched across requests
         self.retrieval = Retrieval(cfg, encoder, catalog)
@@ -98,6 +100,8 @@ class Recommender:
         self.metrics = metrics
         self.text_embedder = text_embedder
         self.user_vectors = user_vectors
+        self.complements = complements
+        self.product_search = product_search
         # items the index holds beyond the catalogue: metadata from their index payloads
         self.index_only = IndexOnlyItems()
         if index is not None:

@@ -60,7 +60,9 @@ class IndexMonitor:
 
     Every ``interval_s`` the live version is resolved and its published files' sizes are
     compared with the checksums (every ``full_every`` checks: full hashes).  A change of
-    state is logged once (ERROR when broken, INFO when back).
+    state is logged once (ERROR when broken, INFO when back).  A size-only check never
+    clears damage on its own (a file overwritten with bytes of the same size passes it):
+    the state goes back to ok only when the full checksums agree.
     """
 
     def __init__(
@@ -94,6 +96,9 @@ class IndexMonitor:
         full = self._n % self.full_every == 0
         self._n += 1
         problem, published = index_problem(index, full=full)
+        if not full and problem is None and published is None and self._last != (None, None):
+            # sizes match again: only the checksums can tell that the contents do too
+            problem, published = index_problem(index, full=True)
         if problem != self._last[0]:
             if problem is not None:
                 log.error(
@@ -108,6 +113,11 @@ class IndexMonitor:
                 "%s; this server keeps answering from its checked private copy, but a "
                 "restart will refuse the version: rebuild or roll back the index",
                 published,
+            )
+        if published is None and self._last[1] is not None and problem is None:
+            log.info(
+                "index version %s: the published files match their checksums again",
+                index_version(index),
             )
         self._last = (problem, published)
         self.handle.metrics.index_published_ok.set(0 if published else 1)

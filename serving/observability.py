@@ -6,12 +6,13 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import InfoMetricFamily
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 # Milliseconds-scale buckets, in seconds.
@@ -85,6 +86,15 @@ class Metrics:
             registry=r,
         )
         self.index_published_ok.set(1)
+        # calls refused before their handler ran, by a fixed reason (serving.server.REFUSALS)
+        self.refused = Counter(
+            "ecomrec_refused",
+            "Calls refused by the server's gate, by method and reason",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.inflight = _InflightCollector()
+        r.register(self.inflight)
         # label children by value: prometheus' labels() costs a lock and a key build per call
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -101,6 +111,16 @@ class Metrics:
         self._child(self.latency, method).observe(seconds)
         for stage, sec in stages.items():
             self._child(self.stage, stage).observe(sec)
+
+    def count(self, method: str, code: str) -> None:
+        """One more ``ecomrec_requests_total{method, code}`` (no latency: the call did no work)."""
+        self._child(self.requests, method, code).inc()
+
+    def record_refusal(self, method: str, code: str, reason: str) -> None:
+        """A call the gate refused: ``ecomrec_requests_total{code}`` and
+        ``ecomrec_refused_total{reason}``."""
+        self._child(self.requests, method, code).inc()
+        self._child(self.refused, method, reason).inc()
 
     def set_versions(self, model_version: str, index_version: str) -> None:
         """Versions for ``ecomrec_versions_info`` (the index's is read live once a source is set)."""
@@ -133,6 +153,48 @@ class _VersionsCollector(Collector):
             "Model and index versions being served",
             value={"model_version": self.model_version, "index_version": index_version},
         )
+
+
+class _InflightCollector(Collector):
+    """``ecomrec_inflight{budget}``: calls holding each of the gate's budgets, read at scrape
+    time (nothing is done per call)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, int]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "ecomrec_inflight", "Calls in flight per budget of the server's gate", labels=["budget"]
+        )
+        if self.source is not None:
+            for budget, n in sorted(self.source().items()):
+                g.add_metric([budget], n)
+        yield g
+
+
+class LogLimiter:
+    """At most one line per key every ``every_s`` seconds; the next line that gets through
+    says how many were left out (a flood of bad calls must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._state: dict[str, tuple[float, int]] = {}  # key -> (last logged, dropped since)
+
+    def log(self, level: int, key: str, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` unless ``key`` was logged less than ``every_s`` ago."""
+        now = time.monotonic()
+        with self._lock:
+            last, dropped = self._state.get(key, (-1e18, 0))
+            if now - last < self.every_s:
+                self._state[key] = (last, dropped + 1)
+                return False
+            self._state[key] = (now, 0)
+        if dropped:
+            msg += f" ({dropped} more like this in the last {now - last:.0f} s not logged)"
+        self.logger.log(level, msg, *args)
+        return True
 
 
 class JsonFormatter(logging.Formatter):

@@ -28,6 +28,14 @@ class CancelledError(EcomrecError):
     """The client cancelled the request."""
 
 
+class FailedPreconditionError(EcomrecError):
+    """The call cannot work in this deployment as configured (e.g. no event log)."""
+
+
+class PermissionDeniedError(EcomrecError):
+    """An authenticated caller may not use this call (e.g. an admin call without an admin key)."""
+
+
 class UnavailableError(EcomrecError):
     """A dependency is down and no fallback exists."""
 

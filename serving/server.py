@@ -2,9 +2,11 @@
 
 The server is grpcio's asyncio server (``grpc.aio``) on an event loop in its own thread
 (:class:`_LoopThread`), so :func:`start_server` and :class:`ServiceHandle` stay plain
-synchronous calls for the CLI, the demo and the tests.  Coroutine handlers (Recommend,
-health, reflection) run on the loop; plain handlers (the other ecomrec methods) run on
-a pool of ``ServeConfig.workers`` threads (grpc.aio's ``migration_thread_pool``).
+synchronous calls for the CLI, the demo and the tests.  Every handler is async (ecomrec
+methods, health, reflection) and runs on the loop; their blocking work runs on a pool of
+``ServeConfig.workers`` threads, the loop's default executor.  The gate
+(:class:`ApiKeyInterceptor`) keeps the call budgets: keyed calls, keyless health calls,
+RecommendBatch and reflection streams, each with its own limit.
 
 Health (``grpc.health.v1``) answers NOT_SERVING until :meth:`ServiceHandle.set_ready` is
 called with a loaded model and index, and while the index cannot be searched
@@ -15,6 +17,7 @@ method do (``x-api-key: KEY`` or ``authorization: Bearer KEY``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hmac
 import inspect
@@ -22,7 +25,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from ecomrec.errors import ConfigError
 from serving.config import ServeConfig
 from serving.index_health import NOT_ATTACHED, IndexMonitor, index_version
-from serving.observability import Metrics
+from serving.observability import LogLimiter, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -76,110 +79,137 @@ def _labels() -> dict[str, str]:
     return out
 
 
-def _kind(fn: Callable[..., Any]) -> str:
-    """How grpc.aio runs a handler: "gen"/"func" in the thread pool, "agen"/"coro" on the loop."""
-    if inspect.isasyncgenfunction(fn):
-        return "agen"
-    if inspect.iscoroutinefunction(fn):
-        return "coro"
-    return "gen" if inspect.isgeneratorfunction(fn) else "func"
+#: Why the gate refuses a call (``ecomrec_refused_total{reason}``): a fixed set.
+REFUSALS = (
+    "unauthenticated",
+    "rpc_limit",
+    "open_rpc_limit",
+    "batch_streams",
+    "reflection_streams",
+    "bad_protobuf",
+    "request_timeout",
+)
+#: ``ecomrec_requests_total{code}`` of a call that ended before its request message was read
+#: (client cancel or deadline, or a message over ``max_message_bytes``: gRPC refused it).
+NO_REQUEST = "NO_REQUEST"
+
+_BATCH_METHOD = f"/{SERVICE_NAME}/RecommendBatch"
+_REFLECTION_PREFIX = "/grpc.reflection."
+
+
+class _Budget:
+    """Calls in flight against a limit.  Touched on the event loop only (the gate and the
+    calls' done-callbacks), so a plain int needs no lock."""
+
+    __slots__ = ("limit", "n", "name")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.n = 0
+
+    def take(self) -> bool:
+        if self.n >= self.limit:
+            return False
+        self.n += 1
+        return True
+
+    def give(self) -> None:
+        self.n -= 1
+
+
+class _CallState:
+    """What the gate knows of one admitted call (a context variable of its task)."""
+
+    __slots__ = ("expired", "started")
+
+    def __init__(self, started: bool) -> None:
+        self.started = started  # the handler ran (the request message was read)
+        self.expired = False  # a keyless call that sent no request in time
+
+
+_CALL: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar(
+    "ecomrec_call", default=None
+)
 
 
 def _guarded(
-    fn: Callable[..., Any],
-    check: Callable[[Any, Any], tuple[grpc.StatusCode, str] | None],
-    release: Callable[[], None] | None = None,
+    fn: Callable[..., Any], check: Callable[[Any, Any], tuple[grpc.StatusCode, str] | None]
 ) -> Callable[..., Any]:
-    """``fn`` behind ``check(request, context)`` (a refusal aborts with its status) and with
-    ``release()`` once the call is over, in the form grpc.aio runs ``fn`` in: a coroutine
-    or async generator stays on the loop, a plain function or generator stays in the pool.
+    """``fn`` (a coroutine or async generator function: every handler here is async) behind
+    ``check(request, context)``; a refusal aborts with its status."""
+    if inspect.isasyncgenfunction(fn):
 
-    A plain function that returns an iterator must be a generator function here: grpc.aio
-    calls a non-generator streaming handler on the loop thread, where a blocking abort
-    would deadlock.
-    """
-    kind = _kind(fn)
-    done = release or (lambda: None)
-
-    if kind == "agen":
-
-        async def agen(request: Any, context: Any) -> AsyncIterator[Any]:
+        async def agen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             refused = check(request, context)
             if refused is not None:
                 await context.abort(*refused)
-            try:
-                async for item in fn(request, context):
-                    yield item
-            finally:
-                done()
+            async for item in fn(request, context):
+                yield item
 
         return agen
-    if kind == "coro":
+    if inspect.iscoroutinefunction(fn):
 
-        async def coro(request: Any, context: Any) -> Any:
+        async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
             refused = check(request, context)
             if refused is not None:
                 await context.abort(*refused)
-            try:
-                return await fn(request, context)
-            finally:
-                done()
+            return await fn(request, context)
 
         return coro
-    if kind == "gen":
-
-        def gen(request: Any, context: Any) -> Iterator[Any]:
-            refused = check(request, context)
-            if refused is not None:
-                context.abort(*refused)
-            try:
-                yield from fn(request, context)
-            finally:
-                done()
-
-        return gen
-
-    def func(request: Any, context: Any) -> Any:
-        refused = check(request, context)
-        if refused is not None:
-            context.abort(*refused)
-        try:
-            return fn(request, context)
-        finally:
-            done()
-
-    return func
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)}: every handler must be async (a coroutine or an "
+        "async generator); run blocking work with run_in_executor"
+    )
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """The server's gate, run before any handler (and before a request message is read).
+    """The server's gate, run in each call's task before its handler (and before a request
+    message is read).  It admits a call against budgets it counts itself, released by the
+    task's done-callback whatever ends the call (answer, abort, client cancel, deadline,
+    a request that never arrives):
 
-    - Calls without a valid API key are rejected with UNAUTHENTICATED by a handler that
-      does not wait for the request message.  Only health (``grpc.health.v1``) is open;
-      reflection needs a key.
-    - Long-lived streams (reflection, RecommendBatch) take one of ``max_streams`` slots
-      or get RESOURCE_EXHAUSTED: a blocking stream holds a worker thread, and streams can
-      never take every worker from unary calls.  Health ``Watch`` is not limited (a
-      coroutine on the loop, it holds no worker).
-    - A request that is not a valid protobuf message answers INVALID_ARGUMENT with one
-      warning line (gRPC's default is INTERNAL plus a traceback per call).
-    - Rejections are counted in ``ecomrec_requests_total`` under a fixed label set.
+    - Without a valid API key only health (``grpc.health.v1``) is open; anything else is
+      UNAUTHENTICATED at once.  Reflection needs a key.
+    - Keyless health calls share ``max_open_rpcs``; every other call shares
+      ``max_concurrent_rpcs``: callers without a key can never take a keyed caller's
+      place.  A keyless call must send its request within ``open_request_timeout_s``.
+    - RecommendBatch streams take one of ``max_streams`` slots, reflection streams one of
+      ``max_reflection_streams`` (separate: idle reflection never blocks batches).
+    - A request that is not a valid protobuf message answers INVALID_ARGUMENT (gRPC's
+      default is INTERNAL plus a traceback per call), logged at most every 10 s.
+    - Refusals are counted in ``ecomrec_requests_total`` and ``ecomrec_refused_total``
+      under fixed label sets.
     """
 
     def __init__(
-        self, keys: Sequence[str], metrics: Metrics | None = None, max_streams: int = 2
+        self,
+        keys: Sequence[str],
+        metrics: Metrics | None = None,
+        max_streams: int = 2,
+        *,
+        max_concurrent_rpcs: int = 256,
+        max_open_rpcs: int = 32,
+        max_reflection_streams: int = 2,
+        open_request_timeout_s: float = 5.0,
     ) -> None:
         self._keys = [k.encode() for k in keys]
         self._metrics = metrics
         self.max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
-
-        async def deny(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            # request-streaming on purpose: returns without reading a message
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
-
-        self._deny = grpc.stream_unary_rpc_method_handler(deny)
+        self.open_request_timeout_s = open_request_timeout_s
+        self.rpcs = _Budget("rpcs", max_concurrent_rpcs)
+        self.open = _Budget("open", max_open_rpcs)
+        self.batches = _Budget("batch_streams", max_streams)
+        self.reflection = _Budget("reflection_streams", max_reflection_streams)
+        self._refusals: dict[tuple[grpc.StatusCode, str], Any] = {}
         self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (handler, its wrapper)
+        self._bad_log = LogLimiter(log, 10.0)
+        if metrics is not None:
+            metrics.inflight.source = self.inflight
+
+    def inflight(self) -> dict[str, int]:
+        """Calls holding each budget now (``ecomrec_inflight``)."""
+        return {b.name: b.n for b in (self.rpcs, self.open, self.batches, self.reflection)}
 
     def _ok(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         for k, v in metadata or ():
@@ -194,9 +224,20 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 return True
         return False
 
-    def _count(self, label: str, code: grpc.StatusCode) -> None:
+    def _refuse(self, label: str, code: grpc.StatusCode, reason: str, message: str) -> Any:
+        """A handler that answers ``code`` without reading the request (counted here)."""
         if self._metrics is not None:
-            self._metrics.requests.labels(label, code.name).inc()
+            self._metrics.record_refusal(label, code.name, reason)
+        handler = self._refusals.get((code, message))
+        if handler is None:
+
+            async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                # request-streaming on purpose: returns without reading a message
+                await context.abort(code, message)
+
+            handler = grpc.stream_unary_rpc_method_handler(refuse)
+            self._refusals[(code, message)] = handler
+        return handler
 
     async def intercept_service(
         self,
@@ -205,48 +246,117 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     ) -> Any:
         method = details.method or ""
         label = method_label(method)
-        if (
-            self._keys
-            and not method.startswith(_OPEN_PREFIX)
-            and not self._ok(details.invocation_metadata)
-        ):
-            self._count(label, grpc.StatusCode.UNAUTHENTICATED)
-            return self._deny
-        handler = await continuation(details)
+        is_open = method.startswith(_OPEN_PREFIX)
+        keyed = bool(self._keys) and self._ok(details.invocation_metadata)
+        if self._keys and not keyed and not is_open:
+            return self._refuse(
+                label,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unauthenticated",
+                "missing or invalid API key",
+            )
+        if is_open and not keyed:
+            budget, reason = self.open, "open_rpc_limit"
+            message = (
+                f"too many calls without an API key in flight (at most {self.open.limit}); "
+                "retry later or send the API key"
+            )
+        else:
+            budget, reason = self.rpcs, "rpc_limit"
+            message = f"too many calls in flight (at most {self.rpcs.limit}); retry later"
+        if not budget.take():
+            return self._refuse(label, grpc.StatusCode.RESOURCE_EXHAUSTED, reason, message)
+        stream = None
+        if method == _BATCH_METHOD:
+            stream, what = self.batches, "RecommendBatch"
+        elif method.startswith(_REFLECTION_PREFIX):
+            stream, what = self.reflection, "reflection"
+        if stream is not None and not stream.take():
+            budget.give()
+            return self._refuse(
+                label,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{stream.name}",
+                f"too many open {what} streams (at most {stream.limit}); close one or retry later",
+            )
+        try:
+            handler = await continuation(details)
+        except BaseException:
+            budget.give()
+            if stream is not None:
+                stream.give()
+            raise
+        state = _CallState(started=handler is None or handler.request_streaming)
+        _CALL.set(state)
+        task = asyncio.current_task()
+        assert task is not None  # grpc.aio runs every call in its own task
+        timer = None
+        if is_open and not keyed and not state.started:
+            timer = asyncio.get_running_loop().call_later(
+                self.open_request_timeout_s, self._expire, task, state
+            )
+
+        def done(_: Any) -> None:
+            budget.give()
+            if stream is not None:
+                stream.give()
+            if timer is not None:
+                timer.cancel()
+            if self._metrics is not None and not state.started:
+                if state.expired:
+                    self._metrics.record_refusal(
+                        label, grpc.StatusCode.CANCELLED.name, "request_timeout"
+                    )
+                else:
+                    self._metrics.count(label, NO_REQUEST)
+
+        task.add_done_callback(done)
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]  # the same registered handler: its wrapper is built once
-        wrapped = self._wrap(handler, method, label)
+        wrapped = self._wrap(handler, label)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: Any, method: str, label: str) -> Any:
-        behavior = handler.unary_unary or handler.unary_stream
-        if behavior is not None and handler.request_deserializer is not None:
-            handler = self._safe_decode(handler, label)
-        if (handler.request_streaming or handler.response_streaming) and not method.startswith(
-            _OPEN_PREFIX
-        ):
-            handler = self._limit_stream(handler, label)
-        return handler
+    @staticmethod
+    def _expire(task: asyncio.Task[Any], state: _CallState) -> None:
+        if not state.started:
+            state.expired = True
+            task.cancel()
 
-    def _safe_decode(self, handler: Any, label: str) -> Any:
+    def _wrap(self, handler: Any, label: str) -> Any:
+        """Unary-request handlers: undecodable bytes answer INVALID_ARGUMENT, and the call
+        is marked started once its request was read."""
+        if handler.request_streaming:
+            return handler
         decode = handler.request_deserializer
         inner = handler.unary_unary or handler.unary_stream
 
         def safe(data: bytes) -> Any:
             try:
-                return decode(data)
+                return decode(data) if decode is not None else data
             except Exception as e:  # DecodeError and friends
                 return _Undecodable(e)
 
         def check(request: Any, context: Any) -> tuple[grpc.StatusCode, str] | None:
+            state = _CALL.get()
+            if state is not None:
+                state.started = True
             if not isinstance(request, _Undecodable):
                 return None
-            log.warning("%s: request is not a valid protobuf message (%s)", label, request.error)
-            self._count(label, grpc.StatusCode.INVALID_ARGUMENT)
+            self._bad_log.log(
+                logging.WARNING,
+                label,
+                "%s: request is not a valid protobuf message (%s)",
+                label,
+                request.error,
+            )
+            if self._metrics is not None:
+                self._metrics.record_refusal(
+                    label, grpc.StatusCode.INVALID_ARGUMENT.name, "bad_protobuf"
+                )
             return grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message"
 
         make = (
@@ -256,40 +366,6 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         )
         return make(_guarded(inner, check), safe, handler.response_serializer)
 
-    def _limit_stream(self, handler: Any, label: str) -> Any:
-        slots = self._streams
-        limit = self.max_streams
-
-        def acquire(request: Any, context: Any) -> tuple[grpc.StatusCode, str] | None:
-            if slots is not None and slots.acquire(blocking=False):
-                return None
-            self._count(label, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            return (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many open streams (at most {limit}); close one or retry later",
-            )
-
-        def release() -> None:
-            assert slots is not None
-            slots.release()
-
-        inner = (
-            handler.unary_unary
-            or handler.unary_stream
-            or handler.stream_unary
-            or handler.stream_stream
-        )
-        make = {
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return make(
-            _guarded(inner, acquire, release),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-
 
 class _HealthServicer(health_aio.HealthServicer):
     """grpc_health's asyncio health servicer with ``Watch`` mended.
@@ -297,12 +373,22 @@ class _HealthServicer(health_aio.HealthServicer):
     Upstream (grpcio-health-checking 1.x) drops a service's shared condition as soon as ANY
     of its watchers ends, so every other open Watch of that service never hears of a later
     change (a load balancer would miss NOT_SERVING at shutdown).  Here the condition lives
-    while a watcher still uses it (tests/serving/test_hardening.py).
+    while a watcher still uses it (tests/serving/test_hardening.py).  :meth:`end_watches`
+    ends every open Watch (after it sent the latest status) so a graceful stop does not
+    wait ``grace_s`` for them.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._watching: dict[str, int] = {}
+        self._ending = False
+
+    async def end_watches(self) -> None:
+        """Close every open Watch stream once it has sent the current status (shutdown)."""
+        self._ending = True
+        for condition in list(self._server_watchers.values()):
+            async with condition:
+                condition.notify_all()
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         service = request.service
@@ -318,6 +404,8 @@ class _HealthServicer(health_aio.HealthServicer):
                     if status != last:  # only the latest status matters to a watcher
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
+                    if self._ending:
+                        return
                     await condition.wait()
         finally:
             left = self._watching[service] - 1
@@ -382,6 +470,11 @@ class ServiceHandle:
     _monitor: IndexMonitor | None = None
     _loop: _LoopThread | None = None
     _pool: futures.ThreadPoolExecutor | None = None
+    _on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the server has stopped (the servicer's ``close``: event log)."""
+        self._on_stop.append(fn)
 
     @property
     def target(self) -> str:
@@ -437,12 +530,20 @@ class ServiceHandle:
             log.info("NOT_SERVING; still answering for %.1f s before closing the port", delay_s)
             time.sleep(delay_s)
         try:
+            # watchers have heard NOT_SERVING: end their streams so they do not hold the
+            # stop for the whole grace period
+            self._on_loop(self.health.end_watches())
             self._on_loop(self.server.stop(grace_s), grace_s + 5)
         finally:
             if self._loop is not None:
                 self._loop.stop()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
+        for fn in self._on_stop:
+            try:
+                fn()
+            except Exception:
+                log.exception("closing %s at stop failed", fn)
         if self._metrics_server is not None:
             srv, thread = self._metrics_server
             srv.shutdown()
@@ -478,10 +579,32 @@ def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
         return None
     key = _read(cfg.tls_key, "tls_key")
     cert = _read(cfg.tls_cert, "tls_cert")
+    _check_tls_pair(cfg.tls_cert, cfg.tls_key)
     try:
         return grpc.ssl_server_credentials([(key, cert)])
     except Exception as e:
         raise ConfigError(f"ServeConfig.tls_cert/tls_key: not a usable PEM pair: {e}") from e
+
+
+def _check_tls_pair(cert: str, key: str) -> None:
+    """Refuse a key that does not belong to the certificate, or files that are not PEM
+    (gRPC would only fail at bind time, as if the port were taken)."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # password=b"": an encrypted key fails here instead of prompting on a terminal
+        ctx.load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e):
+            raise ConfigError(
+                f"ServeConfig.tls_key: the private key in {key} does not belong to the "
+                f"certificate in {cert}"
+            ) from e
+        raise ConfigError(
+            f"ServeConfig.tls_cert/tls_key: {cert} + {key} is not a usable unencrypted PEM "
+            f"certificate and key ({e.reason or e})"
+        ) from e
 
 
 def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None) -> ServiceHandle:
@@ -504,19 +627,27 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
         ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
     ]
     addr = f"{cfg.host}:{cfg.port}"
-    # plain (non-coroutine) handlers and Recommend's "threads" path run on this pool
+    # every handler is async; their blocking work (run_in_executor / asyncio.to_thread)
+    # runs on this pool, the loop's default executor
     pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ecomrec-rpc")
     loop = _LoopThread()
     loop.loop.set_default_executor(pool)
     hs = _HealthServicer()
 
+    gate = ApiKeyInterceptor(
+        keys,
+        metrics,
+        cfg.max_streams,
+        max_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        max_open_rpcs=cfg.max_open_rpcs,
+        max_reflection_streams=cfg.max_reflection_streams,
+        open_request_timeout_s=cfg.open_request_timeout_s,
+    )
+
     async def make() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(
-            migration_thread_pool=pool,
-            interceptors=[ApiKeyInterceptor(keys, metrics, cfg.max_streams)],
-            options=options,
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        )
+        # no maximum_concurrent_rpcs: grpc.aio's limit counts keyless calls too (256 open
+        # health Watch streams would refuse every keyed call); the gate keeps the budgets
+        server = grpc.aio.server(interceptors=[gate], options=options)
         await _set_health(hs, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
         names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -555,6 +686,9 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
         _pool=pool,
     )
     handle.set_ready(False)
+    close = getattr(servicer, "close", None)
+    if close is not None:
+        handle.on_stop(close)
     metrics.set_index_source(lambda: index_version(_engine_index(servicer)))
     if cfg.metrics_port >= 0:
         from prometheus_client import start_http_server
@@ -595,7 +729,12 @@ def install_signal_handlers(
     handle: ServiceHandle, grace_s: float, delay_s: float = 0.0
 ) -> threading.Event:
     """SIGTERM/SIGINT -> health NOT_SERVING, answer for ``delay_s`` more, then close the
-    port and drain in-flight calls for ``grace_s``; returns an event set when stopped."""
+    port and drain in-flight calls for ``grace_s``; returns an event set when stopped.
+
+    SIGHUP (a terminal closing, ``kill -HUP`` by habit) is logged and ignored: it must never
+    kill a server.  ``--follow-refresh`` replaces it with a reload
+    (:meth:`serving.reload.EngineReloader.install_sighup`).
+    """
     done = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -605,6 +744,11 @@ def install_signal_handlers(
         handle.stop(grace_s, delay_s)
         done.set()
 
+    def on_hangup(signum: int, frame: Any) -> None:
+        log.info("SIGHUP ignored: nothing to reload (serve --follow-refresh reloads on SIGHUP)")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hangup)
     return done

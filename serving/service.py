@@ -4,31 +4,56 @@
 (:mod:`serving.engine`), runs the request under its deadline, records metrics and the
 access log, and maps errors to status codes through :func:`serving.status.status_for`.
 Stack traces are logged, never sent.
+
+Every handler is async, in one style: a unary method is an ``async def`` body behind
+:func:`_rpc` (call bookkeeping, metrics, access log, error -> status), RecommendBatch an
+async generator.  They run on the server's event loop; blocking work (index searches,
+FindAudience, Recommend on the "threads" path, RecommendBatch's chunks) goes to the
+worker pool (:meth:`RecommendServicer._blocking`), so a client that cancels a call never
+strands a worker or a stream slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from ecomrec.errors import InvalidArgumentError
+from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
 from serving import validation as val
 from serving.config import ServeConfig
+from serving.encoders import EncoderUnavailableError
 from serving.engine import Recommender
-from serving.observability import Metrics, pseudonymise
-from serving.requests import RequestContext, ResultItem, UnavailableError
+from serving.events import EventIntake
+from serving.observability import LogLimiter, Metrics, pseudonymise
+from serving.requests import (
+    CancelledError,
+    FailedPreconditionError,
+    PermissionDeniedError,
+    RecommendResult,
+    RequestContext,
+    ResultItem,
+    UnavailableError,
+)
 from serving.status import status_for
+
+if TYPE_CHECKING:
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb2
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ecomrec.serving.access")
+_unavailable_log = LogLimiter(log, 10.0)
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_T = TypeVar("_T")
 
 
 def _pb() -> Any:
@@ -45,49 +70,76 @@ def _servicer_base() -> type:
     return recommend_pb2_grpc.RecommendServiceServicer  # type: ignore[no-any-return]
 
 
-def _activity(context: Any) -> Callable[[], bool]:
-    """``is_active`` of a call, for either context grpc.aio gives a handler."""
-    done = getattr(context, "done", None)  # coroutine handler
-    if done is not None:
-        return lambda: not done()
-    over = threading.Event()  # plain handler on a worker thread: no done()
-    context.add_callback(over.set)
-    return lambda: not over.is_set()
+def _activity(context: grpc.aio.ServicerContext) -> Callable[[], bool]:
+    """``is_active`` of a call (read from worker threads too: a plain flag read)."""
+    done = context.done
+    return lambda: not done()
 
 
 class _Call:
-    """One unary call's bookkeeping: start time, request id, engine context."""
+    """One call's bookkeeping: start time, request id, engine context."""
 
-    __slots__ = ("ctx", "rid", "t0")
+    __slots__ = ("context", "ctx", "rid", "t0")
 
-    def __init__(self, request: Any, context: Any, default_deadline_s: float) -> None:
+    def __init__(
+        self, request: Any, context: grpc.aio.ServicerContext, default_deadline_s: float
+    ) -> None:
         self.t0 = time.perf_counter()
+        self.context = context
         self.rid: str = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
         remaining = context.time_remaining()
         timeout = default_deadline_s if remaining is None else min(remaining, 3600.0)
         self.ctx = RequestContext.with_timeout(timeout, _activity(context))
 
 
-def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a servicer method: request context, metrics, access log and error mapping."""
+def _rpc(
+    method: str,
+) -> Callable[
+    [Callable[[Any, _Req, _Call], Awaitable[_Resp]]],
+    Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]],
+]:
+    """Wrap a servicer body ``async (self, request, call) -> response``: request context,
+    metrics, access log, error mapping, and a client's cancel counted as CANCELLED."""
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(
+        fn: Callable[[Any, _Req, _Call], Awaitable[_Resp]],
+    ) -> Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]:
         @functools.wraps(fn)
-        def wrapper(self: RecommendServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        async def wrapper(
+            self: RecommendServicer, request: _Req, context: grpc.aio.ServicerContext
+        ) -> _Resp:
             call = _Call(request, context, self.cfg.default_deadline_s)
-            response = error = None
+            response: Any = None
+            error: Exception | None = None
             try:
-                response = fn(self, request, context, call.ctx, call.rid)
+                response = await fn(self, request, call)
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+                self._done(method, call, request, context, None, _cancelled())
+                raise
             except Exception as e:
                 error = e
             code, detail = self._done(method, call, request, context, response, error)
             if code != grpc.StatusCode.OK:
-                context.abort(code, detail)
-            return response
+                await context.abort(code, detail)
+            return response  # type: ignore[no-any-return]
 
         return wrapper
 
     return deco
+
+
+def _cancelled() -> CancelledError:
+    return CancelledError("cancelled by the client (or its deadline passed)")
+
+
+def _take(results: Iterator[_T], n: int) -> list[_T]:
+    """Up to ``n`` next items of ``results`` (one worker-pool hop per chunk, not per item)."""
+    out = []
+    for r in results:
+        out.append(r)
+        if len(out) == n:
+            break
+    return out
 
 
 def _filters_pb(pb: Any, items: Sequence[ResultItem]) -> list[Any]:
@@ -113,6 +165,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         engine: Recommender | None,
         cfg: ServeConfig | None = None,
         metrics: Metrics | None = None,
+        events: EventIntake | None = None,
     ) -> None:
         if engine is None and cfg is None:
             raise ValueError("give an engine or a config")
@@ -120,6 +173,26 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self.cfg: ServeConfig = engine.cfg if engine is not None else cfg  # type: ignore[assignment]
         self.metrics = metrics or (engine.metrics if engine is not None else None)
         self.pb = _pb()
+        if events is None and self.cfg.event_log:
+            events = EventIntake.open(
+                self.cfg.event_log, self.cfg.event_log_since, self.cfg.max_track_events
+            )
+        self.events = events  # TrackEvents and live history (None: no event log)
+        self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
+
+    def _live(self, q: val.RecommendQuery) -> val.RecommendQuery:
+        """``q`` with the customer's acknowledged live events (TrackEvents) merged in; a
+        customer forgotten since start is served as a stranger (live events after it only)."""
+        if q.user is not None and q.user_external in self.forgotten:
+            q = dataclasses.replace(q, user=None)
+        if self.events is None:
+            return q
+        return self.events.with_live(q, self.engine.items)
+
+    def close(self) -> None:
+        """Release what the servicer owns (the event log); called when the server stops."""
+        if self.events is not None:
+            self.events.close()
 
     @property
     def engine(self) -> Recommender:
@@ -134,12 +207,16 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             engine.metrics = self.metrics
         self._engine = engine
 
+    async def _blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on the worker pool (the loop's default executor)."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
     def _done(
         self,
         method: str,
         call: _Call,
         request: Any,
-        context: Any,
+        context: grpc.aio.ServicerContext,
         response: Any,
         error: Exception | None,
     ) -> tuple[grpc.StatusCode, str]:
@@ -151,11 +228,21 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             if code == grpc.StatusCode.INTERNAL:
                 log.error("request %s: unexpected error in %s", call.rid, method, exc_info=error)
                 detail = f"internal error (request {call.rid})"
+            elif isinstance(error, IndexUnavailableError | EncoderUnavailableError):
+                # the client gets a fixed message; the cause (it may name files) is logged
+                _unavailable_log.log(
+                    logging.WARNING,
+                    method,
+                    "request %s: %s unavailable: %s",
+                    call.rid,
+                    method,
+                    error,
+                )
         elapsed = time.perf_counter() - call.t0
         stages = call.ctx.stages
         if self.metrics is not None:
             self.metrics.record_call(method, code.name, elapsed, stages)
-        if stages:
+        if stages and code != grpc.StatusCode.CANCELLED:
             context.set_trailing_metadata(
                 (("ecomrec-stages", ",".join(f"{k}={v * 1e3:.3f}" for k, v in stages.items())),)
             )
@@ -179,29 +266,20 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             )
         return code, detail
 
-    async def Recommend(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Recommend: on the event loop (``ServeConfig.recommend_path``), or on a worker
-        thread where concurrent requests' encode and search are batched."""
-        call = _Call(request, context, self.cfg.default_deadline_s)
-        response = error = None
-        try:
-            engine = self.engine  # one engine per request (a reload may swap it meanwhile)
-            q = val.validate_recommend(request, self.cfg, engine.users, engine.items)
-            if self.cfg.recommend_on_loop:
-                res = engine.recommend(q, call.ctx)
-            else:
-                loop = asyncio.get_running_loop()
-                res = await loop.run_in_executor(None, engine.recommend, q, call.ctx)
-            response = self._recommend_response(call.rid, res)
-        except Exception as e:
-            error = e
-        code, detail = self._done("Recommend", call, request, context, response, error)
-        if code != grpc.StatusCode.OK:
-            await context.abort(code, detail)
-        return response
+    @_rpc("Recommend")
+    async def Recommend(self, request: pb2.RecommendRequest, call: _Call) -> pb2.RecommendResponse:
+        """On the event loop (``ServeConfig.recommend_path``), or on a worker thread where
+        concurrent requests' encode and search are batched."""
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = self._live(val.validate_recommend(request, self.cfg, engine.users, engine.items))
+        if self.cfg.recommend_on_loop:
+            res = engine.recommend(q, call.ctx)
+        else:
+            res = await self._blocking(engine.recommend, q, call.ctx)
+        return self._recommend_response(call.rid, res)
 
-    def _recommend_response(self, rid: str, res: Any) -> Any:
-        return self.pb.RecommendResponse(
+    def _recommend_response(self, rid: str, res: RecommendResult) -> pb2.RecommendResponse:
+        return self.pb.RecommendResponse(  # type: ignore[no-any-return]
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
             segment=res.segment,
@@ -211,13 +289,52 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             degraded_reasons=list(res.degraded_reasons),
         )
 
-    def RecommendBatch(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Stream one RecommendBatchItem per request, in order (server streaming)."""
-        t0 = time.perf_counter()
-        remaining = context.time_remaining()
-        timeout = self.cfg.default_deadline_s if remaining is None else min(remaining, 3600.0)
-        ctx = RequestContext.with_timeout(timeout, _activity(context))
+    def _batch_item(
+        self, i: int, r: pb2.RecommendRequest, res: RecommendResult | BaseException
+    ) -> pb2.RecommendBatchItem:
+        """One streamed item: the answer, or this request's own error."""
         pb = self.pb
+        if isinstance(res, BaseException):
+            c, detail = status_for(res)
+            if c == grpc.StatusCode.INTERNAL:
+                log.error("RecommendBatch item %d: unexpected error", i, exc_info=res)
+                detail = f"internal error (request {r.request_id or i})"
+            if c in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                raise res  # the whole call is over
+            return pb.RecommendBatchItem(  # type: ignore[no-any-return]
+                index=i, error_code=c.value[0], error_message=detail
+            )
+        rid = r.request_id or uuid.uuid4().hex[:16]
+        return pb.RecommendBatchItem(  # type: ignore[no-any-return]
+            index=i, response=self._recommend_response(rid, res)
+        )
+
+    def _batch_results(
+        self, request: pb2.RecommendBatchRequest, ctx: RequestContext
+    ) -> Iterator[RecommendResult | BaseException]:
+        """Every request's answer or error, in order (runs on the worker pool, in chunks)."""
+        engine = self.engine
+        queries: list[val.RecommendQuery] = []
+        failed: dict[int, Exception] = {}
+        for i, r in enumerate(request.requests):
+            try:
+                queries.append(
+                    self._live(val.validate_recommend(r, self.cfg, engine.users, engine.items))
+                )
+            except Exception as e:
+                failed[i] = e
+        results = iter(engine.recommend_many(queries, ctx))
+        for i in range(len(request.requests)):
+            bad = failed.get(i)
+            yield bad if bad is not None else next(results)
+
+    async def RecommendBatch(
+        self, request: pb2.RecommendBatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb2.RecommendBatchItem]:
+        """Stream one RecommendBatchItem per request, in order (server streaming).  The
+        engine works in chunks on the worker pool; a client's cancel ends the stream at the
+        next chunk (counted as CANCELLED) and frees its slot at once."""
+        call = _Call(request, context, self.cfg.default_deadline_s)
         code = grpc.StatusCode.OK
         n = len(request.requests)
         try:
@@ -225,50 +342,41 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                 raise InvalidArgumentError(
                     "requests", f"give 1..{self.cfg.max_batch_requests} requests, got {n}"
                 )
-            engine = self.engine
-            queries: list[Any] = []
-            failed: dict[int, Exception] = {}
-            for i, r in enumerate(request.requests):
-                try:
-                    queries.append(val.validate_recommend(r, self.cfg, engine.users, engine.items))
-                except Exception as e:
-                    failed[i] = e
-            results = iter(engine.recommend_many(queries, ctx))
-            for i, r in enumerate(request.requests):
-                res: Any = failed.get(i)
-                if res is None:
-                    res = next(results)
-                if isinstance(res, BaseException):
-                    c, detail = status_for(res)
-                    if c == grpc.StatusCode.INTERNAL:
-                        log.error("RecommendBatch item %d: unexpected error", i, exc_info=res)
-                        detail = f"internal error (request {r.request_id or i})"
-                    if c in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                        raise res  # the whole call is over
-                    yield pb.RecommendBatchItem(
-                        index=i, error_code=c.value[0], error_message=detail
-                    )
-                    continue
-                rid = r.request_id or uuid.uuid4().hex[:16]
-                yield pb.RecommendBatchItem(index=i, response=self._recommend_response(rid, res))
+            results = self._batch_results(request, call.ctx)
+            i = 0
+            while i < n:
+                chunk = await self._blocking(_take, results, 64)
+                if not chunk:
+                    break
+                for res in chunk:
+                    yield self._batch_item(i, request.requests[i], res)
+                    i += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client cancelled or its deadline passed: grpc.aio cancels the task or
+            # closes this generator at its next yield
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as e:
             code, detail = status_for(e)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("RecommendBatch: unexpected error")
                 detail = "internal error (RecommendBatch)"
-            context.abort(code, detail)
+            await context.abort(code, detail)
         finally:
             if self.metrics is not None:
-                self.metrics.requests.labels("RecommendBatch", code.name).inc()
-                self.metrics.latency.labels("RecommendBatch").observe(time.perf_counter() - t0)
+                self.metrics.record_call(
+                    "RecommendBatch", code.name, time.perf_counter() - call.t0, {}
+                )
 
     @_rpc("SimilarItems")
-    def SimilarItems(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+    async def SimilarItems(
+        self, request: pb2.SimilarItemsRequest, call: _Call
+    ) -> pb2.SimilarItemsResponse:
         engine = self.engine  # one engine per request (a reload may swap it meanwhile)
         q = val.validate_similar(request, self.cfg, engine.items)
-        res = engine.similar(q, ctx)
-        return self.pb.SimilarItemsResponse(
-            request_id=rid,
+        res = await self._blocking(engine.similar, q, call.ctx)  # an index search
+        return self.pb.SimilarItemsResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
             model_version=res.model_version,
             index_version=res.index_version,
@@ -277,8 +385,27 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
 
     @_rpc("GetUserProfile")
-    def GetUserProfile(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+    async def GetUserProfile(
+        self, request: pb2.GetUserProfileRequest, call: _Call
+    ) -> pb2.UserProfile:
+        engine = self.engine  # in-memory lookups: on the loop
+        if request.user_id in self.forgotten:
+            raise NotFoundError(f"user_id: unknown user {request.user_id[:40]!r}")
+        live = 0
+        if self.events is not None:
+            val._check_id("user_id", request.user_id, self.cfg, required=True)
+            live = self.events.live.count(request.user_id)
+        if live and engine.users.get(request.user_id) is None:
+            # known only from live events: no segments or scores yet (next refresh)
+            return self.pb.UserProfile(  # type: ignore[no-any-return]
+                user_id=request.user_id,
+                churn_probability=-1.0,
+                high_value_probability=-1.0,
+                recency_days=-1.0,
+                frequency=-1,
+                monetary=-1.0,
+                n_events=live,
+            )
         user = val.validate_user_id(request.user_id, self.cfg, engine.users)
         p = engine.profile(user)
         s = p.segments
@@ -286,7 +413,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         def num(v: float | None) -> float:
             return -1.0 if v is None else float(v)
 
-        return self.pb.UserProfile(
+        return self.pb.UserProfile(  # type: ignore[no-any-return]
             user_id=p.user_id,
             rfm_segment=s.rfm or "",
             behavioural_segment=s.behavioural or "",
@@ -295,13 +422,16 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             recency_days=num(s.recency_days),
             frequency=-1 if s.frequency is None else s.frequency,
             monetary=num(s.monetary),
-            n_events=p.n_events,
+            n_events=p.n_events + live,
         )
 
     @_rpc("ListSegments")
-    def ListSegments(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
-        segs = self.engine.list_segments(request.kind)
-        return self.pb.ListSegmentsResponse(
+    async def ListSegments(
+        self, request: pb2.ListSegmentsRequest, call: _Call
+    ) -> pb2.ListSegmentsResponse:
+        kind = val.check_segment_kind(request.kind)
+        segs = self.engine.list_segments(kind)  # in memory: on the loop
+        return self.pb.ListSegmentsResponse(  # type: ignore[no-any-return]
             segments=[
                 self.pb.SegmentSummary(
                     segment_id=s.segment_id, name=s.name, kind=s.kind, size=s.size
@@ -311,11 +441,11 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
 
     @_rpc("GetSegment")
-    def GetSegment(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+    async def GetSegment(self, request: pb2.GetSegmentRequest, call: _Call) -> pb2.Segment:
         val._check_id("segment_id", request.segment_id, self.cfg, required=True)
-        s = self.engine.get_segment(request.segment_id)
+        s = self.engine.get_segment(request.segment_id)  # in memory: on the loop
         centroid = [] if s.centroid is None or not request.include_centroid else s.centroid.tolist()
-        return self.pb.Segment(
+        return self.pb.Segment(  # type: ignore[no-any-return]
             segment_id=s.segment_id,
             name=s.name,
             kind=s.kind,
@@ -326,15 +456,114 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
 
     @_rpc("FindAudience")
-    def FindAudience(self, request: Any, context: Any, ctx: RequestContext, rid: str) -> Any:
+    async def FindAudience(
+        self, request: pb2.FindAudienceRequest, call: _Call
+    ) -> pb2.FindAudienceResponse:
         engine = self.engine  # one engine per request (a reload may swap it meanwhile)
-        q = val.validate_audience(request, self.cfg, engine.items)
-        res = engine.find_audience(q, ctx)
-        return self.pb.FindAudienceResponse(
-            request_id=rid,
+        q = val.validate_audience(request, self.cfg, engine.items)  # sizes before any work
+        res = await self._blocking(engine.find_audience, q, call.ctx)
+        return self.pb.FindAudienceResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
             members=[
-                self.pb.AudienceMember(user_id=u, score=s, segment=g) for u, s, g in res.members
+                self.pb.AudienceMember(user_id=u, score=s, segment=g)
+                for u, s, g in res.members
+                if u not in self.forgotten
             ],
             model_version=engine.model_version,
             degraded=res.degraded,
+        )
+
+    @_rpc("TrackEvents")
+    async def TrackEvents(
+        self, request: pb2.TrackEventsRequest, call: _Call
+    ) -> pb2.TrackEventsResponse:
+        """Validate, append durably (on a worker: the commit waits for the disk), answer."""
+        if self.events is None:
+            raise FailedPreconditionError(
+                "this service has no event log (set event_log in the serve config)"
+            )
+        res = await self._blocking(self.events.track, request)
+        return self.pb.TrackEventsResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
+            accepted=res.accepted,
+            errors=[
+                self.pb.EventError(index=e.index, field=e.field, message=e.message)
+                for e in res.problems
+            ],
+            first_position=res.ack.first_seq,
+            last_position=res.ack.last_seq,
+            replayed=res.ack.replayed,
+        )
+
+    @_rpc("ForgetCustomer")
+    async def ForgetCustomer(
+        self, request: pb2.ForgetCustomerRequest, call: _Call
+    ) -> pb2.ForgetCustomerResponse:
+        """Admin: forget a customer in the log, the service's memory and (configured) the
+        dataset folder and derived files."""
+        md = dict(call.context.invocation_metadata() or ())
+        key = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
+        if not self.cfg.admin_keys or key not in self.cfg.admin_keys:
+            raise PermissionDeniedError("ForgetCustomer needs an admin key (serve admin_keys)")
+        customer = val._check_id("customer_id", request.customer_id, self.cfg, required=True)
+        receipt, complete = await self._blocking(self._forget, customer)
+        return self.pb.ForgetCustomerResponse(  # type: ignore[no-any-return]
+            request_id=call.rid, receipt=receipt, complete=complete
+        )
+
+    def _forget(self, customer: str) -> tuple[list[str], bool]:
+        self.forgotten.add(customer)
+        lines = ["forgotten in this service's memory (history, profile, audiences)"]
+        if self.events is not None:
+            self.events.live.forget(customer)
+        if self.cfg.forget_dataset:
+            from intake.forget import forget_customer
+
+            r = forget_customer(
+                customer,
+                self.cfg.forget_dataset,
+                event_log=self.events.log if self.events is not None else None,
+                artifacts=self.cfg.forget_artifacts,
+                keys=(self.cfg.pseudonym_salt,),
+            )
+            return lines + r.lines(), not r.leftover
+        if self.events is not None:
+            n = self.events.log.forget(customer)
+            lines.append(f"removed {n:>8,}  events in the live log")
+        lines.append("note: no forget_dataset configured: run `ecomrec customers forget` on it")
+        return lines, True
+
+    @_rpc("CompleteBasket")
+    async def CompleteBasket(
+        self, request: pb2.CompleteBasketRequest, call: _Call
+    ) -> pb2.CompleteBasketResponse:
+        from serving.complete import complete_basket, validate_basket
+
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = validate_basket(request, self.cfg, engine.users, engine.items)
+        res = await self._blocking(complete_basket, engine, q, call.ctx)
+        return self.pb.CompleteBasketResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
+            items=_filters_pb(self.pb, res.items),
+            model_version=res.model_version,
+            unknown_item_ids=list(res.unknown),
+            degraded=res.degraded,
+            degraded_reasons=list(res.degraded_reasons),
+        )
+
+    @_rpc("SearchProducts")
+    async def SearchProducts(
+        self, request: pb2.SearchProductsRequest, call: _Call
+    ) -> pb2.SearchProductsResponse:
+        from serving.search import search_products, validate_search
+
+        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        q = validate_search(request, self.cfg, engine.users, engine.items)
+        res = await self._blocking(search_products, engine, q, call.ctx)  # MiniLM + scoring
+        return self.pb.SearchProductsResponse(  # type: ignore[no-any-return]
+            request_id=call.rid,
+            items=_filters_pb(self.pb, res.items),
+            model_version=res.model_version,
+            degraded=res.degraded,
+            degraded_reasons=list(res.degraded_reasons),
         )

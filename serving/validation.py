@@ -19,6 +19,11 @@ from intake.schema import EVENT_TYPE_IDS
 from serving.config import ServeConfig
 
 MAX_CATEGORIES = 50
+#: FindAudience.segments: names per request (duplicates are dropped after this check).
+MAX_AUDIENCE_SEGMENTS = 50
+#: Characters of a bad value quoted back in an error message (the rest is elided: a
+#: 16 KB value must not become a 16 KB status message).
+QUOTE_CHARS = 32
 # Events more than this far in the future are rejected (clock skew allowance).
 FUTURE_SLACK_S = 86_400
 DEFAULT_K = 10
@@ -75,6 +80,13 @@ class AudienceQuery:
     items: tuple[int, ...]
     k: int
     segments: tuple[str, ...]
+
+
+def quote(value: str) -> str:
+    """``repr`` of at most :data:`QUOTE_CHARS` characters of a caller's value, for messages."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
 
 
 def _check_id(field: str, value: str, cfg: ServeConfig, *, required: bool = False) -> str:
@@ -148,7 +160,7 @@ def check_events(
         et_name = e.event_type or "purchase"
         if et_name not in EVENT_TYPE_IDS:
             raise InvalidArgumentError(
-                f"{f}.event_type", f"{e.event_type!r} is not one of {sorted(EVENT_TYPE_IDS)}"
+                f"{f}.event_type", f"{quote(e.event_type)} is not one of {sorted(EVENT_TYPE_IDS)}"
             )
         ts = int(e.ts) if e.ts else int(now)
         if ts < 0 or ts > now + FUTURE_SLACK_S:
@@ -199,8 +211,20 @@ def check_mode(mode: str) -> str:
     """``""`` -> ``"explore"``; anything else must be one of :data:`RECOMMEND_MODES`."""
     m = mode or "explore"
     if m not in RECOMMEND_MODES:
-        raise InvalidArgumentError("mode", f"{mode!r} is not one of {', '.join(RECOMMEND_MODES)}")
+        raise InvalidArgumentError(
+            "mode", f"{quote(mode)} is not one of {', '.join(RECOMMEND_MODES)}"
+        )
     return m
+
+
+SEGMENT_KINDS = ("", "rfm", "behavioural")
+
+
+def check_segment_kind(kind: str) -> str:
+    """``ListSegmentsRequest.kind``: one of :data:`SEGMENT_KINDS` (``""`` = all)."""
+    if kind not in SEGMENT_KINDS:
+        raise InvalidArgumentError("kind", f"{quote(kind)} is not one of 'rfm', 'behavioural', ''")
+    return kind
 
 
 def validate_similar(req: Any, cfg: ServeConfig, items: IdLookup) -> SimilarQuery:
@@ -223,13 +247,24 @@ def validate_user_id(user_id: str, cfg: ServeConfig, users: IdLookup) -> int:
 
 
 def validate_audience(req: Any, cfg: ServeConfig, items: IdLookup) -> AudienceQuery:
-    """Check a ``FindAudienceRequest``: a text or item ids (at least one)."""
+    """Check a ``FindAudienceRequest``: a text or item ids (at least one).  Every list and
+    string is size-checked before any of it is looked up."""
     rid = check_request_id(req.request_id, cfg)
     text = req.text
     if len(text) > cfg.max_text_length:
         raise InvalidArgumentError("text", f"longer than {cfg.max_text_length} characters")
     if len(req.item_ids) > cfg.max_exclude_ids:
         raise InvalidArgumentError("item_ids", f"at most {cfg.max_exclude_ids} ids")
+    if len(req.segments) > MAX_AUDIENCE_SEGMENTS:
+        raise InvalidArgumentError(
+            "segments", f"at most {MAX_AUDIENCE_SEGMENTS} names, got {len(req.segments)}"
+        )
+    k = check_k(req.k, cfg)
+    segs = tuple(
+        dict.fromkeys(
+            _check_id(f"segments[{i}]", s, cfg, required=True) for i, s in enumerate(req.segments)
+        )
+    )
     ids = []
     for i, ext in enumerate(req.item_ids):
         _check_id(f"item_ids[{i}]", ext, cfg, required=True)
@@ -239,7 +274,4 @@ def validate_audience(req: Any, cfg: ServeConfig, items: IdLookup) -> AudienceQu
         ids.append(item)
     if not text.strip() and not ids:
         raise InvalidArgumentError("text", "give a text or item_ids")
-    segs = tuple(
-        _check_id(f"segments[{i}]", s, cfg, required=True) for i, s in enumerate(req.segments)
-    )
-    return AudienceQuery(rid, text.strip(), tuple(ids), check_k(req.k, cfg), segs)
+    return AudienceQuery(rid, text.strip(), tuple(ids), k, segs)

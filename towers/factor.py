@@ -12,10 +12,10 @@ computed from the history alone (no user ids), so new events count at once.
   (``B ~ U S V^T``, truncated SVD): user ``x B ~ (x U S) V^T``, items ``V``. Exact up to the
   rank; the dense ``B`` never has to be served.
 
-Scores are dot products; the index ranks by cosine. Both sides are lifted by one
-dimension (the "MIPS to cosine" transform: items ``[y / M, sqrt(1 - |y|^2 / M^2)]``,
-users ``[u / |u|, 0]``, ``M`` the largest item norm) so that the cosine order of every
-user equals its dot-product order.
+Scores are dot products; the index ranks by cosine. Both sides are lifted to twice the
+width (:func:`mips_lift`, a "MIPS to cosine" transform: items
+``[y / M, sqrt(1 - |y|^2 / M^2) * y / |y|]``, users ``[u / |u|, 0]``, ``M`` the largest
+item norm) so that the cosine order of every user equals its dot-product order.
 """
 
 from __future__ import annotations
@@ -91,10 +91,10 @@ class FactorTower(nn.Module):
         self.register_buffer("user_proj", proj, persistent=True)  # (N+1, F) or (0, F)
         self.register_buffer("yty", (y.double().T @ y.double()).float(), persistent=True)
         known = (y.abs().sum(1) > 0).float()  # (N+1,)
-        self.item_tower = _NoContent(known, y.shape[1] + 1)
+        self.item_tower = _NoContent(known, 2 * y.shape[1])
         # what serving reads from a tower's item config: no text path
         self.item_cfg = ItemTowerConfig(
-            dim=y.shape[1] + 1, use_text=False, use_brand=False, use_category=False, use_price=False
+            dim=2 * y.shape[1], use_text=False, use_brand=False, use_category=False, use_price=False
         )
         # no trained weights; an empty parameter tells callers the device (next(parameters()))
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
@@ -103,19 +103,15 @@ class FactorTower(nn.Module):
 
     @property
     def dim(self) -> int:
-        """Vector width in the index (F + 1)."""
-        return int(self.items_f.shape[1]) + 1
+        """Vector width in the index (2F, :func:`mips_lift`)."""
+        return 2 * int(self.items_f.shape[1])
 
     def item_table(self) -> torch.Tensor:
-        """(N+1, F+1) lifted item vectors, unit norm (row 0 zeros)."""
-        y = self.items_f / max(self.max_norm, 1e-12)  # (N+1, F)
-        rest = (1.0 - (y * y).sum(1, keepdim=True)).clamp(min=0.0).sqrt()  # (N+1, 1)
-        t = torch.cat([y, rest], 1)
-        t[0] = 0.0
-        return t
+        """(N+1, 2F) lifted item vectors, unit norm (row 0 zeros)."""
+        return mips_lift(self.items_f)
 
     def item_vectors(self, table: torch.Tensor | None = None) -> torch.Tensor:
-        """(N+1, F+1) L2-normalised item vectors (the table is already unit norm)."""
+        """(N+1, 2F) L2-normalised item vectors (the table is already unit norm)."""
         return self.item_table() if table is None else table
 
     def user_factors(
@@ -151,14 +147,32 @@ class FactorTower(nn.Module):
         lengths: torch.Tensor,  # (B,)
         table: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, F+1) unit user vectors (``[u / |u|, 0]``); empty histories give zeros."""
+        """(B, 2F) unit user vectors (``[u / |u|, 0]``); empty histories give zeros."""
         u = self.user_factors(items, lengths)  # (B, F)
         u = nn.functional.normalize(u, dim=-1, eps=1e-12)
-        return torch.cat([u, torch.zeros_like(u[:, :1])], 1)
+        return torch.cat([u, torch.zeros_like(u)], 1)  # (B, 2F)
 
     @staticmethod
     def normalise(x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(x, dim=-1, eps=1e-12)
+
+
+def mips_lift(y: torch.Tensor) -> torch.Tensor:
+    """(N, F) item vectors of dot-product scores -> (N, 2F) unit vectors whose cosine with
+    a user ``[u / |u|, 0]`` orders items as ``u . y`` does: ``[y / M, sqrt(1 - |y|^2 / M^2)
+    * y / |y|]``, ``M`` the largest norm; zero rows stay zero (no vector).
+
+    The usual one-dimensional lift ``[y / M, sqrt(1 - |y|^2 / M^2)]`` gives the same scores
+    but crowds the items near one pole when norms vary (most items far below ``M``): the
+    HNSW graph then measured recall@10 0.59 (EASE), 0.77 (ALS) and 0.60 (basket tower) on
+    Online Retail at ef 256, where the index build wants 0.98. Carrying the remainder
+    along the item's own direction builds the graph on direction similarity: recall 0.995
+    (basket tower, same data)."""
+    norm = y.norm(dim=1, keepdim=True)  # (N, 1)
+    m = float(norm.max().clamp(min=1e-12)) if len(norm) else 1.0
+    rest = (1.0 - (norm / m) ** 2).clamp(min=0.0).sqrt()  # (N, 1)
+    direction = y / norm.clamp(min=1e-12)  # (N, F); zero rows stay zero
+    return torch.cat([y / m, rest * direction], 1)  # (N, 2F)
 
 
 def factor_tower_from_baseline(model: Any, max_len: int = 200, ease_rank: int = 256) -> FactorTower:

@@ -161,11 +161,16 @@ class TrainedModel:
         for i, x in enumerate(ids):
             if x is not None and known[x] > 0:
                 out[i] = trained[x]
+        cfg = self.model.item_cfg
+        if cold and not (cfg.use_text or cfg.use_brand or cfg.use_category or cfg.use_price):
+            # no content path (ids only, a factor or basket model): no vector to give them;
+            # they stay zero and the index build leaves them out (indexing.build)
+            log.info("%d catalogue rows without a trained vector (no product content)", len(cold))
+            return out
         if cold:
             sub = items[cold].with_columns(
                 pl.int_range(1, len(cold) + 1, dtype=pl.Int32).alias("item_id")
             )
-            cfg = self.model.item_cfg
             text = (
                 encode_texts(item_texts(sub, cfg.text_fields), cfg.text_max_tokens)
                 if cfg.use_text
@@ -232,7 +237,7 @@ def read_run_fingerprint(run_dir: str | Path) -> dict[str, object] | None:
     return fp if isinstance(fp, dict) else None
 
 
-SERVED_KEY = "served"  # manifest: {"kind": "two-tower" | "als" | "ease", "path": ...}
+SERVED_KEY = "served"  # manifest: {"kind": "two-tower" | "basket" | "als" | "ease", "path": ...}
 
 
 def served_kind(run_dir: str | Path) -> str:
@@ -268,14 +273,47 @@ def _load_factor_run(d: Path, manifest: dict) -> TrainedModel:
         item_ids=IdMap(item_ids),
         model=fm,  # type: ignore[arg-type]
         checkpoint=ck,
+        dataset_fingerprint=read_run_fingerprint(d),
+    )
+
+
+def _load_basket_run(d: Path, manifest: dict) -> TrainedModel:
+    """A run whose served retriever is the basket tower (``towers.basket.BasketServed``)."""
+    from towers.basket import load_basket_served
+    from towers.user_tower import UserTowerConfig
+
+    bm, item_ids, meta = load_basket_served(d / manifest[SERVED_KEY]["path"])
+    ck = Checkpoint(
+        model=bm,  # type: ignore[arg-type]  # same interface as TwoTower (towers.basket)
+        item_cfg=bm.item_cfg,
+        user_cfg=UserTowerConfig(max_len=bm.max_len),
+        item_ids=item_ids,
+        vocab={"brands": [], "categories": [], "price_edges": []},
+        meta={**manifest, **meta},
+    )
+    return TrainedModel(
+        run_dir=d,
+        model_version=f"{manifest.get('model_version', d.name)}-basket",
+        config_hash=str(manifest.get("config_hash", "")),
+        max_len=bm.max_len,
+        dim=bm.dim,
+        item_ids=IdMap(item_ids),
+        model=bm,  # type: ignore[arg-type]
+        checkpoint=ck,
+        dataset_fingerprint=read_run_fingerprint(d),
     )
 
 
 def load_run(run_dir: str | Path) -> TrainedModel:
-    """Load the served model of a training run directory: the best two-tower checkpoint,
-    or the baseline (ALS / EASE factor tower) that beat it on validation."""
+    """Load the served model of a training run directory: the sequence two-tower
+    checkpoint, the basket tower, or the baseline (ALS / EASE factor tower) that won on
+    validation (``manifest.json`` ``served.kind``: ``two-tower``, ``basket``, ``als``,
+    ``ease``). Every kind has the :class:`TwoTower` interface."""
     d = Path(run_dir)
-    if served_kind(d) != "two-tower":
+    kind = served_kind(d)
+    if kind == "basket":
+        return _load_basket_run(d, json.loads((d / MANIFEST_FILE).read_text()))
+    if kind != "two-tower":
         return _load_factor_run(d, json.loads((d / MANIFEST_FILE).read_text()))
     path = d / MODEL_FILE
     if not path.exists():

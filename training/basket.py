@@ -42,6 +42,7 @@ class BasketTrainConfig:
     """Training of :class:`BasketTower` (saved with the weights)."""
 
     model: BasketTowerConfig = field(default_factory=BasketTowerConfig)
+    dims: tuple[int, ...] = (256, 512)  # model.dim grid, chosen on validation (select_model)
     targets: Literal["new", "all"] = "new"  # new items only, or repurchases too (buy-again)
     window_days: int = 30  # targets: purchases in the window after the cutoff
     cutoffs_per_user: int = 50  # most recent invoice times used as cutoffs per customer
@@ -138,11 +139,13 @@ class BasketRetriever:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         t0 = time.perf_counter()
+        # the bag is made of purchases only (as bag_for_users and the served tower read it)
+        bought = train.filter(train.event_type == EVENT_TYPE_IDS["purchase"])
         model = BasketTower(cfg.model, train.n_items)
         if cfg.model.init == "ease":
-            model.init_from_ease(ease_weights(train.to_csr(binary=True), cfg.model.ease_l2))
+            model.init_from_ease(ease_weights(bought.to_csr(binary=True), cfg.model.ease_l2))
         self.model = model
-        ex = make_examples(train, cfg)
+        ex = make_examples(bought, cfg)
         log.info("basket tower: %d examples from %d customers", len(ex.users), len(set(ex.users)))
         self._init = (
             (model.in_emb.weight.detach().clone(), model.out_emb.weight.detach().clone())
@@ -171,7 +174,7 @@ class BasketRetriever:
                 leave=False,
             ):
                 idx = order[start : start + cfg.batch_size]
-                loss = self._loss(train, ex, idx, exclude)
+                loss = self._loss(bought, ex, idx, exclude)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -41,9 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--split",
-        default="loo-file",
-        help="loo-file | loo-shuffle | temporal (last 30 days of the log are the test window) "
-        "| temporal:YYYY-MM-DD (test window start) (default: loo-file)",
+        default="auto",
+        help="auto (temporal for transaction and event logs with times of day, leave-one-out "
+        "for day-granular review sequences; docs/towers.md) | loo-file | loo-shuffle | "
+        "temporal (last 30 days of the log are the test window) | temporal:YYYY-MM-DD",
+    )
+    p.add_argument(
+        "--family",
+        choices=["auto", "sequence", "basket"],
+        default="auto",
+        help="the tower: sequence transformer, or the basket tower (auto: basket on "
+        "transaction logs)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of a table"
     )
     p.add_argument(
         "--set",
@@ -107,18 +118,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def make_split(ds: Any, spec: str) -> Any:
-    """A split of a loaded dataset from a CLI spec."""
-    from towers.sequences import Interactions
-    from training.splits import default_test_start, leave_one_out, temporal_split
+    """A split of a loaded dataset from a CLI spec (:func:`training.protocol.make_split`,
+    the same function benchmarks/quality.py calls)."""
+    from training.protocol import make_split as protocol_split
 
-    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_items)
-    if spec in ("loo-file", "loo-shuffle"):
-        return leave_one_out(inter, ties="file" if spec == "loo-file" else "shuffle")
-    if spec == "temporal":
-        return temporal_split(inter, test_start=default_test_start(inter))
-    if spec.startswith("temporal:"):
-        return temporal_split(inter, test_start=spec.split(":", 1)[1])
-    raise SystemExit(f"unknown split {spec!r}")
+    return protocol_split(ds, spec)
 
 
 def resolve_config(name_or_path: str) -> Path:
@@ -208,6 +212,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(test_finished_run(Path(args.out), split), indent=2, default=float))
         return 0
     config = resolve_config(args.config) if args.config else default_config_path()
+    if env is None:
+        return _select_and_serve(args, ds, split, config, overrides, t0)
+    # DistributedDataParallel (--nproc N): the sequence tower and its ALS/EASE comparison
     out = train_and_evaluate(
         ds,
         split,
@@ -218,18 +225,59 @@ def _run(args: argparse.Namespace) -> int:
         test=not args.no_test,
         t_start=t0,
     )
-    if env is None or env.rank == 0:
+    if env.rank == 0:
         print(json.dumps(out, indent=2, default=float))
-    if env is not None:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        dist.destroy_process_group()
+    dist.destroy_process_group()
+    return 0
+
+
+def _select_and_serve(
+    args: argparse.Namespace, ds: Any, split: Any, config: Path, overrides: dict, t0: float
+) -> int:
+    """:func:`training.protocol.select_model` (what benchmarks/quality.py runs), then the
+    winner saved for serving; ``results.json`` and a table (or JSON with ``--json``)."""
+    from training.protocol import save_served, select_model, selection_text
+    from training.trainer import peak_rss_mb
+
+    out_dir = Path(args.out)
+    sel = select_model(
+        ds,
+        split,
+        family=args.family,
+        config=config,
+        overrides=overrides,
+        run_dir=out_dir,
+        test=not args.no_test,
+        resume=not args.no_resume,
+    )
+    served = save_served(sel, ds, out_dir)
+    tower = sel.results.get("sequence-tower") or sel.results.get("basket-tower")
+    res: dict[str, Any] = {
+        "dataset": ds.name,
+        "split": split.protocol,
+        "family": sel.family,
+        "served": served,
+        "candidates": {row.pop("model"): row for row in sel.table()},
+        "skipped": sel.skipped,
+        "valid": sel.results[sel.served].valid,
+        "wall_seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if tower is not None:
+        res["tower_valid"] = tower.valid
+    if not args.no_test:
+        res["test"] = sel.results[sel.served].test  # the served model's test
+    (out_dir / "results.json").write_text(json.dumps(res, indent=2, default=float))
+    print(json.dumps(res, indent=2, default=float) if args.json else selection_text(sel, served))
     return 0
 
 
 def _argv_without_nproc(args: argparse.Namespace) -> list[str]:
     """The ``train`` arguments again, for the processes torchrun starts."""
     argv = ["train", "--dataset", args.dataset, "--out", args.out, "--split", args.split]
+    argv += ["--family", args.family] + ["--json"] * args.json
     if args.config:
         argv += ["--config", args.config]
     if args.data_dir:

@@ -28,9 +28,11 @@ from training.splits import Split, Targets
 from training.trainer import FallbackConfig, fast_evaluate
 
 __all__ = [
+    "FactorRetriever",
     "FallbackConfig",
     "compare_and_select",
     "evaluate_factor",
+    "factor_family",
     "factor_scorer",
 ]
 
@@ -139,6 +141,52 @@ def compare_and_select(
         ", ".join(f"{k} {c['valid']['ndcg@10']:.4f}" for k, c in scored.items()),
     )
     return record, served
+
+
+class FactorRetriever:
+    """ALS or EASE in the form it is served (:class:`FactorTower`: ALS fold-in, EASE at
+    rank ``ease_rank``) behind the :class:`training.retriever.Retriever` protocol, so
+    :func:`training.protocol.select_model` measures what a shop would get."""
+
+    refit_on_train_valid = True
+
+    def __init__(self, name: str, params: dict[str, Any], cfg: FallbackConfig) -> None:
+        self.name = name
+        self.params = dict(params)
+        self.cfg = cfg
+        self.model: FactorTower | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.params
+
+    def fit(self, train: Interactions, valid: Targets | None = None) -> None:
+        self.model = _fit(self.name, self.params, train, self.cfg)
+
+    def score(self, users: np.ndarray, history: Interactions) -> np.ndarray:
+        assert self.model is not None, "fit first"
+        return factor_scorer(self.model)(users, history)  # type: ignore[no-any-return]
+
+    def served_model(self) -> FactorTower:
+        """The model ``load_run`` would return."""
+        assert self.model is not None, "fit first"
+        return self.model
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError("use save_served (needs the external item ids)")
+
+    def save_served(self, path: Path, item_ids: list[str], meta: dict[str, Any]) -> None:
+        """``served/<kind>.pt`` (:func:`towers.factor.save_factor_tower`)."""
+        assert self.model is not None, "fit first"
+        save_factor_tower(path, self.model, item_ids, {"kind": self.name, **meta})
+
+
+def factor_family(cfg: FallbackConfig, name: str, n_items: int) -> Any:
+    """(factory, grid) of :class:`FactorRetriever` for ``name`` (``als`` / ``ease``), or
+    the reason it is skipped (EASE over ``ease_max_items``)."""
+    if name == "ease" and n_items + 1 > cfg.ease_max_items:
+        return f"catalogue of {n_items:,} items > ease_max_items"
+    return (lambda p: FactorRetriever(name, p, cfg)), _grid(cfg, name)
 
 
 def factor_scorer(model: FactorTower) -> Any:

@@ -228,7 +228,12 @@ def sample_validation(split: Split, fraction: float, min_users: int, seed: int =
     history (``train_valid``) are unchanged, so no test event reaches training.
     ``fraction >= 1`` or a sample covering every user returns ``split`` itself.
     """
-    if fraction >= 1.0 or split.protocol.get("split") != "leave-one-out" or not len(split.valid):
+    if (
+        fraction >= 1.0
+        or split.protocol.get("split") != "leave-one-out"
+        or not len(split.valid)
+        or "valid_sample" in split.protocol  # already sampled: the same split again
+    ):
         return split
     if fraction <= 0.0:
         raise DataError(f"valid_users must be in (0, 1], got {fraction}")

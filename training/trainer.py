@@ -51,6 +51,7 @@ from towers.model import TwoTower, load_checkpoint, save_checkpoint
 from towers.sequences import Interactions, batch_for_users
 from towers.text_encoder import catalogue_text_embeddings
 from towers.user_tower import UserTowerConfig
+from training.basket import BasketTrainConfig
 from training.contrastive import (
     ContrastiveConfig,
     base_model,
@@ -114,6 +115,8 @@ class RunConfig:
     # baselines compared with the tower on validation by `ecomrec train` (training.fallback)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     no_content: NoContentConfig = field(default_factory=NoContentConfig)
+    # the basket tower (training.basket), the tower of transaction logs (training.protocol)
+    basket: BasketTrainConfig = field(default_factory=BasketTrainConfig)
     seed: int = 42
     threads: int = 2  # torch CPU threads (0 = leave torch's default)
     device: str = "auto"  # auto | cpu | cuda

@@ -18,9 +18,10 @@ from tests.serving.test_serve_process import Proc
 def test_serve_process_follows_refresh_promotions(
     shop: Shop, live_run: Path, tmp_path: Path
 ) -> None:
-    from lifecycle.refresh import refresh
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
     from serving._generated.ecomrec.v1 import recommend_pb2_grpc as pbg
+
+    from lifecycle.refresh import refresh
     from serving.triton import free_port
 
     cfg = quick_config(tolerance=1.0, churn_tolerance=1.0)

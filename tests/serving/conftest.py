@@ -139,9 +139,9 @@ class Served:
         import dataclasses
 
         import grpc
-
         from serving._generated.ecomrec.v1 import recommend_pb2 as pb
         from serving._generated.ecomrec.v1 import recommend_pb2_grpc as pbg
+
         from serving.server import start_server
         from serving.service import RecommendServicer
 

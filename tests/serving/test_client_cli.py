@@ -164,6 +164,7 @@ def test_format_response_names_the_segment_or_says_there_is_none() -> None:
     """A customer in no segment: the header says so and popularity is "POPULAR" (over all
     customers), never "segment -" beside POPULAR_IN_SEGMENT."""
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+
     from serving.client import format_response
 
     item = pb.ScoredItem(item_id="85123A", score=0.5, reasons=["POPULAR_IN_SEGMENT"])

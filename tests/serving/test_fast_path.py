@@ -94,8 +94,9 @@ def _same(a: list[tuple], b: list[tuple]) -> bool:
 def test_fast_path_matches_single_request_path(parts: Any, index_dir: Path, segments: Any) -> None:
     """300 users answered by 8 concurrent threads through the batched exact path equal the
     old single-request path (HNSW on this small index is exact)."""
-    from serving import validation as val
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+
+    from serving import validation as val
     from serving.encoders import TowerEncoder
     from serving.requests import RequestContext
 
@@ -142,8 +143,9 @@ def test_event_loop_and_worker_paths_answer_alike_over_grpc(
     a real gRPC server, exactly the old single-request path's answer."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving import validation as val
     from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+
+    from serving import validation as val
     from serving.encoders import TowerEncoder
 
     reader = open_reader(index_dir)

@@ -120,7 +120,7 @@ def test_keyed_streams_are_bounded_and_watch_holds_no_worker(fresh: Served, part
     watches = [h.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(20)]
     try:
         codes = [s.code for s in streams]
-        limit = fresh.cfg.max_streams
+        limit = fresh.cfg.max_reflection_streams
         assert codes.count(grpc.StatusCode.OK) == limit
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == n - limit
         assert all(next(w).status == _serving() for w in watches)

@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from serving._generated.ecomrec.v1 import recommend_pb2 as pb
 
 from ecomrec.errors import ConfigError, InvalidArgumentError, NotFoundError
 from intake.dataset import IdMap
 from intake.schema import EVENT_TYPE_IDS
-from serving._generated.ecomrec.v1 import recommend_pb2 as pb
 from serving.config import ServeConfig, load_serve_config
 from serving.history import History, merge, to_batch
 from serving.validation import RecentEvent, RecommendQuery, validate_recommend

@@ -250,9 +250,12 @@ def test_baseline_fallback_end_to_end_grpc(shop: Any, tmp_path: Path) -> None:
     res = json.loads((run / "results.json").read_text())
     kind = res["served"]["kind"]
     assert kind in ("als", "ease") and served_kind(run) == kind
-    comp = res["comparison"]
-    assert comp[kind]["valid_ndcg@10"] > comp["two-tower"]["valid_ndcg@10"]
-    assert res["test_served"]["ndcg@10"] > res["test"]["ndcg@10"]
+    comp = res["candidates"]  # training.protocol.select_model's table
+    tower = comp["sequence-tower"]
+    assert comp[kind]["role"] == "served" and tower["role"] == "candidate"
+    assert comp[kind]["valid_ndcg@10"] > tower["valid_ndcg@10"]
+    assert comp[kind]["test_ndcg@10"] > tower["test_ndcg@10"]
+    assert res["test"]["ndcg@10"] == comp[kind]["test_ndcg@10"]  # the served model's test
 
     from ecomrec.errors import ModelError
     from intake.loaders import load_dataset
