@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install protos demo test lint format bench-quality clean nats-server
+.PHONY: install protos demo test test-fast lint format bench-quality clean nats-server
 
 # The venv is created when missing; torch is pinned to the CPU wheel (an unpinned torch pulls
 # a multi-GB CUDA build), then the project with its dev extras.
@@ -48,6 +48,13 @@ nats-server:
 test: lint nats-server
 	bash serving/triton_venv.sh
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: ruff + every test not marked `slow` (each under ~2 s; no mypy, no
+# Triton venv, no real-data or multi-process runs). `make test` still runs everything.
+test-fast: install protos
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py --dataset beauty --models popularity,als,bpr,itemknn --ties file --out results/quality_beauty_file.json

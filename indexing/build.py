@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -529,27 +529,16 @@ def upsert_points(
                     "upsert: all %d point(s) already stored unchanged; nothing to do", len(ids)
                 )
                 return live
-            _cleanup_incomplete(store, alias)
             existing = live_reader.existing_ids(ids.tolist())
-            expected = live.count + len(ids) - len(existing)
-            version = new_version_name(alias)
-            store.clone_version(live.version, version)
-            try:
-                _upsert_batches(store, version, ids, vecs, list(payloads), False)
-                store.seal(version)
-                report = _verify_update(
-                    store, version, expected, vecs if queries is None else queries, live_reader
-                )
-            except BaseException:
-                store.drop_version(version)
-                raise
+            version, report = _copy_on_write(
+                store, alias, live, live_reader,
+                lambda v: _upsert_batches(store, v, ids, vecs, list(payloads), False),
+                expected=live.count + len(ids) - len(existing),
+                queries=vecs if queries is None else queries,
+            )  # fmt: skip
         finally:
             live_reader.close()
-        return _finish(
-            store, alias, version, report,
-            model_version=live.model_version, config_hash=live.config_hash, t0=t0,
-            kind=live.kind, parent=live.version, dim=live.dim, provenance=live.provenance,
-        )  # fmt: skip
+        return _finish_update(store, alias, live, version, report, t0)
 
 
 def delete_points(
@@ -581,25 +570,57 @@ def delete_points(
                 return live
             if queries is None:  # the deleted points' neighbourhoods must still be found
                 queries = live_reader.get_vectors(present[: store.cfg.verify_sample_update])
-            _cleanup_incomplete(store, alias)
-            version = new_version_name(alias)
-            store.clone_version(live.version, version)
-            try:
-                store.delete(version, present)
-                store.seal(version)
-                report = _verify_update(
-                    store, version, live.count - len(present), queries, live_reader
-                )
-            except BaseException:
-                store.drop_version(version)
-                raise
+            version, report = _copy_on_write(
+                store, alias, live, live_reader,
+                lambda v: store.delete(v, present),
+                expected=live.count - len(present),
+                queries=queries,
+            )  # fmt: skip
         finally:
             live_reader.close()
-        return _finish(
-            store, alias, version, report,
-            model_version=live.model_version, config_hash=live.config_hash, t0=t0,
-            kind=live.kind, parent=live.version, dim=live.dim, provenance=live.provenance,
-        )  # fmt: skip
+        return _finish_update(store, alias, live, version, report, t0)
+
+
+def _copy_on_write(
+    store: IndexStore,
+    alias: str,
+    live: IndexManifest,
+    live_reader: QdrantReader,
+    apply: Callable[[str], None],
+    *,
+    expected: int,
+    queries: np.ndarray,
+) -> tuple[str, VerifyReport]:
+    """An update of the live version: clone it (full copy or delta layer), ``apply`` the
+    change to the clone, seal and verify it (``expected`` points); the clone is dropped
+    when anything fails.  Returns (new version, verification report); not yet published."""
+    _cleanup_incomplete(store, alias)
+    version = new_version_name(alias)
+    store.clone_version(live.version, version)
+    try:
+        apply(version)
+        store.seal(version)
+        report = _verify_update(store, version, expected, queries, live_reader)
+    except BaseException:
+        store.drop_version(version)
+        raise
+    return version, report
+
+
+def _finish_update(
+    store: IndexStore,
+    alias: str,
+    live: IndexManifest,
+    version: str,
+    report: VerifyReport,
+    t0: float,
+) -> IndexManifest:
+    """Publish an updated version; its manifest carries the live one's model and lineage."""
+    return _finish(
+        store, alias, version, report,
+        model_version=live.model_version, config_hash=live.config_hash, t0=t0,
+        kind=live.kind, parent=live.version, dim=live.dim, provenance=live.provenance,
+    )  # fmt: skip
 
 
 def _verify_update(

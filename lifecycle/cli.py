@@ -106,8 +106,9 @@ def _run(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace, index_cfg: dict[str, object]) -> int:
     from indexing.base import IndexConfig
     from indexing.build import open_store, publish_version
+    from indexing.deploy import DeployState
     from lifecycle.refresh import default_state_dir
-    from lifecycle.state import DeployState, refresh_lock
+    from lifecycle.state import refresh_lock
 
     state = Path(args.state or default_state_dir(args.index))
     with refresh_lock(state):

@@ -1,6 +1,7 @@
 """``ecomrec refresh``: new events in, a better model and index out, safely.
 
-One refresh, under an exclusive lock of the state directory (:mod:`lifecycle.state`):
+One refresh, under an exclusive lock of the state directory (:mod:`lifecycle.state`; the
+deploy record is :mod:`indexing.deploy`):
 
 1. ingest: load the dataset (the loaders' validation and drop report); the new data is
    every event at or after the live record's ``data_until``; none -> exit 4;
@@ -31,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,10 +51,11 @@ from indexing.build import (
     publish_version,
     without_untrained,
 )
+from indexing.deploy import DEPLOY_FILE, DeployState, Record, write_json_atomic
 from intake.dataset import Dataset
 from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
-from lifecycle.state import DeployState, Record, refresh_lock, write_json_atomic
+from lifecycle.state import refresh_lock
 from lifecycle.warmstart import transplant
 from towers.inference import MANIFEST_FILE, MODEL_FILE, served_kind
 from towers.model import load_checkpoint, save_checkpoint
@@ -70,8 +71,6 @@ EXIT_NOT_PROMOTED = 3  # candidate worse beyond the tolerance: live model kept
 EXIT_NO_NEW_DATA = 4  # no event since the last refresh: nothing done
 EXIT_DRIFT_ALERT = 5  # promoted, but a drift threshold was exceeded
 EXIT_LOCKED = 75  # another refresh is running (EX_TEMPFAIL: retry later)
-
-FAULT_ENV = "ECOMREC_REFRESH_FAULT"  # test hook: SIGKILL this process at the named step
 
 
 @dataclass(frozen=True)
@@ -137,11 +136,8 @@ def default_state_dir(index: str | Path) -> Path:
     return p.with_name(p.name + ".refresh")
 
 
-def _fault(step: str) -> None:
+def _step(step: str) -> None:
     log.info("refresh step: %s", step)
-    if os.environ.get(FAULT_ENV) == step:
-        log.warning("fault injection: killing the refresh at %s", step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -184,13 +180,15 @@ def _refresh_locked(
         torch.set_num_threads(cfg.threads)
     tmp = state / "tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed refresh
+    for stale in state.glob(DEPLOY_FILE + ".tmp*"):  # a deploy.json write it never renamed
+        stale.unlink(missing_ok=True)
     tmp.mkdir(parents=True)
     deploy = DeployState(state)
     store = open_store(icfg)
     try:
         live = deploy.live() if deploy.exists() else _bootstrap(run, ds, store, icfg, deploy, since)
         _reconcile(store, icfg, deploy, live)
-        _fault("ingested")
+        _step("ingested")
         ev = ds.events
         if ev.height == 0:
             raise DataError("the dataset has no events", file=ds.name)
@@ -246,7 +244,7 @@ def _refresh_locked(
         )
         cand, _ = trainer.fit(train, None, resume=False)
         timings["train_seconds"] = time.perf_counter() - t
-        _fault("trained")
+        _step("trained")
         # 4. shadow evaluation on [w0, now)
         t = time.perf_counter()
         max_len = ck.user_cfg.max_len
@@ -264,7 +262,7 @@ def _refresh_locked(
         timings["eval_seconds"] = time.perf_counter() - t
         promote, reason = decide(m_live, m_cand, churn, cfg)
         metrics = {"live": m_live, "candidate": m_cand, "churn": churn, "window": [w0, now]}
-        _fault("evaluated")
+        _step("evaluated")
         t = time.perf_counter()
         drift = drift_report(
             events=ev,
@@ -373,7 +371,7 @@ def _refresh_refit(
     t = time.perf_counter()
     cand = refit_served(Path(live.run), history)
     timings["train_seconds"] = time.perf_counter() - t
-    _fault("trained")
+    _step("trained")
     t = time.perf_counter()
     live_ids = tm_live.item_ids.external_ids
     inter_live = _live_view(inter, live_ids, ds)
@@ -393,7 +391,7 @@ def _refresh_refit(
     timings["eval_seconds"] = time.perf_counter() - t
     promote, reason = decide(m_live, m_cand, churn, cfg)
     metrics = {"live": m_live, "candidate": m_cand, "churn": churn, "window": [w0, now]}
-    _fault("evaluated")
+    _step("evaluated")
     t = time.perf_counter()
     drift = drift_report(
         events=ds.events, items=ds.items, inter=inter, live_items=set(live_ids),
@@ -574,7 +572,7 @@ def _promote(
         t = time.perf_counter()
         export_onnx(work, work / "onnx")
         timings["export_seconds"] = time.perf_counter() - t
-    _fault("exported")
+    _step("exported")
     return _publish(
         ds, inter, cfg, store, icfg, deploy, live, state, work, name, w0, now, dec, timings
     )
@@ -632,7 +630,7 @@ def _publish(
     )
     timings["index_seconds"] = time.perf_counter() - t
     timings["index_build_seconds"] = float(man.build_seconds)
-    _fault("index-built")
+    _step("index-built")
     rec = Record(
         run=str(final.resolve()),
         model_version=tm.model_version,
@@ -649,7 +647,7 @@ def _publish(
         name=name,
     )
     deploy.promote(rec)  # THE commit point
-    _fault("committed")
+    _step("committed")
     publish_version(store, man.version, icfg.alias)
     _link_current(state, final)
     return rec

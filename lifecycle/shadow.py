@@ -21,6 +21,7 @@ from intake.schema import EVENT_TYPE_IDS
 from towers.inference import score_users
 from towers.model import TwoTower
 from towers.sequences import Interactions, batch_for_users
+from training import splits
 from training.evaluation import evaluate
 from training.splits import Targets
 
@@ -29,21 +30,10 @@ DAY = 86400
 
 def window_targets(inter: Interactions, lo: int, hi: int) -> tuple[Targets, Interactions]:
     """(targets, history): purchases in ``[lo, hi)`` of users with history before ``lo``,
-    items already in that history removed; history = every event before ``lo``."""
+    items already in that history removed (the temporal split's window,
+    :func:`training.splits.window_targets`); history = every event before ``lo``."""
     history = inter.filter(inter.ts < lo)
-    users = inter.user_of_row()
-    m = (inter.ts >= lo) & (inter.ts < hi) & (inter.event_type == EVENT_TYPE_IDS["purchase"])
-    u, it = users[m], inter.items[m].astype(np.int64)
-    keep = history.lengths()[u] > 0
-    u, it = u[keep], it[keep]
-    if len(u):
-        seen = history.to_csr()
-        new = np.asarray(seen[u, it]).ravel() == 0
-        u, it = u[new], it[new]
-    pairs = np.unique(np.stack([u, it], 1), axis=0) if len(u) else np.zeros((0, 2), np.int64)
-    tu, start = np.unique(pairs[:, 0], return_index=True)
-    indptr = np.append(start, len(pairs)).astype(np.int64)
-    return Targets(tu.astype(np.int64), indptr, pairs[:, 1].astype(np.int32)), history
+    return splits.window_targets(inter, lo, hi, history), history
 
 
 def ranking_metrics(

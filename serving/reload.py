@@ -1,6 +1,6 @@
 """Hot reload of a promoted model + index into a running service, and rollback.
 
-``ecomrec refresh`` commits each promotion to ``STATE/deploy.json`` (``lifecycle.state``):
+``ecomrec refresh`` commits each promotion to ``STATE/deploy.json`` (``indexing.deploy``):
 ``live.run`` (model), ``live.dataset`` (the data snapshot it was trained on: history,
 catalogue, id maps) and ``live.index_version`` are one consistent set. An
 :class:`EngineReloader` builds a complete new :class:`~serving.engine.Recommender` for
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lifecycle.state import DEPLOY_FILE, Record
+from indexing.deploy import DEPLOY_FILE, Record
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class EngineReloader:
         self.failures = 0
 
     def _read(self) -> Record | None:
-        from lifecycle.state import DeployState
+        from indexing.deploy import DeployState
 
         try:
             return DeployState(self.path.parent).live()

@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that start a Triton server are slow too: ``-m "not slow"`` (``make test-fast``)
+    leaves them out, so the fast loop never needs ``.venv-triton``."""
+    for item in items:
+        if item.get_closest_marker("triton") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real datasets (ECOMREC_DATA_DIR, default ../shared/data).

@@ -108,6 +108,7 @@ def test_index_build_with_a_model_of_another_catalogue(
     assert not any(idx.rglob("manifest.json"))
 
 
+@pytest.mark.slow
 def test_index_upsert_with_a_model_of_another_catalogue(
     world: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,7 +8,6 @@ hyperparameters chosen on validation (``refit_on_train_valid = True``).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,10 +17,11 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from ecomrec.config import from_dict, to_dict
+from ecomrec.config import from_dict
 from ecomrec.errors import ModelError
 from towers.ease import ease_weights
 from towers.sequences import Interactions
+from training.retriever import read_retriever_meta, write_retriever_meta
 from training.splits import Targets
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -35,18 +35,11 @@ def _check_fitted(x: object, name: str) -> None:
 def _write(path: Path, kind: str, config: Any, arrays: dict[str, np.ndarray]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     np.savez(path / "weights.npz", **arrays)  # type: ignore[arg-type]
-    (path / "retriever.json").write_text(
-        json.dumps({"kind": kind, "config": to_dict(config)}, indent=2)
-    )
+    write_retriever_meta(path, kind, config)
 
 
 def _read(path: Path, kind: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    meta_path = path / "retriever.json"
-    if not meta_path.exists():
-        raise ModelError(f"no saved retriever in {path}")
-    meta = json.loads(meta_path.read_text())
-    if meta["kind"] != kind:
-        raise ModelError(f"{path} holds a {meta['kind']!r} model, not {kind!r}")
+    meta = read_retriever_meta(path, kind)
     with np.load(path / "weights.npz") as z:
         arrays = {k: z[k] for k in z.files}
     return meta["config"], arrays
@@ -271,19 +264,12 @@ class ItemKNN:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sp.save_npz(path / "similarity.npz", self.similarity)
-        (path / "retriever.json").write_text(
-            json.dumps({"kind": self.name, "config": to_dict(self.config)})
-        )
+        write_retriever_meta(path, self.name, self.config)
 
     @classmethod
     def load(cls, path: Path) -> ItemKNN:
         path = Path(path)
-        meta_path = path / "retriever.json"
-        if not meta_path.exists():
-            raise ModelError(f"no saved retriever in {path}")
-        meta = json.loads(meta_path.read_text())
-        if meta["kind"] != cls.name:
-            raise ModelError(f"{path} holds a {meta['kind']!r} model, not {cls.name!r}")
+        meta = read_retriever_meta(path, cls.name)
         m = cls(from_dict(ItemKNNConfig, meta["config"]))
         m.similarity = sp.load_npz(path / "similarity.npz").tocsr()
         return m
@@ -344,9 +330,7 @@ class EASE:
         if sp.issparse(self.weights):
             path.mkdir(parents=True, exist_ok=True)
             sp.save_npz(path / "weights_sparse.npz", sp.csr_matrix(self.weights))
-            (path / "retriever.json").write_text(
-                json.dumps({"kind": self.name, "config": to_dict(self.config)}, indent=2)
-            )
+            write_retriever_meta(path, self.name, self.config)
         else:
             _write(path, self.name, self.config, {"weights": np.asarray(self.weights)})
 
@@ -354,9 +338,7 @@ class EASE:
     def load(cls, path: Path) -> EASE:
         path = Path(path)
         if (path / "weights_sparse.npz").exists():
-            meta = json.loads((path / "retriever.json").read_text())
-            if meta["kind"] != cls.name:
-                raise ModelError(f"{path} holds a {meta['kind']!r} model, not {cls.name!r}")
+            meta = read_retriever_meta(path, cls.name)
             m = cls(from_dict(EASEConfig, meta["config"]))
             m.weights = sp.load_npz(path / "weights_sparse.npz").tocsr()
             return m

@@ -14,7 +14,6 @@ validation NDCG@10 (full ranking, the benchmark's own :func:`training.evaluation
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,13 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ecomrec.config import from_dict, to_dict
+from ecomrec.config import from_dict
 from ecomrec.errors import ConfigError, ModelError
 from intake.schema import EVENT_TYPE_IDS
 from towers.basket import BasketTower, BasketTowerConfig
 from towers.ease import ease_weights
 from towers.sequences import Interactions, bag_for_users, item_bag
 from training.evaluation import evaluate
+from training.retriever import read_retriever_meta, write_retriever_meta
 from training.splits import Targets
 
 log = logging.getLogger(__name__)
@@ -298,29 +298,20 @@ class BasketRetriever:
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), p / "basket.pt")
-        (p / "retriever.json").write_text(
-            json.dumps(
-                {
-                    "kind": "basket-tower",
-                    "config": to_dict(self.config),
-                    "n_items": self.model.n_items,
-                    "mix": self.mix,
-                    "history": self.history,
-                },
-                indent=2,
-            )
+        write_retriever_meta(
+            p,
+            "basket-tower",
+            self.config,
+            n_items=self.model.n_items,
+            mix=self.mix,
+            history=self.history,
         )
 
     @classmethod
     def load(cls, path: Path) -> BasketRetriever:
         """Open a directory written by :meth:`save`."""
         p = Path(path)
-        meta_path = p / "retriever.json"
-        if not meta_path.exists():
-            raise ModelError(f"no saved retriever in {p}")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("kind") != "basket-tower":
-            raise ModelError(f"{p} holds a {meta.get('kind')!r} model, not 'basket-tower'")
+        meta = read_retriever_meta(p, "basket-tower")
         r = cls(from_dict(BasketTrainConfig, meta["config"]))
         r.model = BasketTower(r.config.model, int(meta["n_items"]))
         r.model.load_state_dict(torch.load(p / "basket.pt", weights_only=True))

@@ -31,11 +31,9 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -44,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ecomrec.errors import ConfigError
 from training.contrastive import ContrastiveConfig
 from training.pretrain import PretrainConfig
-from training.trainer import RunConfig, Trainer
+from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +131,13 @@ def shard_batches(plan: list[np.ndarray], rank: int, world: int) -> list[np.ndar
 class DistributedTrainer(Trainer):
     """A :class:`Trainer` that runs as one process of a DDP job (see the module doc)."""
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        items: pl.DataFrame,
-        item_ids: list[str],
-        run_dir: str | Path,
-        text_cache_dir: str | Path | None = None,
-        t_start: float | None = None,
-    ) -> None:
+    # The constructor is Trainer's (one signature for both); this hook runs at its end.
+    def _join_process_group(self) -> None:
         if not is_distributed():
             raise ConfigError("DistributedTrainer needs an initialised process group")
-        super().__init__(cfg, items, item_ids, run_dir, text_cache_dir, t_start)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.is_main = self.rank == 0
+        self.is_main = self.rank == 0  # only rank 0 writes files
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._ddp: DistributedDataParallel | None = None
@@ -187,17 +177,10 @@ class DistributedTrainer(Trainer):
         return dict(box[0])
 
 
-def make_trainer(
-    cfg: RunConfig,
-    items: pl.DataFrame,
-    item_ids: list[str],
-    run_dir: str | Path,
-    text_cache_dir: str | Path | None = None,
-    t_start: float | None = None,
-) -> Trainer:
-    """A :class:`DistributedTrainer` inside a multi-process job, else a plain :class:`Trainer`."""
-    cls = DistributedTrainer if is_distributed() else Trainer
-    return cls(cfg, items, item_ids, run_dir, text_cache_dir, t_start)
+def trainer_class() -> type[Trainer]:
+    """:class:`DistributedTrainer` inside a multi-process job, else :class:`Trainer` (both
+    take Trainer's constructor arguments)."""
+    return DistributedTrainer if is_distributed() else Trainer
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:

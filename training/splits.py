@@ -125,9 +125,11 @@ def _without(inter: Interactions, drop: np.ndarray) -> Interactions:
     return inter.filter(~drop)
 
 
-def _window_targets(
-    inter: Interactions, lo: int, hi: int, history: Interactions, exclude_seen: bool
+def window_targets(
+    inter: Interactions, lo: int, hi: int, history: Interactions, exclude_seen: bool = True
 ) -> Targets:
+    """The distinct items purchased in ``[lo, hi)`` by users with ``history``; with
+    ``exclude_seen`` items already in their history are not targets."""
     users = inter.user_of_row()
     m = (inter.ts >= lo) & (inter.ts < hi) & (inter.event_type == EVENT_TYPE_IDS["purchase"])
     u, it = users[m], inter.items[m].astype(np.int64)
@@ -161,8 +163,8 @@ def temporal_split(
     t1 = t0 + test_days * 86400 if test_days else int(inter.ts.max(initial=0)) + 1
     train = _without(inter, inter.ts >= v0)
     train_valid = _without(inter, inter.ts >= t0)
-    valid = _window_targets(inter, v0, t0, train, exclude_seen)
-    test = _window_targets(inter, t0, t1, train_valid, exclude_seen)
+    valid = window_targets(inter, v0, t0, train, exclude_seen)
+    test = window_targets(inter, t0, t1, train_valid, exclude_seen)
     if len(valid) == 0 or len(test) == 0:
         raise DataError(
             f"temporal split at {test_start} leaves {len(valid)} validation and {len(test)} "

@@ -12,6 +12,11 @@ scalars, CUDA with bf16 autocast when present. A run directory holds:
 
 Batches hold users of similar length (shuffled, then sorted inside chunks) and are
 padded to their own longest sequence; the loss only sees real positions.
+
+Debugging aid: with ``$ECOMREC_BATCH_LOG`` set to a folder, every process appends one JSON
+line per training step to ``<folder>/rank<R>.jsonl`` (stage, epoch, step, the user ids of
+its batch rows, the logged loss); tests use it to check that DDP ranks share each global
+batch without overlap.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -63,6 +69,9 @@ from training.pretrain import PretrainConfig, log_popularity, masked_item_loss, 
 from training.splits import Targets
 
 log = logging.getLogger(__name__)
+
+#: Environment variable naming a folder for the per-step batch log (see the module doc).
+BATCH_LOG_ENV = "ECOMREC_BATCH_LOG"
 
 
 @dataclass(frozen=True)
@@ -344,10 +353,14 @@ class Trainer:
         self._vocab_cache: dict[str, list[str]] | None = vocab
         self.init_model = init_model
         self._fit_on: Interactions | None = None
-        # hooks for training/distributed.py: only the main process writes files; every
-        # step's loss (averaged over processes there) is kept for parity checks
-        self.is_main = True
+        # every step's loss (averaged over processes in a DDP job) is kept for parity checks
         self.step_losses: list[float] = []
+        self._join_process_group()
+
+    def _join_process_group(self) -> None:
+        """This process's place in a DDP job (training/distributed.py overrides it): here
+        the only process, so the one that writes files."""
+        self.is_main = True
 
     # --- model ---------------------------------------------------------------------
     def build_model(self, train: Interactions) -> TwoTower:
@@ -575,7 +588,8 @@ class Trainer:
                 leave=False,
                 desc=f"{stage} {epoch + 1}/{scfg.epochs}",
             )
-            for batch in bar:
+            batch_log = os.environ.get(BATCH_LOG_ENV)
+            for step, batch in enumerate(bar):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self._loss(stage, module, scfg, batch, log_pop, gen)
                 opt.zero_grad(set_to_none=True)
@@ -586,6 +600,8 @@ class Trainer:
                 sched.step()
                 losses.append(self._step_loss(loss))
                 self.step_losses.append(losses[-1])
+                if batch_log:
+                    self._log_batch(Path(batch_log), stage, epoch, step, plan[step], losses[-1])
                 global_step += 1
                 if len(losses) % TRIM_EVERY_STEPS == 0:
                     release_free_memory()
@@ -633,7 +649,7 @@ class Trainer:
             else:
                 bad += 1
             if resumable and self.is_main:
-                torch.save(
+                _save_atomic(
                     {
                         "stage": stage,
                         "epoch": epoch,
@@ -677,7 +693,7 @@ class Trainer:
         )
         if stage == "pretrain" and resumable and self.is_main:
             # mark stage 1 as done for a resumed run
-            torch.save(
+            _save_atomic(
                 {
                     "stage": "contrastive",
                     "epoch": -1,
@@ -687,6 +703,16 @@ class Trainer:
                 self.run_dir / "last.pt",
             )
         return res
+
+    def _log_batch(
+        self, folder: Path, stage: str, epoch: int, step: int, users: np.ndarray, loss: float
+    ) -> None:
+        """One line of the ``$ECOMREC_BATCH_LOG`` debugging log (see the module doc)."""
+        rank = int(getattr(self, "rank", 0))
+        folder.mkdir(parents=True, exist_ok=True)
+        line = {"stage": stage, "epoch": epoch, "step": step, "users": users.tolist()}
+        with open(folder / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({**line, "loss": loss}) + "\n")
 
     def _shard_plan(self, plan: list[np.ndarray]) -> list[np.ndarray]:
         """This process's part of an epoch's batches (all of them here; see distributed.py)."""
@@ -720,6 +746,14 @@ class Trainer:
             return _bidirectional_contrastive(model, batch, scfg, log_pop, gen)
         positions = scfg.positions if isinstance(scfg, ContrastiveConfig) else "all"
         return next_item_loss(model, batch, scfg, log_pop, positions, gen)
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary sibling, then rename: a process killed mid-write
+    leaves the previous file (a resume never reads half a ``last.pt``)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _bidirectional_contrastive(

@@ -100,10 +100,12 @@ class TwoTowerRetriever:
         t_start: float | None = None,
     ) -> None:
         """Train (stage 1 and/or 2); early stopping on ``valid`` NDCG@10 when given."""
-        from training.distributed import make_trainer
+        from training.distributed import trainer_class
 
         # a DistributedTrainer inside a torchrun job (ecomrec train --nproc N)
-        trainer = make_trainer(self.cfg, self.items, self.item_ids, self.run_dir, t_start=t_start)
+        trainer = trainer_class()(
+            self.cfg, self.items, self.item_ids, self.run_dir, t_start=t_start
+        )
         self.cfg = trainer.cfg  # item features adapted to what the catalogue holds
         self.model, self.manifest = trainer.fit(train, valid, resume=resume)
         self.model.eval()

@@ -164,29 +164,107 @@ def test_compose_passes_the_same_config_and_ports() -> None:
     assert f"server recommend:{serve.port}" in nginx and "grpc_pass" in nginx
 
 
-class _FakeQdrant:
-    """Records what the server store asks a Qdrant cluster for."""
+class _QdrantWire:
+    """A localhost HTTP endpoint that answers the REST calls of creating a collection the
+    way a Qdrant server does and records each request (method, path, JSON body).
+
+    No Qdrant server runs on this machine, and qdrant-client's local mode drops shard and
+    replica settings; so the real client is driven over HTTP and the test reads what a
+    cluster would receive on the wire."""
 
     def __init__(self) -> None:
-        self.created: dict[str, Any] = {}
+        import http.server
+        import importlib.metadata
+        import json
+        import threading
 
-    def collection_exists(self, name: str) -> bool:
-        return False
+        calls: list[tuple[str, str, Any]] = []
+        self.calls = calls
 
-    def create_collection(self, name: str, **kw: Any) -> None:
-        self.created = {"name": name, **kw}
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, result: Any) -> None:
+                body = json.dumps({"result": result, "status": "ok", "time": 0.0}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
-    def create_payload_index(self, *a: Any, **kw: Any) -> None:
-        pass
+            def _record(self) -> Any:
+                n = int(self.headers.get("Content-Length") or 0)
+                data = json.loads(self.rfile.read(n)) if n else None
+                calls.append((self.command, self.path.split("?")[0], data))
+                return data
+
+            def do_GET(self) -> None:
+                self._record()
+                if self.path == "/":  # the client's version check
+                    version = importlib.metadata.version("qdrant-client")
+                    body = json.dumps({"title": "qdrant", "version": version}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif self.path.endswith("/exists"):
+                    self._answer({"exists": False})
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+
+            def do_PUT(self) -> None:
+                self._record()
+                if self.path.split("?")[0].endswith("/index"):
+                    self._answer({"operation_id": 1, "status": "completed"})
+                else:
+                    self._answer(True)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        import time
+
+        end = time.monotonic() + 10  # the client checks the server version in a thread
+        while ("GET", "/", None) not in self.calls and time.monotonic() < end:
+            time.sleep(0.01)
+        self.server.shutdown()
+        self.server.server_close()
 
 
-def test_the_collection_gets_shards_replicas_and_write_consistency_from_config() -> None:
+def test_the_collection_gets_shards_replicas_and_write_consistency_from_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from indexing.base import PAYLOAD_INDEXES
+
     index = load_index_config(DEPLOY / "config" / "serve.toml")
     assert index is not None
-    fake = _FakeQdrant()
-    ServerStore(index, client=fake).create_version("items-v1", 32, {})
-    assert fake.created["shard_number"] == 6
-    assert fake.created["replication_factor"] == 2
-    assert fake.created["write_consistency_factor"] == 2
+    monkeypatch.delenv(index.api_key_env, raising=False)  # plain HTTP: no key to send
+    wire = _QdrantWire()
+    try:
+        store = ServerStore(dataclasses.replace(index, location=wire.url))
+        store.create_version("items_v1", 32, dict(PAYLOAD_INDEXES))
+    finally:
+        wire.close()
+    created = [
+        body for verb, path, body in wire.calls if (verb, path) == ("PUT", "/collections/items_v1")
+    ]
+    assert len(created) == 1
+    assert created[0]["shard_number"] == 6
+    assert created[0]["replication_factor"] == 2
+    assert created[0]["write_consistency_factor"] == 2
+    assert created[0]["vectors"] == {"size": 32, "distance": "Cosine"}
+    indexed = {
+        body["field_name"]: body["field_schema"]
+        for verb, path, body in wire.calls
+        if (verb, path) == ("PUT", "/collections/items_v1/index")
+    }
+    assert indexed == dict(PAYLOAD_INDEXES)
     with pytest.raises(ConfigError, match="write_consistency"):
         IndexConfig(backend="server", location="http://q:6333", replicas=1, write_consistency=2)

@@ -69,3 +69,16 @@ def store(backend: str, tmp_path: Path) -> Any:
     s = open_store(make_config(backend, tmp_path))
     yield s
     s.close()
+
+
+def indexed_vectors(reader: Any) -> tuple[int, int]:
+    """(vectors in an HNSW graph, points) of the embedded reader's live version.
+
+    A delta version counts its base and its delta shard.  Below the engine's full-scan
+    threshold nothing is indexed (every search is a full scan): a test that claims to
+    check ANN answers must see a graph here.
+    """
+    handle = reader._resolve()[1]
+    shards = [handle.base, handle.delta] if hasattr(handle, "delta") else [handle]
+    infos = [s.info() for s in shards]
+    return sum(i.indexed_vectors_count for i in infos), sum(i.points_count for i in infos)

@@ -19,7 +19,7 @@ import pytest
 from indexing.base import SearchFilter
 from indexing.build import build_version, delete_points, open_store, rollback, upsert_points
 from indexing.integrity import compute_checksums
-from tests.indexing.conftest import make_config, make_points
+from tests.indexing.conftest import indexed_vectors, make_config, make_points
 from tests.indexing.test_contract import FILTERS, _reference
 
 N, D = 600, 16
@@ -44,6 +44,9 @@ class Expected:
 
 
 def _store(tmp_path: Path, **kw: Any) -> Any:
+    # full_scan_threshold_kb=1: base and delta shards get an HNSW graph (600 points of 16
+    # floats are far below the default 1000 KB, where every search is a full scan)
+    kw.setdefault("full_scan_threshold_kb", 1)
     return open_store(make_config("edge", tmp_path, delta_min_base=1, **kw))
 
 
@@ -77,6 +80,7 @@ def _updates(store: Any, exp: Expected) -> None:
     ],
     ids=["default", "postfilter", "filtered-hnsw"],
 )
+@pytest.mark.slow
 def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str, Any]) -> None:
     store = _store(tmp_path, delta_max_fraction=1.0, **planner)
     ids, vecs, pays = make_points(N, D)
@@ -92,6 +96,10 @@ def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str
     e_ids, e_vecs, e_pays = exp.arrays()
     reader = store.open()
     assert reader.count() == len(e_ids) == store.manifest(live).count
+    # both layers are searched through a graph: base (600) + delta (57 live points; the
+    # delta's graph may still hold the vectors of points deleted from it)
+    graph, points = indexed_vectors(reader)
+    assert points == N + layer["delta_points"] and graph >= points
     qs = np.concatenate([np.random.default_rng(3).normal(size=(6, D)), e_vecs[:4]])
     qs = qs.astype(np.float32)
     for f in FILTERS:
@@ -118,6 +126,7 @@ def test_delta_version_answers_like_bruteforce(tmp_path: Path, planner: dict[str
     store.close()
 
 
+@pytest.mark.slow
 def test_compaction_rollback_prune_and_integrity(tmp_path: Path) -> None:
     store = _store(tmp_path, delta_max_fraction=0.1, keep_versions=2)
     ids, vecs, pays = make_points(N, D)
@@ -169,9 +178,12 @@ def test_small_versions_are_copied_whole(tmp_path: Path) -> None:
     store.close()
 
 
-# A reader in another process: queries the alias in a loop, prints "version id,id,...".
+# A reader in another process: queries the alias in a loop, prints "version id,id,...",
+# until the stop file exists (then one last query: it sees the last committed version);
+# the deadline only guards against a test that never writes the stop file.
 READER = """
 import sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
 import numpy as np
 from indexing.base import IndexConfig
@@ -179,14 +191,21 @@ from indexing.build import open_store
 store = open_store(IndexConfig(location={loc!r}))
 reader = store.open()
 q = np.array({q!r}, dtype=np.float32)
-print("ready", flush=True)
-end = time.monotonic() + {seconds}
-while time.monotonic() < end:
+stop = Path({stop!r})
+
+def answer():
     hits = reader.search(q, 10, with_payload=False)
     print(reader._tls.version, ",".join(str(h.item_id) for h in hits), flush=True)
+
+print("ready", flush=True)
+end = time.monotonic() + 300
+while not stop.exists() and time.monotonic() < end:
+    answer()
+answer()
 """
 
 
+@pytest.mark.slow
 def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
     """Delta updates under a reader in another process: every answer is exactly one
     committed version's brute-force answer (never a half-applied update)."""
@@ -206,9 +225,10 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
         answers[version] = _reference(e_ids, e_vecs, e_pays, q, 10, SearchFilter())
 
     record(first)
+    stop = tmp_path / "stop"
     child = subprocess.Popen(
         [sys.executable, "-c", READER.format(
-            root=str(root), loc=str(tmp_path / "index"), q=q.tolist(), seconds=12
+            root=str(root), loc=str(tmp_path / "index"), q=q.tolist(), stop=str(stop)
         )],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -226,7 +246,8 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
     v = delete_points(store, gone).version
     exp.delete(gone)
     record(v)
-    out, _ = child.communicate(timeout=60)
+    stop.touch()
+    out, _ = child.communicate(timeout=120)
     lines = [ln.split(" ") for ln in out.strip().splitlines()]
     seen = {ver for ver, _ in lines}
     assert len(lines) > 20 and v in seen  # the reader followed the alias to the last one
@@ -238,7 +259,7 @@ def test_reader_process_sees_whole_versions_only(tmp_path: Path) -> None:
 def test_failed_delta_update_leaves_alias_and_base(tmp_path: Path) -> None:
     from indexing.base import VerificationError
 
-    store = _store(tmp_path)
+    store = _store(tmp_path, full_scan_threshold_kb=1000)  # about counts: no graph needed
     ids, vecs, pays = make_points(N, D)
     base = build_version(store, ids, vecs, pays, model_version="m").version
     before = compute_checksums(tmp_path / "index" / "versions" / base)

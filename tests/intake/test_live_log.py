@@ -117,6 +117,7 @@ def test_concurrent_appends_share_commits_and_lose_nothing(tmp_path: Path) -> No
     assert len(commits) < 8 * 20
 
 
+@pytest.mark.slow
 def test_kill_9_loses_no_acknowledged_event_and_tears_nothing(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -450,6 +450,7 @@ def test_a_half_published_batch_is_completed_once_by_its_retry(
         assert log.append(batch, batch_id="b7").replayed
 
 
+@pytest.mark.slow
 def test_forget_erases_the_customer_from_every_node_disk(tmp_path: Path) -> None:
     with LocalNatsCluster(tmp_path / "nats") as c:
         with NatsEventLog(NatsLogConfig(servers=tuple(c.urls))) as log:

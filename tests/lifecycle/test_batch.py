@@ -132,7 +132,7 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
         ) as lc,
         Client(lc) as c,
     ):
-        pids = list(c.run(os.getpid).values())
+        addr0, pid0 = next(iter(c.run(os.getpid).items()))
         result: dict[str, Any] = {}
 
         def job() -> None:
@@ -140,21 +140,34 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
                 "embed-users", out, c, run_dir=shop["run"], sequences=shop["ingest"]
             )
 
+        def in_flight(dask_worker: Any) -> list[str]:  # part files of the shards it computes
+            specs = [a for ts in dask_worker.state.executing for a in ts.run_spec.args]
+            return [a.out_file for a in specs if hasattr(a, "out_file")]
+
         th = threading.Thread(target=job)
         th.start()
-        deadline = time.time() + 600  # the first shard waits for torch to load in a worker
-        while not list(out.glob("part-*.parquet")) and time.time() < deadline:
+        deadline = time.monotonic() + 600  # the first shard waits for torch to load in a worker
+        flight: list[str] = []
+        while not (list(out.glob("part-*.parquet")) and flight):
+            assert th.is_alive(), "the job ended before a worker could be killed mid-shard"
+            assert time.monotonic() < deadline, "no shard finished"
             time.sleep(0.02)
+            flight = c.run(in_flight, workers=[addr0])[addr0]
         for f in out.glob("part-*.parquet"):  # finished before the kill
             st = f.stat()
             seen[f.name] = (st.st_ino, st.st_mtime_ns)
-        os.kill(pids[0], signal.SIGKILL)  # a worker dies mid-job; its nanny restarts it
+        t_kill = time.time_ns()
+        os.kill(pid0, signal.SIGKILL)  # a worker dies mid-shard; its nanny restarts it
+        interrupted = [Path(f) for f in flight if not Path(f).exists()]
+        assert interrupted, f"{flight} finished before the kill landed"
         th.join(timeout=300)
     rep = result["rep"]
     assert rep.computed == 8 and len(seen) >= 1
     for name, ident in seen.items():  # written once: never recomputed after the kill
         st = (out / name).stat()
         assert (st.st_ino, st.st_mtime_ns) == ident
+    for f in interrupted:  # the shard the dead worker was computing: redone after the kill
+        assert f.stat().st_mtime_ns > t_kill, f
     got = read_output(out).sort("user_id")
     np.testing.assert_allclose(got["vector"].to_numpy(), reference_users(shop), atol=1e-5)
 
@@ -172,6 +185,7 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
         run_job("embed-items", out, None, run_dir=shop["run"])
 
 
+@pytest.mark.slow
 def test_cli_runs_a_job_in_process_and_reports_it(
     shop: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

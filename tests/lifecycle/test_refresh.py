@@ -1,18 +1,26 @@
 """``ecomrec refresh`` end to end on a real embedded index: promotion with lineage, the
-candidate-worse and no-new-data exits, bad data, the lock, kills at every risky step."""
+candidate-worse and no-new-data exits, bad data, the lock, SIGKILLs from outside at random
+moments (index build, rename, deploy-record write)."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.lifecycle.conftest import ROOT, Shop, alias_target, index_cfg, quick_config
+
+pytestmark = pytest.mark.slow  # a trained model / a served process per module: seconds
 
 CONFIG_TOML = """
 [refresh]
@@ -46,16 +54,8 @@ def _deploy(tmp: Path) -> dict[str, Any]:
     return dict(json.loads((tmp / "index.refresh" / "deploy.json").read_text()))
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "ecomrec", *args],
-        capture_output=True,
-        text=True,
-        env=e,
-        cwd=ROOT,
-        timeout=300,
-    )
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
 
 
 def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -193,56 +193,169 @@ def test_lock_refuses_a_second_refresh(
     assert not (tmp_path / "index.refresh" / "deploy.json").exists()
 
 
-@pytest.mark.parametrize("step", ["trained", "index-built", "committed"])
-def test_kill_mid_refresh_then_next_run_succeeds(
-    shop: Shop, live_run: Path, tmp_path: Path, step: str, capsys: pytest.CaptureFixture[str]
+def _wait_then_kill(
+    proc: subprocess.Popen[str], trigger: Any, delay: float, what: str, deadline: float = 600
 ) -> None:
-    """SIGKILL (a real kill of a real `ecomrec refresh` process) at a step: the live model
-    and index stay (before the commit point), and the next refresh finishes the job and
-    cleans up."""
-    rc, err = _main(_cli_args(shop, live_run, tmp_path, shop.mid_dir), capsys)
-    assert rc in (0, 5), err[-2000:]
-    before, alias = _deploy(tmp_path), alias_target(tmp_path / "index")
-    assert alias == before["live"]["index_version"]
-    args = _cli_args(shop, live_run, tmp_path, shop.full_dir)
-    killed = _cli(args, env={"ECOMREC_REFRESH_FAULT": step})
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    after = _deploy(tmp_path)
-    if step == "committed":  # past the commit point: the deployment is the new one
-        assert after["live"]["parent_run"] == before["live"]["run"]
-        assert alias_target(tmp_path / "index") == alias  # alias not moved yet
-    else:
-        assert after == before and alias_target(tmp_path / "index") == alias
-    # a reader following the alias still answers from the live version
-    from indexing.base import IndexConfig
-    from indexing.build import open_index
+    """SIGKILL ``proc`` ``delay`` s after ``trigger()`` first holds; fails if it ends first."""
+    end = time.monotonic() + deadline
+    while not trigger():
+        assert proc.poll() is None, f"the refresh ended before {what}"
+        assert time.monotonic() < end, f"never reached {what}"
+        time.sleep(0.001)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, f"the refresh ended before {what}"
 
-    reader = open_index(IndexConfig(location=str(tmp_path / "index")))
+
+def _assert_old_or_new_good(tmp: Path, before: dict[str, Any], alias: str) -> str:
+    """After a kill: the deployment is the old one or a complete new one, and a reader of
+    the alias answers.  Returns "old" or "new"."""
+    from indexing.base import IndexConfig
+    from indexing.build import open_index, open_store
+    from indexing.deploy import DeployState
+
+    live = asdict(DeployState(tmp / "index.refresh").live())  # parses, or DataError
+    now_alias = alias_target(tmp / "index")
+    if live == before["live"]:
+        state = "old"
+        assert now_alias == alias
+    else:  # past the commit point: every part of the new record is complete
+        state = "new"
+        assert live["parent_run"] == before["live"]["run"]
+        assert (Path(live["run"]) / "model.pt").exists()
+        assert (Path(live["dataset"]) / "dataset.json").exists()
+        store = open_store(IndexConfig(location=str(tmp / "index")))
+        try:
+            assert live["index_version"] in {m.version for m in store.versions("items")}
+        finally:
+            store.close()
+        assert now_alias in (alias, live["index_version"])  # the alias moves after the commit
+    reader = open_index(IndexConfig(location=str(tmp / "index")))
     try:
-        assert reader.version == alias and reader.count() > 0
+        assert reader.version == now_alias and reader.count() > 0
+        assert reader.search(reader.get_vectors([1])[0], 3)[0].item_id == 1
     finally:
         reader.close()
-    rc, err = _main(args, capsys)
-    final = _deploy(tmp_path)["live"]
-    if step == "committed":
-        assert rc == 4, err[-2000:]  # nothing new; the alias move was finished
-    else:
-        assert rc in (0, 5), err[-2000:]
-        assert final["parent_run"] == before["live"]["run"]
-    assert alias_target(tmp_path / "index") == final["index_version"]
-    state = tmp_path / "index.refresh"
-    assert not (state / "tmp").exists()
-    runs = {p.name for p in (state / "runs").iterdir()}
-    assert runs == {Path(before["live"]["run"]).name, Path(final["run"]).name}
+    return state
+
+
+def _new_version_building(index: Path, known: set[str]) -> Any:
+    def trigger() -> bool:
+        vdirs = [p for p in (index / "versions").iterdir() if p.name not in known]
+        return any(not (p / "manifest.json").exists() for p in vdirs)
+
+    return trigger
+
+
+def _new_run(runs: Path) -> Any:
+    old = {p.name for p in runs.iterdir()}
+    return lambda: {p.name for p in runs.iterdir()} != old
+
+
+def _new_version_committed(index: Path, known: set[str]) -> Any:
+    def trigger() -> bool:
+        vdirs = [p for p in (index / "versions").iterdir() if p.name not in known]
+        return any((p / "manifest.json").exists() for p in vdirs)
+
+    return trigger
+
+
+# (what, trigger(tmp, known versions) -> condition, delay after it in seconds or None = random
+# moment of a whole reference refresh)
+KILLS: list[tuple[str, Any, Any]] = [
+    (
+        "during the index build",
+        lambda t, known: _new_version_building(t / "index", known),
+        lambda rng, ref: rng.uniform(0.0, 0.2),
+    ),
+    (
+        "around the rename of the new run",  # refit done: manifest, dataset, rename follow
+        lambda t, known: lambda: any((t / "index.refresh" / "tmp").glob("*/model.pt")),
+        lambda rng, ref: rng.uniform(0.0, 0.3),
+    ),
+    (
+        "right after the rename of the new run",
+        lambda t, known: _new_run(t / "index.refresh" / "runs"),
+        lambda rng, ref: 0.0,
+    ),
+    (
+        # the new version is committed (its manifest written): the deploy-record write
+        # (temporary file, fsync, rename) follows at once; a kill inside it leaves the
+        # temporary file behind (checked below when it happens)
+        "around the deploy-record write",
+        lambda t, known: _new_version_committed(t / "index", known),
+        lambda rng, ref: rng.uniform(0.0, 0.03),
+    ),
+    (
+        "at a random moment",
+        lambda t, known: lambda: True,
+        lambda rng, ref: rng.uniform(0.0, ref),
+    ),
+]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_old_or_new_state_and_rerun_completes(
+    shop: Shop, live_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real ``ecomrec refresh`` process SIGKILLed from outside: during the index build,
+    around and right after the rename of the new run, around the deploy-record write and
+    at a random moment (random delays after each trigger).  After each kill the deployment is the old good one or
+    the new good one (a reader of the alias answers), and the next refresh completes and
+    leaves no debris."""
+    from indexing.base import IndexConfig
     from indexing.build import open_store
 
-    store = open_store(IndexConfig(location=str(tmp_path / "index")))
-    try:
-        assert not store.incomplete_versions("items")
-        versions = {m.version for m in store.versions("items")}
-        known = {final["index_version"]} | {
-            r["index_version"] for r in _deploy(tmp_path)["history"]
-        }
-        assert versions <= known, versions - known
-    finally:
-        store.close()
+    template = tmp_path / "template"
+    template.mkdir()
+    t0 = time.monotonic()
+    rc, err = _main(_cli_args(shop, live_run, template, shop.mid_dir), capsys)
+    ref_seconds = time.monotonic() - t0  # a refresh in this process: shorter than the CLI's
+    assert rc in (0, 5), err[-2000:]
+    rng = random.Random()
+    states: dict[str, str] = {}
+    inside: dict[str, str] = {}
+    for i, (what, trigger, delay) in enumerate(KILLS):
+        tmp = tmp_path / f"kill{i}"
+        shutil.copytree(template, tmp, symlinks=True)
+        before, alias = _deploy(tmp), alias_target(tmp / "index")
+        assert alias == before["live"]["index_version"]
+        known = {p.name for p in (tmp / "index" / "versions").iterdir()}
+        args = _cli_args(shop, live_run, tmp, shop.full_dir)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ecomrec", *args], env=_env(), cwd=ROOT, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_then_kill(proc, trigger(tmp, known), delay(rng, ref_seconds), what)
+        states[what] = _assert_old_or_new_good(tmp, before, alias)
+        # killed inside the deploy-record write (its temporary file left behind): the old
+        # deployment; killed inside the index build (a version without a manifest): too
+        if list((tmp / "index.refresh").glob("deploy.json.tmp*")):
+            inside[what] = "deploy-record write"
+            assert states[what] == "old", what
+        if _new_version_building(tmp / "index", known)():
+            inside[what] = "index build"
+            assert states[what] == "old", what
+        rc, err = _main(args, capsys)
+        final = _deploy(tmp)["live"]
+        if states[what] == "new":
+            assert rc == 4, err[-2000:]  # nothing new; the alias move was finished
+        else:
+            assert rc in (0, 5), (what, err[-2000:])
+        assert final["parent_run"] == before["live"]["run"]
+        assert alias_target(tmp / "index") == final["index_version"]
+        state = tmp / "index.refresh"
+        assert not (state / "tmp").exists() and not list(state.glob("deploy.json.tmp*"))
+        runs = {p.name for p in (state / "runs").iterdir()}
+        assert runs == {Path(before["live"]["run"]).name, Path(final["run"]).name}
+        store = open_store(IndexConfig(location=str(tmp / "index")))
+        try:
+            assert not store.incomplete_versions("items")
+            versions = {m.version for m in store.versions("items")}
+            history = _deploy(tmp)["history"]
+            known_now = {final["index_version"]} | {r["index_version"] for r in history}
+            assert versions <= known_now, versions - known_now
+        finally:
+            store.close()
+    # the new run in place, its index not built yet: nothing committed
+    assert states["right after the rename of the new run"] == "old", (states, inside)

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from tests.lifecycle.conftest import Shop, index_cfg, quick_config
 from tests.serving.conftest import API_KEY
 from tests.serving.test_serve_process import Proc
 
 
+@pytest.mark.slow
 def test_serve_process_follows_refresh_promotions(
     shop: Shop, live_run: Path, tmp_path: Path
 ) -> None:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.lifecycle.conftest import ROOT, Shop, index_cfg, quick_config
 
 
@@ -22,11 +24,12 @@ def _serve_cfg() -> Any:
     )
 
 
+@pytest.mark.slow
 def test_service_reloads_promoted_model_without_a_failed_request(
     shop: Shop, live_run: Path, tmp_path: Path
 ) -> None:
+    from indexing.deploy import DeployState
     from lifecycle.refresh import refresh
-    from lifecycle.state import DeployState
     from serving.observability import Metrics
     from serving.reload import EngineReloader, engine_from_record
     from tests.serving.conftest import Served
@@ -67,22 +70,29 @@ def test_service_reloads_promoted_model_without_a_failed_request(
                 errors.append(e)
             i += 4
 
+    def answered_since(t: float, n: int = 3, timeout: float = 60) -> None:
+        """Wait (with a deadline, not a fixed sleep) for n answers to requests started after t."""
+        end = time.monotonic() + timeout
+        while sum(1 for a, *_ in list(answers) if a > t) < n:
+            assert time.monotonic() < end and not errors, (errors[:3], len(answers))
+            time.sleep(0.01)
+
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     try:
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        answered_since(0.0)
         # a promotion while the service runs: the manifest changes, the watcher reloads
         second = refresh(live_run, shop.full, tmp_path / "index", config=cfg, index_cfg=index_cfg())
         assert second.record is not None and second.decision == "promoted"
         assert reloader.check()
         t_swap = time.monotonic()  # windows: from after one action to before the next
-        time.sleep(0.5)
+        answered_since(t_swap)
         # roll back in memory, then forward again on SIGHUP
         t_swap_end = time.monotonic()
         assert reloader.rollback()
         t_back = time.monotonic()
-        time.sleep(0.5)
+        answered_since(t_back)
         reloader.install_sighup()
         n_before = reloader.reloads
         t_back_end = time.monotonic()
@@ -91,7 +101,7 @@ def test_service_reloads_promoted_model_without_a_failed_request(
         while reloader.reloads == n_before and time.monotonic() < deadline:
             time.sleep(0.05)
         t_hup = time.monotonic()
-        time.sleep(0.5)
+        answered_since(t_hup)
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         stop.set()

@@ -17,6 +17,8 @@ import pytest
 
 from ecomrec.cli import main
 
+pytestmark = pytest.mark.slow  # its fixture trains a model and fits the scores: ~25 s
+
 
 def _shop(root: Path, name: str, seed: int) -> Path:
     out = root / name

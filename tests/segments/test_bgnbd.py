@@ -88,6 +88,7 @@ def simulate(
     return x, t_x, np.full(n, T), future
 
 
+@pytest.mark.slow
 def test_parameter_recovery_and_holdout_calibration() -> None:
     true = (0.5, 6.0, 0.8, 2.5)
     x, t_x, T, fut = simulate(20000, *true, T=40.0, t_future=30.0, seed=1)

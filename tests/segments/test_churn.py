@@ -40,6 +40,7 @@ def test_split_is_temporal_and_labels_do_not_overlap(split) -> None:  # type: ig
     assert 0 < train.label("churn").mean() < 1
 
 
+@pytest.mark.slow
 def test_baselines_find_planted_lapsers(split) -> None:  # type: ignore[no-untyped-def]
     train, test = split
     for model in (BGNBDModel(CFG), GBDTModel(CFG)):

@@ -84,6 +84,7 @@ def test_cutoff_for_fits_the_window_and_steps_back() -> None:
     assert cutoff_for(ev, 30, offset_windows=1) == c - 30 * DAY
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 10.0))
 def test_post_cutoff_changes_never_change_features(seed: int, scale: float) -> None:

@@ -62,6 +62,7 @@ def test_recent_spend_and_errors_on_planted_values(shop: Any) -> None:
     assert e["total_error"] == pytest.approx(20 / 15 - 1)
 
 
+@pytest.mark.slow
 def test_steady_buyers_choose_the_last_window(shop: Any) -> None:
     ds = _shop(shop, period_days=1)  # the same spend in every window: last window is exact
     valid, _ = prepare(ds, cutoff_for(ds.events, 90), CFG)
@@ -71,6 +72,7 @@ def test_steady_buyers_choose_the_last_window(shop: Any) -> None:
     assert choice.valid["gbdt"]["mae"] > 0
 
 
+@pytest.mark.slow
 def test_alternating_buyers_choose_the_regressor(shop: Any) -> None:
     """A purchase every 180 days: whoever bought in the last 90 days does not buy in the
     next 90, and the other way round, so "same as the last 90 days" is always wrong while

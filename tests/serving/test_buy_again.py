@@ -19,6 +19,8 @@ import pytest
 
 from tests.serving.conftest import Served, build_index, make_engine, open_reader, train_quick_run
 
+pytestmark = pytest.mark.slow  # a trained model / a served process per module: seconds
+
 WEEK = 7 * 86400
 REPEAT_USER, CHURN_USER, STAPLE = 7, 11, 42  # internal ids (1-based)
 

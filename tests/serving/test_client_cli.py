@@ -11,6 +11,8 @@ import pytest
 
 from tests.serving.conftest import API_KEY, Served
 
+pytestmark = pytest.mark.slow  # a trained model / a served process per module: seconds
+
 
 def test_client_round_trip(served: Served, parts: Any) -> None:
     from serving.client import RecommendClient

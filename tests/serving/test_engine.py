@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.serving.conftest import Served
+from tests.serving.conftest import Served, wait_for
 
 
 def test_deadline_checked_between_stages(served: Served, parts: Any) -> None:
@@ -69,10 +69,16 @@ class _SlowEncoder:
     """The real tower, 0.4 s slower: keeps requests in flight while the server stops."""
 
     def __init__(self, inner: Any) -> None:
+        import threading
+
         self.inner = inner
         self.dim = inner.dim
+        self.rows = 0  # users that entered encode()
+        self._lock = threading.Lock()
 
     def encode(self, batch: Any) -> Any:
+        with self._lock:
+            self.rows += len(batch.lengths)
         time.sleep(0.4)
         return self.inner.encode(batch)
 
@@ -86,7 +92,7 @@ def test_graceful_stop_finishes_in_flight(parts: Any, index_dir: Any) -> None:
 
     reader = open_reader(index_dir)
     engine = make_engine(parts, reader)
-    engine.encoder = _SlowEncoder(TowerEncoder(parts.model.model, parts.model.max_len))
+    engine.encoder = slow = _SlowEncoder(TowerEncoder(parts.model.model, parts.model.max_len))
     s = Served(engine)
     ext = parts.dataset.users.to_external(int(parts.history.users()[0]))
     s.call("Recommend", s.pb.RecommendRequest(user_id=ext, k=5))  # connected and warm
@@ -99,9 +105,10 @@ def test_graceful_stop_finishes_in_flight(parts: Any, index_dir: Any) -> None:
             results.append(e.code())
 
     threads = [threading.Thread(target=call) for _ in range(4)]
+    warm = slow.rows
     for t in threads:
         t.start()
-    time.sleep(0.2)  # all four are inside the encoder now
+    assert wait_for(lambda: slow.rows >= warm + 4, timeout=30)  # all four inside the encoder
     s.handle.stop(grace_s=5.0)
     for t in threads:
         t.join(10)

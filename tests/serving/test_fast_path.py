@@ -133,6 +133,7 @@ def test_fast_path_matches_single_request_path(parts: Any, index_dir: Path, segm
         reader.close()
 
 
+@pytest.mark.slow
 def test_event_loop_and_worker_paths_answer_alike_over_grpc(
     parts: Any, index_dir: Path, segments: Any
 ) -> None:

@@ -54,6 +54,7 @@ def test_index_missing_serves_segment_popularity(parts: Any, segments: Any, tmp_
         reader.close()
 
 
+@pytest.mark.slow
 def test_index_lost_while_serving_then_recovers(parts: Any, tmp_path: Path) -> None:
     d = tmp_path / "idx"
     build_index(d, parts)
@@ -157,14 +158,21 @@ def test_alias_swap_under_load(parts: Any, tmp_path: Path) -> None:
                 errors.append(e)
             i += 4
 
+    def answered(which: Any, n: int = 3, timeout: float = 60) -> None:
+        """Wait (with a deadline, not a fixed sleep) for n answers from versions ``which``."""
+        end = time.monotonic() + timeout
+        while sum(1 for v, _ in list(results) if which(v)) < n:
+            assert time.monotonic() < end and not errors, (errors[:3], len(results))
+            time.sleep(0.01)
+
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     try:
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        answered(lambda v: True)  # answers from v1 before the swap
         even = np.arange(2, parts.catalog.n_items + 1, 2)
         v2 = build_index(d, parts, keep=even)
-        time.sleep(0.5)
+        answered(lambda v: v == v2)  # and from v2 after it
     finally:
         stop.set()
         for t in threads:

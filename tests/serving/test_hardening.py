@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.serving.conftest import Served, build_index, make_engine, open_reader
+from tests.serving.conftest import Served, build_index, make_engine, open_reader, wait_for
 
 
 def damage(path: Path, how: str) -> None:
@@ -190,6 +190,7 @@ def test_garbage_protobuf_is_invalid_argument_with_one_log_line(
 
 
 # -- 3 + 4. a damaged index at start-up ------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "scramble"])
 def test_damaged_index_at_start_degrades_every_method(
     parts: Any, segments: Any, tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
@@ -303,6 +304,7 @@ def _versions_info(s: Served) -> str:
     raise AssertionError("no ecomrec_versions_info")
 
 
+@pytest.mark.slow
 def test_version_metric_follows_cli_build_and_rollback(
     parts: Any, segments: Any, tmp_path: Path
 ) -> None:
@@ -373,12 +375,12 @@ def test_not_found_after_delete_names_the_external_id(
 
 
 # -- NOT_SERVING before the port closes -------------------------------------------------------
+@pytest.mark.slow
 def test_stop_reports_not_serving_before_closing_the_port(fresh: Served, parts: Any) -> None:
     stopper = threading.Thread(target=fresh.handle.stop, args=(0.5, 4.0))
     stopper.start()
-    try:
-        time.sleep(0.3)
-        assert _health(fresh.channel) != _serving()
+    try:  # NOT_SERVING within the 4 s delay, then still answering
+        assert wait_for(lambda: _health(fresh.channel) != _serving(), timeout=3.0)
         r = fresh.call("Recommend", fresh.pb.RecommendRequest(user_id=_ext_user(parts), k=5), 3)
         assert len(r.items) == 5  # still answering while load balancers drain
     finally:
@@ -407,7 +409,8 @@ def test_health_watchers_keep_hearing_after_one_leaves(fresh: Served) -> None:
     try:
         assert all(next(w).status == _serving() for w in watches)
         watches[0].cancel()
-        time.sleep(0.5)  # the server sees the cancellation
+        # the server sees the cancellation: two watchers left
+        assert wait_for(lambda: fresh.handle.health._watching.get("") == 2, timeout=10)
         fresh.handle.set_ready(False)
         with ThreadPoolExecutor(2) as pool:
             got = [pool.submit(next, w) for w in watches[1:]]

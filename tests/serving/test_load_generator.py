@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.serving.conftest import API_KEY, Served
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_load_generator_rows(served: Served, parts: Any, tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import serve_load  # type: ignore[import-not-found]

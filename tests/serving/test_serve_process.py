@@ -146,7 +146,9 @@ def test_serve_process_damaged_index_truncation_and_sigterm(
         proc.wait_for(r"restart will refuse")
         # SIGTERM: NOT_SERVING while still answering for shutdown_delay_s, then exit 0
         proc.p.send_signal(signal.SIGTERM)
-        time.sleep(0.4)
+        end = time.monotonic() + 3.0  # NOT_SERVING well inside the 4 s delay
+        while _health(target) == serving_st and time.monotonic() < end:
+            time.sleep(0.02)
         assert _health(target) != serving_st
         assert len(_recommend(target, user).items) == 5
         assert proc.p.wait(20) == 0

@@ -81,6 +81,7 @@ def copurchase_shop() -> tuple[Interactions, np.ndarray]:
     return Interactions.from_lists(seqs, 40, ts=tss), partner
 
 
+@pytest.mark.slow
 def test_basket_tower_learns_co_purchase_and_round_trips(copurchase_shop, tmp_path) -> None:
     import torch
 

@@ -1,122 +1,29 @@
-"""DDP training with 2 CPU processes (gloo): parity with 1 process, resume, torchrun CLI."""
+"""DDP training with 2 CPU processes (gloo), launched for real by ``ecomrec train --nproc 2``
+(torchrun): each rank trains on its own disjoint share of every global batch, the loss curve
+matches one process, and a run SIGKILLed from outside at a random step resumes to the same
+weights."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from intake.synthetic import SyntheticConfig, make_shop
 from towers.model import load_checkpoint
-from towers.sequences import Interactions
-from training.distributed import (
-    DistEnv,
-    DistributedTrainer,
-    init_process_group,
-    shard_batches,
-    torchrun_command,
-)
-from training.splits import leave_one_out
-from training.trainer import RunConfig, Trainer, load_run_config
+from training.distributed import shard_batches, torchrun_command
 
-EPOCHS = 3
-
-
-def small_shop() -> tuple[Any, Any]:
-    ds = make_shop(SyntheticConfig(n_users=160, n_items=60, n_categories=4, mean_len=8))
-    inter = Interactions.from_events(ds.events, ds.n_users, ds.n_items)
-    return ds, leave_one_out(inter)
-
-
-def run_config() -> RunConfig:
-    # no dropout and a full softmax: nothing random differs between 1 and 2 processes
-    return load_run_config(
-        None,
-        threads=1,
-        device="cpu",
-        autocast="off",
-        tensorboard=False,
-        progress=False,
-        item={"dim": 16, "use_text": False},
-        user={
-            "hidden": 16,
-            "n_heads": 2,
-            "n_layers": 1,
-            "max_len": 10,
-            "dropout": 0.0,
-            "attention_dropout": 0.0,
-        },
-        pretrain={
-            "epochs": EPOCHS,
-            "batch_size": 32,
-            "lr": 0.01,
-            "patience": EPOCHS,
-            "temperature": 0.1,
-            "softmax": "full",
-        },
-    )
-
-
-class _Stop(Exception):
-    pass
-
-
-class _StopAfter(DistributedTrainer):
-    """Dies at the start of epoch ``stop`` (last.pt of the epoch before is on disk)."""
-
-    stop = 2
-
-    def _shard_plan(self, plan: list[np.ndarray]) -> list[np.ndarray]:
-        self._epochs = getattr(self, "_epochs", 0) + 1
-        if self._epochs > self.stop:
-            raise _Stop
-        return super()._shard_plan(plan)
-
-
-def _worker(rank: int, world: int, port: int, run_dir: str, interrupt: bool) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    env = DistEnv.from_env()
-    assert env is not None
-    init_process_group(env, "cpu")
-    ds, split = small_shop()
-    cls = _StopAfter if interrupt else DistributedTrainer
-    trainer = cls(run_config(), ds.items, ds.item_ids.external_ids, run_dir)
-    with contextlib.suppress(_Stop):
-        trainer.fit(split.train, split.valid)
-    if rank == 0:
-        name = "losses_interrupted.json" if interrupt else "losses.json"
-        (Path(run_dir) / name).write_text(json.dumps(trainer.step_losses))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_two(run_dir: Path, interrupt: bool = False) -> list[float]:
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(run_dir), interrupt), nprocs=2, start_method="spawn"
-    )
-    name = "losses_interrupted.json" if interrupt else "losses.json"
-    return list(json.loads((run_dir / name).read_text()))
+CLI_EPOCHS = 4
 
 
 def test_shards_split_every_global_batch_by_user() -> None:
@@ -136,30 +43,118 @@ def test_torchrun_command_runs_ecomrec_under_torch_distributed() -> None:
     assert cmd[-7:] == ["-m", "ecomrec", "train", "--dataset", "x", "--out", "y"]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_step_by_step_and_resume_exactly(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    ds, split = small_shop()
-    one = Trainer(run_config(), ds.items, ds.item_ids.external_ids, tmp_path / "one")
-    _m1, man1 = one.fit(split.train, split.valid)
-    l1 = np.array(one.step_losses)
+def _train_cmd(data: Path, out: Path, nproc: int) -> list[str]:
+    sets = {
+        "threads": 1,
+        "device": '"cpu"',
+        "autocast": '"off"',
+        "item.dim": 16,
+        "item.use_text": "false",
+        "user.hidden": 16,
+        "user.n_heads": 2,
+        "user.n_layers": 1,
+        "user.max_len": 10,
+        "user.dropout": 0.0,
+        "user.attention_dropout": 0.0,
+        "pretrain.epochs": CLI_EPOCHS,
+        "pretrain.batch_size": 32,
+        "pretrain.lr": 0.01,
+        "pretrain.patience": CLI_EPOCHS,
+        "pretrain.softmax": '"full"',
+    }  # no dropout and a full softmax: nothing random differs between 1 and 2 processes
+    cmd = [sys.executable, "-m", "ecomrec", "train", "--dataset", str(data), "--out", str(out)]
+    cmd += ["--config", "quick", "--no-test", "--nproc", str(nproc)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    return cmd
 
-    l2 = np.array(run_two(tmp_path / "two"))
-    # same global batches, gradients averaged over 2 processes: the loss curve matches
-    assert len(l2) == len(l1) and len(l1) >= EPOCHS * 4
+
+def _env(batch_log: Path) -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, OMP_NUM_THREADS="1", ECOMREC_BATCH_LOG=str(batch_log))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return env
+
+
+def _train(data: Path, out: Path, nproc: int, batch_log: Path) -> None:
+    done = subprocess.run(
+        _train_cmd(data, out, nproc), env=_env(batch_log), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+Step = tuple[str, int, int]  # (stage, epoch, step)
+
+
+def _read_log(folder: Path, rank: int) -> dict[Step, dict[str, Any]]:
+    f = folder / f"rank{rank}.jsonl"
+    if not f.exists():
+        return {}
+    rows = [json.loads(ln) for ln in f.read_text().splitlines() if ln.endswith("}")]
+    return {(r["stage"], r["epoch"], r["step"]): r for r in rows}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt, _ = load_checkpoint(run / "model.pt")
+    return dict(ckpt.model.state_dict())
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_each_batch_and_survive_sigkill(tmp_path: Path) -> None:
+    ds = make_shop(SyntheticConfig(n_users=1200, n_items=80, n_categories=4, mean_len=8))
+    data = tmp_path / "data"
+    ds.save(data)
+
+    _train(data, tmp_path / "one", 1, tmp_path / "log1")
+    _train(data, tmp_path / "two", 2, tmp_path / "log2")
+    one = _read_log(tmp_path / "log1", 0)
+    r0, r1 = _read_log(tmp_path / "log2", 0), _read_log(tmp_path / "log2", 1)
+    steps_per_epoch = sum(1 for k in one if k[1] == 0)
+    assert steps_per_epoch >= 20 and len(one) == CLI_EPOCHS * steps_per_epoch
+    assert set(r0) == set(r1) == set(one)  # same number of steps on every rank
+    for key, whole in one.items():
+        a, b = set(r0[key]["users"]), set(r1[key]["users"])
+        # each rank sees its own half of the global batch: disjoint, together all of it
+        assert a and b and not a & b, key
+        assert sorted(a | b) == sorted(whole["users"]), key
+        assert abs(len(a) - len(b)) <= 1, key
+    # gradients averaged over the two ranks: the loss curve of one process
+    l1 = np.array([one[k]["loss"] for k in sorted(one)])
+    l2 = np.array([r0[k]["loss"] for k in sorted(one)])
     assert np.abs(l2 - l1).max() < 0.02 * np.abs(l1).max(), np.abs(l2 - l1).max()
-    assert l1[-1] < l1[0] - 0.3  # it learned something (the comparison is not of noise)
+    assert l1[-steps_per_epoch:].mean() < l1[:steps_per_epoch].mean() - 0.3  # it learned
+    man1 = json.loads((tmp_path / "one" / "manifest.json").read_text())
     man2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    v1 = man1["best_valid_ndcg@10"]
-    assert abs(man2["best_valid_ndcg@10"] - v1) < 0.05
+    assert abs(man2["best_valid_ndcg@10"] - man1["best_valid_ndcg@10"]) < 0.05
     assert not (tmp_path / "two" / "last.pt").exists()  # completed runs drop the resume state
 
-    # killed at the start of epoch 3, restarted: the same steps and the same weights
-    part = run_two(tmp_path / "resumed", interrupt=True)
-    assert (tmp_path / "resumed" / "last.pt").exists()
-    rest = run_two(tmp_path / "resumed")
-    np.testing.assert_allclose(part + rest, l2, rtol=1e-5, atol=1e-6)
-    a, _ = load_checkpoint(tmp_path / "two" / "model.pt")
-    b, _ = load_checkpoint(tmp_path / "resumed" / "model.pt")
-    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+    # SIGKILL from outside (torchrun and both ranks) at a random step after epoch 1
+    rng = random.Random()
+    target = ("pretrain", rng.randrange(1, CLI_EPOCHS - 1), rng.randrange(steps_per_epoch))
+    run, log3 = tmp_path / "killed", tmp_path / "log3"
+    proc = subprocess.Popen(
+        _train_cmd(data, run, 2), env=_env(log3), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while target not in _read_log(log3, 0) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never reached the kill target"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, f"the run ended before {target}"
+    reached = max(_read_log(log3, 0))
+    assert reached >= target and not (run / "manifest.json").exists()
+    assert (run / "last.pt").exists()
+
+    # the same command again resumes from the last finished epoch, to the same weights
+    _train(data, run, 2, tmp_path / "log4")
+    resumed = _read_log(tmp_path / "log4", 0)
+    first = min(resumed)
+    assert first[1] <= reached[1] and first[2] == 0, (first, reached)
+    for key, row in resumed.items():  # the same batches as the run never killed
+        assert row["users"] == r0[key]["users"], key
+    assert sorted(resumed) == [k for k in sorted(one) if k >= first]
+    want = _weights(tmp_path / "two")
+    for k, x in _weights(run).items():
+        torch.testing.assert_close(x, want[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -89,17 +89,28 @@ def test_lean_ease_equals_the_baseline(inter: Interactions) -> None:
 def test_compare_keeps_the_tower_when_it_wins(
     shop: Any, inter: Interactions, tmp_path: Path
 ) -> None:
+    """The tower's planted validation score just above / just below the best baseline's:
+    the choice flips with it (a rule that always kept the tower, or always a baseline,
+    fails one side)."""
     split = leave_one_out(inter)
     cfg = FallbackConfig(als_alphas=(10.0,), ease_l2=(100.0,), ease_rank=32)
-    rec, served = compare_and_select(
-        cfg, split, {"ndcg@10": 1.0}, shop.item_ids.external_ids, tmp_path, "v"
-    )
-    assert served is None and rec["served"]["kind"] == "two-tower"
+
+    def compare(tower_ndcg: float, name: str) -> tuple[dict[str, Any], Any]:
+        return compare_and_select(
+            cfg, split, {"ndcg@10": tower_ndcg}, shop.item_ids.external_ids, tmp_path / name, "v"
+        )
+
+    rec, _ = compare(0.0, "probe")
     assert set(rec["candidates"]) == {"two-tower", "als", "ease"}
-    assert all(
-        0 < c["valid"]["ndcg@10"] < 1.0 for k, c in rec["candidates"].items() if k != "two-tower"
-    )
-    assert not (tmp_path / "served").exists()
+    base = {k: c["valid"]["ndcg@10"] for k, c in rec["candidates"].items() if k != "two-tower"}
+    assert all(0 < v < 1.0 for v in base.values()) and base["als"] != base["ease"]
+    best = max(base, key=lambda k: base[k])
+    rec, served = compare(base[best] + 1e-4, "above")
+    assert served is None and rec["served"]["kind"] == "two-tower"
+    assert not (tmp_path / "above" / "served").exists()
+    rec, served = compare(base[best] - 1e-4, "below")
+    assert served is not None and rec["served"]["kind"] == best
+    assert (tmp_path / "below" / rec["served"]["path"]).exists()
 
 
 def test_id_only_catalogue_is_detected_and_equals_a_missing_items_file(tmp_path: Path) -> None:

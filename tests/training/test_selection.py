@@ -59,6 +59,7 @@ def basket_run(shop: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return run, buf.getvalue()
 
 
+@pytest.mark.slow
 def test_train_and_quality_benchmark_choose_the_same(
     shop: Path, basket_run: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -211,6 +212,7 @@ def test_id_only_sequence_run_with_unseen_products_serves(
         reader.close()
 
 
+@pytest.mark.slow
 def test_refresh_refits_the_served_basket_tower(shop: Path, tmp_path: Path) -> None:
     """`ecomrec refresh` of a run serving the basket tower: the same recipe refit on the
     new data, shadow-evaluated against the live model, promoted as a basket run with a new
