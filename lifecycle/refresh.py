@@ -103,6 +103,35 @@ class RefreshConfig:
             raise ConfigError("refresh.eval_days must be > 0")
 
 
+def _decision(
+    base: dict[str, Any],
+    promote: bool,
+    reason: str,
+    metrics: dict[str, Any],
+    cfg: Any,
+    alerts: Any,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The decision record of a refresh (the same fields for warm start and refit)."""
+    m_live, m_cand, churn = metrics["live"], metrics["candidate"], metrics["churn"]
+    return {
+        **base,
+        "decision": "promoted" if promote else "not-promoted",
+        "reason": reason,
+        **extra,
+        "window": metrics["window"],
+        "ndcg@10": {"live": m_live.get("ndcg@10"), "candidate": m_cand.get("ndcg@10")},
+        "churn_auc": {
+            "live": churn.get("live", {}).get("auc"),
+            "candidate": churn.get("candidate", {}).get("auc"),
+        },
+        "metrics": metrics,
+        "tolerance": cfg.tolerance,
+        "churn_tolerance": cfg.churn_tolerance,
+        "alerts": alerts,
+    }
+
+
 def load_config(
     path: str | Path | None, sets: Sequence[str] = ()
 ) -> tuple[RefreshConfig, dict[str, Any]]:
@@ -279,21 +308,7 @@ def _refresh_locked(
             seed=cfg.seed,
         )
         timings["drift_seconds"] = time.perf_counter() - t
-        dec = {
-            **base,
-            "decision": "promoted" if promote else "not-promoted",
-            "reason": reason,
-            "window": [w0, now],
-            "ndcg@10": {"live": m_live.get("ndcg@10"), "candidate": m_cand.get("ndcg@10")},
-            "churn_auc": {
-                "live": churn.get("live", {}).get("auc"),
-                "candidate": churn.get("candidate", {}).get("auc"),
-            },
-            "metrics": metrics,
-            "tolerance": cfg.tolerance,
-            "churn_tolerance": cfg.churn_tolerance,
-            "alerts": drift["alerts"],
-        }
+        dec = _decision(base, promote, reason, metrics, cfg, drift["alerts"])
         record = None
         if promote:
             record = _promote(
@@ -399,23 +414,16 @@ def _refresh_refit(
         thresholds=cfg.drift, seed=cfg.seed,
     )  # fmt: skip
     timings["drift_seconds"] = time.perf_counter() - t
-    dec: dict[str, Any] = {
-        **base,
-        "decision": "promoted" if promote else "not-promoted",
-        "reason": reason,
-        "refresh": f"refit ({served_kind(live.run)}: no warm start)",
-        "model_drift": "not comparable across refits (candidate vs itself)",
-        "window": [w0, now],
-        "ndcg@10": {"live": m_live.get("ndcg@10"), "candidate": m_cand.get("ndcg@10")},
-        "churn_auc": {
-            "live": churn.get("live", {}).get("auc"),
-            "candidate": churn.get("candidate", {}).get("auc"),
-        },
-        "metrics": metrics,
-        "tolerance": cfg.tolerance,
-        "churn_tolerance": cfg.churn_tolerance,
-        "alerts": drift["alerts"],
-    }
+    dec = _decision(
+        base,
+        promote,
+        reason,
+        metrics,
+        cfg,
+        drift["alerts"],
+        refresh=f"refit ({served_kind(live.run)}: no warm start)",
+        model_drift="not comparable across refits (candidate vs itself)",
+    )
     record = None
     if promote:
         t = time.perf_counter()
