@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from intake.dataset import Dataset
 from intake.live_log import LiveEvent, SqliteEventLog
@@ -36,6 +37,7 @@ def _parquet_text(*roots: Path) -> set[str]:
     return out
 
 
+@pytest.mark.slow  # runs the ecomrec CLI in a subprocess
 def test_forget_removes_every_trace_and_stays_forgotten(tmp_path: Path) -> None:
     ds = make_shop(SyntheticConfig(n_users=60, n_items=30, seed=3))
     data = tmp_path / "shop"

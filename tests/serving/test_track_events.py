@@ -126,6 +126,7 @@ def test_known_customer_live_events_equal_request_events(live: Served) -> None:
     assert after == before + 3
 
 
+@pytest.mark.slow  # a second server / 50 round trips
 def test_retry_with_a_batch_id_is_written_once_and_restart_replays(
     live: Served, parts: Any, index_dir: Path, segments: Any
 ) -> None:
@@ -182,6 +183,7 @@ def test_auth_limits_and_no_event_log(live: Served, served: Served) -> None:
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.slow  # a second server / 50 round trips
 def test_acknowledged_events_reach_the_next_request_within_a_second(live: Served) -> None:
     """p99 of acknowledgement -> the customer's next GetUserProfile counting the event."""
     items = _items(live, 1)
@@ -198,6 +200,7 @@ def test_acknowledged_events_reach_the_next_request_within_a_second(live: Served
     assert float(np.percentile(lags, 99)) < 1.0
 
 
+@pytest.mark.slow  # a second server / 50 round trips
 def test_forget_customer_rpc_needs_an_admin_key_and_forgets(
     parts: Any, index_dir: Path, segments: Any, tmp_path: Path
 ) -> None:
