@@ -75,6 +75,10 @@ class ServeConfig:
     event_log: str = ""
     event_log_since: int = 0
     max_track_events: int = 1000
+    # Live history kept in memory: the newest events per customer, for this many customers
+    # (the least recently active are dropped first; their events stay in the log).
+    live_events_per_customer: int = 200
+    live_customers: int = 100_000
     # ForgetCustomer (admin): the keys allowed to call it (accepted as API keys too),
     # and the dataset folder / derived folders it cleans (docs/events.md, "Forget").
     admin_keys: tuple[str, ...] = ()

@@ -78,9 +78,10 @@ class EventIntake:
         since: int = 0,
         max_events: int = 1000,
         max_per_customer: int = 200,
+        max_customers: int = 100_000,
     ) -> EventIntake:
         """The embedded log at ``path`` (created when missing), replayed after ``since``."""
-        live = LiveHistory(max_per_customer=max_per_customer)
+        live = LiveHistory(max_per_customer=max_per_customer, max_customers=max_customers)
         t = time.perf_counter()
         event_log = SqliteEventLog(path, on_commit=live.add)
         batch = []

@@ -6,7 +6,8 @@ Recommend / GetUserProfile of that customer. Events are kept with the shop's pro
 mapped to the served catalogue's internal ids when read (an engine swapped in by a refresh
 may have another catalogue; products it does not know are skipped: they have no vector), the
 most recent ``max_per_customer`` per customer, for at most ``max_customers`` customers (the
-least recently active are dropped first: their events stay in the log for the next refresh).
+least recently active are dropped first: their events stay in the log for the next refresh;
+ServeConfig ``live_events_per_customer`` / ``live_customers``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from serving.validation import IdLookup, RecentEvent
 class LiveHistory:
     """Customer external id -> recent live events (time order), thread-safe."""
 
-    def __init__(self, max_per_customer: int = 200, max_customers: int = 1_000_000) -> None:
+    def __init__(self, max_per_customer: int = 200, max_customers: int = 100_000) -> None:
         self._max_per = max_per_customer
         self._max_customers = max_customers
         # customer -> [(product external id, event-type id, ts)] in time order

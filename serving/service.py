@@ -175,7 +175,11 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self.pb = _pb()
         if events is None and self.cfg.event_log:
             events = EventIntake.open(
-                self.cfg.event_log, self.cfg.event_log_since, self.cfg.max_track_events
+                self.cfg.event_log,
+                self.cfg.event_log_since,
+                self.cfg.max_track_events,
+                self.cfg.live_events_per_customer,
+                self.cfg.live_customers,
             )
         self.events = events  # TrackEvents and live history (None: no event log)
         self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
