@@ -104,9 +104,17 @@ def decode_event(data: bytes) -> LiveEvent:
     return LiveEvent(c, p, t, int(ts), int(q), price, o, s)
 
 
+# JetStream's "no suitable peers for placement": a replicated stream cannot be placed until
+# enough nodes are current, e.g. while a restarted node rejoins the cluster.
+_NO_PEERS = 10005
+
+
 def _retryable(e: BaseException) -> bool:
-    """Timeouts, no responders and 503s come and go with leader elections; a 400 does not."""
-    if isinstance(e, nats.js.errors.BadRequestError | nats.errors.ConnectionClosedError):
+    """Timeouts, no responders and 503s come and go with leader elections, and so does a
+    placement that lacks peers while a node rejoins; any other 400 does not."""
+    if isinstance(e, nats.js.errors.BadRequestError):
+        return getattr(e, "err_code", None) == _NO_PEERS
+    if isinstance(e, nats.errors.ConnectionClosedError):
         return False
     return isinstance(e, nats.errors.Error | asyncio.TimeoutError)
 
