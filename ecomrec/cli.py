@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "serving.export_cli",  # export triton
     "lifecycle.batch_cli",  # batch (sharded jobs on Dask)
     "lifecycle.cli",  # refresh
+    "outcomes.cli",  # report online
     "ecomrec.demo",  # demo: the main job end to end (runs every package)
 ]
 
