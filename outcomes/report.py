@@ -171,10 +171,10 @@ def online_report(
         day_tallies.setdefault((day(s.ts), s.variant), Tally()).add_served(s)
     for a in attributed:
         day_tallies.setdefault((day(a.served.ts), a.served.variant), Tally()).add_event(a)
-    for (d, v), t in sorted(day_tallies.items()):
+    for (day_s, v), t in sorted(day_tallies.items()):
         c = t.counts(impressions_tracked)
-        daily[(d, v)] = {
-            "day": d,
+        daily[(day_s, v)] = {
+            "day": day_s,
             "variant": v,
             "recommendations": c["recommendations"],
             "impressions": c["impressions"],
