@@ -133,9 +133,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    from ecomrec.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--answers", type=int, default=20_000, help="answers per round and arm")
     ap.add_argument("--rounds", type=int, default=7, help="paired rounds (order alternates)")
     ap.add_argument("--k", type=int, default=10, help="items per answer")
