@@ -230,3 +230,44 @@ def test_refresh_event_log_errors_are_named(
     err = capsys.readouterr().err
     assert "position 0" in err and "up to 2" in err
     assert consumed_position(shop_dir) == 2
+
+
+@pytest.mark.slow
+def test_refresh_reads_the_nats_log(shop: Shop, live_run: Path, tmp_path: Path) -> None:
+    """The same loop on the distributed back end: ``--event-log nats://...`` (a real 3-node
+    JetStream cluster), positions are stream sequences."""
+    from intake.live_log_nats import NatsEventLog, NatsLogConfig
+    from intake.nats_local import LocalNatsCluster
+
+    rows = contract_rows(shop.full).filter(pl.col("timestamp") < shop.t2)
+    items = catalogue(shop.full, tmp_path / "catalogue.parquet")
+    history = tmp_path / "history"
+    history.mkdir()
+    rows.filter(pl.col("timestamp") < shop.t1).write_parquet(history / "000-history.parquet")
+    mid = rows.filter(pl.col("timestamp") >= shop.t1)
+    shop_dir = tmp_path / "shop"
+    assert cli("data", "import", "--events", str(history), "--items", str(items),
+               "--out", str(shop_dir)) == 0  # fmt: skip
+    stream = "REFRESH_LOOP"
+    with LocalNatsCluster(tmp_path / "nats") as c:
+        nats = NatsEventLog(NatsLogConfig(servers=tuple(c.urls), stream=stream))
+        try:
+            last = 0
+            events = live_events(mid)
+            for i in range(0, len(events), 50):
+                last = nats.append(events[i : i + 50], batch_id=f"b{i}").last_seq
+        finally:
+            nats.close()
+        index, state = tmp_path / "index", tmp_path / "index.refresh"
+        args = _refresh_args(live_run, shop_dir, index, tmp_path / "unused.db", shop.since)
+        args[args.index("--event-log") + 1] = ",".join(c.urls)
+        args += ["--set", f"refresh.event_log_stream={stream!r}".replace("'", '"')]
+        assert cli(*args) in (0, 5)
+        live = json.loads((state / "deploy.json").read_text())["live"]
+        assert live["live_log"]["log"] == {"stream": stream, "servers": list(c.urls)}
+        assert (live["live_log"]["from_position"], live["live_log"]["to_position"]) == (0, last)
+        assert live["live_log"]["events"] == mid.height
+        want = file_import(rows, items, tmp_path / "f", "shop")
+        assert Dataset.load(shop_dir).fingerprint() == want.fingerprint()
+        assert consumed_position(shop_dir) == last
+        assert cli(*args) == 4  # nothing new in the stream

@@ -157,10 +157,10 @@ def test_replayed_weeks_through_track_events_refresh_like_the_file(tmp_path: Pat
     base = ["refresh", "--run", str(run), "--since", SINCE, "--json"]
     for s in SETS:
         base += ["--set", s]
-    # the catalogue holds products the live tower never saw bought (only their price
-    # embedding): exact ties in the top 10 make the index check's recall ambiguous (0.86,
-    # with exact search too). The index is not what this test compares (it compares the
-    # vectors the index is built from), so the check is relaxed here.
+    # the bootstrap index of this briefly trained tower fails the build check (recall@10
+    # 0.93 < 0.98 on this slice; 0.86 with 200 customers, with Qdrant's exact full scan too,
+    # so most likely exact ties, see DEVELOPERS.md). The index is not what this test
+    # compares (it compares the vectors the index is built from): the check is relaxed.
     base += ["--set", "index.verify_min_recall=0.5"]
     idx_file, idx_live = tmp_path / "file-path" / "index", tmp_path / "live-path" / "index"
     assert cli(*base, "--dataset", str(file_ds), "--index", str(idx_file)) in (0, 5)
