@@ -158,9 +158,10 @@ def test_replayed_weeks_through_track_events_refresh_like_the_file(tmp_path: Pat
     for s in SETS:
         base += ["--set", s]
     # the bootstrap index of this briefly trained tower fails the build check (recall@10
-    # 0.93 < 0.98 on this slice; 0.86 with 200 customers, with Qdrant's exact full scan too,
-    # so most likely exact ties, see DEVELOPERS.md). The index is not what this test
-    # compares (it compares the vectors the index is built from): the check is relaxed.
+    # 0.93 < 0.98 on this slice, 0.86 with 200 customers and with exact search too):
+    # products without training signal share one vector, and the check counts a tied 10th
+    # product as a miss (DEVELOPERS.md). The index is not what this test compares (it
+    # compares the vectors the index is built from), so the check is relaxed here.
     base += ["--set", "index.verify_min_recall=0.5"]
     idx_file, idx_live = tmp_path / "file-path" / "index", tmp_path / "live-path" / "index"
     assert cli(*base, "--dataset", str(file_ds), "--index", str(idx_file)) in (0, 5)
