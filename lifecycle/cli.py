@@ -66,6 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="with --event-log: the catalogue file (default: the one --dataset was imported from)",
     )
+    p.add_argument(
+        "--log-after",
+        type=int,
+        default=None,
+        help="with --event-log, first read of the log only: the log position --dataset's "
+        "history already holds (default: what its dataset.json records, else 0)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run)
 
@@ -136,6 +143,7 @@ def _refresh_from_log(args: argparse.Namespace, cfg: Any, index_cfg: dict[str, A
             index_cfg=index_cfg,
             state_dir=args.state or default_state_dir(args.index),
             since=_since(args),
+            log_after=args.log_after,
         )
     finally:
         event_log.close()

@@ -82,10 +82,14 @@ def refresh_from_log(
     index_cfg: dict[str, Any] | None = None,
     state_dir: str | Path | None = None,
     since: int | None = None,
+    log_after: int | None = None,
 ) -> RefreshResult:
     """One refresh on the dataset at ``dataset_dir`` plus the log's events it has not
     consumed yet (see the module docstring). ``events`` / ``items``: the history folder and
-    catalogue, by default those the dataset was imported from."""
+    catalogue, by default those the dataset was imported from. ``log_after``: for a dataset
+    that never consumed the log, the position its history already holds (a history export
+    that overlaps events the shop also sent to the log); refused once a position is
+    recorded."""
     cfg = config or RefreshConfig()
     state = Path(state_dir) if state_dir else default_state_dir(index)
     icfg = IndexConfig.from_dict({**(index_cfg or {}), "location": str(index)})
@@ -103,10 +107,19 @@ def refresh_from_log(
         cat = items if items else current.extra.get("items_file")
         catalogue = Path(str(cat)) if cat else None
         after = consumed_position(dsdir)
+        if log_after is not None:
+            if isinstance(current.extra.get("live_log"), dict):
+                raise ConfigError(
+                    f"--log-after {log_after}: dataset {dsdir} already records the log "
+                    f"position it consumed ({after}); --log-after is for its first refresh"
+                )
+            if log_after < 0:
+                raise ConfigError(f"--log-after {log_after}: want a log position >= 0")
+            after = log_after
         head = event_log.position()
         if head < after:
             raise ConfigError(
-                f"the event log is at position {head}, but dataset {dsdir} already consumed "
+                f"the event log is at position {head}, but dataset {dsdir} already holds it "
                 f"up to {after}: another (or a reset) log? ({log_name})"
             )
         deploy = DeployState(state)

@@ -230,6 +230,18 @@ def test_refresh_event_log_errors_are_named(
     err = capsys.readouterr().err
     assert "position 0" in err and "up to 2" in err
     assert consumed_position(shop_dir) == 2
+    # --log-after: only for a dataset that never read the log, and it is where reading starts
+    log_args = ["--dataset", str(shop_dir), "--event-log", str(tmp_path / "a.db")]
+    assert cli(*base, *log_args, "--log-after", "1") == 2
+    assert "already records the log position it consumed (2)" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert cli("data", "import", "--events", str(history), "--out", str(fresh)) == 0
+    capsys.readouterr()
+    assert cli(*base, "--dataset", str(fresh), "--event-log", str(tmp_path / "a.db"),
+               "--log-after", "3") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "position 2" in err and "up to 3" in err  # the log (2 events) is behind it
+    assert consumed_position(fresh) == 0
 
 
 @pytest.mark.slow
