@@ -38,6 +38,8 @@ class Record:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     name: str = ""
+    # ecomrec refresh --event-log: {log, from_position, to_position, events, part} consumed
+    live_log: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Record:

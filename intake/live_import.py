@@ -126,20 +126,36 @@ def import_with_live(
 
     ``after`` defaults to the position recorded in ``out``'s lineage (0 for a new dataset).
     """
+    start = consumed_position(out) if after is None else after
+    ds, part = import_live(event_log, events, items, options, start)
+    ds.save(out)
+    return ds, part
+
+
+def import_live(
+    event_log: EventLog,
+    events: str | Path,
+    items: str | Path | None,
+    options: ContractOptions | None,
+    after: int,
+) -> tuple[Dataset, LivePart]:
+    """:func:`import_with_live` without the save: the log's events after ``after`` added to
+    the history folder ``events`` as one part, the folder imported by the contract code, the
+    consumed range in ``extra["live_log"]``. The caller saves the dataset when it commits
+    (``ecomrec refresh --event-log`` only after the refresh has decided)."""
     ev = Path(events)
     if ev.exists() and not ev.is_dir():
         raise ConfigError(
             f"{ev}: live events are added as Parquet parts to a folder; give the history as a "
             "folder of .parquet files (e.g. 000-history.parquet)"
         )
-    start = consumed_position(out) if after is None else after
     for stale in ev.glob(f"{PART_PREFIX}*.parquet"):
         # a part past the recorded position was written by a run that died before saving
         # the dataset: it is exported again, so it must not stay twice
-        if int(stale.name[len(PART_PREFIX) :].split("-")[0]) > start:
+        if int(stale.name[len(PART_PREFIX) :].split("-")[0]) > after:
             log.info("live log: removing %s, written but never recorded", stale)
             stale.unlink()
-    part = export_live_part(event_log, ev, start)
+    part = export_live_part(event_log, ev, after)
     if not any(ev.rglob("*.parquet")):
         raise DataError("no history and no live events to import", file=str(ev))
     ds = load_contract(ev, items, options or ContractOptions())
@@ -149,5 +165,30 @@ def import_with_live(
         "events": part.events,
         "part": part.path.name if part.path else None,
     }
-    ds.save(out)
     return ds, part
+
+
+def recorded_options(ds: Dataset) -> ContractOptions:
+    """The :class:`ContractOptions` a contract import recorded in ``ds.extra`` (what
+    :func:`~intake.loaders.contract.load_contract` writes there), so that a later import of
+    the same history (``ecomrec refresh --event-log``) reads it the same way."""
+    x = ds.extra
+    if x.get("format") != "contract":
+        raise ConfigError(
+            f"dataset {ds.name!r} was not imported with the data contract (`ecomrec data "
+            "import --events FOLDER`), so its history cannot be re-imported with live events"
+        )
+    cols = x.get("columns") or {}
+    not_products = x.get("not_products") or []
+    return ContractOptions(
+        columns=tuple((str(k), str(v)) for k, v in dict(cols).items()),  # type: ignore[call-overload]
+        timezone=str(x.get("timezone") or "UTC"),
+        timestamp_format=x.get("timestamp_format"),  # type: ignore[arg-type]
+        name=ds.name,
+        unknown_products=str(x.get("unknown_products") or "drop"),
+        event_type=str(x.get("default_event_type") or "purchase"),
+        returns=x.get("returns"),  # type: ignore[arg-type]
+        not_products=tuple(str(p) for p in not_products),  # type: ignore[attr-defined]
+        not_products_pattern=x.get("not_products_pattern"),  # type: ignore[arg-type]
+        currency=x.get("currency"),  # type: ignore[arg-type]
+    )

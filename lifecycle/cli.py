@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ecomrec.errors import EcomrecError
 
@@ -46,46 +47,48 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="first refresh only: YYYY-MM-DD, the first day the live model was not trained on",
     )
     p.add_argument("--rollback", action="store_true", help="make the previous deployment live")
+    p.add_argument(
+        "--event-log",
+        default=None,
+        help="read the live event log first (overrides refresh.event_log; default: none): the "
+        "embedded log's SQLite file or nats://host:4222[,nats://...]; its events after the "
+        "position --dataset consumed are imported into --dataset (a folder written by `ecomrec "
+        "data import --events FOLDER`) once the refresh has decided (docs/lifecycle.md)",
+    )
+    p.add_argument(
+        "--events",
+        default=None,
+        help="with --event-log: the history folder of Parquet parts the live events are added "
+        "to (default: the one --dataset was imported from)",
+    )
+    p.add_argument(
+        "--items",
+        default=None,
+        help="with --event-log: the catalogue file (default: the one --dataset was imported from)",
+    )
+    p.add_argument(
+        "--log-after",
+        type=int,
+        default=None,
+        help="with --event-log, first read of the log only: the log position --dataset's "
+        "history already holds (default: what its dataset.json records, else 0)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from intake.loaders import load_dataset
-    from lifecycle.refresh import (
-        EXIT_LOCKED,
-        default_state_dir,
-        load_config,
-        refresh,
-        result_json,
-    )
+    from lifecycle.refresh import EXIT_LOCKED, load_config, result_json
     from lifecycle.state import RefreshLockedError
 
     try:
         cfg, index_cfg = load_config(args.config, args.set)
         if args.rollback:
             return _rollback(args, index_cfg)
-        ds = load_dataset(args.dataset, args.data_dir)
-        if ds.report.rows_dropped:
-            log.info("drop report: %s", ds.report)
-        since = None
-        if args.since:
-            import datetime as dt
-
-            try:
-                d = dt.datetime.fromisoformat(args.since)
-            except ValueError as e:
-                raise EcomrecError(f"--since {args.since!r}: want YYYY-MM-DD") from e
-            since = int((d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp())
-        res = refresh(
-            args.run,
-            ds,
-            args.index,
-            config=cfg,
-            index_cfg=index_cfg,
-            state_dir=args.state or default_state_dir(args.index),
-            since=since,
-        )
+        if args.event_log or cfg.event_log:
+            res = _refresh_from_log(args, cfg, index_cfg)
+        else:
+            res = _refresh_dataset(args, cfg, index_cfg)
     except RefreshLockedError as e:
         print(f"ecomrec: {e}", file=sys.stderr)
         return EXIT_LOCKED
@@ -101,6 +104,68 @@ def _run(args: argparse.Namespace) -> int:
         for a in res.alerts:
             print(f"ALERT: {a}")
     return res.exit_code
+
+
+def _since(args: argparse.Namespace) -> int | None:
+    if not args.since:
+        return None
+    import datetime as dt
+
+    try:
+        d = dt.datetime.fromisoformat(args.since)
+    except ValueError as e:
+        raise EcomrecError(f"--since {args.since!r}: want YYYY-MM-DD") from e
+    return int((d if d.tzinfo else d.replace(tzinfo=dt.UTC)).timestamp())
+
+
+def _refresh_from_log(args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any]) -> Any:
+    """``--event-log``: the log's new events into ``--dataset``, then the refresh."""
+    from lifecycle.live_loop import open_event_log, refresh_from_log
+    from lifecycle.refresh import default_state_dir
+
+    if not (Path(args.dataset) / "dataset.json").is_file():
+        raise EcomrecError(
+            f"--dataset {args.dataset}: with an event log, give the dataset folder written by "
+            "`ecomrec data import --events FOLDER --out DIR` (it records the history folder "
+            "and the log position consumed)"
+        )
+    event_log, name = open_event_log(args.event_log or cfg.event_log, cfg.event_log_stream)
+    try:
+        return refresh_from_log(
+            args.run,
+            args.dataset,
+            args.index,
+            event_log,
+            log_name=name,
+            events=args.events,
+            items=args.items,
+            config=cfg,
+            index_cfg=index_cfg,
+            state_dir=args.state or default_state_dir(args.index),
+            since=_since(args),
+            log_after=args.log_after,
+        )
+    finally:
+        event_log.close()
+
+
+def _refresh_dataset(args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any]) -> Any:
+    """``--dataset`` as it is: all events so far."""
+    from intake.loaders import load_dataset
+    from lifecycle.refresh import default_state_dir, refresh
+
+    ds = load_dataset(args.dataset, args.data_dir)
+    if ds.report.rows_dropped:
+        log.info("drop report: %s", ds.report)
+    return refresh(
+        args.run,
+        ds,
+        args.index,
+        config=cfg,
+        index_cfg=index_cfg,
+        state_dir=args.state or default_state_dir(args.index),
+        since=_since(args),
+    )
 
 
 def _rollback(args: argparse.Namespace, index_cfg: dict[str, object]) -> int:

@@ -93,6 +93,10 @@ class RefreshConfig:
     threads: int = 1
     seed: int = 0
     drift: DriftThresholds = field(default_factory=DriftThresholds)
+    # the live event log to read before refreshing (docs/lifecycle.md "Reading the live
+    # log"): a SQLite file or nats://host:4222[,nats://...]; "" = use --dataset as it is
+    event_log: str = ""
+    event_log_stream: str = "ECOMREC_EVENTS"  # JetStream stream of a nats:// event_log
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.refit_epochs < 0:
@@ -200,6 +204,7 @@ def _refresh_locked(
     cfg: RefreshConfig,
     state: Path,
     since: int | None,
+    live_log: dict[str, Any] | None = None,
 ) -> RefreshResult:
     import torch
 
@@ -226,9 +231,9 @@ def _refresh_locked(
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         name = f"refresh-{stamp}"
         report_dir = state / "reports" / name
-        fp = _fingerprint(
-            live.model_version, live.data_until, now, ev.height, ds.n_items, to_dict(cfg)
-        )
+        # where the events came from (a file or the live log) is not part of the input
+        cfg_fp = {k: v for k, v in to_dict(cfg).items() if not k.startswith("event_log")}
+        fp = _fingerprint(live.model_version, live.data_until, now, ev.height, ds.n_items, cfg_fp)
         base: dict[str, Any] = {
             "live_run": live.run,
             "live_model_version": live.model_version,
@@ -238,6 +243,8 @@ def _refresh_locked(
             "fingerprint": fp,
             "drop_report": ds.report.to_dict(),
         }
+        if live_log is not None:  # ecomrec refresh --event-log: the log positions consumed
+            base["live_log"] = live_log
         if new_ev.height == 0:
             dec: dict[str, Any] = {
                 **base,
@@ -449,6 +456,7 @@ def _refresh_refit(
                     "ndcg@10": dec["ndcg@10"],
                     "churn_auc": dec["churn_auc"],
                     "fingerprint": dec["fingerprint"],
+                    **({"live_log": dec["live_log"]} if "live_log" in dec else {}),
                 },
                 "selection": mf.get("selection", {}),
             },
@@ -572,6 +580,8 @@ def _promote(
         "churn_auc": dec["churn_auc"],
         "fingerprint": dec["fingerprint"],
     }
+    if "live_log" in dec:
+        mf["lineage"]["live_log"] = dec["live_log"]
     write_json_atomic(mf_path, mf)
     ds.save(work / "dataset")
     if cfg.export_onnx:
@@ -653,6 +663,7 @@ def _publish(
         metrics={"ndcg@10": dec["ndcg@10"], "churn_auc": dec["churn_auc"], "window": [w0, now]},
         created_at=time.time(),
         name=name,
+        live_log=dec.get("live_log"),
     )
     deploy.promote(rec)  # THE commit point
     _step("committed")

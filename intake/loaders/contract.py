@@ -1032,6 +1032,8 @@ def load_contract(
         "not_products": list(options.not_products),
         "not_products_pattern": options.not_products_pattern,
         "default_event_type": options.event_type,
+        "timestamp_format": options.timestamp_format,
+        "unknown_products": options.unknown_products,
     }
     if attrs:
         extra["product_attributes_from_events"] = attrs
