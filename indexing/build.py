@@ -164,6 +164,27 @@ def _sample_queries(
     return np.asarray(src, dtype=np.float32)[np.sort(take)]
 
 
+TIE_TOLERANCE = 1e-5  # scores this close to the exact k-th score tie with it
+
+
+def tie_aware_hits(
+    ann: list[tuple[int, float]], exact: list[tuple[int, float]], tol: float = TIE_TOLERANCE
+) -> int:
+    """How many of the exact top-k the ANN answer found, ties at the k-th score included.
+
+    ``ann`` / ``exact``: ``(id, score)`` best first (higher is better).  An ANN id counts
+    when the exact answer holds it, or when its score ties with the exact k-th score (which
+    of several equal points is "the" k-th is arbitrary: products without a trained signal
+    share one vector).  At most ``len(exact)`` hits.
+    """
+    if not exact:
+        return 0
+    kth = exact[-1][1]
+    wanted = {i for i, _ in exact}
+    found = sum(1 for i, s in ann if i in wanted or s >= kth - tol)
+    return min(found, len(exact))
+
+
 def verify_version(
     store: IndexStore,
     version: str,
@@ -208,20 +229,23 @@ def verify_version(
                 f"query vectors have dimension {q.shape[1]}, the index has {reader.dim}"
             )
         lat = []
-        ann: list[list[int]] = []
+        ann: list[list[tuple[int, float]]] = []
         for row in q:
             t = time.perf_counter()
             hits = reader.search(row, k, hnsw_ef=ef, with_payload=False)
             lat.append((time.perf_counter() - t) * 1e3)
-            ann.append([h.item_id for h in hits])
+            ann.append([(h.item_id, float(h.score)) for h in hits])
         if vectors is not None and ids is not None:
-            ex_ids, _ = exact_search(vectors, ids, q, k, cfg.distance)
-            exact = [[int(i) for i in row if i >= 0] for row in ex_ids]
+            ex_ids, ex_scores = exact_search(vectors, ids, q, k, cfg.distance)
+            exact = [
+                [(int(i), float(s)) for i, s in zip(r_ids, r_s) if i >= 0]
+                for r_ids, r_s in zip(ex_ids, ex_scores)
+            ]
         else:
             res = reader.search_batch(q, k, hnsw_ef=ef, exact=True, with_payload=False)
-            exact = [[h.item_id for h in r] for r in res]
+            exact = [[(h.item_id, float(h.score)) for h in r] for r in res]
         denom = sum(len(e) for e in exact)
-        hit = sum(len(set(a) & set(e)) for a, e in zip(ann, exact))
+        hit = sum(tie_aware_hits(a, e) for a, e in zip(ann, exact))
         recall = hit / denom if denom else 1.0
     finally:
         if own:
