@@ -779,3 +779,33 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise DataError(f"watch state {p}: not a JSON object")
     return obj
+
+
+DEFAULT_CONFIG = "alerts"  # ecomrec/configs/segments/alerts.toml
+
+
+def model_cutoff(ds: Dataset) -> int:
+    """The day after the dataset's last event (the model then knows everything in it)."""
+    last = ds.events["ts"].max()
+    if last is None:
+        raise DataError(f"dataset {ds.name} has no events")
+    return (int(last) // DAY + 1) * DAY  # type: ignore[arg-type]
+
+
+def obtain_model(
+    ds: Dataset, ccfg: ChurnConfig, acfg: AlertConfig, path: str | Path | None
+) -> AlertModel:
+    """The saved model at ``path`` when it was fitted on this dataset, with this horizon and
+    trend window; else fit it at :func:`model_cutoff` (and save it to ``path`` if given)."""
+    fid = str(ds.fingerprint()["id"])
+    if path is not None and Path(path).exists():
+        m = AlertModel.load(path, fid)
+        if m.horizon_days == ccfg.horizon_days and m.trend_days == acfg.trend_days:
+            return m
+        log.warning("alert model %s: other horizon or trend window; refitting", path)
+    t0 = time.process_time()
+    m = AlertModel.fit(ds.events, ds.items, model_cutoff(ds), ccfg, acfg, dataset_id=fid)
+    log.info("alert model fitted in %.1f s CPU", time.process_time() - t0)
+    if path is not None:
+        m.save(path)
+    return m

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import polars as pl
 import pytest
@@ -100,6 +102,7 @@ def _run_days(w: Watcher, live, first_day: int, last_day: int, seq0: int = 0):
     return out, stored
 
 
+@pytest.mark.slow  # fits the model on the planted shop (seconds)
 def test_planted_stoppers_warned_with_recency_regulars_not(planted, tmp_path):
     ds, live, model = planted
     sink = tmp_path / "churn.jsonl"
@@ -132,7 +135,7 @@ def test_planted_stoppers_warned_with_recency_regulars_not(planted, tmp_path):
     for c, ts in times.items():
         if not c.startswith("f"):
             assert len(ts) == 1, (c, ts)
-        assert all(b - a >= 30 * DAY for a, b in zip(ts, ts[1:])), (c, ts)
+        assert all(b - a >= 30 * DAY for a, b in itertools.pairwise(ts)), (c, ts)
     assert max(len(ts) for c, ts in times.items() if c.startswith("f")) >= 2
 
 
@@ -155,6 +158,7 @@ def test_reasons_planted_rows():
     assert [r.kind for r in reasons_for(steady, "Champions", cfg)] == ["recency"]  # fallback
 
 
+@pytest.mark.slow  # fits the model on the planted shop (seconds)
 def test_idempotent_replay_and_restore(planted, tmp_path):
     ds, live, model = planted
     sink = tmp_path / "churn.jsonl"
@@ -180,6 +184,7 @@ def test_idempotent_replay_and_restore(planted, tmp_path):
     assert len(read_warnings(sink)) == n
 
 
+@pytest.mark.slow  # fits the model on the planted shop (seconds)
 def test_watch_once_command_over_sqlite_log(planted, tmp_path, capsys):
     from ecomrec.cli import main
 
