@@ -37,7 +37,7 @@ from intake.dataset import Dataset
 from intake.live_log import EventLog, StoredEvent
 from segments.churn import ChurnConfig, limited_threads
 from segments.labels import LabelConfig, make_labels
-from segments.rfm import FEATURE_COLUMNS, RFMScorer, customer_features
+from segments.rfm import FEATURE_COLUMNS, SEGMENTS, RFMScorer, customer_features
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +204,18 @@ class JsonlSink:
 
 class WebhookSink:
     """Optional: POSTs ``{"warnings": [...]}`` as JSON to ``url``; retried ``retries`` times
-    with exponential backoff (0.5 s, 1 s, ...) on connection errors and 5xx answers; a 4xx
+    with exponential backoff (``backoff_s``: 0.5 s, 1 s, ...) on connection errors and 5xx answers; a 4xx
     answer is not retried. Raises ``ConnectionError`` when every try failed."""
 
-    def __init__(self, url: str, *, retries: int = 3, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, retries: int = 3, timeout_s: float = 5.0, backoff_s: float = 0.5
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--webhook {url!r} must be an http:// or https:// URL")
         self.url = url
         self.retries = max(0, retries)
         self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
 
     def publish(self, warnings: list[ChurnWarning]) -> None:
         if not warnings:
@@ -236,7 +239,7 @@ class WebhookSink:
             except (urllib.error.URLError, OSError) as e:
                 last = e
             if attempt < self.retries:
-                time.sleep(0.5 * 2**attempt)
+                time.sleep(self.backoff_s * 2**attempt)
         raise ConnectionError(
             f"webhook {self.url} failed after {self.retries + 1} tries: {last}"
         ) from last
@@ -274,6 +277,9 @@ class AlertConfig:
     train_cutoffs: int = 4
     train_step_days: int = 14
     min_history_days: int = 28
+    # the model reads the trend columns (recent purchases, their share, recency / usual
+    # gap) beside the batch features; false = the batch features only (the ablation)
+    trend_features: bool = True
     # every customer is re-scored once per UTC day (recency grows without events);
     # customers with new events at every round
     full_rescore_s: int = 86400
@@ -353,6 +359,7 @@ class AlertModel:
     dataset_id: str
     train_rows: int
     train_cutoffs: tuple[int, ...]
+    columns: tuple[str, ...] = MODEL_COLUMNS
 
     @classmethod
     def fit(
@@ -369,6 +376,7 @@ class AlertModel:
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         ev = events.filter(pl.col("ts") < int(cutoff_ts))
+        cols = MODEL_COLUMNS if acfg.trend_features else FEATURE_COLUMNS
         if ev.height == 0:
             raise DataError(f"no events before the model cutoff {iso(cutoff_ts)}")
         h = ccfg.horizon_days
@@ -386,7 +394,7 @@ class AlertModel:
                 ev, feats["user_id"].to_numpy(), c, LabelConfig(h), data_end_ts=int(cutoff_ts)
             )
             feats = feats.join(lab.select("user_id", "churn"), on="user_id", how="left")
-            xs.append(feats.select(MODEL_COLUMNS).to_numpy().astype(np.float64))
+            xs.append(feats.select(cols).to_numpy().astype(np.float64))
             ys.append(feats["churn"].to_numpy().astype(np.int64))
             cuts.append(c)
         if not xs or sum(len(y) for y in ys) < 20 or len({int(v) for y in ys for v in y}) < 2:
@@ -416,13 +424,23 @@ class AlertModel:
             iso(cuts[0])[:10],
             float(y.mean()),
         )
-        return cls(clf, scorer, int(cutoff_ts), h, acfg.trend_days, dataset_id, len(y), tuple(cuts))
+        return cls(
+            clf,
+            scorer,
+            int(cutoff_ts),
+            h,
+            acfg.trend_days,
+            dataset_id,
+            len(y),
+            tuple(cuts),
+            tuple(cols),
+        )
 
     def risk(self, feats: pl.DataFrame) -> np.ndarray:
         """(n,) P(churn in the next H days) for rows of :func:`alert_features`."""
         if feats.height == 0:
             return np.zeros(0, np.float64)
-        x = feats.select(MODEL_COLUMNS).to_numpy().astype(np.float64)
+        x = feats.select(self.columns).to_numpy().astype(np.float64)
         return np.asarray(self.clf.predict_proba(x)[:, 1], dtype=np.float64)
 
     def save(self, path: str | Path) -> None:
@@ -718,10 +736,19 @@ class Watcher:
         return n
 
 
+def _worse(before: str, after: str) -> bool:
+    """A move down :data:`segments.rfm.SEGMENTS` (listed best first): a reason to warn. A
+    move up (a lapsed customer who came back once) is not named as one."""
+    if before not in SEGMENTS or after not in SEGMENTS:
+        return False
+    return SEGMENTS.index(after) > SEGMENTS.index(before)
+
+
 def reasons_for(row: dict[str, Any], previous_segment: str, cfg: AlertConfig) -> list[Reason]:
     """The reasons of one scored row (a dict of :meth:`Watcher.score`'s columns): recency
-    against the usual gap, a frequency drop over the last ``trend_days``, an RFM segment move.
-    Never empty: recency is given when nothing else applies."""
+    against the usual gap, a frequency drop over the last ``trend_days``, an RFM segment move
+    down the list of :data:`segments.rfm.SEGMENTS`. Never empty: recency is given when
+    nothing else applies."""
     out: list[Reason] = []
     rec = float(row["recency_days"])
     freq = int(row["frequency"])
@@ -749,10 +776,10 @@ def reasons_for(row: dict[str, Any], previous_segment: str, cfg: AlertConfig) ->
                 )
             )
     seg = str(row["rfm_segment"])
-    if previous_segment not in ("none", seg):
+    if _worse(previous_segment, seg):
         out.append(Reason("segment_move", f"RFM segment {previous_segment} -> {seg}"))
-    if not out:
-        out.append(Reason("recency", rec_text))
+    if not out:  # the model finds the whole pattern risky (e.g. back once after a long pause)
+        out.append(Reason("recency", f"{rec_text}; risky purchase pattern"))
     return out
 
 
@@ -800,7 +827,9 @@ def obtain_model(
     fid = str(ds.fingerprint()["id"])
     if path is not None and Path(path).exists():
         m = AlertModel.load(path, fid)
-        if m.horizon_days == ccfg.horizon_days and m.trend_days == acfg.trend_days:
+        want = MODEL_COLUMNS if acfg.trend_features else FEATURE_COLUMNS
+        same = m.horizon_days == ccfg.horizon_days and m.trend_days == acfg.trend_days
+        if same and m.columns == tuple(want):
             return m
         log.warning("alert model %s: other horizon or trend window; refitting", path)
     t0 = time.process_time()

@@ -155,7 +155,12 @@ def test_reasons_planted_rows():
     assert kinds["frequency_drop"] == "1 purchase(s) in the last 8 weeks vs 7.4 per 8 weeks before"
     assert kinds["segment_move"] == "RFM segment Champions -> At Risk"
     steady = {**row, "recency_days": 3.0, "recent_purchases": 8.0, "rfm_segment": "Champions"}
-    assert [r.kind for r in reasons_for(steady, "Champions", cfg)] == ["recency"]  # fallback
+    assert [r.text for r in reasons_for(steady, "Champions", cfg)] == [
+        "no purchase for 3 days (usual gap 7); risky purchase pattern"  # the fallback
+    ]
+    # a move UP the segments (a lapsed customer bought once) is no reason to warn
+    back = {**steady, "rfm_segment": "Potential Loyalists"}
+    assert [r.kind for r in reasons_for(back, "Hibernating", cfg)] == ["recency"]
 
 
 @pytest.mark.slow  # fits the model on the planted shop (seconds)
