@@ -641,12 +641,18 @@ def _churn_watch(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     total = 0
+    saved: dict[str, Any] | None = None
+    print(f"churn watch: following from log position {watcher.position}", flush=True)
     try:
         while True:
             before = watcher.position
-            now = None if args.clock == "events" else int(time.time())
+            # wall clock: never behind the events already read (a shop clock a little ahead)
+            now = None if args.clock == "events" else max(int(time.time()), watcher.clock)
             got = watcher.poll(event_log, now)
-            al.save_state(state_path, watcher.state_dict())
+            st = watcher.state_dict()
+            if st != saved:  # written after the sink's fsync, only when something moved
+                al.save_state(state_path, st)
+                saved = st
             total += len(got)
             day = _dt.datetime.fromtimestamp(watcher.clock, _dt.UTC).isoformat(timespec="seconds")
             if args.once or got or watcher.position != before:

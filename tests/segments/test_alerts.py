@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import polars as pl
@@ -228,3 +229,53 @@ def test_watch_once_command_over_sqlite_log(planted, tmp_path, capsys):
     # cron runs it again with nothing new: nothing new published
     assert main(argv) == 0
     assert read_warnings(sink) == first
+
+
+@pytest.mark.slow  # a real `ecomrec churn watch` process following the log (seconds)
+def test_watch_follows_the_log_until_sigterm(planted, tmp_path):
+    """The command as a process: events appended while it runs are read, the stoppers are
+    warned, SIGTERM ends it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    ds, live, _ = planted
+    ds.save(tmp_path / "shop")
+    log_path = tmp_path / "events.db"
+    sink = tmp_path / "churn.jsonl"
+    SqliteEventLog(log_path).close()  # an empty log: the watcher starts before any event
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "ecomrec", "churn", "watch", "--event-log", str(log_path)]
+    cmd += ["--dataset", str(tmp_path / "shop"), "--sink", str(sink), "--clock", "events"]
+    cmd += ["--set", f"churn.horizon_days={H}", "--poll-s", "0.2"]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once the model is fitted and the state read
+        assert line.startswith("churn watch: following from log position 0"), line
+        lv = _live([r for r in live if r[2] < T0 + 330 * DAY])
+        with SqliteEventLog(log_path) as el:
+            for i in range(0, len(lv), 200):
+                el.append(lv[i : i + 200])
+        want = {f"s{i}" for i in range(20)}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if want <= {w["customer_id"] for w in read_warnings(sink)}:
+                break
+            time.sleep(0.2)
+        got = read_warnings(sink)
+        assert want <= {w["customer_id"] for w in got}
+        assert not [w for w in got if w["customer_id"].startswith("r")]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "warning(s) published this run" in out
+    state = json.loads((tmp_path / "churn.jsonl.state.json").read_text())
+    assert state["position"] == len(lv)
