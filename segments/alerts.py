@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
-from ecomrec.errors import ConfigError, DataError, MismatchError, NotFoundError
+from ecomrec.errors import ConfigError, DataError, EcomrecError, MismatchError, NotFoundError
 from intake.dataset import Dataset
 from intake.live_log import EventLog, StoredEvent
 from segments.churn import ChurnConfig, limited_threads
@@ -42,6 +42,10 @@ from segments.rfm import FEATURE_COLUMNS, SEGMENTS, RFMScorer, customer_features
 log = logging.getLogger(__name__)
 
 REASON_KINDS: tuple[str, ...] = ("recency", "frequency_drop", "segment_move")
+
+
+class DeliveryError(EcomrecError, ConnectionError):
+    """A sink could not take the warnings (a webhook down or refusing them)."""
 
 
 # --------------------------------------------------------------------------- format
@@ -81,6 +85,21 @@ class ChurnWarning:
             "previous_segment": self.previous_segment,
             **self.extra,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChurnWarning:
+        """Back from :meth:`to_dict` (unknown keys go to ``extra``)."""
+        known = {"customer_id", "ts", "risk", "threshold", "reasons", "segment", "previous_segment"}
+        return cls(
+            customer_id=d["customer_id"],
+            ts=int(_to_ts(d["ts"])),
+            risk=float(d["risk"]),
+            threshold=float(d["threshold"]),
+            reasons=tuple(Reason(r["kind"], r["text"]) for r in d["reasons"]),
+            segment=d["segment"],
+            previous_segment=d["previous_segment"],
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
 
 def iso(ts: float) -> str:
@@ -205,7 +224,8 @@ class JsonlSink:
 class WebhookSink:
     """Optional: POSTs ``{"warnings": [...]}`` as JSON to ``url``; retried ``retries`` times
     with exponential backoff (``backoff_s``: 0.5 s, 1 s, ...) on connection errors and 5xx answers; a 4xx
-    answer is not retried. Raises ``ConnectionError`` when every try failed."""
+    answer is not retried. Raises :class:`DeliveryError` when every try failed (the watcher
+    then keeps the warnings in its outbox and tries again next round)."""
 
     def __init__(
         self, url: str, *, retries: int = 3, timeout_s: float = 5.0, backoff_s: float = 0.5
@@ -240,7 +260,7 @@ class WebhookSink:
                 last = e
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2**attempt)
-        raise ConnectionError(
+        raise DeliveryError(
             f"webhook {self.url} failed after {self.retries + 1} tries: {last}"
         ) from last
 
@@ -534,6 +554,7 @@ class Watcher:
         self.clock = int(last) + 1 if last is not None else 0  # type: ignore[arg-type]
         self.last_full: int | None = None
         self.last_risk: dict[int, float] = {}
+        self.outbox: list[ChurnWarning] = []  # published to the file, not yet to the others
 
     # ---------------------------------------------------------------- state
     def _uid(self, ext: str) -> int:
@@ -612,6 +633,7 @@ class Watcher:
         crossings (highest risk first, at most ``budget``) and return them."""
         now = int(self.clock if now is None else now)
         self.clock = max(self.clock, now)
+        self.deliver()  # what an earlier round could not hand to the other sinks
         full = self.last_full is None or now - self.last_full >= self.cfg.full_rescore_s
         if not full and not self._changed:
             return []
@@ -645,13 +667,35 @@ class Watcher:
             return []
         rows = scored[cand]
         warnings = self._warnings(rows, now)
-        publish_all(self.sinks, warnings)  # durable before the state moves on
+        if self.sinks:  # the record (the JSONL file): durable before the state moves on
+            self.sinks[0].publish(warnings)
         for u in rows["user_id"].to_list():
             al = self._alarms[int(u)]
             al.armed = False
             al.last_alert = now
         log.info("churn watch %s: %d warning(s)", iso(now), len(warnings))
+        self.outbox.extend(warnings)
+        self.deliver()
         return warnings
+
+    def deliver(self) -> bool:
+        """Hand the outbox to the sinks after the first (a webhook); on a failure they stay
+        in the outbox (and in the state) for the next round: at least once. True when the
+        outbox is empty."""
+        if not self.outbox:
+            return True
+        if len(self.sinks) < 2:
+            self.outbox = []
+            return True
+        try:
+            publish_all(self.sinks[1:], self.outbox)
+        except (OSError, DeliveryError) as e:
+            log.error(
+                "churn warnings: %d not delivered yet (%s); retried next round", len(self.outbox), e
+            )
+            return False
+        self.outbox = []
+        return True
 
     def poll(
         self, event_log: EventLog, now: int | None = None, batch: int = 10_000
@@ -702,6 +746,7 @@ class Watcher:
             "clock": self.clock,
             "last_full": self.last_full,
             "model_cutoff": self.model.cutoff_ts,
+            "outbox": [w.to_dict() for w in self.outbox],
             "customers": {
                 self.customer_id(u): {"armed": a.armed, "last_alert": a.last_alert}
                 for u, a in self._alarms.items()
@@ -721,6 +766,10 @@ class Watcher:
         self.last_full = None if lf is None else int(lf)
         for ext, a in state.get("customers", {}).items():
             self._alarms[self._uid(ext)] = _Alarm(bool(a["armed"]), a.get("last_alert"))
+        self.outbox = [
+            ChurnWarning.from_dict(validate_warning(w, f"{where}, outbox"))
+            for w in state.get("outbox", [])
+        ]
 
     def note_published(self, warnings: Iterable[dict[str, Any]]) -> int:
         """Disarm the customers of warnings already in the sink (read back with

@@ -626,7 +626,9 @@ def _churn_watch(args: argparse.Namespace) -> int:
     state = al.load_state(state_path)
     if state is not None:
         watcher.restore(state, str(state_path))
-    watcher.note_published(al.read_warnings(args.sink))
+    # a run killed between the sink's fsync and the state's write: its warnings are newer
+    # than the saved clock
+    watcher.note_published(al.read_warnings(args.sink, since=(state or {}).get("clock")))
     event_log: EventLog
     if args.event_log:
         if not Path(args.event_log).is_file():
@@ -666,6 +668,13 @@ def _churn_watch(args: argparse.Namespace) -> int:
     finally:
         event_log.close()
     print(f"churn watch: {total} warning(s) published this run")
+    if watcher.outbox:
+        print(
+            f"churn watch: {len(watcher.outbox)} warning(s) not delivered to --webhook yet "
+            f"(kept in {state_path}; sent first on the next run)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ from segments.alerts import (
     AlertConfig,
     AlertModel,
     ChurnWarning,
+    DeliveryError,
     JsonlSink,
     Watcher,
     read_warnings,
@@ -188,6 +189,43 @@ def test_idempotent_replay_and_restore(planted, tmp_path):
     w3.ingest(seen)
     assert w3.tick(end) == []
     assert len(read_warnings(sink)) == n
+
+
+class _FlakySink:
+    """A second sink that fails its first ``fails`` calls (a webhook down), then records."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails = fails
+        self.got: list[ChurnWarning] = []
+
+    def publish(self, warnings: list[ChurnWarning]) -> None:
+        if self.fails > 0:
+            self.fails -= 1
+            raise DeliveryError("down")
+        self.got.extend(warnings)
+
+
+@pytest.mark.slow  # fits the model on the planted shop (seconds)
+def test_failed_delivery_kept_and_retried_through_the_state(planted, tmp_path):
+    ds, live, model = planted
+    sink = tmp_path / "churn.jsonl"
+    flaky = _FlakySink(fails=1000)
+    w = Watcher(model, ds, AlertConfig(), [JsonlSink(sink), flaky])
+    _, stored = _run_days(w, live, CUT_DAY, 330)
+    assert read_warnings(sink) and not flaky.got  # the record has them, the webhook not
+    assert len(w.outbox) == len(read_warnings(sink))
+    # a new process from the saved state (outbox included), the webhook back up
+    back = _FlakySink(fails=0)
+    w2 = Watcher(model, ds, AlertConfig(), [JsonlSink(sink), back])
+    w2.restore(json.loads(json.dumps(w.state_dict())))
+    end = T0 + 330 * DAY
+    w2.ingest(s for s in stored if s.event.ts < end)
+    assert w2.tick(end) == []  # nothing new ...
+    assert not w2.outbox  # ... but the outbox was delivered, once, in order
+    assert [x.to_dict() for x in back.got] == [x.to_dict() for x in w.outbox]
+    assert sorted(x["customer_id"] for x in read_warnings(sink)) == sorted(
+        x.customer_id for x in back.got
+    )
 
 
 @pytest.mark.slow  # fits the model on the planted shop (seconds)
