@@ -308,7 +308,8 @@ class AlertConfig:
         if not 0.0 <= self.rearm_below <= self.threshold <= 1.0:
             raise ConfigError(
                 f"alerts: need 0 <= rearm_below ({self.rearm_below}) <= threshold "
-                f"({self.threshold}) <= 1"
+                f"({self.threshold}) <= 1 (with a lower --threshold, lower rearm_below too: "
+                "--set alerts.rearm_below=...)"
             )
         for name in ("cooldown_days", "budget", "train_step_days", "min_history_days"):
             if getattr(self, name) < 0:

@@ -104,3 +104,22 @@ def test_webhook_retried_until_delivered():
         WebhookSink(f"http://127.0.0.1:{srv.server_port}/gone", retries=0, timeout_s=1).publish(
             [_w("a", 5)]
         )
+
+
+def test_watch_command_errors_named(tmp_path, capsys):
+    """Bad input to `ecomrec churn watch`: a clear error naming the option, exit 2."""
+    from ecomrec.cli import main
+
+    base = ["churn", "watch", "--dataset", str(tmp_path / "shop"), "--once"]
+    assert main([*base, "--sink", str(tmp_path / "w.jsonl")]) == 2
+    assert "give one of --event-log PATH or --nats SERVERS" in capsys.readouterr().err
+    missing = tmp_path / "nope.db"
+    assert main([*base, "--sink", str(tmp_path / "w.jsonl"), "--event-log", str(missing)]) == 2
+    assert f"--event-log {missing}: no such file" in capsys.readouterr().err
+    (tmp_path / "events.db").write_bytes(b"")
+    argv = [*base, "--sink", str(tmp_path), "--event-log", str(tmp_path / "events.db")]
+    assert main(argv) == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
+    argv = [*base, "--sink", str(tmp_path / "w.jsonl"), "--event-log", str(tmp_path / "events.db")]
+    assert main([*argv, "--set", "alerts.rearm_below=0.9"]) == 2
+    assert "rearm_below (0.9) <= threshold (0.7)" in capsys.readouterr().err
