@@ -298,8 +298,8 @@ class AlertConfig:
     # the model reads the trend columns (recent purchases, their share, recency / usual
     # gap) beside the batch features; false = the batch features only (the ablation)
     trend_features: bool = True
-    # every customer is re-scored once per UTC day (recency grows without events);
-    # customers with new events at every round
+    # every customer is re-scored once per full_rescore_s of the clock (recency grows
+    # without events); customers with new events at every round
     full_rescore_s: int = 86400
 
     def __post_init__(self) -> None:
