@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ecomrec.errors import ConfigError, DataError
+from ecomrec.errors import ConfigError, DataError, EcomrecError
 from intake.loaders.contract import EVENT_SYNONYMS, FUTURE_TOLERANCE_S
 from intake.schema import EVENT_TYPES
 
@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 256  # customer, product, order and session ids
 MAX_BATCH = 1000  # events in one append
+
+
+class EventLogUnavailableError(EcomrecError):
+    """The distributed event log did not acknowledge in time (no quorum, no leader): the
+    caller keeps the batch and retries it with the same batch id."""
 
 
 @dataclass(frozen=True)

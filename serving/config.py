@@ -137,6 +137,18 @@ class ServeConfig:
     # health turns SERVING); false = that call answers UNAVAILABLE.
     complements: bool = True
     product_search: bool = True
+    # Live event log back end (docs/events.md): "sqlite" = the embedded file event_log
+    # (one replica); "nats" = the replicated JetStream stream on nats_servers: TrackEvents is
+    # acknowledged once 2 of 3 nodes hold the events, and every replica's live history
+    # follows the stream (an event tracked on one replica reaches all); event_log_since is
+    # the stream position the served data already holds.
+    event_backend: Literal["sqlite", "nats"] = "sqlite"
+    nats_servers: tuple[str, ...] = ()
+    nats_stream: str = "ECOMREC_EVENTS"
+    nats_subject_prefix: str = "events"
+    # one publish attempt; an append retries (same message ids) until nats_append_deadline_s
+    nats_ack_timeout_s: float = 5.0
+    nats_append_deadline_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -179,6 +191,15 @@ class ServeConfig:
             raise ConfigError("ServeConfig shutdown_delay_s, grace_s, index_check_s must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
+        if self.event_backend not in ("sqlite", "nats"):
+            raise ConfigError(
+                f"ServeConfig.event_backend must be sqlite or nats, got {self.event_backend!r}"
+            )
+        if self.event_backend == "nats" and not self.nats_servers:
+            raise ConfigError(
+                'ServeConfig.nats_servers is empty (event_backend = "nats" needs the '
+                'cluster\'s client URLs, e.g. ["nats://nats-0:4222", "nats://nats-1:4222"])'
+            )
 
     @property
     def recommend_on_loop(self) -> bool:
