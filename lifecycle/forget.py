@@ -19,6 +19,15 @@ from intake.forget import ForgetReceipt, forget_customer
 from intake.live_log import EventLog
 
 
+def user_index_config(location: str) -> IndexConfig | None:
+    """The index at ``location``: a Qdrant URL (server back end; API key from
+    ``$QDRANT_API_KEY``) or an embedded directory; None for ""."""
+    if not location:
+        return None
+    remote = location.startswith(("http://", "https://"))
+    return IndexConfig(backend="server" if remote else "edge", location=location)
+
+
 def user_vector_forgetter(
     index: IndexConfig, alias: str = USERS_ALIAS
 ) -> Callable[[str], list[tuple[str, int]]]:

@@ -63,14 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from indexing.base import IndexConfig
     from intake.live_log import EventLog, SqliteEventLog
-    from lifecycle.forget import forget_everywhere
+    from lifecycle.forget import forget_everywhere, user_index_config
 
-    user_index = None
-    if args.index:
-        remote = args.index.startswith(("http://", "https://"))
-        user_index = IndexConfig(backend="server" if remote else "edge", location=args.index)
+    user_index = user_index_config(args.index or "")
     event_log: EventLog | None = None
     if args.event_log:
         event_log = SqliteEventLog(args.event_log)

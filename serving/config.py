@@ -149,6 +149,11 @@ class ServeConfig:
     # one publish attempt; an append retries (same message ids) until nats_append_deadline_s
     nats_ack_timeout_s: float = 5.0
     nats_append_deadline_s: float = 60.0
+    # ForgetCustomer also removes the customer's point from the user-vector collection
+    # (`index build --users`) of this index: an embedded directory or a Qdrant URL ("" = not
+    # touched); forget_users_alias names the collection.
+    forget_user_index: str = ""
+    forget_users_alias: str = "users"
 
     def __post_init__(self) -> None:
         for name in (

@@ -523,14 +523,16 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             self.events.live.forget(customer)
         try:
             if self.cfg.forget_dataset:
-                from intake.forget import forget_customer
+                from lifecycle.forget import forget_everywhere, user_index_config
 
-                r = forget_customer(
+                r = forget_everywhere(
                     customer,
                     self.cfg.forget_dataset,
                     event_log=self.events.log if self.events is not None else None,
                     artifacts=self.cfg.forget_artifacts,
                     keys=(self.cfg.pseudonym_salt,),
+                    user_index=user_index_config(self.cfg.forget_user_index),
+                    users_alias=self.cfg.forget_users_alias,
                 )
                 return lines + r.lines(), not r.leftover
             if self.events is not None:

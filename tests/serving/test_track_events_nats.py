@@ -266,8 +266,21 @@ def test_a_nats_node_killed_during_track_events_loses_no_acknowledged_event(
 def test_forget_on_one_nats_replica_erases_the_stream_and_reaches_the_other(
     cluster: LocalNatsCluster, parts: Any, index_dir: Path, segments: Any, tmp_path: Path
 ) -> None:
+    from indexing.base import IndexConfig
+    from indexing.build import open_store
+    from indexing.users import build_user_index, user_payloads
+
     data = tmp_path / "shop"
     parts.dataset.save(data)
+    users_at = tmp_path / "user-index"  # stored user vectors of the first 40 customers
+    uids = np.arange(1, 41)
+    ext = [parts.dataset.users.to_external(int(u)) for u in uids]
+    store = open_store(IndexConfig(location=str(users_at), full_scan_threshold_kb=1))
+    try:
+        vecs = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+        build_user_index(store, uids, vecs, user_payloads(uids, ext), model_version="m")
+    finally:
+        store.close()
     (a, b), readers = _replicas(
         parts,
         index_dir,
@@ -275,6 +288,7 @@ def test_forget_on_one_nats_replica_erases_the_stream_and_reaches_the_other(
         cluster.urls,
         admin_keys=("admin-key",),
         forget_dataset=str(data),
+        forget_user_index=str(users_at),
     )
     try:
         user = a.engine.users.to_external(7)
@@ -296,6 +310,18 @@ def test_forget_on_one_nats_replica_erases_the_stream_and_reaches_the_other(
         )
         assert resp.complete
         assert any("removed        1  events in the live log" in line for line in resp.receipt)
+        assert any("removed        1  points in user collection" in x for x in resp.receipt)
+        store = open_store(IndexConfig(location=str(users_at)))
+        try:
+            (live,) = store.versions("users")
+            left = [
+                p["external_id"]
+                for _, _, pays in store.scroll_all(live.version, with_vectors=False)
+                for p in pays
+            ]
+        finally:
+            store.close()
+        assert sorted(left) == sorted(e for e in ext if e != user)
         # the stream holds the other customer's event only
         with _stream_log(a) as log:
             assert [s.event.customer_id for s in log.read()] == [other]
