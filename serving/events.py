@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 from ecomrec.errors import ConfigError, InvalidArgumentError
 from intake.live_log import (
     MAX_BATCH,
+    MAX_ID_CHARS,
     Ack,
     EventLog,
     EventLogUnavailableError,
@@ -31,6 +33,7 @@ from intake.live_log import (
     StoredEvent,
     validate_batch,
 )
+from intake.loaders.contract import EVENT_SYNONYMS, FUTURE_TOLERANCE_S
 from serving.config import ServeConfig
 from serving.live import LiveHistory
 from serving.requests import UnavailableError
@@ -65,6 +68,54 @@ def raw_events(request: Any, now: float) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def validate_request_events(
+    events: Sequence[Any], now: float
+) -> tuple[list[LiveEvent], list[EventProblem]]:
+    """``TrackEventsRequest.events`` -> good events and problems, as
+    ``validate_batch(raw_events(...))`` gives them, at a third of its cost per event (it
+    runs on the event loop): the typed proto fields are checked directly, and an event that
+    fails any check goes through the contract's own :func:`validate_batch` for its exact
+    problem (the tests hold the two paths equal)."""
+    good: list[LiveEvent] = []
+    problems: list[EventProblem] = []
+    synonyms = EVENT_SYNONYMS
+    default_ts = int(now)
+    limit = now + FUTURE_TOLERANCE_S
+    for i, e in enumerate(events):
+        c, p, o, sid = e.customer_id, e.product_id, e.order_id, e.session_id
+        et = synonyms.get((e.event_type or "purchase").lower())
+        ts = e.timestamp or default_ts
+        q = e.quantity or 1
+        price = e.price if e.HasField("price") else None
+        if (
+            et is not None
+            and 0 < len(c) <= MAX_ID_CHARS
+            and 0 < len(p) <= MAX_ID_CHARS
+            and len(o) <= MAX_ID_CHARS
+            and len(sid) <= MAX_ID_CHARS
+            and 0 < ts <= limit
+            and q >= 1
+            and (price is None or 0.0 <= price < math.inf)  # NaN fails both
+        ):
+            good.append(LiveEvent(c, p, et, ts, q, price, o or None, sid or None))
+            continue
+        ok, bad = validate_batch(raw_events(_OneEvent(e), now), now=now)
+        good += ok  # (none: the fast checks refuse nothing the contract takes; tests)
+        problems += [dataclasses.replace(b, index=i) for b in bad]
+    return good, problems
+
+
+@dataclass(frozen=True)
+class _OneEvent:
+    """One proto event in the shape :func:`raw_events` reads (``request.events``)."""
+
+    event: Any
+
+    @property
+    def events(self) -> list[Any]:
+        return [self.event]
 
 
 class EventIntake:
@@ -222,7 +273,7 @@ class EventIntake:
             )
         if len(request.batch_id) > 128:
             raise InvalidArgumentError("batch_id", "longer than 128 characters")
-        good, problems = validate_batch(raw_events(request, now), now=now)
+        good, problems = validate_request_events(request.events, now)
         return good, problems, request.batch_id or None
 
     def with_live(self, q: RecommendQuery, items: IdLookup) -> RecommendQuery:
