@@ -45,7 +45,9 @@ def user_vector_forgetter(
             store.close()
         lines = [(f"points in user collection {alias!r} of {index.location}", r.removed)]
         if r.version is not None:
-            lines.append((f"versions of {alias!r} dropped (rebuilt as {r.version})", len(r.dropped)))
+            lines.append(
+                (f"versions of {alias!r} dropped (rebuilt as {r.version})", len(r.dropped))
+            )
         return lines
 
     return forget

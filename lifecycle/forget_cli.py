@@ -56,9 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "an embedded directory (searched for traces too) or a Qdrant URL; not given: user "
         "vectors are not touched",
     )
-    p.add_argument(
-        "--users-alias", default="users", help="the user collection's alias in --index"
-    )
+    p.add_argument("--users-alias", default="users", help="the user collection's alias in --index")
     p.set_defaults(func=_forget)
 
 

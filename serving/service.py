@@ -484,7 +484,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         """Validate (on the loop), append durably (the log's writer thread), answer."""
         if self.events is None:
             raise FailedPreconditionError(
-                "this service has no event log (set event_log, or event_backend = \"nats\", "
+                'this service has no event log (set event_log, or event_backend = "nats", '
                 "in the serve config)"
             )
         res = await self.events.track_async(request)  # validation here, the commit awaited

@@ -101,7 +101,9 @@ def _recommend(served: Served, user: str, recent: list[tuple[str, str, int]] = (
 
 
 def _n_events(served: Served, user: str) -> int:
-    return int(served.call("GetUserProfile", served.pb.GetUserProfileRequest(user_id=user)).n_events)
+    return int(
+        served.call("GetUserProfile", served.pb.GetUserProfileRequest(user_id=user)).n_events
+    )
 
 
 def _ids(resp: Any) -> list[str]:
@@ -296,7 +298,9 @@ def test_forget_on_one_nats_replica_erases_the_stream_and_reaches_the_other(
         before_b = _n_events(b, user)
         now = int(time.time()) - 5
         product = _items(a, 1)[0]
-        _track(a, [{"customer_id": u, "product_id": product, "timestamp": now} for u in (user, other)])
+        _track(
+            a, [{"customer_id": u, "product_id": product, "timestamp": now} for u in (user, other)]
+        )
         end = time.monotonic() + 5
         while _n_events(b, user) < before_b + 1:
             assert time.monotonic() < end
