@@ -486,7 +486,7 @@ class NatsEventLog:
 
         async def pub() -> None:
             await self._nc.publish(self.forget_subject, token)
-            await self._nc.flush(timeout=self.config.ack_timeout_s)
+            await self._nc.flush(timeout=max(1, round(self.config.ack_timeout_s)))
 
         self._call(pub())
 
@@ -502,7 +502,7 @@ class NatsEventLog:
                     log.exception("nats: forget listener failed")
 
             sub = await self._nc.subscribe(self.forget_subject, cb=deliver)
-            await self._nc.flush(timeout=self.config.ack_timeout_s)
+            await self._nc.flush(timeout=max(1, round(self.config.ack_timeout_s)))
             return sub
 
         sub = self._call(start())
