@@ -188,12 +188,24 @@ class NatsEventLog:
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats-log", daemon=True)
         self._thread.start()
         try:
-            self._nc: nats.NATS = self._call(_connect(config.servers, "ecomrec-event-log"))
+            self._nc: nats.NATS = self._call(self._connect_within(connect_deadline_s))
             self._js = self._nc.jetstream(timeout=config.ack_timeout_s)
             self._call(self._ensure_stream(connect_deadline_s))
         except BaseException:
             self._stop_loop()
             raise
+
+    async def _connect_within(self, deadline_s: float) -> nats.NATS:
+        """Connect (the client retries the servers) within ``deadline_s``, else
+        EventLogUnavailableError naming them (a service started while NATS is down fails
+        with that, and its supervisor restarts it)."""
+        servers = self.config.servers
+        try:
+            return await asyncio.wait_for(_connect(servers, "ecomrec-event-log"), deadline_s)
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            raise EventLogUnavailableError(
+                f"nats: no server of {list(servers)} answered within {deadline_s:g} s ({e!r})"
+            ) from e
 
     # ---------------------------------------------------------------- plumbing
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

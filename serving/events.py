@@ -194,6 +194,7 @@ class EventIntake:
                 append_deadline_s=cfg.nats_append_deadline_s,
             ),
             on_commit=feed.committed,
+            connect_deadline_s=cfg.nats_append_deadline_s,  # connect + the stream, at start
         )
         intake = cls(event_log, live, cfg.max_track_events)
         try:

@@ -365,3 +365,17 @@ def test_the_nats_back_end_needs_servers() -> None:
 
     with pytest.raises(ConfigError, match="nats_servers"):
         ServeConfig(event_backend="nats")
+
+
+def test_a_service_whose_nats_is_down_fails_to_start_naming_the_servers() -> None:
+    from intake.live_log import EventLogUnavailableError
+    from serving.config import ServeConfig
+    from serving.events import EventIntake
+
+    cfg = ServeConfig(
+        event_backend="nats", nats_servers=("nats://127.0.0.1:1",), nats_append_deadline_s=1.0
+    )
+    t = time.monotonic()
+    with pytest.raises(EventLogUnavailableError, match=r"127\.0\.0\.1:1"):
+        EventIntake.from_config(cfg)
+    assert time.monotonic() - t < 10
