@@ -97,6 +97,62 @@ def measure_validation(reqs: list[Any]) -> dict[str, float]:
     return {"typed_us": 1e6 * fast / n, "contract_us": 1e6 * contract / n}
 
 
+def _follow(urls: list[str], stream: str, n: int, out: Any) -> None:
+    """A follower process: a live history fed by ``NatsEventLog.follow`` (what a replica
+    runs for the other replicas' events), CPU of the whole process per event over ``n``."""
+    import threading
+
+    from intake.live_log_nats import NatsEventLog, NatsLogConfig
+    from serving.live import LiveHistory
+
+    cfg = NatsLogConfig(servers=tuple(urls), stream=stream, subject_prefix=stream.lower())
+    log = NatsEventLog(cfg)
+    live = LiveHistory()
+    got = [0]
+    done = threading.Event()
+
+    def on_events(stored: Any) -> None:
+        live.add(stored)
+        got[0] += len(stored)
+        if got[0] >= n:
+            done.set()
+
+    t = time.process_time()
+    stop = log.follow(0, on_events)
+    done.wait(300)
+    out.put(1e6 * (time.process_time() - t) / n)
+    stop()
+    log.close()
+
+
+def measure_follower(n: int) -> float:
+    """µs of CPU per event of a replica that only follows the NATS stream (3 local nodes;
+    ``n`` events appended first, then followed from the start)."""
+    import multiprocessing as mp
+
+    from intake.live_log import LiveEvent
+    from intake.live_log_nats import NatsEventLog, NatsLogConfig
+    from intake.nats_local import LocalNatsCluster
+
+    with LocalNatsCluster(tempfile.mkdtemp(prefix="events-cpu-nats-")) as c:
+        cfg = NatsLogConfig(servers=tuple(c.urls), stream="CPU", subject_prefix="cpu")
+        with NatsEventLog(cfg) as w:
+            for b in range(n // 50):
+                w.append(
+                    [
+                        LiveEvent(f"c{(b * 50 + i) % 5000}", f"p{i}", "view", 1_760_000_000)
+                        for i in range(50)
+                    ]
+                )
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_follow, args=(c.urls, "CPU", n // 50 * 50, q))
+        proc.start()
+        us = float(q.get(timeout=600))
+        proc.join(60)
+    return us
+
+
 def main(argv: list[str] | None = None) -> int:
     from ecomrec.cli import HelpFormatter
 
@@ -105,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=400, help="calls per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (medians reported)")
     ap.add_argument("--out", default="results/events_cpu.json", help="JSON result path")
+    ap.add_argument(
+        "--follow",
+        type=int,
+        default=0,
+        help="also: CPU per event of a replica following the NATS stream, over this many "
+        "events (starts 3 local nats-server nodes; 0 = off)",
+    )
     a = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="events-cpu-"))
@@ -125,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "validation_contract_us": med(lambda r: r["contract_us"]),
         "validation_ratio": med(lambda r: r["typed_us"] / r["contract_us"]),
     }
+    if a.follow:
+        m["nats_follower_us"] = measure_follower(a.follow)
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} cores",
@@ -146,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         f"| writer thread (insert, commit, live-history hook) | {m['writer_us']:.2f} |",
         f"| validation: typed proto checks (the service's) | {m['validation_typed_us']:.2f} |",
         f"| validation: contract dicts (before) | {m['validation_contract_us']:.2f} |",
+    ]
+    if a.follow:
+        lines.append(
+            f"| a replica following the NATS stream (whole process, {a.follow:,} events) | "
+            f"{m['nats_follower_us']:.2f} |"
+        )
+    lines += [
         "",
         f"validation, typed / contract, median of per-round ratios: {m['validation_ratio']:.2f}",
     ]
