@@ -630,6 +630,8 @@ def build_catalogue_index(
 
 
 def _toml_value(v: str) -> str:
+    if v.startswith("["):  # a TOML array as written, e.g. nats_servers=["nats://a:4222"]
+        return v
     try:
         float(v)
         return v
@@ -684,7 +686,7 @@ def start_servers(
     with socket.socket() as so:
         so.bind(("127.0.0.1", 0))
         port = so.getsockname()[1]
-    key = secrets.token_hex(8)
+    key = getattr(a, "api_key", None) or secrets.token_hex(8)  # several sets: one key
     cmd = [
         sys.executable,
         "-m",

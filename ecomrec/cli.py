@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "intake.cli",  # data
     "training.cli",  # train
     "segments.cli",  # segments, campaign, churn
+    "lifecycle.forget_cli",  # customers forget (after segments.cli: adds to its `customers`)
     "indexing.cli",  # index
     "serving.cli",  # serve, recommend
     "serving.export_cli",  # export triton

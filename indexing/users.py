@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -103,3 +104,81 @@ def audience(
         return hits[0]
     finally:
         reader.close()
+
+
+@dataclass(frozen=True)
+class UserForget:
+    """What :func:`forget_user` did (never the id itself)."""
+
+    removed: int  # points of the customer (over every version of the alias)
+    version: str | None  # the rebuilt live version (None: the customer was nowhere)
+    dropped: tuple[str, ...] = ()  # older / other versions dropped: they held the customer
+
+
+def forget_user(store: IndexStore, external_id: str, *, alias: str = USERS_ALIAS) -> UserForget:
+    """Remove a customer's point from the user-vector collection ``alias`` for good.
+
+    A point deletion only marks the point deleted in the engine's segment files (its payload
+    bytes, with the id, stay until the engine compacts them), and the versions kept for
+    rollback hold it too. So when any version holds the customer (payload ``external_id``),
+    the live version's other points are written into a **new version** (verified, then the
+    alias swapped, as every build), and every other version of the alias is dropped. Cost:
+    one rebuild of the collection per forget (seconds for 100k users); the user
+    collection's rollback history restarts at this version.
+    """
+    live_version = store.alias_target(alias)
+    if live_version is None:
+        return UserForget(0, None)
+    versions = [m.version for m in store.versions(alias)]
+    removed = 0
+    holding: list[str] = []
+    for v in versions:
+        n = sum(
+            sum(1 for p in payloads if p.get("external_id") == external_id)
+            for _, _, payloads in store.scroll_all(v, with_vectors=False)
+        )
+        if n:
+            holding.append(v)
+            removed = max(removed, n)
+    if not holding:
+        return UserForget(0, None)
+    live = next(m for m in store.versions(alias) if m.version == live_version)
+    ids_l: list[np.ndarray] = []
+    vecs_l: list[np.ndarray] = []
+    pays: list[dict[str, Any]] = []
+    for ids, vecs, payloads in store.scroll_all(live_version, with_vectors=True):
+        assert vecs is not None
+        keep = np.array([p.get("external_id") != external_id for p in payloads], dtype=bool)
+        ids_l.append(np.asarray(ids)[keep])
+        vecs_l.append(np.asarray(vecs)[keep])
+        pays += [p for p, k in zip(payloads, keep.tolist(), strict=True) if k]
+    ids_all = np.concatenate(ids_l) if ids_l else np.zeros(0, dtype=np.int64)
+    if len(ids_all) == 0:
+        raise DataError(
+            f"user collection {alias!r}: the forgotten customer is its only point; "
+            "drop the collection instead"
+        )
+    manifest = build_version(
+        store,
+        ids_all,
+        np.concatenate(vecs_l),
+        pays,
+        model_version=live.model_version,
+        config_hash=live.config_hash,
+        alias=alias,
+        kind="users",
+        payload_indexes=dict(USER_PAYLOAD_INDEXES),
+        provenance=dict(live.provenance),
+    )
+    dropped = []
+    for v in [m.version for m in store.versions(alias)] + store.incomplete_versions(alias):
+        if v != manifest.version:
+            store.drop_version(v)
+            dropped.append(v)
+    log.info(
+        "forget: user collection %s rebuilt as %s without the customer; %d version(s) dropped",
+        alias,
+        manifest.version,
+        len(dropped),
+    )
+    return UserForget(removed, manifest.version, tuple(dropped))

@@ -17,7 +17,8 @@
    command fail.
 
 Model weights are not edited: retrain (``ecomrec refresh``) for the customer's influence on
-the towers to go; the user-vector collection is rebuilt by the next ``index users`` run.
+the towers to go. The user-vector collection is cleaned by ``lifecycle.forget`` (a
+``forgetter`` passed in here: this package does not import the indexing package).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import hmac
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +122,16 @@ def forget_customer(
     artifacts: Sequence[str | Path] = (),
     keys: Sequence[str] = (),
     at: int | None = None,
+    forgetters: Sequence[Callable[[str], Sequence[tuple[str, int]]]] = (),
+    search: Sequence[str | Path] = (),
 ) -> ForgetReceipt:
-    """Remove ``customer_id`` everywhere named (see the module docstring)."""
+    """Remove ``customer_id`` everywhere named (see the module docstring).
+
+    ``forgetters``: more stores to forget the customer in, each called with the id before
+    the trace search and answering ``(what, how many removed)`` lines (the user-vector
+    collection: ``lifecycle.forget``, which may import the indexing package); ``search``:
+    more folders whose every file is searched for traces (an embedded index directory).
+    """
     if not customer_id:
         raise NotFoundError("no customer id given")
     d = Path(dataset_dir)
@@ -154,12 +163,15 @@ def forget_customer(
             if n:
                 removed.append((f"rows of {p}", n))
 
-    search = [needle.encode() for needle in needles]
+    for forget in forgetters:
+        removed += list(forget(customer_id))
+
+    patterns = [needle.encode() for needle in needles]
     leftover = [
         str(p)
-        for root in (d, *map(Path, artifacts))
+        for root in (d, *map(Path, artifacts), *map(Path, search))
         for p in sorted(root.rglob("*"))
-        if p.is_file() and _contains(p, search)
+        if p.is_file() and _contains(p, patterns)
     ]
     if leftover:
         log.warning("forget: the customer is still found in %d file(s)", len(leftover))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ecomrec.errors import ConfigError, DataError
+from ecomrec.errors import ConfigError, DataError, EcomrecError
 from intake.loaders.contract import FUTURE_TOLERANCE_S, LIVE_EVENT_SYNONYMS
 from intake.schema import LIVE_EVENT_TYPES
 
@@ -40,7 +40,14 @@ log = logging.getLogger(__name__)
 MAX_ID_CHARS = 256  # customer, product, order and session ids
 MAX_BATCH = 1000  # events in one append
 MAX_RECOMMENDATION_ID_CHARS = 64
-_REC_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+RECOMMENDATION_ID_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+)
+
+
+class EventLogUnavailableError(EcomrecError):
+    """The distributed event log did not acknowledge in time (no quorum, no leader): the
+    caller keeps the batch and retries it with the same batch id."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,7 @@ def validate_event(raw: Mapping[str, Any], index: int, now: float | None = None)
     if rec is not None and rec != "":
         if not isinstance(rec, str):
             raise bad("recommendation_id", f"{_short(rec)} is not text")
-        if len(rec) > MAX_RECOMMENDATION_ID_CHARS or not set(rec) <= _REC_ID_CHARS:
+        if len(rec) > MAX_RECOMMENDATION_ID_CHARS or not set(rec) <= RECOMMENDATION_ID_CHARS:
             raise bad(
                 "recommendation_id",
                 f"{_short(rec)} is not a recommendation id (at most "

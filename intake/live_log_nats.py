@@ -30,6 +30,7 @@ Layout (docs/events.md, "Distributed back end: NATS JetStream"):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -45,16 +46,12 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from ecomrec.errors import ConfigError, EcomrecError
-from intake.live_log import Ack, LiveEvent, StoredEvent, event_row
+from ecomrec.errors import ConfigError
+from intake.live_log import Ack, EventLogUnavailableError, LiveEvent, StoredEvent, event_row
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class EventLogUnavailableError(EcomrecError):
-    """The distributed event log did not acknowledge in time (no quorum, no leader)."""
 
 
 @dataclass(frozen=True)
@@ -193,12 +190,24 @@ class NatsEventLog:
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats-log", daemon=True)
         self._thread.start()
         try:
-            self._nc: nats.NATS = self._call(_connect(config.servers, "ecomrec-event-log"))
+            self._nc: nats.NATS = self._call(self._connect_within(connect_deadline_s))
             self._js = self._nc.jetstream(timeout=config.ack_timeout_s)
             self._call(self._ensure_stream(connect_deadline_s))
         except BaseException:
             self._stop_loop()
             raise
+
+    async def _connect_within(self, deadline_s: float) -> nats.NATS:
+        """Connect (the client retries the servers) within ``deadline_s``, else
+        EventLogUnavailableError naming them (a service started while NATS is down fails
+        with that, and its supervisor restarts it)."""
+        servers = self.config.servers
+        try:
+            return await asyncio.wait_for(_connect(servers, "ecomrec-event-log"), deadline_s)
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            raise EventLogUnavailableError(
+                f"nats: no server of {list(servers)} answered within {deadline_s:g} s ({e!r})"
+            ) from e
 
     # ---------------------------------------------------------------- plumbing
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -255,11 +264,24 @@ class NatsEventLog:
 
     # ---------------------------------------------------------------- writing
     def append(self, events: Sequence[LiveEvent], batch_id: str | None = None) -> Ack:
+        return self.submit(events, batch_id).result()
+
+    def submit(
+        self, events: Sequence[LiveEvent], batch_id: str | None = None
+    ) -> concurrent.futures.Future[Ack]:
+        """:meth:`append` without blocking: the future resolves with the acknowledgement
+        (after ``on_commit`` ran), on the client's loop thread; an asyncio caller awaits it
+        with ``asyncio.wrap_future`` and holds no thread meanwhile."""
         if self._closed:
             raise ConfigError(f"event log nats:{self.config.stream} is closed")
+        return asyncio.run_coroutine_threadsafe(
+            self._append_acked(list(events), batch_id or uuid.uuid4().hex), self._loop
+        )
+
+    async def _append_acked(self, events: list[LiveEvent], batch_id: str) -> Ack:
         if not events:
             return Ack(0, 0, 0)
-        seqs, dups = self._call(self._append(list(events), batch_id or uuid.uuid4().hex))
+        seqs, dups = await self._append(events, batch_id)
         ack = Ack(min(seqs), max(seqs), len(events), replayed=all(dups))
         if self._on_commit is not None and not ack.replayed:
             try:
@@ -459,6 +481,52 @@ class NatsEventLog:
                     self._call(sub.unsubscribe(), timeout=10)
                 except Exception as e:
                     log.debug("nats: stopping a follower: %r", e)
+
+        return stop
+
+    # ------------------------------------------------ forget, told to every replica
+    @property
+    def forget_subject(self) -> str:
+        """Core NATS subject (outside the stream: nothing stores it) on which a forget is
+        announced to every service replica."""
+        return f"{self.config.subject_prefix}-forget"
+
+    def announce_forget(self, customer_id: str) -> None:
+        """Tell every replica listening (:meth:`on_forget`) to drop the customer from its
+        memory. The message carries :func:`customer_token` (never the id) and is not stored:
+        a replica disconnected at that moment does not hear it (its live history still
+        never gets the erased events back: they are gone from the stream)."""
+        token = customer_token(customer_id).encode()
+
+        async def pub() -> None:
+            await self._nc.publish(self.forget_subject, token)
+            await self._nc.flush(timeout=max(1, round(self.config.ack_timeout_s)))
+
+        self._call(pub())
+
+    def on_forget(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(customer_token)`` for each forget announced by any replica
+        (this one included), on the client's loop thread; returns a function that stops."""
+
+        async def start() -> Any:
+            async def deliver(msg: Any) -> None:
+                try:
+                    callback(msg.data.decode())
+                except Exception:
+                    log.exception("nats: forget listener failed")
+
+            sub = await self._nc.subscribe(self.forget_subject, cb=deliver)
+            await self._nc.flush(timeout=max(1, round(self.config.ack_timeout_s)))
+            return sub
+
+        sub = self._call(start())
+
+        def stop() -> None:
+            if not self._closed:
+                try:
+                    self._call(sub.unsubscribe(), timeout=10)
+                except Exception as e:
+                    log.debug("nats: stopping the forget listener: %r", e)
 
         return stop
 

@@ -482,32 +482,6 @@ def similar_table(rows: list[dict[str, Any]], currency: str | None = None) -> st
     )
 
 
-def _customers_forget(args: argparse.Namespace) -> int:
-    from intake.forget import forget_customer
-    from intake.live_log import EventLog, SqliteEventLog
-
-    event_log: EventLog | None = None
-    if args.event_log:
-        event_log = SqliteEventLog(args.event_log)
-    elif args.nats:
-        from intake.live_log_nats import NatsEventLog, NatsLogConfig
-
-        event_log = NatsEventLog(NatsLogConfig(servers=tuple(args.nats.split(","))))
-    try:
-        receipt = forget_customer(
-            args.customer,
-            args.dataset,
-            event_log=event_log,
-            artifacts=args.artifacts,
-            keys=args.key,
-        )
-    finally:
-        if event_log is not None:
-            event_log.close()
-    print("\n".join(receipt.lines()))
-    return 1 if receipt.leftover else 0
-
-
 def _customers_similar(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -826,34 +800,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     _scores_opts(p)
     p.set_defaults(func=_customers_similar)
-    p = cus.add_parser(
-        "forget",
-        help="remove a customer from the live log, the dataset folder and derived files "
-        "(docs/events.md); prints a receipt, exit 1 if a trace is still found",
-    )
-    p.add_argument("customer", metavar="ID", help="external customer id (as in the events)")
-    p.add_argument(
-        "--dataset", required=True, help="the saved dataset folder (ecomrec data import --out)"
-    )
-    p.add_argument(
-        "--event-log", default=None, help="the embedded live event log file (serve's event_log)"
-    )
-    p.add_argument(
-        "--nats", default=None, help="NATS servers of the replicated log, comma-separated"
-    )
-    p.add_argument(
-        "--artifacts",
-        nargs="*",
-        default=[],
-        help="derived folders to clean and search: segments/export outputs, batch outputs",
-    )
-    p.add_argument(
-        "--key",
-        action="append",
-        default=[],
-        help="a pseudonymisation key in use (segments export salt, serve's pseudonym_salt); repeatable",
-    )
-    p.set_defaults(func=_customers_forget)
+    # `customers forget` is registered by lifecycle/forget_cli.py (it needs the indexing
+    # package for the user vectors, which this package may not import)
 
     ch = sub.add_parser("churn", help="churn / high-value models")
     chs = ch.add_subparsers(dest="churn_cmd", required=True)

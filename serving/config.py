@@ -145,6 +145,23 @@ class ServeConfig:
     served_log: str = ""
     served_log_flush_s: float = 0.2
     outcomes_live_answers: int = 50_000
+    # Live event log back end (docs/events.md): "sqlite" = the embedded file event_log
+    # (one replica); "nats" = the replicated JetStream stream on nats_servers: TrackEvents is
+    # acknowledged once 2 of 3 nodes hold the events, and every replica's live history
+    # follows the stream (an event tracked on one replica reaches all); event_log_since is
+    # the stream position the served data already holds.
+    event_backend: Literal["sqlite", "nats"] = "sqlite"
+    nats_servers: tuple[str, ...] = ()
+    nats_stream: str = "ECOMREC_EVENTS"
+    nats_subject_prefix: str = "events"
+    # one publish attempt; an append retries (same message ids) until nats_append_deadline_s
+    nats_ack_timeout_s: float = 5.0
+    nats_append_deadline_s: float = 60.0
+    # ForgetCustomer also removes the customer's point from the user-vector collection
+    # (`index build --users`) of this index: an embedded directory or a Qdrant URL ("" = not
+    # touched); forget_users_alias names the collection.
+    forget_user_index: str = ""
+    forget_users_alias: str = "users"
 
     def __post_init__(self) -> None:
         for name in (
@@ -191,6 +208,15 @@ class ServeConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
+        if self.event_backend not in ("sqlite", "nats"):
+            raise ConfigError(
+                f"ServeConfig.event_backend must be sqlite or nats, got {self.event_backend!r}"
+            )
+        if self.event_backend == "nats" and not self.nats_servers:
+            raise ConfigError(
+                'ServeConfig.nats_servers is empty (event_backend = "nats" needs the '
+                'cluster\'s client URLs, e.g. ["nats://nats-0:4222", "nats://nats-1:4222"])'
+            )
 
     @property
     def recommend_on_loop(self) -> bool:

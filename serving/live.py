@@ -84,6 +84,17 @@ class LiveHistory:
         with self._lock:
             return self._by_customer.pop(customer_id, None) is not None
 
+    def forget_token(self, token: str) -> int:
+        """Drop every customer whose :func:`~intake.live_log_nats.customer_token` is
+        ``token`` (a forget announced by another replica); returns how many."""
+        from intake.live_log_nats import customer_token
+
+        with self._lock:
+            gone = [c for c in self._by_customer if customer_token(c) == token]
+            for c in gone:
+                del self._by_customer[c]
+        return len(gone)
+
     def customers(self) -> int:
         with self._lock:
             return len(self._by_customer)

@@ -175,14 +175,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self.cfg: ServeConfig = engine.cfg if engine is not None else cfg  # type: ignore[assignment]
         self.metrics = metrics or (engine.metrics if engine is not None else None)
         self.pb = _pb()
-        if events is None and self.cfg.event_log:
-            events = EventIntake.open(
-                self.cfg.event_log,
-                self.cfg.event_log_since,
-                self.cfg.max_track_events,
-                self.cfg.live_events_per_customer,
-                self.cfg.live_customers,
-            )
+        if events is None:
+            events = EventIntake.from_config(self.cfg)  # event_backend: sqlite / nats
         self.events = events  # TrackEvents and live history (None: no event log)
         self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
         # recommendation ids, the served log, live attribution (docs/outcomes.md)
@@ -221,11 +215,17 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     def _live(self, q: val.RecommendQuery) -> val.RecommendQuery:
         """``q`` with the customer's acknowledged live events (TrackEvents) merged in; a
         customer forgotten since start is served as a stranger (live events after it only)."""
-        if q.user is not None and q.user_external in self.forgotten:
+        if q.user is not None and self._forgotten(q.user_external):
             q = dataclasses.replace(q, user=None)
         if self.events is None:
             return q
         return self.events.with_live(q, self.engine.items)
+
+    def _forgotten(self, customer: str) -> bool:
+        """Forgotten since start, here or (NATS back end) announced by another replica."""
+        return customer in self.forgotten or (
+            self.events is not None and self.events.is_forgotten(customer)
+        )
 
     def close(self) -> None:
         """Release what the servicer owns (the event log, the served log); called when the
@@ -439,7 +439,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self, request: pb2.GetUserProfileRequest, call: _Call
     ) -> pb2.UserProfile:
         engine = self.engine  # in-memory lookups: on the loop
-        if request.user_id in self.forgotten:
+        if self._forgotten(request.user_id):
             raise NotFoundError(f"user_id: unknown user {request.user_id[:40]!r}")
         live = 0
         if self.events is not None:
@@ -517,7 +517,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             members=[
                 self.pb.AudienceMember(user_id=u, score=s, segment=g)
                 for u, s, g in res.members
-                if u not in self.forgotten
+                if not self._forgotten(u)
             ],
             model_version=engine.model_version,
             degraded=res.degraded,
@@ -530,7 +530,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         """Validate (on the loop), append durably (the log's writer thread), answer."""
         if self.events is None:
             raise FailedPreconditionError(
-                "this service has no event log (set event_log in the serve config)"
+                'this service has no event log (set event_log, or event_backend = "nats", '
+                "in the serve config)"
             )
         res = await self.events.track_async(request)  # validation here, the commit awaited
         if res.events and not res.ack.replayed:
@@ -570,22 +571,28 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         lines.append(f"removed {n_served:>8,}  answers in the served-recommendation log")
         if self.events is not None:
             self.events.live.forget(customer)
-        if self.cfg.forget_dataset:
-            from intake.forget import forget_customer
+        try:
+            if self.cfg.forget_dataset:
+                from lifecycle.forget import forget_everywhere, user_index_config
 
-            r = forget_customer(
-                customer,
-                self.cfg.forget_dataset,
-                event_log=self.events.log if self.events is not None else None,
-                artifacts=self.cfg.forget_artifacts,
-                keys=(self.cfg.pseudonym_salt,),
-            )
-            return lines + r.lines(), not r.leftover
-        if self.events is not None:
-            n = self.events.log.forget(customer)
-            lines.append(f"removed {n:>8,}  events in the live log")
-        lines.append("note: no forget_dataset configured: run `ecomrec customers forget` on it")
-        return lines, True
+                r = forget_everywhere(
+                    customer,
+                    self.cfg.forget_dataset,
+                    event_log=self.events.log if self.events is not None else None,
+                    artifacts=self.cfg.forget_artifacts,
+                    keys=(self.cfg.pseudonym_salt,),
+                    user_index=user_index_config(self.cfg.forget_user_index),
+                    users_alias=self.cfg.forget_users_alias,
+                )
+                return lines + r.lines(), not r.leftover
+            if self.events is not None:
+                n = self.events.log.forget(customer)
+                lines.append(f"removed {n:>8,}  events in the live log")
+            lines.append("note: no forget_dataset configured: run `ecomrec customers forget` on it")
+            return lines, True
+        finally:
+            if self.events is not None:  # after the log's erase; NATS: every replica is told
+                self.events.forget(customer)
 
     @_rpc("CompleteBasket")
     async def CompleteBasket(

@@ -61,3 +61,20 @@ def test_kubernetes_and_compose_run_the_same_three_node_cluster() -> None:
         assert f"nats-{i}.{headless}" in svc_c["networks"]["default"]["aliases"]
         assert "./config/nats.conf:/etc/nats/nats.conf:ro" in svc_c["volumes"]
         assert f"nats-{i}:{mount['mountPath']}" in svc_c["volumes"]
+
+
+def test_the_service_config_serves_on_the_nats_cluster() -> None:
+    """deploy/config/serve.toml (= the Recommend ConfigMap) names the 3 nodes by the names
+    both Kubernetes (headless Service) and compose (network aliases) resolve, on the client
+    port; compose starts the service after the nodes."""
+    from serving.config import load_serve_config
+
+    cfg = load_serve_config(DEPLOY / "config" / "serve.toml")
+    assert cfg.event_backend == "nats"
+    res = resources()
+    headless = res[("StatefulSet", "nats")]["spec"]["serviceName"]
+    assert cfg.nats_servers == tuple(f"nats://nats-{i}.{headless}:4222" for i in range(3))
+    assert cfg.nats_stream == NatsLogConfig().stream
+    comp = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    after = comp["services"]["recommend"]["depends_on"]
+    assert all(after[f"nats-{i}"]["condition"] == "service_healthy" for i in range(3))

@@ -1,5 +1,6 @@
-"""Forgetting a customer: the live log, the dataset, derived files; then every artifact is
-searched for the id and its pseudonyms, and a later import cannot bring them back."""
+"""Forgetting a customer: the live log, the dataset, derived files, the stored user vectors;
+then every artifact is searched for the id and its pseudonyms, and a later import cannot
+bring them back."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
+from indexing.base import IndexConfig
+from indexing.build import open_store
+from indexing.users import build_user_index, user_payloads
 from intake.dataset import Dataset
 from intake.live_log import LiveEvent, SqliteEventLog
 from intake.synthetic import SyntheticConfig, make_shop
@@ -68,12 +73,31 @@ def test_forget_removes_every_trace_and_stays_forgotten(tmp_path: Path) -> None:
     (scores / "meta.json").write_text("{}")
     pl.DataFrame({"user_id": [5, 6]}).write_parquet(scores / "customers.parquet")
 
+    # stored user vectors (`index build --users`): two versions (the older kept for rollback)
+    index = tmp_path / "index"
+    users = np.arange(1, 61)
+    for seed in (0, 1):
+        vecs = np.random.default_rng(seed).normal(size=(60, 8)).astype(np.float32)
+        store = open_store(IndexConfig(location=str(index), full_scan_threshold_kb=1))
+        try:
+            build_user_index(
+                store,
+                users,
+                vecs,
+                user_payloads(users, [ds.users.to_external(int(u)) for u in users]),
+                model_version=f"m{seed}",
+            )
+        finally:
+            store.close()
+    # the byte search below sees the collection's payloads: the id is in its files now
+    assert victim.encode() in _all_bytes(index)
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [
             sys.executable, "-m", "ecomrec", "customers", "forget", victim,
             "--dataset", str(data), "--event-log", str(log_path),
-            "--artifacts", str(exports), "--key", KEY,
+            "--artifacts", str(exports), "--key", KEY, "--index", str(index),
         ],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
@@ -82,6 +106,7 @@ def test_forget_removes_every_trace_and_stays_forgotten(tmp_path: Path) -> None:
     assert f"removed {n_victim:>8,}  events in dataset" in res.stdout
     assert "removed        3  events in the live log" in res.stdout
     assert not scores.exists()
+    assert "removed        1  points in user collection 'users'" in res.stdout
 
     # search every artifact for the id and its pseudonyms
     needles = [victim, *pseudonymise([victim], KEY)]
@@ -97,6 +122,20 @@ def test_forget_removes_every_trace_and_stays_forgotten(tmp_path: Path) -> None:
     assert pl.read_parquet(exports / "audience.parquet").height == 9
     with SqliteEventLog(log_path) as log:
         assert [s.event.customer_id for s in log.read()] == [other]
+    # the user vectors: one version left (the live one), without the customer's point and
+    # payload; every other customer's point kept with its vector
+    store = open_store(IndexConfig(location=str(index)))
+    try:
+        versions = store.versions("users")
+        assert [m.version for m in versions] == [store.alias_target("users")]
+        got_ids, got_ext = [], []
+        for ids, _, payloads in store.scroll_all(versions[0].version, with_vectors=False):
+            got_ids += np.asarray(ids).tolist()
+            got_ext += [p["external_id"] for p in payloads]
+    finally:
+        store.close()
+    assert sorted(got_ids) == [u for u in range(1, 61) if u != 5]
+    assert victim not in got_ext and other in got_ext and len(got_ext) == 59
 
     # a later import into the same folder cannot bring them back; events made after the
     # request (a new consent) are kept
