@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,8 @@ class Dashboard:
         self.lookup = lookup
         self.cache = data.FileCache()
         self.env = _templates()
+        self._views_lock = threading.Lock()
+        self._views: tuple[Any, Any, list[dict[str, Any]]] | None = None
 
     # ----------------------------------------------------------------- plumbing
     def _html(self, template: str, status: int = 200, **ctx: Any) -> Any:
@@ -179,24 +182,30 @@ class Dashboard:
         return PlainTextResponse("ok")
 
     # ----------------------------------------------------------------- pages
-    def _report(self) -> tuple[dict[str, Any] | None, str | None]:
+    def _load_overview(self, f: Path) -> tuple[dict[str, Any], dict[str, str | None]]:
+        """The report and its charts (drawn once per version of the file)."""
+        report = data.load_report(f)
+        charts: dict[str, str | None] = {}
+        if self.cfg.charts:
+            charts["metrics"] = plots.variant_metrics(report)
+            charts["daily"] = plots.daily(data.daily_series(report))
+        return report, charts
+
+    def _report(self) -> tuple[dict[str, Any] | None, dict[str, str | None], str | None]:
         if not self.cfg.report:
-            return None, "no online report configured ([dashboard] report or --report)"
+            return None, {}, "no online report configured ([dashboard] report or --report)"
         try:
             f = data.report_file(self.cfg.report)
-            return self.cache.get("report", f, f, data.load_report), None
+            report, charts = self.cache.get("report", f, f, self._load_overview)
+            return report, charts, None
         except EcomrecError as e:
-            return None, str(e)
+            return None, {}, str(e)
 
     def overview(self, request: Any) -> Any:
         key = self._key(request)
         if not isinstance(key, str):
             return key
-        report, error = self._report()
-        charts: dict[str, str | None] = {}
-        if report is not None:
-            charts["metrics"] = plots.variant_metrics(report)
-            charts["daily"] = plots.daily(data.daily_series(report))
+        report, charts, error = self._report()
         return self._html(
             "overview.html",
             page="overview",
@@ -219,40 +228,58 @@ class Dashboard:
         views: list[dict[str, Any]] = []
         try:
             if not self.cfg.segments:
-                raise EcomrecError("no segment snapshot configured ([dashboard] segments or --segments)")
+                raise EcomrecError(
+                    "no segment snapshot configured ([dashboard] segments or --segments)"
+                )
             cur = self._snapshot(self.cfg.segments)
             if self.cfg.previous_segments:
                 prev = self._snapshot(self.cfg.previous_segments)
-            for col, label in data.SEGMENT_COLUMNS:
-                if col not in cur.table.columns:
-                    continue
-                if prev is not None:
-                    mv = data.movement(cur, prev, col)
-                else:
-                    sizes = data.segment_sizes(cur, col)
-                    mv = {
-                        "rows": [
-                            {"segment": s, "previous": None, "current": n, "change": None}
-                            for s, n in sizes.items()
-                        ],
-                        "segments": list(sizes),
-                        "matrix": {},
-                        "reason": "no previous snapshot configured ([dashboard] previous_segments)",
-                    }
-                chart_rows = [{**r, "previous": r["previous"] or 0} for r in mv["rows"]]
-                views.append(
-                    {
-                        "column": col,
-                        "label": label,
-                        "movement": mv,
-                        "chart": plots.segment_sizes(chart_rows, f"{label}: customers"),
-                    }
-                )
+            views = self._segment_views(cur, prev)
         except EcomrecError as e:
             error = str(e)
         return self._html(
             "segments.html", page="segments", current=cur, previous=prev, views=views, error=error
         )
+
+    def _segment_views(
+        self, cur: data.Snapshot, prev: data.Snapshot | None
+    ) -> list[dict[str, Any]]:
+        """Sizes, movement and charts per segment column (kept while both snapshots are)."""
+        with self._views_lock:
+            memo = self._views
+            if memo is not None and memo[0] is cur and memo[1] is prev:
+                return memo[2]
+        views: list[dict[str, Any]] = []
+        for col, label in data.SEGMENT_COLUMNS:
+            if col not in cur.table.columns:
+                continue
+            if prev is not None:
+                mv = data.movement(cur, prev, col)
+            else:
+                sizes = data.segment_sizes(cur, col)
+                mv = {
+                    "rows": [
+                        {"segment": s, "previous": None, "current": n, "change": None}
+                        for s, n in sizes.items()
+                    ],
+                    "segments": list(sizes),
+                    "matrix": {},
+                    "reason": "no previous snapshot configured ([dashboard] previous_segments)",
+                }
+            chart_rows = [{**r, "previous": r["previous"] or 0} for r in mv["rows"]]
+            views.append(
+                {
+                    "column": col,
+                    "label": label,
+                    "movement": mv,
+                    "chart": plots.segment_sizes(chart_rows, f"{label}: customers")
+                    if self.cfg.charts
+                    else None,
+                }
+            )
+        with self._views_lock:
+            self._views = (cur, prev, views)
+        return views
 
     def _warnings(self) -> tuple[list[dict[str, Any]], str | None]:
         if not self.cfg.warnings:

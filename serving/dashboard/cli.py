@@ -35,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--host", default=None, help="bind address (default: the config's, 127.0.0.1)")
     d.add_argument(
-        "--port", type=int, default=None, help="HTTP port, 0 = a free one (default: the config's, 8080)"
+        "--port",
+        type=int,
+        default=None,
+        help="HTTP port, 0 = a free one (default: the config's, 8080)",
     )
     d.add_argument(
         "--report",

@@ -34,6 +34,8 @@ class DashboardConfig:
     # Warnings listed (newest first) and recommendations asked per customer lookup.
     max_warnings: int = 200
     recommend_k: int = 10
+    # Server-rendered charts (matplotlib PNG, inlined); false = tables only.
+    charts: bool = True
     # A sign-in lasts this long (seconds); sessions live in the process's memory (a
     # restart signs everyone out).  cookie_secure = true when served behind HTTPS.
     session_ttl_s: float = 8 * 3600.0

@@ -55,7 +55,7 @@ class FileCache:
         try:
             st = stamp_of.stat()
         except FileNotFoundError:
-            raise NotFoundError(f"{stamp_of} does not exist") from None
+            return load(path)  # the loader says what is missing and what to run
         stamp = (st.st_mtime_ns, st.st_size)
         key = (kind, str(path))
         with self._lock:
@@ -296,5 +296,7 @@ def load_warnings(path: str | Path, limit: int) -> list[dict[str, Any]]:
 
     p = Path(path)
     if not p.is_file():
-        raise NotFoundError(f"churn warnings file {p} does not exist")
+        raise NotFoundError(
+            f"churn warnings file {p} does not exist (none written yet, or a wrong path)"
+        )
     return list(read_warnings(p))[:limit]

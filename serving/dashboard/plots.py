@@ -43,8 +43,14 @@ def variant_metrics(report: dict[str, Any]) -> str | None:
         for ax, (m, label) in zip(axes, METRICS, strict=True):
             scale = 100.0 if m in RATE_METRICS else 1.0
             vals = [v["metrics"][m]["value"] * scale for v in variants]
-            lo = [max(0.0, (v["metrics"][m]["value"] - v["metrics"][m]["lo"]) * scale) for v in variants]
-            hi = [max(0.0, (v["metrics"][m]["hi"] - v["metrics"][m]["value"]) * scale) for v in variants]
+            lo = [
+                max(0.0, (v["metrics"][m]["value"] - v["metrics"][m]["lo"]) * scale)
+                for v in variants
+            ]
+            hi = [
+                max(0.0, (v["metrics"][m]["hi"] - v["metrics"][m]["value"]) * scale)
+                for v in variants
+            ]
             ax.bar(names, vals, yerr=[lo, hi], capsize=4, color="#4477aa")
             ax.set_title(label + (" (%)" if m in RATE_METRICS else ""), fontsize=9)
             ax.tick_params(labelsize=8)
@@ -61,7 +67,12 @@ def daily(series: dict[str, list[dict[str, Any]]]) -> str | None:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 2.8))
         for variant, rows in series.items():
             days = [r["day"] for r in rows]
-            a.plot(days, [None if r["ctr"] is None else 100 * r["ctr"] for r in rows], marker="o", label=variant)
+            a.plot(
+                days,
+                [None if r["ctr"] is None else 100 * r["ctr"] for r in rows],
+                marker="o",
+                label=variant,
+            )
             b.plot(days, [r["revenue"] for r in rows], marker="o", label=variant)
         a.set_title("CTR per day (%)", fontsize=9)
         b.set_title("revenue per day", fontsize=9)
@@ -80,8 +91,20 @@ def segment_sizes(rows: list[dict[str, Any]], title: str) -> str | None:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.0))
         ys = list(range(len(rows)))
-        ax.barh([y + 0.2 for y in ys], [r["previous"] for r in rows], 0.4, label="previous", color="#bbbbbb")
-        ax.barh([y - 0.2 for y in ys], [r["current"] for r in rows], 0.4, label="current", color="#4477aa")
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [r["previous"] for r in rows],
+            0.4,
+            label="previous",
+            color="#bbbbbb",
+        )
+        ax.barh(
+            [y - 0.2 for y in ys],
+            [r["current"] for r in rows],
+            0.4,
+            label="current",
+            color="#4477aa",
+        )
         ax.set_yticks(ys, [r["segment"] for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=9)
