@@ -20,7 +20,13 @@ def planted_report() -> dict[str, Any]:
 
     variants = []
     for i, name in enumerate(("control", "candidate")):
-        imp, clicks, carts, buys, rev = 12_345 + i * 111, 321 + 57 * i, 44 + i, 13 + 2 * i, 1234.5 + i
+        imp, clicks, carts, buys, rev = (
+            12_345 + i * 111,
+            321 + 57 * i,
+            44 + i,
+            13 + 2 * i,
+            1234.5 + i,
+        )
         variants.append(
             {
                 "variant": name,
