@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "serving.dashboard.cli",  # dashboard (web, read-only)
     "lifecycle.batch_cli",  # batch (sharded jobs on Dask)
     "lifecycle.cli",  # refresh
+    "outcomes.cli",  # report online
     "ecomrec.demo",  # demo: the main job end to end (runs every package)
 ]
 

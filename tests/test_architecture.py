@@ -21,7 +21,16 @@ ALLOWED = {
     "training": {BASE, "intake", "towers", "training"},
     "segments": {BASE, "intake", "towers", "training", "segments"},
     "indexing": {BASE, "intake", "towers", "indexing"},
-    "lifecycle": {BASE, "intake", "towers", "training", "segments", "indexing", "lifecycle"},
+    "lifecycle": {
+        BASE,
+        "intake",
+        "towers",
+        "training",
+        "segments",
+        "indexing",
+        "lifecycle",
+        "outcomes",
+    },
     "serving": {
         BASE,
         "intake",
@@ -32,7 +41,11 @@ ALLOWED = {
         "lifecycle",
         "serving",
         "protos",
+        "outcomes",
     },
+    # online outcomes of recommendations (attribution, metrics, A/B): serving and lifecycle
+    # import it, it imports neither
+    "outcomes": {BASE, "intake", "towers", "training", "segments", "outcomes"},
 }
 OURS = {
     "intake",
@@ -44,6 +57,7 @@ OURS = {
     "serving",
     "ecomrec",
     "protos",
+    "outcomes",
 }
 PACKAGES = (
     "intake",
@@ -54,6 +68,7 @@ PACKAGES = (
     "lifecycle",
     "serving",
     "ecomrec",
+    "outcomes",
 )
 
 
@@ -120,7 +135,7 @@ def test_base_imports_nothing_of_ours() -> None:
 def test_serving_is_a_leaf() -> None:
     importers = [
         str(f.relative_to(ROOT))
-        for pkg in ("intake", "towers", "training", "segments", "indexing", "lifecycle")
+        for pkg in ("intake", "towers", "training", "segments", "indexing", "lifecycle", "outcomes")
         for f in (ROOT / pkg).rglob("*.py")
         if "serving" in _imports(f)
     ]
