@@ -90,21 +90,23 @@ def _need(obj: Any, key: str, kind: type | tuple[type, ...], where: str, file: P
 
 
 def parse_report(raw: Any, file: Path) -> dict[str, Any]:
-    """Check the fields the pages show (docs/dashboard.md); returns ``raw`` unchanged."""
+    """Check the fields the pages show (docs/dashboard.md; ``variant_totals``, per variant
+    over its model versions, is optional); returns ``raw`` unchanged."""
     if not isinstance(raw, dict):
         raise DataError("online report: the top level must be an object", file=str(file))
-    variants = _need(raw, "variants", list, "report", file)
-    for i, v in enumerate(variants):
-        where = f"variants[{i}]"
-        _need(v, "variant", str, where, file)
-        for c in COUNTS:
-            _need(v, c, int, where, file)
-        _need(v, "revenue", float, where, file)
-        metrics = _need(v, "metrics", dict, where, file)
-        for m, _ in METRICS:
-            iv = _need(metrics, m, dict, f"{where}.metrics", file)
-            for b in ("value", "lo", "hi"):
-                _need(iv, b, float, f"{where}.metrics.{m}", file)
+    tables = ["variants"] + (["variant_totals"] if "variant_totals" in raw else [])
+    for name in tables:
+        for i, v in enumerate(_need(raw, name, list, "report", file)):
+            where = f"{name}[{i}]"
+            _need(v, "variant", str, where, file)
+            for c in COUNTS:
+                _need(v, c, int, where, file)
+            _need(v, "revenue", float, where, file)
+            metrics = _need(v, "metrics", dict, where, file)
+            for m, _ in METRICS:
+                iv = _need(metrics, m, dict, f"{where}.metrics", file)
+                for b in ("value", "lo", "hi"):
+                    _need(iv, b, float, f"{where}.metrics.{m}", file)
     for i, d in enumerate(_need(raw, "differences", list, "report", file)):
         where = f"differences[{i}]"
         for k in ("variant", "baseline", "metric"):

@@ -125,10 +125,11 @@ def write_snapshots(root: Path) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------- reading pages
-def variant_cells(html: str) -> dict[str, dict[str, tuple[str, str]]]:
-    """variant -> field -> (data-value, shown text) of the overview's variants table."""
+def variant_cells(html: str, table: str = "variants") -> dict[str, dict[str, tuple[str, str]]]:
+    """variant -> field -> (data-value, shown text) of an overview variants table."""
     out: dict[str, dict[str, tuple[str, str]]] = {}
-    for name, row in re.findall(r'<tr data-variant="([^"]+)">(.*?)</tr>', html, re.S):
+    body = html.split(f'<table id="{table}">', 1)[1].split("</table>", 1)[0]
+    for name, row in re.findall(r'<tr data-variant="([^"]+)"[^>]*>(.*?)</tr>', body, re.S):
         cells = re.findall(
             r'data-field="(\w+)" data-value="([^"]+)"[^>]*>\s*(?:<span class="value">)?([^<]+)',
             row,
