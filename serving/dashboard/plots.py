@@ -65,15 +65,16 @@ def daily(series: dict[str, list[dict[str, Any]]]) -> str | None:
     with _LOCK:
         plt = _pyplot()
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 2.8))
+        # days as positions (not parsed as dates or categories): every variant on one axis
+        days = sorted({r["day"] for rows in series.values() for r in rows})
+        pos = {d: i for i, d in enumerate(days)}
         for variant, rows in series.items():
-            days = [r["day"] for r in rows]
-            a.plot(
-                days,
-                [None if r["ctr"] is None else 100 * r["ctr"] for r in rows],
-                marker="o",
-                label=variant,
-            )
-            b.plot(days, [r["revenue"] for r in rows], marker="o", label=variant)
+            xs = [pos[r["day"]] for r in rows]
+            ctr = [float("nan") if r["ctr"] is None else 100 * r["ctr"] for r in rows]
+            a.plot(xs, ctr, marker="o", label=variant)
+            b.plot(xs, [r["revenue"] for r in rows], marker="o", label=variant)
+        for ax in (a, b):
+            ax.set_xticks(range(len(days)), days)
         a.set_title("CTR per day (%)", fontsize=9)
         b.set_title("revenue per day", fontsize=9)
         for ax in (a, b):
