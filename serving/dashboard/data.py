@@ -12,6 +12,7 @@ the file and the field; the pages show that message instead of numbers.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 from collections.abc import Callable
@@ -206,6 +207,11 @@ def load_snapshot(path: str | Path) -> Snapshot:
             meta = json.loads(m.read_text())
             break
     as_of = meta.get("now_ts")
+    manifest = f.parent / "manifest.json"  # an export's (its as_of is ISO 8601 text)
+    if as_of is None and manifest.is_file():
+        text = json.loads(manifest.read_text()).get("as_of")
+        if isinstance(text, str):
+            as_of = dt.datetime.fromisoformat(text).timestamp()
     return Snapshot(
         p,
         table,

@@ -254,3 +254,53 @@ def test_config_reads_the_services_keys_and_its_own_table(
     bad.write_text('[serve]\napi_keys = ["k"]\n[dashbord]\nport = 1\n')
     with pytest.raises(ConfigError, match="dashbord"):
         load(load_args(config=str(bad)))
+
+
+@pytest.mark.slow
+def test_movement_between_two_real_exports_and_score_folders(tmp_path: Path) -> None:
+    """Snapshots as `segments export` and `segments report` write them (score_customers on
+    a synthetic shop now and 30 days earlier); the movement equals a join of the files."""
+    import polars as pl
+
+    from intake.synthetic import make_shop
+    from segments import artifacts
+    from segments.behaviour import SegmentConfig
+    from segments.churn import ChurnConfig, pre_cutoff_dataset
+    from segments.export import MarketingConfig, score_customers, write_export
+    from serving.dashboard import data
+    from tests.segments.test_export import category_mix
+
+    cfg = MarketingConfig(
+        dataset="synthetic",
+        churn=ChurnConfig(horizon_days=60, epochs=10),
+        segments=SegmentConfig(k=4),
+    )
+    shop = make_shop()
+    before = pre_cutoff_dataset(shop, 30)
+    now_scores = score_customers(shop, cfg, embed=category_mix)
+    old_scores = score_customers(before, cfg, embed=category_mix)
+    write_export(tmp_path / "cur", now_scores, shop, salt="same-key")
+    write_export(tmp_path / "prev", old_scores, before, salt="same-key")
+    cur, prev = data.load_snapshot(tmp_path / "cur"), data.load_snapshot(tmp_path / "prev")
+    assert cur.key == "customer_id" and cur.as_of == now_scores.now_ts
+    for col in ("rfm_segment", "segment_name"):
+        mv = data.movement(cur, prev, col)
+        a = pl.read_parquet(tmp_path / "prev" / "customers.parquet")
+        b = pl.read_parquet(tmp_path / "cur" / "customers.parquet")
+        joined = a.join(b, on="customer_id", suffix="_now")
+        want: dict[str, dict[str, int]] = {}
+        for f, t in zip(joined[col].to_list(), joined[f"{col}_now"].to_list(), strict=True):
+            want.setdefault(f, {})[t] = want.get(f, {}).get(t, 0) + 1
+        assert mv["matrix"] == want and mv["reason"] is None
+        assert mv["matched"] == joined.height and mv["moved"] > 0
+        assert sum(r["current"] for r in mv["rows"]) == b.height
+    # score folders: internal ids join within one dataset, never across two
+    artifacts.save(tmp_path / "rep_now", now_scores, shop, "test")
+    artifacts.save(tmp_path / "rep_old", old_scores, before, "test")
+    s_now = data.load_snapshot(tmp_path / "rep_now")
+    assert s_now.key == "user_id" and s_now.as_of == now_scores.now_ts
+    assert (
+        data.movement(s_now, data.load_snapshot(tmp_path / "rep_now"), "rfm_segment")["moved"] == 0
+    )
+    mv = data.movement(s_now, data.load_snapshot(tmp_path / "rep_old" / "scores"), "rfm_segment")
+    assert mv["matrix"] == {} and "different datasets" in mv["reason"]
