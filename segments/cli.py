@@ -11,6 +11,7 @@
     ecomrec campaign evaluate [--n 200]
     ecomrec churn evaluate --dataset online-retail --horizon-days 90 [--modes frozen,lora,full]
     ecomrec churn truncate --dataset online-retail --horizon-days 90 --out results/or_pre_cutoff
+    ecomrec churn watch --event-log events.db --dataset shop --model m.pkl --sink churn.jsonl [--once]
 
 Heavy imports happen inside the handlers.
 """
@@ -596,6 +597,148 @@ def _churn_truncate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _churn_watch(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    import signal
+    import threading
+    import time
+
+    from ecomrec.config import read_config
+    from ecomrec.errors import ConfigError, NotFoundError
+    from intake.live_log import EventLog, SqliteEventLog
+    from intake.loaders import load_dataset
+    from segments import alerts as al
+    from segments.churn import ChurnConfig
+
+    if bool(args.event_log) == bool(args.nats):
+        raise ConfigError("give one of --event-log PATH or --nats SERVERS")
+    src = read_config(args.config or al.DEFAULT_CONFIG, args.set, kind="segments")
+    src.check_tables(("churn", "alerts"))
+    ccfg = src.build(ChurnConfig, "churn")
+    acfg = src.build(al.AlertConfig, "alerts", {"threshold": args.threshold, "budget": args.budget})
+    ds = load_dataset(args.dataset, data_dir=args.data_dir)
+    model = al.obtain_model(ds, ccfg, acfg, args.model)
+    sinks: list[al.Sink] = [al.JsonlSink(args.sink)]
+    if args.webhook:
+        sinks.append(al.WebhookSink(args.webhook))
+    state_path = Path(args.state or f"{args.sink}.state.json")
+    watcher = al.Watcher(model, ds, acfg, sinks)
+    state = al.load_state(state_path)
+    if state is not None:
+        watcher.restore(state, str(state_path))
+    # a run killed between the sink's fsync and the state's write: its warnings are newer
+    # than the saved clock
+    watcher.note_published(al.read_warnings(args.sink, since=(state or {}).get("clock")))
+    event_log: EventLog
+    if args.event_log:
+        if not Path(args.event_log).is_file():
+            raise NotFoundError(f"--event-log {args.event_log}: no such file")
+        event_log = SqliteEventLog(args.event_log)
+    else:
+        from intake.live_log_nats import NatsEventLog, NatsLogConfig
+
+        event_log = NatsEventLog(NatsLogConfig(servers=tuple(args.nats.split(","))))
+    stop = threading.Event()
+    if not args.once:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    total = 0
+    saved: dict[str, Any] | None = None
+    print(f"churn watch: following from log position {watcher.position}", flush=True)
+    try:
+        while True:
+            before = watcher.position
+            # wall clock: never behind the events already read (a shop clock a little ahead)
+            now = None if args.clock == "events" else max(int(time.time()), watcher.clock)
+            got = watcher.poll(event_log, now)
+            st = watcher.state_dict()
+            if st != saved:  # written after the sink's fsync, only when something moved
+                al.save_state(state_path, st)
+                saved = st
+            total += len(got)
+            day = _dt.datetime.fromtimestamp(watcher.clock, _dt.UTC).isoformat(timespec="seconds")
+            if args.once or got or watcher.position != before:
+                print(
+                    f"{day}: log position {before} -> {watcher.position}, "
+                    f"{len(got)} warning(s) -> {args.sink}",
+                    flush=True,
+                )
+            if args.once or stop.wait(args.poll_s):
+                break
+    finally:
+        event_log.close()
+    print(f"churn watch: {total} warning(s) published this run")
+    if watcher.outbox:
+        print(
+            f"churn watch: {len(watcher.outbox)} warning(s) not delivered to --webhook yet "
+            f"(kept in {state_path}; sent first on the next run)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _watch_opts(p: argparse.ArgumentParser) -> None:
+    from ecomrec.config import add_config_args
+    from intake.loaders.registry import DATASET_HELP
+
+    p.add_argument("--event-log", default=None, help="the embedded live event log file (SQLite)")
+    p.add_argument(
+        "--nats", default=None, help="NATS servers of the replicated log, comma-separated"
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help=DATASET_HELP + "; the history the log's events follow (a dataset saved by "
+        "`data import-live` starts after its recorded log position)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="bundled datasets folder (default: $ECOMREC_DATA_DIR)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="FILE",
+        help="the alert model: read when it exists (refused if fitted on other data), else "
+        "fitted on the dataset (seconds) and saved there (default: fitted in memory each start)",
+    )
+    p.add_argument("--sink", required=True, metavar="FILE", help="JSON Lines file of warnings")
+    p.add_argument(
+        "--webhook", default=None, metavar="URL", help="also POST each round's warnings here"
+    )
+    p.add_argument(
+        "--state", default=None, metavar="FILE", help="watcher state (default: SINK.state.json)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="risk threshold (default: the config's, 0.7)"
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="most warnings per round, highest risk first (default: the config's, 0 = no limit)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "events"),
+        default="wall",
+        help="'now': the wall clock (a live shop), or the latest event time (replays, tests)",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="process what the log holds, then exit (cron)"
+    )
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between log reads")
+    add_config_args(
+        p,
+        tables="[churn] (horizon_days) and [alerts] (AlertConfig) tables",
+        example="alerts.cooldown_days=14",
+        kind="segments",
+        flags="--threshold, --budget",
+        config_help="TOML file with [churn] and [alerts] tables (default: the built-in "
+        "ecomrec/configs/segments/alerts.toml)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``segments``, ``campaign`` and ``churn`` subcommands."""
     seg = sub.add_parser("segments", help="RFM and behavioural segments: report, analyst export")
@@ -723,3 +866,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("--out", required=True, help="output directory (a saved Dataset)")
     p.set_defaults(func=_churn_truncate)
+    p = chs.add_parser(
+        "watch",
+        help="real-time churn warnings: follow the live event log, publish customers whose "
+        "risk crosses the threshold to a JSONL sink (docs/segments.md, Churn warnings)",
+    )
+    _watch_opts(p)
+    p.set_defaults(func=_churn_watch)

@@ -93,7 +93,9 @@ def test_webhook_retried_until_delivered():
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        WebhookSink(f"http://127.0.0.1:{srv.server_port}/hook", retries=2).publish([_w("a", 5)])
+        WebhookSink(f"http://127.0.0.1:{srv.server_port}/hook", retries=2, backoff_s=0.01).publish(
+            [_w("a", 5)]
+        )
     finally:
         srv.shutdown()
     assert calls["n"] == 2
