@@ -205,10 +205,14 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self._metrics_registered.add(id(metrics.registry))
 
     def _served(
-        self, method: str, customer: str, model_version: str, items: Sequence[ResultItem]
+        self,
+        method: str,
+        customer: str,
+        model_version: str,
+        items: Sequence[ResultItem],
+        variant: str = DEFAULT_VARIANT,
     ) -> tuple[str, str]:
         """(recommendation id, variant) of an answer, queued for the served log."""
-        variant = DEFAULT_VARIANT
         rid = self.outcomes.served(
             method, customer, variant, model_version, [i.item_id for i in items]
         )

@@ -41,7 +41,7 @@ def test_live_validation_keeps_outcome_types_and_checks_the_id() -> None:
     for bad in ("a b", "x" * 65, "é"):
         with pytest.raises(DataError, match="field 'recommendation_id'"):
             validate_event({**base, "recommendation_id": bad}, 3, NOW)
-    with pytest.raises(DataError, match="field 'recommendation_id'.*not text"):
+    with pytest.raises(DataError, match=r"field 'recommendation_id'.*not text"):
         validate_event({**base, "recommendation_id": 7}, 3, NOW)
 
 
