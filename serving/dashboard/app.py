@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 
 from ecomrec.errors import EcomrecError
 from serving.dashboard import data, plots
-from serving.dashboard.auth import COOKIE, Sessions
+from serving.dashboard.auth import COOKIE, FailedSignIns, Sessions
 from serving.dashboard.config import DashboardConfig
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,22 @@ def _templates() -> Any:
     return env
 
 
+def _client(request: Any) -> str:
+    """The caller's address (behind a proxy: the proxy's; run uvicorn with its
+    forwarded-allow-ips there)."""
+    return request.client.host if request.client is not None else "?"
+
+
+def _too_many(wait: float) -> Any:
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse(
+        "too many wrong API keys from this address: try again later",
+        status_code=429,
+        headers={"retry-after": str(max(1, int(wait + 0.999)))},
+    )
+
+
 # --------------------------------------------------------------------------- the app
 class Dashboard:
     """The pages over a config, the API keys and a customer lookup (``ServiceLookup``)."""
@@ -108,6 +124,7 @@ class Dashboard:
     def __init__(self, cfg: DashboardConfig, keys: Sequence[str], lookup: Any) -> None:
         self.cfg = cfg
         self.sessions = Sessions(keys, cfg.session_ttl_s, cfg.max_sessions)
+        self.failures = FailedSignIns(cfg.max_failed_logins)
         self.lookup = lookup
         self.cache = data.FileCache()
         self.env = _templates()
@@ -127,8 +144,13 @@ class Dashboard:
 
         header = request.headers.get("authorization")
         if header is not None:
+            client = _client(request)
+            wait = self.failures.blocked(client)
+            if wait:
+                return _too_many(wait)
             key = self.sessions.bearer_key(header)
             if key is None:
+                self.failures.failed(client)
                 return PlainTextResponse(
                     "missing or invalid API key",
                     status_code=401,
@@ -146,6 +168,10 @@ class Dashboard:
 
         if request.method != "POST":
             return self._html("login.html", error=None)
+        client = _client(request)
+        wait = self.failures.blocked(client)
+        if wait:
+            return _too_many(wait)
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -155,6 +181,7 @@ class Dashboard:
         key = (form.get("api_key") or [""])[0]
         cookie = self.sessions.login(key)
         if cookie is None:
+            self.failures.failed(client)
             log.info("dashboard: refused a sign-in (wrong API key)")
             return self._html("login.html", status=401, error="wrong API key")
         resp = RedirectResponse("/", status_code=303)

@@ -88,3 +88,49 @@ class Sessions:
             return None
         key = header[7:].strip()
         return key if self.valid_key(key) else None
+
+
+class FailedSignIns:
+    """At most ``limit`` wrong keys per client address in ``window_s`` (then 429): a
+    guessing client is slowed down without locking out anyone else. Thread-safe; at
+    most ``max_clients`` addresses are remembered (the least recent forgotten first)."""
+
+    def __init__(
+        self,
+        limit: int,
+        window_s: float = 60.0,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._seen.get(client, ()) if now - t < self.window_s]
+        if times:
+            self._seen[client] = times
+        else:
+            self._seen.pop(client, None)
+        return times
+
+    def blocked(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0 = now)."""
+        now = self._clock()
+        with self._lock:
+            times = self._recent(client, now)
+            if len(times) < self.limit:
+                return 0.0
+            return max(0.0, self.window_s - (now - times[0]))
+
+    def failed(self, client: str) -> None:
+        now = self._clock()
+        with self._lock:
+            times = self._recent(client, now)
+            self._seen[client] = [*times, now][-self.limit :]
+            self._seen.move_to_end(client)
+            while len(self._seen) > self.max_clients:
+                self._seen.popitem(last=False)

@@ -41,11 +41,13 @@ class DashboardConfig:
     session_ttl_s: float = 8 * 3600.0
     max_sessions: int = 10_000
     cookie_secure: bool = False
+    # Wrong keys (form or bearer) allowed per client address per minute; then 429.
+    max_failed_logins: int = 10
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"DashboardConfig.port must be in [0, 65535], got {self.port}")
-        for name in ("max_warnings", "recommend_k", "max_sessions"):
+        for name in ("max_warnings", "recommend_k", "max_sessions", "max_failed_logins"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DashboardConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.timeout_s <= 0 or self.session_ttl_s <= 0:

@@ -120,6 +120,26 @@ def test_sessions_expire_and_end_with_their_key() -> None:
     assert s.bearer_key("Bearer k1") == "k1" and s.bearer_key("Bearer k2") is None
 
 
+def test_wrong_keys_from_one_address_are_slowed_down(tmp_path: Path) -> None:
+    from serving.dashboard.auth import FailedSignIns
+
+    c = client(tmp_path, max_failed_logins=3)
+    for _ in range(2):
+        assert c.post("/login", data={"api_key": "guess"}).status_code == 401
+    assert c.get("/", headers={"authorization": "Bearer guess"}).status_code == 401
+    r = c.post("/login", data={"api_key": KEY})  # even the right key waits now
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+    assert c.get("/", headers={"authorization": f"Bearer {KEY}"}).status_code == 429
+    now = [0.0]
+    f = FailedSignIns(2, window_s=60.0, max_clients=2, clock=lambda: now[0])
+    f.failed("a"), f.failed("a"), f.failed("b")
+    assert f.blocked("a") == 60.0 and f.blocked("b") == 0.0
+    now[0] = 61.0
+    assert f.blocked("a") == 0.0  # the window passed
+    f.failed("c"), f.failed("d"), f.failed("d")
+    assert f.blocked("d") and len(f._seen) <= 2  # bounded memory
+
+
 def test_overview_shows_the_reports_numbers(tmp_path: Path, files: dict[str, Path]) -> None:
     from serving.dashboard.app import metric
 
