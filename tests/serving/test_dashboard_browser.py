@@ -196,6 +196,21 @@ def dashboard(
         assert "Traceback" not in text, text
 
 
+def click_and_wait(driver: Any, element: Any) -> None:
+    """Click (a submit button, a link) and wait for the next page to replace this one: a
+    click returns before the navigation it starts has loaded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 60).until(ec.staleness_of(old))
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+
+
 def sign_in(driver: Any, url: str, key: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -203,7 +218,7 @@ def sign_in(driver: Any, url: str, key: str) -> None:
     box = driver.find_element(By.ID, "api_key")
     box.clear()
     box.send_keys(key)
-    driver.find_element(By.ID, "sign-in").click()
+    click_and_wait(driver, driver.find_element(By.ID, "sign-in"))
 
 
 def check_variant_row(row: Any, v: dict[str, Any]) -> None:
@@ -320,7 +335,7 @@ def test_customer_lookup_equals_a_direct_grpc_call(
     sign_in(browser, dashboard, API_KEY)
     user = served.engine.users.to_external(3)
     browser.get(dashboard + "/churn")
-    browser.find_element(By.LINK_TEXT, user).click()  # from the warning to the customer
+    click_and_wait(browser, browser.find_element(By.LINK_TEXT, user))  # warning -> customer
     assert not browser.find_elements(By.CSS_SELECTOR, ".error")
     assert browser.find_element(By.CSS_SELECTOR, '#profile [data-field="user_id"]').text == user
     pb = served.pb
@@ -339,7 +354,7 @@ def test_customer_lookup_equals_a_direct_grpc_call(
     box = browser.find_element(By.ID, "customer-id")
     box.clear()
     box.send_keys("no-such-customer")
-    browser.find_element(By.ID, "look-up").click()
+    click_and_wait(browser, browser.find_element(By.ID, "look-up"))
     assert browser.find_element(By.ID, "profile-error").text == "unknown customer"
     # ... and what the service recommends to a stranger (cold start), as it answers it
     cold = served.call("Recommend", pb.RecommendRequest(user_id="no-such-customer", k=10))
