@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -131,10 +134,18 @@ def _dashboard(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
     )
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # that was there before it: ours, which only notes it, so the process ends here with 0
+    # (not killed by the signal) after closing the gRPC channel
+    stops: list[int] = []
+    before = {s: signal.signal(s, lambda n, _f: stops.append(n)) for s in _STOP_SIGNALS}
     try:
         server.run(sockets=[sock])
     finally:
+        for s, h in before.items():
+            signal.signal(s, h)
         lookup.close()
         sock.close()
+    log.info("dashboard stopped (%s)", ", ".join(signal.Signals(n).name for n in stops) or "exit")
     sys.stdout.flush()
     return 0

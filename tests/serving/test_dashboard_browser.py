@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -169,7 +170,10 @@ def dashboard(
     err = log.open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        line = proc.stdout.readline() if proc.stdout else ""  # blocks until the address
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # its first line: the address
+        assert ready, f"no address from the dashboard in 120 s: {log.read_text()}"
+        line = proc.stdout.readline()
         assert line.startswith("dashboard on http://"), (line, log.read_text())
         url = line.split()[2]
         deadline = time.monotonic() + 60
@@ -186,14 +190,15 @@ def dashboard(
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            rc = proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            rc = proc.wait()
         err.close()
         text = log.read_text()
         # no traceback in the dashboard's log: every failure became a message on a page
         assert "Traceback" not in text, text
+        assert rc == 0, (rc, text)  # SIGTERM: a clean stop
 
 
 def click_and_wait(driver: Any, element: Any) -> None:
@@ -291,6 +296,11 @@ def test_overview_numbers_equal_the_report_json(
     for img in imgs:
         assert img.get_attribute("src").startswith("data:image/png;base64,")
         assert browser.execute_script("return arguments[0].naturalWidth", img) > 100
+    # and the browser fetched nothing from anywhere else
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert all(u.startswith((dashboard, "data:")) for u in fetched), fetched
 
 
 def test_segments_and_churn_pages_load(
