@@ -252,9 +252,7 @@ class WebhookSink:
                 return
             except urllib.error.HTTPError as e:
                 if e.code < 500:
-                    raise ConnectionError(
-                        f"webhook {self.url} refused the warnings: {e.code}"
-                    ) from e
+                    raise DeliveryError(f"webhook {self.url} refused the warnings: {e.code}") from e
                 last = e
             except (urllib.error.URLError, OSError) as e:
                 last = e
@@ -300,21 +298,23 @@ class AlertConfig:
     # the model reads the trend columns (recent purchases, their share, recency / usual
     # gap) beside the batch features; false = the batch features only (the ablation)
     trend_features: bool = True
-    # every customer is re-scored once per UTC day (recency grows without events);
-    # customers with new events at every round
+    # every customer is re-scored once per full_rescore_s of the clock (recency grows
+    # without events); customers with new events at every round
     full_rescore_s: int = 86400
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rearm_below <= self.threshold <= 1.0:
             raise ConfigError(
                 f"alerts: need 0 <= rearm_below ({self.rearm_below}) <= threshold "
-                f"({self.threshold}) <= 1"
+                f"({self.threshold}) <= 1 (with a lower --threshold, lower rearm_below too: "
+                "--set alerts.rearm_below=...)"
             )
-        for name in ("cooldown_days", "budget", "train_step_days", "min_history_days"):
+        for name in ("cooldown_days", "budget", "min_history_days"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"alerts.{name} must be >= 0, got {getattr(self, name)}")
-        if self.trend_days < 1 or self.train_cutoffs < 1 or self.full_rescore_s < 1:
-            raise ConfigError("alerts: trend_days, train_cutoffs and full_rescore_s must be >= 1")
+        for name in ("trend_days", "train_cutoffs", "train_step_days", "full_rescore_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"alerts.{name} must be >= 1, got {getattr(self, name)}")
 
 
 # --------------------------------------------------------------------------- features

@@ -612,6 +612,10 @@ def _churn_watch(args: argparse.Namespace) -> int:
 
     if bool(args.event_log) == bool(args.nats):
         raise ConfigError("give one of --event-log PATH or --nats SERVERS")
+    if args.event_log and not Path(args.event_log).is_file():
+        raise NotFoundError(f"--event-log {args.event_log}: no such file")
+    if Path(args.sink).is_dir():
+        raise ConfigError(f"--sink {args.sink} is a folder; give a file path")
     src = read_config(args.config or al.DEFAULT_CONFIG, args.set, kind="segments")
     src.check_tables(("churn", "alerts"))
     ccfg = src.build(ChurnConfig, "churn")
@@ -631,8 +635,6 @@ def _churn_watch(args: argparse.Namespace) -> int:
     watcher.note_published(al.read_warnings(args.sink, since=(state or {}).get("clock")))
     event_log: EventLog
     if args.event_log:
-        if not Path(args.event_log).is_file():
-            raise NotFoundError(f"--event-log {args.event_log}: no such file")
         event_log = SqliteEventLog(args.event_log)
     else:
         from intake.live_log_nats import NatsEventLog, NatsLogConfig

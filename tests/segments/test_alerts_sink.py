@@ -9,7 +9,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from ecomrec.errors import DataError
-from segments.alerts import ChurnWarning, JsonlSink, Reason, WebhookSink, read_warnings
+from segments.alerts import (
+    ChurnWarning,
+    DeliveryError,
+    JsonlSink,
+    Reason,
+    WebhookSink,
+    read_warnings,
+)
 
 
 def _w(cid: str, ts: int, risk: float = 0.8) -> ChurnWarning:
@@ -72,18 +79,19 @@ def test_bad_line_named(tmp_path):
 
 def test_webhook_retried_until_delivered():
     got: list[dict] = []
-    calls = {"n": 0}
+    calls = {"/hook": 0, "/auth": 0}
 
     class H(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            calls["n"] += 1
+            calls[self.path] += 1
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            if calls["n"] == 1:  # first try fails: the sink must retry
+            if self.path == "/auth":  # a refusal: never retried
+                self.send_response(401)
+            elif calls["/hook"] == 1:  # first try fails: the sink must retry
                 self.send_response(503)
-                self.end_headers()
-                return
-            got.append(json.loads(body))
-            self.send_response(204)
+            else:
+                got.append(json.loads(body))
+                self.send_response(204)
             self.end_headers()
 
         def log_message(self, *a: object) -> None:
@@ -92,15 +100,34 @@ def test_webhook_retried_until_delivered():
     srv = HTTPServer(("127.0.0.1", 0), H)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
+    url = f"http://127.0.0.1:{srv.server_port}"
     try:
-        WebhookSink(f"http://127.0.0.1:{srv.server_port}/hook", retries=2, backoff_s=0.01).publish(
-            [_w("a", 5)]
-        )
+        WebhookSink(f"{url}/hook", retries=2, backoff_s=0.01).publish([_w("a", 5)])
+        with pytest.raises(DeliveryError, match="refused the warnings: 401"):
+            WebhookSink(f"{url}/auth", retries=3, backoff_s=0.01).publish([_w("a", 5)])
     finally:
         srv.shutdown()
-    assert calls["n"] == 2
+        srv.server_close()
+    assert calls == {"/hook": 2, "/auth": 1}
     assert got[0]["warnings"][0]["customer_id"] == "a"
-    with pytest.raises(ConnectionError, match="failed after 1 tries"):
-        WebhookSink(f"http://127.0.0.1:{srv.server_port}/gone", retries=0, timeout_s=1).publish(
-            [_w("a", 5)]
-        )
+    with pytest.raises(DeliveryError, match="failed after 2 tries"):  # nobody listening
+        WebhookSink(f"{url}/hook", retries=1, backoff_s=0.01, timeout_s=1).publish([_w("a", 5)])
+
+
+def test_watch_command_errors_named(tmp_path, capsys):
+    """Bad input to `ecomrec churn watch`: a clear error naming the option, exit 2."""
+    from ecomrec.cli import main
+
+    base = ["churn", "watch", "--dataset", str(tmp_path / "shop"), "--once"]
+    assert main([*base, "--sink", str(tmp_path / "w.jsonl")]) == 2
+    assert "give one of --event-log PATH or --nats SERVERS" in capsys.readouterr().err
+    missing = tmp_path / "nope.db"
+    assert main([*base, "--sink", str(tmp_path / "w.jsonl"), "--event-log", str(missing)]) == 2
+    assert f"--event-log {missing}: no such file" in capsys.readouterr().err
+    (tmp_path / "events.db").write_bytes(b"")
+    argv = [*base, "--sink", str(tmp_path), "--event-log", str(tmp_path / "events.db")]
+    assert main(argv) == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
+    argv = [*base, "--sink", str(tmp_path / "w.jsonl"), "--event-log", str(tmp_path / "events.db")]
+    assert main([*argv, "--set", "alerts.rearm_below=0.9"]) == 2
+    assert "rearm_below (0.9) <= threshold (0.7)" in capsys.readouterr().err
