@@ -324,3 +324,28 @@ def test_movement_between_two_real_exports_and_score_folders(tmp_path: Path) -> 
     )
     mv = data.movement(s_now, data.load_snapshot(tmp_path / "rep_old" / "scores"), "rfm_segment")
     assert mv["matrix"] == {} and "different datasets" in mv["reason"]
+
+
+def test_customer_page_says_when_the_service_is_down(tmp_path: Path) -> None:
+    """A real channel to a port nobody listens on: a sentence, never a traceback."""
+    import socket
+
+    from starlette.testclient import TestClient
+
+    from serving.dashboard.app import create_app
+    from serving.dashboard.config import DashboardConfig
+    from serving.dashboard.lookup import ServiceLookup
+
+    with socket.socket() as s:  # a free port, closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lookup = ServiceLookup(f"127.0.0.1:{port}", timeout_s=1.0)
+    try:
+        app = create_app(DashboardConfig(charts=False), [KEY], lookup)
+        c = TestClient(app, follow_redirects=False)
+        signed_in(c)
+        html = c.get("/customer?id=c1").text
+        assert html.count("the Recommend service is unavailable") == 2  # profile + recs
+        assert 'id="recommendations"' not in html and "Traceback" not in html
+    finally:
+        lookup.close()

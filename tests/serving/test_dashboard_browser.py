@@ -370,3 +370,19 @@ def test_customer_lookup_equals_a_direct_grpc_call(
     cold = served.call("Recommend", pb.RecommendRequest(user_id="no-such-customer", k=10))
     rows = browser.find_elements(By.CSS_SELECTOR, "#recommendations tbody tr")
     assert [r.get_attribute("data-item") for r in rows] == [it.item_id for it in cold.items]
+
+
+def test_a_key_the_service_refuses_is_said_plainly(served: Served) -> None:
+    """The lookup calls the service with the signed-in key: the service's own refusal
+    (UNAUTHENTICATED) reaches the page as a sentence."""
+    from serving.dashboard.lookup import ServiceLookup
+
+    lookup = ServiceLookup(served.handle.target, timeout_s=5.0)
+    try:
+        user = served.engine.users.to_external(3)
+        got = lookup.customer("not-the-service-key", user, 5)
+        assert got["profile_error"] == got["recommend_error"] == "the service refused this API key"
+        ok = lookup.customer(API_KEY, user, 5)
+        assert ok["profile"]["user_id"] == user and len(ok["recommendations"]["items"]) == 5
+    finally:
+        lookup.close()
