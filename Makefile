@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install protos demo test test-fast lint format bench-quality clean nats-server
+.PHONY: install protos demo test test-fast lint format bench-quality clean nats-server chromium
 
 # The venv is created when missing; torch is pinned to the CPU wheel (an unpinned torch pulls
 # a multi-GB CUDA build), then the project with its dev extras.
@@ -44,8 +44,15 @@ nats-server:
 	command -v nats-server >/dev/null || test -x /usr/sbin/nats-server \
 	  || (apt-get update && apt-get install -y nats-server)
 
+# Debian's Chromium + chromedriver for the dashboard's browser test (tests/serving/
+# test_dashboard_browser.py drives them through Selenium; no browser download). Needs root,
+# as in CI; skipped if installed.
+chromium:
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver \
+	  || (apt-get update && apt-get install -y chromium chromium-driver)
+
 # All tests (CI runs exactly this). Triton tests need the separate venv (numpy<2).
-test: lint nats-server
+test: lint nats-server chromium
 	bash serving/triton_venv.sh
 	$(BIN)/python -m pytest -q
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "indexing.cli",  # index
     "serving.cli",  # serve, recommend
     "serving.export_cli",  # export triton
+    "serving.dashboard.cli",  # dashboard (web, read-only)
     "lifecycle.batch_cli",  # batch (sharded jobs on Dask)
     "lifecycle.cli",  # refresh
     "outcomes.cli",  # report online

@@ -134,7 +134,7 @@ def config_hash(*cfgs: Any) -> str:
 #: The tables of the one deployment file (deploy/config/serve.toml) that ``serve``,
 #: ``index`` and ``refresh`` all read: each command takes its own and refuses a table
 #: outside this set (a misspelt table name is an error, not a silent default).
-DEPLOY_TABLES = ("serve", "index", "refresh", "drift")
+DEPLOY_TABLES = ("serve", "index", "refresh", "drift", "dashboard")
 
 
 # ----------------------------------------------------------------------- built-in configs

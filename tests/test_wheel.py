@@ -77,6 +77,8 @@ def test_wheel_installs_and_runs_synth_train_index_outside_the_checkout(tmp_path
         "ecomrec/configs/serving/rerank.toml",
         "serving/_generated/ecomrec/v1/recommend_pb2.py",
         "serving/_generated/ecomrec/v1/recommend_pb2_grpc.py",
+        "serving/dashboard/templates/base.html",  # `ecomrec dashboard`'s pages
+        "serving/dashboard/templates/customer.html",
     } <= names
 
     # 2. a fresh venv: our code only from the wheel; third-party packages from this venv
