@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ecomrec.errors import EcomrecError
 
@@ -23,12 +24,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Exit codes: 0 promoted, 2 bad input (nothing changed), 3 candidate not promoted "
-            "(live kept), 4 no new data, 5 promoted with a drift alert, 75 another refresh "
-            "is running."
+            "(live kept), 4 no new data, 5 promoted with a drift alert, 6 candidate staged for "
+            "an online A/B test, or its test still running ([refresh] promote = 'online'), "
+            "75 another refresh is running."
         ),
     )
-    p.add_argument("--run", required=True, help="live run directory (bootstraps the state)")
-    p.add_argument("--dataset", required=True, help="dataset name or path (all events so far)")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="live run directory (bootstraps the state); required but with --decide",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset name or path (all events so far); required but with --decide",
+    )
     p.add_argument(
         "--data-dir", default=None, help="data directory; $ECOMREC_DATA_DIR when not given"
     )
@@ -46,6 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="first refresh only: YYYY-MM-DD, the first day the live model was not trained on",
     )
     p.add_argument("--rollback", action="store_true", help="make the previous deployment live")
+    p.add_argument(
+        "--decide",
+        action="store_true",
+        help="only decide the staged candidate's online test (promote / reject / keep "
+        "waiting, docs/outcomes.md); exit 2 when nothing is staged",
+    )
+    p.add_argument(
+        "--online-report",
+        default=None,
+        metavar="JSON",
+        help="online.json of `ecomrec report online` (the variants since the test started): "
+        "what --decide, or a refresh while a test runs, decides on",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run)
 
@@ -63,6 +86,11 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg, index_cfg = load_config(args.config, args.set)
+        report = _online_report(args.online_report) if args.online_report else None
+        if args.decide:
+            return _decide(args, cfg, index_cfg, report)
+        if not args.run or not args.dataset:
+            raise EcomrecError("refresh: --run and --dataset are required (but with --decide)")
         if args.rollback:
             return _rollback(args, index_cfg)
         ds = load_dataset(args.dataset, args.data_dir)
@@ -85,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
             index_cfg=index_cfg,
             state_dir=args.state or default_state_dir(args.index),
             since=since,
+            online_report=report,
         )
     except RefreshLockedError as e:
         print(f"ecomrec: {e}", file=sys.stderr)
@@ -100,6 +129,40 @@ def _run(args: argparse.Namespace) -> int:
             print(f"report: {res.report_dir}/drift.html")
         for a in res.alerts:
             print(f"ALERT: {a}")
+    return res.exit_code
+
+
+def _online_report(path: str) -> dict[str, object]:
+    from ecomrec.errors import DataError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read the online report: {e}", file=path) from e
+    if not isinstance(data, dict) or "variants" not in data:
+        raise DataError(
+            "not an online report (no 'variants'): see `ecomrec report online`", file=path
+        )
+    return data
+
+
+def _decide(args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any], report: Any) -> int:
+    from ecomrec.errors import NotFoundError
+    from indexing.base import IndexConfig
+    from lifecycle.online import read_staged
+    from lifecycle.refresh import decide_online, default_state_dir, result_json
+    from lifecycle.state import refresh_lock
+
+    state = Path(args.state or default_state_dir(args.index))
+    icfg = IndexConfig.from_dict({**index_cfg, "location": str(args.index)})
+    with refresh_lock(state):
+        if read_staged(state) is None:
+            raise NotFoundError(f"refresh --decide: no staged candidate in {state}")
+        res = decide_online(state, icfg, cfg, report)
+    if args.json:
+        print(json.dumps(result_json(res), indent=2, default=float))
+    else:
+        print(f"{res.decision}: {res.reason}")
     return res.exit_code
 
 

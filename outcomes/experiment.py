@@ -179,7 +179,9 @@ def load_experiment(path: str | Path) -> Experiment:
     try:
         data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"experiment file {p}: not valid {p.suffix[1:] or 'TOML'}: {e}") from e
+        raise ConfigError(
+            f"experiment file {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}"
+        ) from e
     if isinstance(data, dict) and isinstance(data.get("variants"), list):
         base = p.resolve().parent
         for v in data["variants"]:

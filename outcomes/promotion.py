@@ -105,40 +105,43 @@ def decide(
     c, b = _variant(report, candidate), _variant(report, baseline)
     n_c, n_b = int(c.get("impressions", 0)), int(b.get("impressions", 0))
     old = age_s > rule.max_age_days * DAY
-    common = {
-        "variant": candidate,
-        "baseline": baseline,
-        "metric": rule.metric,
-        "impressions": n_c,
-        "baseline_impressions": n_b,
-    }
+
+    def verdict(
+        action: Action, reason: str, d: tuple[float, float, float] | None = None
+    ) -> Verdict:
+        value, lo, hi = d if d is not None else (None, None, None)
+        return Verdict(
+            variant=candidate,
+            baseline=baseline,
+            action=action,
+            reason=reason,
+            metric=rule.metric,
+            value=value,
+            lo=lo,
+            hi=hi,
+            impressions=n_c,
+            baseline_impressions=n_b,
+        )
+
     age = f"{age_s / DAY:.1f} of {rule.max_age_days:g} days"
     if min(n_c, n_b) < rule.min_impressions:
         short = f"{n_c:,} / {n_b:,} impressions (candidate / {baseline}) < {rule.min_impressions:,}"
         if old:
-            return Verdict(action="reject", reason=f"timed out ({age}): {short}", **common)
-        return Verdict(action="wait", reason=f"{short}; {age}", **common)
+            return verdict("reject", f"timed out ({age}): {short}")
+        return verdict("wait", f"{short}; {age}")
     d = _difference(report, candidate, baseline, rule.metric)
     if not d or d.get("lo") is None or d.get("hi") is None:
-        action: Action = "reject" if old else "wait"
-        return Verdict(
-            action=action, reason=f"no {rule.metric} difference in the report; {age}", **common
-        )
-    value, lo, hi = float(d["value"]), float(d["lo"]), float(d["hi"])
-    nums = {"value": value, "lo": lo, "hi": hi}
+        return verdict("reject" if old else "wait", f"no {rule.metric} difference; {age}")
+    nums = (float(d["value"]), float(d["lo"]), float(d["hi"]))
+    value, lo, hi = nums
     text = f"{rule.metric} {candidate} - {baseline} = {value:+.5f} [{lo:+.5f}, {hi:+.5f}]"
     if hi < 0:
-        return Verdict(action="reject", reason=f"{text}: a loss", **nums, **common)
+        return verdict("reject", f"{text}: a loss", nums)
     if lo > -rule.margin:
-        return Verdict(
-            action="promote",
-            reason=f"{text}: excludes a loss beyond {rule.margin:g}",
-            **nums,
-            **common,
-        )
+        return verdict("promote", f"{text}: excludes a loss beyond {rule.margin:g}", nums)
     if old:
-        return Verdict(action="reject", reason=f"{text}: inconclusive after {age}", **nums, **common)
-    return Verdict(action="wait", reason=f"{text}: inconclusive; {age}", **nums, **common)
+        return verdict("reject", f"{text}: inconclusive after {age}", nums)
+    return verdict("wait", f"{text}: inconclusive; {age}", nums)
 
 
 def decide_all(

@@ -183,15 +183,17 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             )
         self.events = events  # TrackEvents and live history (None: no event log)
         self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
+        # A/B test (serving.variants.VariantRouter): customer -> (variant, engine); None = no test
+        self.router: Any = None
 
-    def _live(self, q: val.RecommendQuery) -> val.RecommendQuery:
+    def _live(self, q: val.RecommendQuery, engine: Recommender | None = None) -> val.RecommendQuery:
         """``q`` with the customer's acknowledged live events (TrackEvents) merged in; a
         customer forgotten since start is served as a stranger (live events after it only)."""
         if q.user is not None and q.user_external in self.forgotten:
             q = dataclasses.replace(q, user=None)
         if self.events is None:
             return q
-        return self.events.with_live(q, self.engine.items)
+        return self.events.with_live(q, (engine or self.engine).items)
 
     def close(self) -> None:
         """Release what the servicer owns (the event log); called when the server stops."""
@@ -204,6 +206,13 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         if self._engine is None:
             raise UnavailableError("the model and index are still loading")
         return self._engine
+
+    def _route(self, customer_id: str) -> tuple[str, Recommender]:
+        """``(variant, engine)`` of a customer: the A/B test's (docs/outcomes.md), else
+        ``("default", self.engine)``; taken once per call."""
+        if self.router is None:
+            return "default", self.engine
+        return self.router.route(customer_id, lambda: self.engine)  # type: ignore[no-any-return]
 
     def attach(self, engine: Recommender) -> None:
         """Start answering with ``engine`` (set health SERVING after this)."""
@@ -274,15 +283,20 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     async def Recommend(self, request: pb2.RecommendRequest, call: _Call) -> pb2.RecommendResponse:
         """On the event loop (``ServeConfig.recommend_path``), or on a worker thread where
         concurrent requests' encode and search are batched."""
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
-        q = self._live(val.validate_recommend(request, self.cfg, engine.users, engine.items))
+        # one engine per request (a reload or an experiment change may swap it meanwhile)
+        variant, engine = self._route(request.user_id)
+        q = self._live(
+            val.validate_recommend(request, self.cfg, engine.users, engine.items), engine
+        )
         if self.cfg.recommend_on_loop:
             res = engine.recommend(q, call.ctx)
         else:
             res = await self._blocking(engine.recommend, q, call.ctx)
-        return self._recommend_response(call.rid, res)
+        return self._recommend_response(call.rid, res, variant)
 
-    def _recommend_response(self, rid: str, res: RecommendResult) -> pb2.RecommendResponse:
+    def _recommend_response(
+        self, rid: str, res: RecommendResult, variant: str = "default"
+    ) -> pb2.RecommendResponse:
         return self.pb.RecommendResponse(  # type: ignore[no-any-return]
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
@@ -291,10 +305,15 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             index_version=res.index_version,
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            variant=variant,
         )
 
     def _batch_item(
-        self, i: int, r: pb2.RecommendRequest, res: RecommendResult | BaseException
+        self,
+        i: int,
+        r: pb2.RecommendRequest,
+        res: RecommendResult | BaseException,
+        variant: str = "default",
     ) -> pb2.RecommendBatchItem:
         """One streamed item: the answer, or this request's own error."""
         pb = self.pb
@@ -310,27 +329,39 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             )
         rid = r.request_id or uuid.uuid4().hex[:16]
         return pb.RecommendBatchItem(  # type: ignore[no-any-return]
-            index=i, response=self._recommend_response(rid, res)
+            index=i, response=self._recommend_response(rid, res, variant)
         )
 
     def _batch_results(
         self, request: pb2.RecommendBatchRequest, ctx: RequestContext
-    ) -> Iterator[RecommendResult | BaseException]:
-        """Every request's answer or error, in order (runs on the worker pool, in chunks)."""
-        engine = self.engine
-        queries: list[val.RecommendQuery] = []
+    ) -> Iterator[tuple[str, RecommendResult | BaseException]]:
+        """Every request's (variant, answer or error), in order (runs on the worker pool, in
+        chunks).  Under an A/B test each variant's requests go to its own engine."""
+        routed = [self._route(r.user_id) for r in request.requests]
+        groups: dict[int, list[int]] = {}  # engine -> request positions
+        for i, (_, eng) in enumerate(routed):
+            groups.setdefault(id(eng), []).append(i)
+        queries: dict[int, list[val.RecommendQuery]] = {g: [] for g in groups}
         failed: dict[int, Exception] = {}
         for i, r in enumerate(request.requests):
+            engine = routed[i][1]
             try:
-                queries.append(
-                    self._live(val.validate_recommend(r, self.cfg, engine.users, engine.items))
-                )
+                q = val.validate_recommend(r, self.cfg, engine.users, engine.items)
+                queries[id(engine)].append(self._live(q, engine))
             except Exception as e:
                 failed[i] = e
-        results = iter(engine.recommend_many(queries, ctx))
+        if len(groups) == 1:  # one engine: answers computed lazily, chunk by chunk
+            g = next(iter(groups))
+            results = {g: iter(routed[groups[g][0]][1].recommend_many(queries[g], ctx))}
+        else:
+            results = {
+                g: iter(list(routed[pos[0]][1].recommend_many(queries[g], ctx)))
+                for g, pos in groups.items()
+            }
         for i in range(len(request.requests)):
             bad = failed.get(i)
-            yield bad if bad is not None else next(results)
+            variant, engine = routed[i]
+            yield variant, (bad if bad is not None else next(results[id(engine)]))
 
     async def RecommendBatch(
         self, request: pb2.RecommendBatchRequest, context: grpc.aio.ServicerContext
@@ -352,8 +383,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                 chunk = await self._blocking(_take, results, 64)
                 if not chunk:
                     break
-                for res in chunk:
-                    yield self._batch_item(i, request.requests[i], res)
+                for variant, res in chunk:
+                    yield self._batch_item(i, request.requests[i], res, variant)
                     i += 1
         except (asyncio.CancelledError, GeneratorExit):
             # the client cancelled or its deadline passed: grpc.aio cancels the task or
@@ -376,7 +407,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     async def SimilarItems(
         self, request: pb2.SimilarItemsRequest, call: _Call
     ) -> pb2.SimilarItemsResponse:
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        # one engine per request; no customer: the A/B test's control (docs/outcomes.md)
+        variant, engine = self._route("")
         q = val.validate_similar(request, self.cfg, engine.items)
         res = await self._blocking(engine.similar, q, call.ctx)  # an index search
         return self.pb.SimilarItemsResponse(  # type: ignore[no-any-return]
@@ -386,6 +418,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             index_version=res.index_version,
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            variant=variant,
         )
 
     @_rpc("GetUserProfile")
@@ -543,7 +576,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     ) -> pb2.CompleteBasketResponse:
         from serving.complete import complete_basket, validate_basket
 
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        variant, engine = self._route(request.user_id)  # one engine per request
         q = validate_basket(request, self.cfg, engine.users, engine.items)
         res = await self._blocking(complete_basket, engine, q, call.ctx)
         return self.pb.CompleteBasketResponse(  # type: ignore[no-any-return]
@@ -553,6 +586,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             unknown_item_ids=list(res.unknown),
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            variant=variant,
         )
 
     @_rpc("SearchProducts")
@@ -561,7 +595,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     ) -> pb2.SearchProductsResponse:
         from serving.search import search_products, validate_search
 
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        variant, engine = self._route(request.user_id)  # one engine per request
         q = validate_search(request, self.cfg, engine.users, engine.items)
         res = await self._blocking(search_products, engine, q, call.ctx)  # MiniLM + scoring
         return self.pb.SearchProductsResponse(  # type: ignore[no-any-return]
@@ -570,4 +604,5 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             model_version=res.model_version,
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            variant=variant,
         )

@@ -90,18 +90,21 @@ class VariantRouter:
             stamp = None
         if stamp == self._stamp:
             return False
-        return self.reload(stamp)
+        return self._load(stamp)
 
-    def reload(self, stamp: tuple[int, int] | None | bool = False) -> bool:
-        """Load the file now (no file = no experiment) and swap the routing in; on an
-        invalid file or an engine that cannot be built, the running routing stays."""
+    def reload(self) -> bool:
+        """Load the file now (SIGHUP, admin); see :meth:`_load`."""
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        return self._load(stamp)
+
+    def _load(self, stamp: tuple[int, int] | None) -> bool:
+        """Apply the file (no file = no experiment); on an invalid file or an engine that
+        cannot be built, the running routing stays."""
         with self._lock:
-            if stamp is False:
-                try:
-                    st = os.stat(self.path)
-                    stamp = (st.st_mtime_ns, st.st_ino)
-                except FileNotFoundError:
-                    stamp = None
             if stamp is None:
                 if self._state[0] is not None:
                     log.info("experiment file %s removed: experiment ended", self.path)
