@@ -22,7 +22,7 @@ def _exp(*shares: float, name: str = "t") -> Experiment:
 
 
 def test_bucket_is_the_documented_sha256_of_name_and_customer() -> None:
-    h = hashlib.sha256("exp-1\x1fcustomer 17".encode()).digest()
+    h = hashlib.sha256(b"exp-1\x1fcustomer 17").digest()
     assert bucket("exp-1", "customer 17") == int.from_bytes(h[:8], "big") / 2**64
     assert 0.0 <= bucket("exp-1", "customer 17") < 1.0
     assert bucket("exp-2", "customer 17") != bucket("exp-1", "customer 17")  # name reshuffles
@@ -120,5 +120,5 @@ def test_load_resolves_relative_runs_and_reports_syntax_errors(tmp_path: Path) -
     bad.write_text("name = \n")
     with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML"):
         load_experiment(bad)
-    with pytest.raises(ConfigError, match="missing.json"):
+    with pytest.raises(ConfigError, match=r"missing\.json"):
         load_experiment(tmp_path / "missing.json")
