@@ -32,13 +32,15 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ecomrec.errors import ConfigError, DataError
-from intake.loaders.contract import EVENT_SYNONYMS, FUTURE_TOLERANCE_S
-from intake.schema import EVENT_TYPES
+from intake.loaders.contract import FUTURE_TOLERANCE_S, LIVE_EVENT_SYNONYMS
+from intake.schema import LIVE_EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 256  # customer, product, order and session ids
 MAX_BATCH = 1000  # events in one append
+MAX_RECOMMENDATION_ID_CHARS = 64
+_REC_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,14 @@ class LiveEvent:
 
     customer_id: str
     product_id: str
-    event_type: str  # view | cart | purchase | return (canonical)
+    event_type: str  # view | cart | purchase | return | impression | click (canonical)
     ts: int
     quantity: int = 1
     price: float | None = None
     order_id: str | None = None
     session_id: str | None = None
+    # the answer that showed the product (docs/outcomes.md): attribution, not a feature
+    recommendation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def validate_event(raw: Mapping[str, Any], index: int, now: float | None = None)
     product ids are non-empty text kept exactly as written; ``event_type`` is one of the
     contract's types or synonyms (default purchase); ``timestamp`` is Unix seconds (> 0,
     at most a day ahead of now); ``quantity`` a whole number >= 1 (default 1; a return's
-    quantity is positive); ``price`` a finite number >= 0 or absent.
+    quantity is positive); ``price`` a finite number >= 0 or absent; ``recommendation_id``
+    (optional) at most 64 letters, digits, ``-`` or ``_`` (what Recommend answers).
     """
 
     def bad(field: str, message: str) -> DataError:
@@ -124,6 +129,7 @@ def validate_event(raw: Mapping[str, Any], index: int, now: float | None = None)
         "price",
         "order_id",
         "session_id",
+        "recommendation_id",
     }
     if unknown:
         raise bad(sorted(unknown)[0], "not a field of the event contract")
@@ -132,9 +138,9 @@ def validate_event(raw: Mapping[str, Any], index: int, now: float | None = None)
     et_raw = raw.get("event_type") or "purchase"
     if not isinstance(et_raw, str):
         raise bad("event_type", f"{_short(et_raw)} is not text")
-    et = EVENT_SYNONYMS.get(et_raw.lower())
+    et = LIVE_EVENT_SYNONYMS.get(et_raw.lower())
     if et is None:
-        raise bad("event_type", f"{_short(et_raw)} is not one of {', '.join(EVENT_TYPES)}")
+        raise bad("event_type", f"{_short(et_raw)} is not one of {', '.join(LIVE_EVENT_TYPES)}")
     ts_raw = raw.get("timestamp")
     if ts_raw is None or isinstance(ts_raw, bool) or not isinstance(ts_raw, int | float):
         raise bad("timestamp", f"{_short(ts_raw)} is not Unix seconds")
@@ -161,6 +167,18 @@ def validate_event(raw: Mapping[str, Any], index: int, now: float | None = None)
         if not math.isfinite(p_raw) or p_raw < 0:
             raise bad("price", f"{_short(p_raw)} is not a finite number >= 0")
         price = float(p_raw)
+    rec = raw.get("recommendation_id")
+    if rec is not None and rec != "":
+        if not isinstance(rec, str):
+            raise bad("recommendation_id", f"{_short(rec)} is not text")
+        if len(rec) > MAX_RECOMMENDATION_ID_CHARS or not set(rec) <= _REC_ID_CHARS:
+            raise bad(
+                "recommendation_id",
+                f"{_short(rec)} is not a recommendation id (at most "
+                f"{MAX_RECOMMENDATION_ID_CHARS} letters, digits, '-' or '_')",
+            )
+    else:
+        rec = None
     assert customer is not None and product is not None
     return LiveEvent(
         customer_id=customer,
@@ -171,6 +189,7 @@ def validate_event(raw: Mapping[str, Any], index: int, now: float | None = None)
         price=price,
         order_id=text("order_id", False),
         session_id=text("session_id", False),
+        recommendation_id=rec,
     )
 
 
@@ -230,7 +249,8 @@ CREATE TABLE IF NOT EXISTS events (
     quantity INTEGER NOT NULL,
     price REAL,
     order_id TEXT,
-    session_id TEXT
+    session_id TEXT,
+    recommendation_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_customer ON events(customer_id);
 CREATE TABLE IF NOT EXISTS batches (
@@ -242,13 +262,13 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 _INSERT = (
     "INSERT INTO events (customer_id, product_id, event_type, ts, quantity, price, order_id, "
-    "session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "session_id, recommendation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
 def event_row(e: LiveEvent) -> tuple[Any, ...]:
-    """The event's fields in contract order (``customer_id ... session_id``): one row of the
-    SQLite log, one JSON array of the NATS log."""
+    """The event's fields in contract order (``customer_id ... session_id``, then
+    ``recommendation_id``): one row of the SQLite log, one JSON array of the NATS log."""
     return (
         e.customer_id,
         e.product_id,
@@ -258,6 +278,7 @@ def event_row(e: LiveEvent) -> tuple[Any, ...]:
         e.price,
         e.order_id,
         e.session_id,
+        e.recommendation_id,
     )
 
 
@@ -287,6 +308,9 @@ class SqliteEventLog:
         self._lock = threading.Lock()  # appends vs close
         self._conn = self._connect()
         self._conn.executescript(_SCHEMA)
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(events)")}
+        if "recommendation_id" not in cols:  # a log written before outcome attribution
+            self._conn.execute("ALTER TABLE events ADD COLUMN recommendation_id TEXT")
         self._writer = threading.Thread(target=self._run, name="event-log-writer", daemon=True)
         self._writer.start()
 
@@ -385,7 +409,7 @@ class SqliteEventLog:
         try:
             sql = (
                 "SELECT seq, customer_id, product_id, event_type, ts, quantity, price, "
-                "order_id, session_id FROM events WHERE seq > ? ORDER BY seq"
+                "order_id, session_id, recommendation_id FROM events WHERE seq > ? ORDER BY seq"
             )
             args: tuple[Any, ...] = (after,)
             if limit is not None:
@@ -421,6 +445,14 @@ class SqliteEventLog:
             conn.execute("PRAGMA secure_delete = ON")
             conn.execute("BEGIN IMMEDIATE")
             n = conn.execute("DELETE FROM events WHERE customer_id = ?", (customer_id,)).rowcount
+            # other tables of the file that name customers (the served-recommendation log,
+            # outcomes/served_log.py, lives here by default): their rows go too
+            for (table,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'events'"
+            ).fetchall():
+                cols = {r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')}
+                if "customer_id" in cols:
+                    conn.execute(f'DELETE FROM "{table}" WHERE customer_id = ?', (customer_id,))
             conn.execute("COMMIT")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:

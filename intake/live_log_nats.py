@@ -96,12 +96,14 @@ def customer_subject(prefix: str, customer_id: str) -> str:
 
 def encode_event(e: LiveEvent) -> bytes:
     row = list(event_row(e))
+    if row[-1] is None:  # no recommendation_id: the eight-field array of older writers
+        row.pop()
     return json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_event(data: bytes) -> LiveEvent:
-    c, p, t, ts, q, price, o, s = json.loads(data)
-    return LiveEvent(c, p, t, int(ts), int(q), price, o, s)
+    c, p, t, ts, q, price, o, s, *rest = json.loads(data)
+    return LiveEvent(c, p, t, int(ts), int(q), price, o, s, rest[0] if rest else None)
 
 
 # JetStream's "no suitable peers for placement": a replicated stream cannot be placed until

@@ -35,6 +35,17 @@ class EventType(StrEnum):
 EVENT_TYPES: tuple[str, ...] = tuple(e.value for e in EventType)
 # Feature id of each event type; 0 is padding.
 EVENT_TYPE_IDS: dict[str, int] = {e: i + 1 for i, e in enumerate(EVENT_TYPES)}
+# Outcome events (docs/outcomes.md): what the shop showed (an impression) and what the
+# customer clicked. The live log keeps them for attribution and online metrics; the towers'
+# features stay the four types above (saved checkpoints keep their shape): a click is read as
+# a view (what it was before it had a type of its own), an impression is not a behaviour.
+OUTCOME_EVENT_TYPES: tuple[str, ...] = ("impression", "click")
+LIVE_EVENT_TYPES: tuple[str, ...] = EVENT_TYPES + OUTCOME_EVENT_TYPES
+FEATURE_EVENT_TYPE: dict[str, str | None] = {
+    **{e: e for e in EVENT_TYPES},
+    "click": "view",
+    "impression": None,
+}
 
 EVENTS_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.Int32(),

@@ -137,6 +137,14 @@ class ServeConfig:
     # health turns SERVING); false = that call answers UNAVAILABLE.
     complements: bool = True
     product_search: bool = True
+    # Online outcomes (docs/outcomes.md): every answer carries a recommendation_id; what was
+    # served is written off the hot path to the served-recommendation log: this SQLite file
+    # ("" = a table in event_log's file; no event_log either = ids only, nothing recorded),
+    # committed every served_log_flush_s (a crash loses at most that much attribution).
+    # The live /metrics attribution keeps the newest outcomes_live_answers answers in memory.
+    served_log: str = ""
+    served_log_flush_s: float = 0.2
+    outcomes_live_answers: int = 50_000
     # A/B test (docs/outcomes.md, "A/B tests"): a TOML/JSON experiment file naming variants
     # (run, index version, traffic share); customers are assigned by a stable hash of
     # (experiment, customer id); the file is re-read when it changes (every
@@ -185,6 +193,10 @@ class ServeConfig:
             )
         if self.shutdown_delay_s < 0 or self.grace_s < 0 or self.index_check_s < 0:
             raise ConfigError("ServeConfig shutdown_delay_s, grace_s, index_check_s must be >= 0")
+        if self.served_log_flush_s <= 0 or self.outcomes_live_answers < 1:
+            raise ConfigError(
+                "ServeConfig.served_log_flush_s must be > 0 and outcomes_live_answers >= 1"
+            )
         if self.experiment_poll_s <= 0:
             raise ConfigError(
                 f"ServeConfig.experiment_poll_s must be > 0, got {self.experiment_poll_s}"

@@ -42,6 +42,7 @@ class TrackResult:
     accepted: int
     problems: tuple[EventProblem, ...]
     ack: Ack
+    events: tuple[LiveEvent, ...] = ()  # the accepted events (outcome attribution)
 
 
 def raw_events(request: Any, now: float) -> list[dict[str, Any]]:
@@ -58,6 +59,7 @@ def raw_events(request: Any, now: float) -> list[dict[str, Any]]:
                 "price": e.price if e.HasField("price") else None,
                 "order_id": e.order_id or None,
                 "session_id": e.session_id or None,
+                "recommendation_id": e.recommendation_id or None,
             }
         )
     return out
@@ -107,7 +109,7 @@ class EventIntake:
             ack = self.log.append(good, batch_id) if good else Ack(0, 0, 0)
         except ConfigError as e:  # closed while stopping
             raise UnavailableError("the event log is closed (the server is stopping)") from e
-        return TrackResult(ack.written, tuple(problems), ack)
+        return TrackResult(ack.written, tuple(problems), ack, tuple(good))
 
     async def track_async(self, request: Any, now: float | None = None) -> TrackResult:
         """:meth:`track` for the event loop: validation here (microseconds per event), the
@@ -125,7 +127,7 @@ class EventIntake:
                 )
         except ConfigError as e:
             raise UnavailableError("the event log is closed (the server is stopping)") from e
-        return TrackResult(ack.written, tuple(problems), ack)
+        return TrackResult(ack.written, tuple(problems), ack, tuple(good))
 
     def _validate(
         self, request: Any, now: float | None

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from intake.live_log import StoredEvent
-from intake.schema import EVENT_TYPE_IDS
+from intake.schema import EVENT_TYPE_IDS, FEATURE_EVENT_TYPE
 from serving.validation import IdLookup, RecentEvent
 
 
@@ -38,8 +38,11 @@ class LiveHistory:
             for s in stored:
                 self.position = max(self.position, s.seq)
                 e = s.event
+                feature = FEATURE_EVENT_TYPE[e.event_type]
+                if feature is None:  # an impression: an outcome, not a behaviour
+                    continue
                 evs = self._by_customer.pop(e.customer_id, [])
-                evs.append((e.product_id, EVENT_TYPE_IDS[e.event_type], e.ts))
+                evs.append((e.product_id, EVENT_TYPE_IDS[feature], e.ts))
                 if len(evs) > 1 and evs[-1][2] < evs[-2][2]:  # late arrival: keep time order
                     evs.sort(key=lambda ev: ev[2])
                 del evs[: -self._max_per]

@@ -615,6 +615,8 @@ def start_server(cfg: ServeConfig, servicer: Any, metrics: Metrics | None = None
     read or a port cannot be bound.
     """
     metrics = metrics or getattr(servicer, "metrics", None) or Metrics()
+    if hasattr(servicer, "register_metrics"):  # the live outcome counters (docs/outcomes.md)
+        servicer.register_metrics(metrics)
     keys = cfg.resolved_api_keys()
     if not keys:
         log.warning("no API keys configured: authentication is OFF (development only)")

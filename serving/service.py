@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from ecomrec.errors import IndexUnavailableError, InvalidArgumentError, NotFoundError
+from outcomes.live import LiveOutcomes
+from outcomes.served_log import DEFAULT_VARIANT
 from serving import validation as val
 from serving.config import ServeConfig
 from serving.encoders import EncoderUnavailableError
@@ -185,6 +187,38 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
         # A/B test (serving.variants.VariantRouter): customer -> (variant, engine); None = no test
         self.router: Any = None
+        # recommendation ids, the served log, live attribution (docs/outcomes.md)
+        self.outcomes = LiveOutcomes(
+            self.cfg.served_log or self.cfg.event_log or None,
+            self.cfg.served_log_flush_s,
+            self.cfg.outcomes_live_answers,
+        )
+        self._metrics_registered: set[int] = set()
+        if self.metrics is not None:
+            self.register_metrics(self.metrics)
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """Put the live outcome counters on ``metrics``' registry (once per registry)."""
+        if id(metrics.registry) in self._metrics_registered:
+            return
+        from serving.outcomes_live import OutcomesCollector
+
+        metrics.registry.register(OutcomesCollector(self.outcomes))
+        self._metrics_registered.add(id(metrics.registry))
+
+    def _served(
+        self,
+        method: str,
+        customer: str,
+        model_version: str,
+        items: Sequence[ResultItem],
+        variant: str = DEFAULT_VARIANT,
+    ) -> tuple[str, str]:
+        """(recommendation id, variant) of an answer, queued for the served log."""
+        rid = self.outcomes.served(
+            method, customer, variant, model_version, [i.item_id for i in items]
+        )
+        return rid, variant
 
     def _live(self, q: val.RecommendQuery, engine: Recommender | None = None) -> val.RecommendQuery:
         """``q`` with the customer's acknowledged live events (TrackEvents) merged in; a
@@ -196,7 +230,9 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         return self.events.with_live(q, (engine or self.engine).items)
 
     def close(self) -> None:
-        """Release what the servicer owns (the event log); called when the server stops."""
+        """Release what the servicer owns (the event log, the served log); called when the
+        server stops."""
+        self.outcomes.close()
         if self.events is not None:
             self.events.close()
 
@@ -218,6 +254,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         """Start answering with ``engine`` (set health SERVING after this)."""
         if engine.metrics is None:
             engine.metrics = self.metrics
+        if engine.metrics is not None:
+            self.register_metrics(engine.metrics)
         self._engine = engine
 
     async def _blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -292,11 +330,17 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             res = engine.recommend(q, call.ctx)
         else:
             res = await self._blocking(engine.recommend, q, call.ctx)
-        return self._recommend_response(call.rid, res, variant)
+        return self._recommend_response(call.rid, res, request.user_id, variant=variant)
 
     def _recommend_response(
-        self, rid: str, res: RecommendResult, variant: str = "default"
+        self,
+        rid: str,
+        res: RecommendResult,
+        customer: str,
+        method: str = "Recommend",
+        variant: str = DEFAULT_VARIANT,
     ) -> pb2.RecommendResponse:
+        rec_id, variant = self._served(method, customer, res.model_version, res.items, variant)
         return self.pb.RecommendResponse(  # type: ignore[no-any-return]
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
@@ -305,6 +349,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             index_version=res.index_version,
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            recommendation_id=rec_id,
             variant=variant,
         )
 
@@ -329,7 +374,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             )
         rid = r.request_id or uuid.uuid4().hex[:16]
         return pb.RecommendBatchItem(  # type: ignore[no-any-return]
-            index=i, response=self._recommend_response(rid, res, variant)
+            index=i,
+            response=self._recommend_response(rid, res, r.user_id, "RecommendBatch", variant),
         )
 
     def _batch_results(
@@ -411,6 +457,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         variant, engine = self._route("")
         q = val.validate_similar(request, self.cfg, engine.items)
         res = await self._blocking(engine.similar, q, call.ctx)  # an index search
+        rec_id, variant = self._served("SimilarItems", "", res.model_version, res.items, variant)
         return self.pb.SimilarItemsResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
@@ -418,6 +465,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             index_version=res.index_version,
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            recommendation_id=rec_id,
             variant=variant,
         )
 
@@ -520,6 +568,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                 "this service has no event log (set event_log in the serve config)"
             )
         res = await self.events.track_async(request)  # validation here, the commit awaited
+        if res.events and not res.ack.replayed:
+            self.outcomes.observe(res.events)  # live attribution counters (/metrics)
         return self.pb.TrackEventsResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             accepted=res.accepted,
@@ -551,6 +601,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     def _forget(self, customer: str) -> tuple[list[str], bool]:
         self.forgotten.add(customer)
         lines = ["forgotten in this service's memory (history, profile, audiences)"]
+        n_served = self.outcomes.forget(customer)
+        lines.append(f"removed {n_served:>8,}  answers in the served-recommendation log")
         if self.events is not None:
             self.events.live.forget(customer)
         if self.cfg.forget_dataset:
@@ -579,6 +631,9 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         variant, engine = self._route(request.user_id)  # one engine per request
         q = validate_basket(request, self.cfg, engine.users, engine.items)
         res = await self._blocking(complete_basket, engine, q, call.ctx)
+        rec_id, variant = self._served(
+            "CompleteBasket", request.user_id, res.model_version, res.items, variant
+        )
         return self.pb.CompleteBasketResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
@@ -586,6 +641,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             unknown_item_ids=list(res.unknown),
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            recommendation_id=rec_id,
             variant=variant,
         )
 
@@ -598,11 +654,15 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         variant, engine = self._route(request.user_id)  # one engine per request
         q = validate_search(request, self.cfg, engine.users, engine.items)
         res = await self._blocking(search_products, engine, q, call.ctx)  # MiniLM + scoring
+        rec_id, variant = self._served(
+            "SearchProducts", request.user_id, res.model_version, res.items, variant
+        )
         return self.pb.SearchProductsResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
             model_version=res.model_version,
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
+            recommendation_id=rec_id,
             variant=variant,
         )

@@ -51,7 +51,8 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 # product attributes an events file may carry on every row (used when no catalogue is given)
 EVENT_ATTRIBUTES: tuple[str, ...] = ("title", "category", "brand")
-EVENT_ACCEPTED: tuple[str, ...] = EVENT_COLUMNS + EVENT_ATTRIBUTES
+# recommendation_id (docs/outcomes.md): accepted on event rows; not a training feature
+EVENT_ACCEPTED: tuple[str, ...] = EVENT_COLUMNS + EVENT_ATTRIBUTES + ("recommendation_id",)
 EVENT_REQUIRED: tuple[str, ...] = ("customer_id", "product_id", "timestamp")
 ITEM_COLUMNS: tuple[str, ...] = (
     "product_id",
@@ -82,6 +83,24 @@ EVENT_SYNONYMS: dict[str, str] = {
     "refund": "return",
     "cancellation": "return",
 }
+# Outcome events (docs/outcomes.md). The live log keeps "click" and "impression" as types of
+# their own (attribution); a data import reads a click as a view (as before) and drops an
+# impression from the training events (counted).
+OUTCOME_SYNONYMS: dict[str, str] = {
+    "impression": "impression",
+    "impressions": "impression",
+    "view_item_list": "impression",
+    "rec_impression": "impression",
+    "click": "click",
+    "rec_click": "click",
+    "select_item": "click",
+}
+LIVE_EVENT_SYNONYMS: dict[str, str] = {**EVENT_SYNONYMS, **OUTCOME_SYNONYMS}
+IMPORT_EVENT_SYNONYMS: dict[str, str] = {
+    **EVENT_SYNONYMS,
+    **{k: "view" if v == "click" else v for k, v in OUTCOME_SYNONYMS.items()},
+}
+IMPRESSION_DROP = "impression (an outcome event: kept for attribution, not a training event)"
 FUTURE_TOLERANCE_S = 86400  # clocks and time zones: a day ahead of "now" is still accepted
 _ISO = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$"
 _OFFSET = r"(Z|[+-]\d{2}:?\d{2})$"
@@ -671,13 +690,14 @@ def _event_types(table: Table, default: str) -> tuple[pl.Series, int]:
     """Canonical types and how many cells were empty (given ``default``)."""
     raw = _as_text(table.frame["event_type"])
     low = raw.str.to_lowercase()
-    mapped = low.replace_strict(EVENT_SYNONYMS, default=None, return_dtype=pl.Utf8)
+    mapped = low.replace_strict(IMPORT_EVENT_SYNONYMS, default=None, return_dtype=pl.Utf8)
     bad = mapped.is_null() & raw.is_not_null()
     if bad.any():
         r = _first(bad)
         raise DataError(
-            f"event type {raw[r]!r} is not one of view, cart, purchase, return "
-            f"(accepted synonyms: {sorted(set(EVENT_SYNONYMS) - set(EVENT_SYNONYMS.values()))})",
+            f"event type {raw[r]!r} is not one of view, cart, purchase, return, impression, "
+            f"click (accepted synonyms: "
+            f"{sorted(set(IMPORT_EVENT_SYNONYMS) - set(LIVE_EVENT_SYNONYMS.values()))})",
             **table.where(r, "event_type"),
         )
     empty = raw.is_null()
@@ -788,7 +808,9 @@ def _reason(opts: ContractOptions, known: list[str] | None, now: int) -> pl.Expr
     if opts.not_products_pattern:
         not_prod = not_prod | pl.col("_product").str.contains(f"^(?:{opts.not_products_pattern})$")
     chain = (
-        pl.when(pl.col("_customer").is_null())
+        pl.when(pl.col("event_type") == "impression")
+        .then(pl.lit(IMPRESSION_DROP))
+        .when(pl.col("_customer").is_null())
         .then(pl.lit("no customer_id (guest or missing)"))
         .when(pl.col("_product").is_null())
         .then(pl.lit("no product_id"))
