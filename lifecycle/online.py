@@ -118,7 +118,7 @@ def decide_staged(
     """Apply the rule to the staged candidate (caller holds the refresh lock): promote,
     reject or wait. Returns the verdict and, when promoted, the new live record."""
     from indexing.build import publish_version
-    from lifecycle.refresh import _link_current
+    from lifecycle.state import link_current
 
     staged = read_staged(state)
     if staged is None:
@@ -147,7 +147,7 @@ def decide_staged(
         rec = Record(**{**asdict(rec), "metrics": {**rec.metrics, "online": verdict.to_dict()}})
         deploy.promote(rec)  # THE commit point
         publish_version(store, rec.index_version, rec.index_alias)
-        _link_current(state, Path(rec.run))
+        link_current(state, Path(rec.run))
         end_test(state)
         log.info("online test: promoted %s (%s)", rec.run, verdict.reason)
         return verdict, rec

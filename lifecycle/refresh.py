@@ -55,6 +55,7 @@ from indexing.deploy import DEPLOY_FILE, DeployState, Record, write_json_atomic
 from intake.dataset import Dataset
 from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
+from lifecycle.state import link_current as _link_current
 from lifecycle.state import refresh_lock
 from lifecycle.warmstart import transplant
 from towers.inference import MANIFEST_FILE, MODEL_FILE, served_kind
@@ -738,11 +739,6 @@ def _publish(
     return rec
 
 
-def _link_current(state: Path, target: Path) -> None:
-    tmp_link = state / ".current.tmp"
-    tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(target.resolve())
-    os.replace(tmp_link, state / "current")
 
 
 def _reconcile(store: Any, icfg: IndexConfig, deploy: DeployState, live: Record) -> None:

@@ -77,10 +77,13 @@ class Verdict:
 
 
 def _variant(report: dict[str, Any], name: str) -> dict[str, Any]:
-    for v in report.get("variants", []):
+    """The variant's totals (``variant_totals``, else its ``variants`` rows summed: one row
+    per model version)."""
+    for v in report.get("variant_totals", []):
         if v.get("variant") == name:
             return dict(v)
-    return {}
+    rows = [v for v in report.get("variants", []) if v.get("variant") == name]
+    return {"variant": name, "impressions": sum(int(v.get("impressions", 0)) for v in rows)}
 
 
 def _difference(report: dict[str, Any], cand: str, base: str, metric: str) -> dict[str, Any]:
@@ -148,8 +151,6 @@ def decide_all(
     report: dict[str, Any], rule: PromotionRule, *, baseline: str = "control", age_s: float = 0.0
 ) -> list[Verdict]:
     """A verdict for every variant of ``report`` other than ``baseline``."""
-    return [
-        decide(report, rule, candidate=v["variant"], baseline=baseline, age_s=age_s)
-        for v in report.get("variants", [])
-        if v.get("variant") != baseline
-    ]
+    rows = report.get("variant_totals") or report.get("variants", [])
+    names = [n for n in dict.fromkeys(v.get("variant") for v in rows) if n and n != baseline]
+    return [decide(report, rule, candidate=n, baseline=baseline, age_s=age_s) for n in names]

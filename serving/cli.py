@@ -322,7 +322,12 @@ def _experiment(
         return TableSegmentLookup.from_marketing_export(seg_dir, d.users) if seg_dir else None
 
     factory = variant_factory(
-        cfg, dataset=ds, index_cfg=icfg, metrics=metrics, segments_for=segments_for
+        cfg,
+        dataset=ds,
+        index_cfg=icfg,
+        metrics=metrics,
+        segments_for=segments_for,
+        check=check_index_matches_model,
     )
     router = VariantRouter(path, factory, warmup=warm)
     if not router.reload() and cfg.experiment:

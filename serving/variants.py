@@ -194,18 +194,19 @@ def variant_factory(
     index_cfg: Any,
     metrics: Any = None,
     segments_for: Callable[[Any], Any] | None = None,
+    check: Callable[[Any, Any, str], None] | None = None,
 ) -> EngineFactory:
     """An :data:`EngineFactory` building a :class:`~serving.engine.Recommender` for a
     variant: its run over its dataset (default: the served ``dataset`` object), its index
     (default: ``index_cfg``'s location and alias; pinned to ``index_version`` when given).
-    An index built from another model is refused (MismatchError), like ``ecomrec serve``."""
+    ``check(index, model, location)`` may refuse an index built from another model
+    (``ecomrec serve`` passes :func:`serving.cli.check_index_matches_model`)."""
 
     def build(v: Variant) -> Any:
         from indexing.base import IndexConfig
         from indexing.build import open_store
         from intake.dataset import Dataset
         from serving.assemble import build_recommender, load_parts
-        from serving.cli import check_index_matches_model
 
         ds = Dataset.load(v.dataset) if v.dataset else dataset
         parts = load_parts(v.run, ds)
@@ -217,7 +218,8 @@ def variant_factory(
             }
         )
         index = open_store(icfg).open(alias=icfg.alias, version=v.index_version or None)
-        check_index_matches_model(index, parts.model, icfg.location)
+        if check is not None:
+            check(index, parts.model, icfg.location)
         segments = segments_for(ds) if segments_for is not None else None
         return build_recommender(cfg, parts, index, segments, metrics=metrics)
 
