@@ -739,8 +739,6 @@ def _publish(
     return rec
 
 
-
-
 def _reconcile(store: Any, icfg: IndexConfig, deploy: DeployState, live: Record) -> None:
     """Alias -> the committed live version; drop complete versions no deployment knows
     (built by a refresh killed before its commit)."""
