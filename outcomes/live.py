@@ -42,7 +42,7 @@ class LiveOutcomes:
         self._lock = threading.Lock()
         self.served_counts: Counter[CounterKey] = Counter()
         self.attributed_counts: Counter[CounterKey] = Counter()
-        self.revenue: Counter[tuple[str, str]] = Counter()
+        self.revenue: dict[tuple[str, str], float] = {}
         self.unattributed: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ hot path
@@ -81,7 +81,8 @@ class LiveOutcomes:
                 key = (a.served.variant, a.served.model_version)
                 self.attributed_counts[(*key, e.event_type)] += 1
                 if e.event_type == "purchase":
-                    self.revenue[key] += (e.price or 0.0) * e.quantity
+                    rev = (e.price or 0.0) * e.quantity
+                    self.revenue[key] = self.revenue.get(key, 0.0) + rev
             n += 1
         return n
 

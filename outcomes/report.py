@@ -171,10 +171,10 @@ def online_report(
         day_tallies.setdefault((day(s.ts), s.variant), Tally()).add_served(s)
     for a in attributed:
         day_tallies.setdefault((day(a.served.ts), a.served.variant), Tally()).add_event(a)
-    for (d, v), t in sorted(day_tallies.items()):
+    for (day_s, v), t in sorted(day_tallies.items()):
         c = t.counts(impressions_tracked)
-        daily[(d, v)] = {
-            "day": d,
+        daily[(day_s, v)] = {
+            "day": day_s,
             "variant": v,
             "recommendations": c["recommendations"],
             "impressions": c["impressions"],
@@ -299,7 +299,7 @@ def plot_differences(report: dict[str, Any]) -> str:
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(ds)), [d["variant"] for d in ds], rotation=20)
         ax.set_xlim(-0.6, max(len(ds), 1) - 0.4)
-        ax.set_title(f"{_LABELS[m]}: - {report['baseline']}", fontsize=9)
+        ax.set_title(f"{_LABELS[m]}: variant - {report['baseline']}", fontsize=9)
     fig.tight_layout()
     return _fig_png(fig)
 
@@ -329,8 +329,12 @@ def plot_daily(report: dict[str, Any]) -> str:
             marker="o",
             label=v,
         )
+    import matplotlib.dates as mdates
+
     for ax, title in zip(axes, ("recommendations", "CTR", "revenue per 1,000 recommendations")):
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=2, maxticks=8))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d"))
         ax.tick_params(axis="x", rotation=30)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

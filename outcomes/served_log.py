@@ -83,7 +83,7 @@ _Row = tuple[str, float, str, str, str, str, tuple[str, ...]]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS served (
-    recommendation_id TEXT PRIMARY KEY,
+    recommendation_id TEXT NOT NULL,
     ts REAL NOT NULL,
     customer_id TEXT NOT NULL,
     variant TEXT NOT NULL,
@@ -201,7 +201,7 @@ class ServedLog:
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
-                "INSERT OR IGNORE INTO served VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO served VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.recommendation_id,
