@@ -6,17 +6,19 @@ Online Retail by default. Cut-offs: the replay period is the last ``--weeks`` we
 shop never saw the weeks it is tested on) and the served history / catalogue is the
 dataset cut at ``t_r``.
 
-Variants (one experiment, equal shares, :mod:`outcomes.experiment`):
+Variants (one experiment, equal shares, :mod:`outcomes.experiment`), the scenario of a
+refresh candidate tested online against a live model that was not refreshed for a while:
 
-* ``control``: the served model (``ecomrec serve --model``);
-* ``better`` / ``control``: ALS and EASE in their served form (:mod:`training.fallback`),
-  both fitted the same way; **which is the control is chosen on validation**: both are
-  fitted on the events before ``t_r - valid_weeks`` and scored (full-ranking NDCG@10,
-  history excluded, the temporal protocol) on ``[t_r - valid_weeks, t_r)``; the lower one
-  is the control, the higher one the ``better`` candidate;
-* ``worse``: a deliberately worse candidate: the control's recipe fitted on data that is
-  ``--stale-weeks`` older (a model that missed half a year of the shop), also scored on
-  validation with the same gap.
+* ``control``: the live model (``ecomrec serve --model``): ALS in its served form
+  (:mod:`training.fallback`) fitted ``--control-age-weeks`` (13) before ``t_r``;
+* ``better``: the fresh refit: the better of ALS and EASE **on validation**, fitted on
+  every event before ``t_r``;
+* ``worse``: a deliberately crude model: ALS with 2 factors, fitted before ``t_r``.
+
+Validation (the roles are checked there, never on the replayed weeks): each recipe is
+fitted with the same age on the events before ``t_v = t_r - valid_weeks`` (the control:
+``control_age_weeks`` before ``t_v``) and scored on ``[t_v, t_r)`` (full-ranking NDCG@10,
+history excluded, the temporal protocol).
 
 The shop (``replay``): every customer-day with purchases in ``[t_r, end)`` of a customer
 known at ``t_r``, in time order (``--max-customer-days`` keeps a seeded subset, still in
@@ -32,7 +34,7 @@ against the control: ``"promoted": true|false`` with the measured difference and
 interval.  Also measured: the server's RSS with the three engines vs a server without the
 experiment (the memory an extra variant costs).
 
-    nice -n 5 python benchmarks/ab_replay.py --dataset online-retail --weeks 4 \
+    nice -n 5 python benchmarks/ab_replay.py --dataset online-retail --weeks 8 \
         --out results/ab_replay_online_retail.json        # + .md table
 
 The service runs as its own process (``python -m ecomrec serve``, real gRPC on
@@ -64,6 +66,7 @@ DAY = 86400
 ROOT = Path(__file__).resolve().parent.parent
 ALS = {"factors": 128, "regularization": 1.0, "alpha": 10.0, "iterations": 15}
 EASE = {"l2": 250.0}
+CRUDE = {**ALS, "factors": 2}  # the deliberately worse candidate
 
 
 def cut(ds: Any, until: int) -> Any:
@@ -75,14 +78,14 @@ def cut(ds: Any, until: int) -> Any:
     )
 
 
-def fit(kind: str, ds: Any, until: int) -> Any:
+def fit(kind: str, params: dict[str, Any], ds: Any, until: int) -> Any:
     """ALS or EASE (served form) fitted on the events before ``until``."""
     from towers.sequences import Interactions
     from training.fallback import FactorRetriever
     from training.trainer import FallbackConfig
 
     inter = Interactions.from_events(ds.events.filter(pl.col("ts") < until), ds.n_users, ds.n_items)
-    r = FactorRetriever(kind, ALS if kind == "als" else EASE, FallbackConfig())
+    r = FactorRetriever(kind, params, FallbackConfig())
     r.fit(inter, None)
     return r
 
@@ -250,10 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--dataset", default="online-retail", help="dataset name or path")
     ap.add_argument("--data-dir", default=None, help="data folder (default: $ECOMREC_DATA_DIR)")
-    ap.add_argument("--weeks", type=int, default=4, help="replayed weeks at the end of the log")
+    ap.add_argument("--weeks", type=int, default=8, help="replayed weeks at the end of the log")
     ap.add_argument("--valid-weeks", type=int, default=4, help="validation weeks before them")
     ap.add_argument(
-        "--stale-weeks", type=int, default=26, help="how much older the worse model's data is"
+        "--control-age-weeks",
+        type=int,
+        default=13,
+        help="the live model (control) was fitted this many weeks before the replay",
     )
     ap.add_argument("--k", type=int, default=10, help="recommendations per answer")
     ap.add_argument(
@@ -284,18 +290,24 @@ def main(argv: list[str] | None = None) -> int:
     end = int(ds.events["ts"].max()) + 1  # type: ignore[arg-type]
     t_r = end - args.weeks * WEEK
     t_v = t_r - args.valid_weeks * WEEK
-    gap = args.stale_weeks * WEEK
+    age = args.control_age_weeks * WEEK
     iso = lambda t: dt.datetime.fromtimestamp(t, dt.UTC).date().isoformat()  # noqa: E731
 
-    # 1. validation: which of ALS / EASE is better, and how much worse the stale model is
+    # 1. validation: the fresh refit's family (ALS or EASE), and every role's score
     t = time.perf_counter()
     valid = {
-        "als": validate(fit("als", ds, t_v), ds, t_v, t_r),
-        "ease": validate(fit("ease", ds, t_v), ds, t_v, t_r),
+        "als": validate(fit("als", ALS, ds, t_v), ds, t_v, t_r),
+        "ease": validate(fit("ease", EASE, ds, t_v), ds, t_v, t_r),
     }
-    control_kind = "als" if valid["als"]["ndcg@10"] <= valid["ease"]["ndcg@10"] else "ease"
-    better_kind = "ease" if control_kind == "als" else "als"
-    valid["stale"] = validate(fit(control_kind, ds, t_v - gap), ds, t_v, t_r)
+    fresh = "ease" if valid["ease"]["ndcg@10"] > valid["als"]["ndcg@10"] else "als"
+    roles: dict[str, tuple[str, dict[str, Any], int, str]] = {
+        "control": ("als", ALS, t_r - age, f"ALS fitted {args.control_age_weeks} weeks earlier"),
+        "better": (fresh, ALS if fresh == "als" else EASE, t_r, f"fresh {fresh.upper()} refit"),
+        "worse": ("als", CRUDE, t_r, "crude: ALS with 2 factors"),
+    }
+    valid["control"] = validate(fit("als", ALS, ds, t_v - age), ds, t_v, t_r)
+    valid["better"] = valid[fresh]
+    valid["worse"] = validate(fit("als", CRUDE, ds, t_v), ds, t_v, t_r)
     valid_s = time.perf_counter() - t
     log.info("validation NDCG@10: %s", {k: round(v["ndcg@10"], 4) for k, v in valid.items()})
 
@@ -305,21 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     if ds_dir.exists():
         shutil.rmtree(ds_dir)
     served_ds.save(ds_dir)
-    roles = {
-        "control": (control_kind, t_r),
-        "better": (better_kind, t_r),
-        "worse": (control_kind, t_r - gap),
-    }
     runs: dict[str, Path] = {}
-    for role, (kind, until) in roles.items():
+    for role, (kind, params, until, _) in roles.items():
         run = work / "runs" / role
         shutil.rmtree(run, ignore_errors=True)
         write_served(
             run,
             kind,
-            fit(kind, ds, until),
+            fit(kind, params, ds, until),
             list(ds.item_ids.external_ids),
-            {"params": ALS if kind == "als" else EASE, "fitted_until": until},
+            {"params": params, "fitted_until": until},
             model_version=f"ab-{role}-{kind}-{iso(until)}",
         )
         idx = work / "index" / role
@@ -389,12 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     candidates = []
     for role in ("worse", "better"):
         v = decide(report, rule, candidate=role, baseline="control", age_s=0.0)
-        kind, until = roles[role]
+        kind, params, until, what = roles[role]
         candidates.append(
             {
                 "variant": role,
-                "model": f"{kind} fitted on events before {iso(until)}",
-                "valid_ndcg@10": valid["stale" if role == "worse" else kind]["ndcg@10"],
+                "model": f"{what} (events before {iso(until)})",
+                "params": params,
+                "valid_ndcg@10": valid[role]["ndcg@10"],
                 "impressions": v.impressions,
                 "metric": rule.metric,
                 "value": totals.get(role, {}).get("metrics", {}).get(rule.metric, {}).get("value"),
@@ -409,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         "replay_period": [iso(t_r), iso(end)],
         "validation_period": [iso(t_v), iso(t_r)],
         "control": {
-            "model": f"{control_kind} fitted on events before {iso(t_r)}",
-            "valid_ndcg@10": valid[control_kind]["ndcg@10"],
+            "model": f"{roles['control'][3]} (events before {iso(t_r - age)})",
+            "valid_ndcg@10": valid["control"]["ndcg@10"],
             "impressions": totals.get("control", {}).get("impressions"),
             "value": totals.get("control", {}).get("metrics", {}).get(rule.metric, {}).get("value"),
         },
