@@ -155,7 +155,9 @@ class VariantRouter:
         for eng in dropped:  # calls already running hold their own reference to it
             index = getattr(eng, "index", None)
             if index is not None:
-                threading.Timer(30.0, _close, (index,)).start()
+                timer = threading.Timer(30.0, _close, (index,))
+                timer.daemon = True  # never holds the process open at exit
+                timer.start()
 
     def engines(self) -> dict[str, Any]:
         """The engines of the variants with their own run (for warm-up / health)."""
