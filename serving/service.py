@@ -312,6 +312,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                             getattr(request, "user_id", ""), self.cfg.pseudonym_salt
                         ),
                         "degraded": bool(getattr(response, "degraded", False)),
+                        "variant": getattr(response, "variant", ""),  # A/B arm (if any)
                     }
                 },
             )

@@ -5,6 +5,7 @@ restart (serving.variants, outcomes.experiment)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,14 @@ def test_each_customer_gets_its_variant_in_every_answer(ab: Any) -> None:
     other = VariantRouter(ab.path, lambda v: object())
     other.reload()
     assert {u: other.route(u, object)[0] for u in ab.users} == want
+
+
+def test_access_log_names_the_variant(ab: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ecomrec.serving.access")
+    for u in ab.users[:6]:
+        r = _rec(ab.served, u)
+        rec = [x for x in caplog.records if x.name == "ecomrec.serving.access"][-1]
+        assert rec.fields["variant"] == r.variant == ab.exp.assign(u).name  # type: ignore[attr-defined]
 
 
 def test_shares_change_and_test_ends_without_restart_or_failed_call(ab: Any) -> None:
