@@ -69,6 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="online.json of `ecomrec report online` (the variants since the test started): "
         "what --decide, or a refresh while a test runs, decides on",
     )
+    p.add_argument(
+        "--event-log",
+        default=None,
+        metavar="DB",
+        help="instead of --online-report: the service's event log (serve.event_log); the "
+        "report is computed from it (`ecomrec report online`'s function) over the answers "
+        "served since the candidate was staged, baseline control",
+    )
+    p.add_argument(
+        "--served-log",
+        default=None,
+        metavar="DB",
+        help="with --event-log: the served-recommendation log when it is not in the event "
+        "log's file (serve.served_log)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run)
 
@@ -87,6 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg, index_cfg = load_config(args.config, args.set)
         report = _online_report(args.online_report) if args.online_report else None
+        if report is None and args.event_log:
+            report = _report_from_logs(args)
         if args.decide:
             return _decide(args, cfg, index_cfg, report)
         if not args.run or not args.dataset:
@@ -144,6 +161,23 @@ def _online_report(path: str) -> dict[str, object]:
             "not an online report (no 'variants'): see `ecomrec report online`", file=path
         )
     return data
+
+
+def _report_from_logs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The online report of the staged test from the service's logs (None: no test)."""
+    import datetime as dt
+
+    from lifecycle.online import read_staged
+    from lifecycle.refresh import default_state_dir
+    from outcomes.report import online_report
+
+    staged = read_staged(Path(args.state or default_state_dir(args.index)))
+    if staged is None:
+        return None
+    since = dt.datetime.fromtimestamp(float(staged["started_at"]), dt.UTC)
+    return online_report(
+        args.event_log, since, served_log=args.served_log, baseline=staged["baseline"]
+    )
 
 
 def _decide(args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any], report: Any) -> int:

@@ -79,7 +79,7 @@ def test_stage_serve_wait_reject_then_promote(
     assert exp.variants[1].run == cand.run and exp.variants[1].index_version == cand.index_version
 
     # a service following the state routes customers to the staged candidate
-    _serve_and_check(live, state, shop)
+    _serve_and_check(live, state, shop, tmp_path / "events1.db")
 
     # a refresh while the test runs trains nothing: without a report it waits (exit 6)
     again = run(shop.full, **online)
@@ -102,12 +102,19 @@ def test_stage_serve_wait_reject_then_promote(
     assert DeployState(state).live().index_version == live.index_version
     assert main([*args, str(loss), "--config", str(cfg)]) == 2  # nothing staged any more
 
-    # stage again, then a win promotes it
+    # stage again; served traffic where the candidate's answers get clicked: the decision
+    # computed from the service's own logs (--event-log) promotes it
     staged2 = run(shop.full, **online)
     assert staged2.exit_code == EXIT_STAGED and staged2.record is not None
-    win = tmp_path / "win.json"
-    win.write_text(json.dumps(_report(500, (0.05, 0.02, 0.08))))
-    assert main([*args, str(win), "--config", str(cfg)]) == 0
+    events = tmp_path / "events2.db"
+    _serve_and_check(live, state, shop, events)
+    cfg.write_text('[refresh]\npromote = "online"\nonline_min_impressions = 15\n')
+    decide = ["refresh", "--decide", "--index", str(index), "--config", str(cfg), "--json"]
+    assert main([*decide, "--event-log", str(events)]) == 0
+    out = json.loads(_last_json(capsys))
+    assert out["decision"] == "promoted"
+    # from the logs: every candidate answer clicked, no control answer
+    assert out["reason"].startswith("ctr candidate - control = +1.00000 ["), out["reason"]
     now_live = DeployState(state).live()
     assert now_live.index_version == staged2.record.index_version
     assert now_live.metrics["online"]["promoted"] is True
@@ -121,7 +128,13 @@ def _last_json(capsys: pytest.CaptureFixture[str]) -> str:
     return text[text.index("{") :]
 
 
-def _serve_and_check(live: Any, state: Path, shop: Shop) -> None:
+def _serve_and_check(live: Any, state: Path, shop: Shop, events: Path) -> None:
+    """Serve the live record with the state's experiment over gRPC: each customer's answer
+    comes from its variant's model; impressions for every answer, a click (with the
+    answer's id) only on the candidate's answers; the server is then closed (logs flushed)."""
+    import dataclasses
+
+    from indexing.base import IndexConfig
     from lifecycle.online import read_staged
     from outcomes.experiment import load_experiment
     from serving.reload import engine_from_record
@@ -129,11 +142,9 @@ def _serve_and_check(live: Any, state: Path, shop: Shop) -> None:
     from tests.lifecycle.test_service_reload import _serve_cfg
     from tests.serving.conftest import Served
 
-    engine = engine_from_record(live, _serve_cfg())
+    engine = engine_from_record(live, dataclasses.replace(_serve_cfg(), event_log=str(events)))
     served = Served(engine)
     try:
-        from indexing.base import IndexConfig
-
         router = VariantRouter(
             state / "experiment.json",
             variant_factory(
@@ -145,12 +156,25 @@ def _serve_and_check(live: Any, state: Path, shop: Shop) -> None:
         exp = load_experiment(state / "experiment.json")
         cand = read_staged(state)["record"]  # type: ignore[index]
         seen = set()
+        pb = served.pb
         for u in shop.mid.users.external_ids[1:60]:
-            r = served.call("Recommend", served.pb.RecommendRequest(user_id=u, k=5))
+            r = served.call("Recommend", pb.RecommendRequest(user_id=u, k=5))
             assert r.variant == exp.assign(u).name
             want = cand["model_version"] if r.variant == "candidate" else live.model_version
             assert r.model_version == want
             seen.add(r.variant)
+            evs = [
+                pb.TrackedEvent(customer_id=u, product_id=i.item_id, event_type="impression",
+                                recommendation_id=r.recommendation_id)
+                for i in r.items
+            ]  # fmt: skip
+            if r.variant == "candidate":
+                evs.append(
+                    pb.TrackedEvent(customer_id=u, product_id=r.items[0].item_id,
+                                    event_type="click", recommendation_id=r.recommendation_id)
+                )  # fmt: skip
+            ack = served.call("TrackEvents", pb.TrackEventsRequest(events=evs))
+            assert ack.accepted == len(evs) and not ack.errors
         assert seen == {"control", "candidate"}
     finally:
         served.close()
