@@ -41,6 +41,7 @@ from lifecycle.refresh import (
     RefreshConfig,
     RefreshResult,
     _refresh_locked,
+    decide_online,
     default_state_dir,
 )
 from lifecycle.state import refresh_lock
@@ -83,18 +84,22 @@ def refresh_from_log(
     state_dir: str | Path | None = None,
     since: int | None = None,
     log_after: int | None = None,
+    online_report: dict[str, Any] | None = None,
 ) -> RefreshResult:
     """One refresh on the dataset at ``dataset_dir`` plus the log's events it has not
     consumed yet (see the module docstring). ``events`` / ``items``: the history folder and
     catalogue, by default those the dataset was imported from. ``log_after``: for a dataset
     that never consumed the log, the position its history already holds (a history export
     that overlaps events the shop also sent to the log); refused once a position is
-    recorded."""
+    recorded. While an online test runs (a staged candidate), the refresh only decides it on
+    ``online_report`` and the log is not read (its events wait for the next refresh)."""
     cfg = config or RefreshConfig()
     state = Path(state_dir) if state_dir else default_state_dir(index)
     icfg = IndexConfig.from_dict({**(index_cfg or {}), "location": str(index)})
     dsdir = Path(dataset_dir)
     with refresh_lock(state):
+        if (state / "staged.json").exists():  # an online test runs: decide it, train nothing
+            return decide_online(state, icfg, cfg, online_report)
         current = Dataset.load(dsdir)
         options = recorded_options(current)
         history = Path(events) if events else _recorded_path(current, "events_file", dsdir)

@@ -55,6 +55,7 @@ from indexing.deploy import DEPLOY_FILE, DeployState, Record, write_json_atomic
 from intake.dataset import Dataset
 from lifecycle.drift import DriftThresholds, drift_report, write_report
 from lifecycle.shadow import DAY, churn_metrics, ranking_metrics, user_vectors, window_targets
+from lifecycle.state import link_current as _link_current
 from lifecycle.state import refresh_lock
 from lifecycle.warmstart import transplant
 from towers.inference import MANIFEST_FILE, MODEL_FILE, served_kind
@@ -70,6 +71,7 @@ EXIT_ERROR = 2  # bad input / config (ecomrec.errors): nothing changed
 EXIT_NOT_PROMOTED = 3  # candidate worse beyond the tolerance: live model kept
 EXIT_NO_NEW_DATA = 4  # no event since the last refresh: nothing done
 EXIT_DRIFT_ALERT = 5  # promoted, but a drift threshold was exceeded
+EXIT_STAGED = 6  # candidate staged as an A/B variant, or its online test still running
 EXIT_LOCKED = 75  # another refresh is running (EX_TEMPFAIL: retry later)
 
 
@@ -97,6 +99,17 @@ class RefreshConfig:
     # log"): a SQLite file or nats://host:4222[,nats://...]; "" = use --dataset as it is
     event_log: str = ""
     event_log_stream: str = "ECOMREC_EVENTS"  # JetStream stream of a nats:// event_log
+    # Promotion (docs/outcomes.md, "Promotion by online result"): "offline" = on the shadow
+    # evaluation above; "online" = a candidate that passes it is staged as an A/B variant
+    # (online_share of the customers) and promoted later by `refresh --decide` on the online
+    # report: each variant >= online_min_impressions, then the online_metric difference's
+    # interval must exclude a loss beyond online_margin; hi < 0 or online_max_days -> reject.
+    promote: str = "offline"
+    online_share: float = 0.5
+    online_metric: str = "ctr"
+    online_min_impressions: int = 1000
+    online_margin: float = 0.0
+    online_max_days: float = 14.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.refit_epochs < 0:
@@ -105,6 +118,13 @@ class RefreshConfig:
             raise ConfigError("refresh.replay_fraction must be in [0, 1]")
         if self.eval_days <= 0:
             raise ConfigError("refresh.eval_days must be > 0")
+        if self.promote not in ("offline", "online"):
+            raise ConfigError(f"refresh.promote must be offline or online, got {self.promote!r}")
+        if not 0.0 < self.online_share < 1.0:
+            raise ConfigError(f"refresh.online_share must be in (0, 1), got {self.online_share}")
+        from lifecycle.online import rule_of
+
+        rule_of(self)  # online_metric / _min_impressions / _margin / _max_days checked
 
 
 def _decision(
@@ -186,6 +206,7 @@ def refresh(
     index_cfg: dict[str, Any] | None = None,
     state_dir: str | Path | None = None,
     since: int | None = None,
+    online_report: dict[str, Any] | None = None,
 ) -> RefreshResult:
     """Run one refresh (see the module docstring). ``run``: the live run directory used to
     bootstrap the state (later refreshes follow ``deploy.json``); ``since``: bootstrap
@@ -194,7 +215,53 @@ def refresh(
     state = Path(state_dir) if state_dir else default_state_dir(index)
     icfg = IndexConfig.from_dict({**(index_cfg or {}), "location": str(index)})
     with refresh_lock(state):
+        if (state / "staged.json").exists():  # an online test runs: decide it, train nothing
+            return decide_online(state, icfg, cfg, online_report)
         return _refresh_locked(Path(run), dataset, icfg, cfg, state, since)
+
+
+def decide_online(
+    state: Path,
+    icfg: IndexConfig,
+    cfg: RefreshConfig,
+    report: dict[str, Any] | None,
+    *,
+    now: float | None = None,
+) -> RefreshResult:
+    """The online decision on the staged candidate (caller holds the lock): exit 0
+    promoted, 3 rejected, 6 still testing (also when no report was given)."""
+    from lifecycle.online import decide_staged, read_staged
+
+    staged = read_staged(state) or {}
+    name = f"decide-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    report_dir = state / "reports" / name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if report is None:
+        reason = (
+            f"online test {staged.get('experiment')} running: give --online-report "
+            "(`ecomrec report online`) to decide"
+        )
+        write_json_atomic(report_dir / "decision.json", {"decision": "testing", "reason": reason})
+        return RefreshResult("testing", EXIT_STAGED, reason, report_dir, None, {}, {}, [])
+    store = open_store(icfg)
+    try:
+        verdict, rec = decide_staged(state, store, cfg, report, now=now)
+    finally:
+        store.close()
+    decision, code = {
+        "promote": ("promoted", EXIT_PROMOTED),
+        "reject": ("not-promoted", EXIT_NOT_PROMOTED),
+        "wait": ("testing", EXIT_STAGED),
+    }[verdict.action]
+    dec = {
+        "decision": decision,
+        "reason": verdict.reason,
+        "online": verdict.to_dict(),
+        "staged": staged,
+        "report_window": {k: report.get(k) for k in ("since", "until", "generated_at")},
+    }
+    write_json_atomic(report_dir / "decision.json", dec)
+    return RefreshResult(decision, code, verdict.reason, report_dir, rec, dec, {}, [])
 
 
 def _refresh_locked(
@@ -333,6 +400,8 @@ def _refresh_locked(
             code = EXIT_DRIFT_ALERT if drift["alerts"] else EXIT_PROMOTED
         else:
             code = EXIT_NOT_PROMOTED
+        if dec["decision"] == "staged":
+            code = EXIT_STAGED
         log.info("refresh %s: %s (%s)", name, dec["decision"], reason)
         return RefreshResult(
             dec["decision"], code, reason, report_dir, record, metrics, timings, drift["alerts"]
@@ -475,6 +544,8 @@ def _refresh_refit(
     code = (
         (EXIT_DRIFT_ALERT if drift["alerts"] else EXIT_PROMOTED) if promote else EXIT_NOT_PROMOTED
     )
+    if dec["decision"] == "staged":
+        code = EXIT_STAGED
     log.info("refresh %s (refit): %s (%s)", name, dec["decision"], reason)
     return RefreshResult(
         dec["decision"], code, reason, report_dir, record, metrics, timings, drift["alerts"]
@@ -665,6 +736,13 @@ def _publish(
         name=name,
         live_log=dec.get("live_log"),
     )
+    if cfg.promote == "online":  # an A/B test decides (lifecycle/online.py)
+        from lifecycle.online import stage
+
+        dec["staged"] = stage(state, rec, cfg, dec)
+        dec["decision"] = "staged"
+        _step("staged")
+        return rec
     deploy.promote(rec)  # THE commit point
     _step("committed")
     publish_version(store, man.version, icfg.alias)
@@ -672,21 +750,20 @@ def _publish(
     return rec
 
 
-def _link_current(state: Path, target: Path) -> None:
-    tmp_link = state / ".current.tmp"
-    tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(target.resolve())
-    os.replace(tmp_link, state / "current")
-
-
 def _reconcile(store: Any, icfg: IndexConfig, deploy: DeployState, live: Record) -> None:
     """Alias -> the committed live version; drop complete versions no deployment knows
     (built by a refresh killed before its commit)."""
+    from lifecycle.online import read_staged
+
+    staged = read_staged(deploy.root)
+    staged_rec = Record.from_dict(staged["record"]) if staged else None
     known = (
         {live.index_version} | {r.index_version for r in deploy.history()}
         if deploy.exists()
         else {live.index_version}
     )
+    if staged_rec is not None:  # an online test serves it: keep it
+        known.add(staged_rec.index_version)
     versions = [m.version for m in store.versions(icfg.alias)]
     if live.index_version in versions and store.alias_target(icfg.alias) != live.index_version:
         log.warning(
@@ -702,6 +779,8 @@ def _reconcile(store: Any, icfg: IndexConfig, deploy: DeployState, live: Record)
     run = Path(live.run)
     if (state_runs := deploy.root / "runs").exists():
         keep = {Path(r.run).name for r in [live, *deploy.history()]} if deploy.exists() else set()
+        if staged_rec is not None:
+            keep.add(Path(staged_rec.run).name)
         for d in state_runs.iterdir():
             if d.name not in keep and d.resolve() != run.resolve():
                 log.warning("removing run %s of an interrupted refresh", d)

@@ -51,3 +51,11 @@ def refresh_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def link_current(state: Path, target: Path) -> None:
+    """Point ``state/current`` at ``target`` (a new symlink renamed over the old one)."""
+    tmp_link = state / ".current.tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(target.resolve())
+    os.replace(tmp_link, state / "current")

@@ -269,8 +269,9 @@ def plot_metrics(report: dict[str, Any]) -> str:
     names = [r["variant"] for r in rows]
     for ax, m in zip(axes, METRICS):
         vals = [r["metrics"][m]["value"] for r in rows]
-        lo = [r["metrics"][m]["value"] - r["metrics"][m]["lo"] for r in rows]
-        hi = [r["metrics"][m]["hi"] - r["metrics"][m]["value"] for r in rows]
+        # max(0, .): a percentile bootstrap may leave the estimate a rounding error outside
+        lo = [max(0.0, r["metrics"][m]["value"] - r["metrics"][m]["lo"]) for r in rows]
+        hi = [max(0.0, r["metrics"][m]["hi"] - r["metrics"][m]["value"]) for r in rows]
         ax.errorbar(range(len(rows)), vals, yerr=[lo, hi], fmt="o", capsize=5, color="#4c72b0")
         ax.set_xticks(range(len(rows)), names, rotation=20)
         ax.set_xlim(-0.6, len(rows) - 0.4)
@@ -291,7 +292,7 @@ def plot_differences(report: dict[str, Any]) -> str:
             ax.errorbar(
                 [i],
                 [d["value"]],
-                yerr=[[d["value"] - d["lo"]], [d["hi"] - d["value"]]],
+                yerr=[[max(0.0, d["value"] - d["lo"])], [max(0.0, d["hi"] - d["value"])]],
                 fmt="o",
                 capsize=5,
                 color="#c44e52" if ok else "#777777",

@@ -176,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
     done = install_signal_handlers(handle, cfg.grace_s, cfg.shutdown_delay_s)
     index = None
     reloader = None
+    router = None
     try:
         t0 = time.perf_counter()
         ds = load_dataset(args.dataset, args.data_dir)
@@ -210,6 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.follow_refresh:
             reloader = _follow_refresh(args, cfg, servicer, metrics)
             engine = servicer.engine
+        router = _experiment(args, cfg, servicer, ds, icfg, metrics)
         from serving.discovery import warm
 
         warm(servicer.engine)  # CompleteBasket / SearchProducts models, before SERVING
@@ -237,6 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             if reloader is not None:
                 reloader.stop()
+            if router is not None:
+                router.stop()
         finally:
             try:
                 handle.stop(cfg.grace_s)
@@ -288,6 +292,60 @@ def _follow_refresh(args: argparse.Namespace, cfg: Any, servicer: Any, metrics: 
     reloader.install_sighup()
     log.info("following refresh deployments in %s", args.follow_refresh)
     return reloader
+
+
+def _experiment(
+    args: argparse.Namespace, cfg: Any, servicer: Any, ds: Any, icfg: Any, metrics: Any
+) -> Any:
+    """The A/B router (``serve.experiment``, else ``STATE/experiment.json`` under
+    --follow-refresh), attached to the servicer and polled; None without a test."""
+    import signal
+
+    from ecomrec.errors import ConfigError
+    from outcomes.experiment import load_experiment
+    from serving.discovery import warm
+    from serving.segments import TableSegmentLookup
+    from serving.variants import VariantRouter, variant_factory
+
+    if cfg.experiment:
+        path = Path(cfg.experiment)
+        if not path.is_file():
+            raise ConfigError(f"serve.experiment: {path} does not exist")
+        load_experiment(path)  # a bad file is refused at start (clear error, exit 2)
+    elif args.follow_refresh:
+        path = Path(args.follow_refresh) / "experiment.json"  # staged by `ecomrec refresh`
+    else:
+        return None
+    seg_dir = Path(args.segments) if args.segments and Path(args.segments).is_dir() else None
+
+    def segments_for(d: Any) -> Any:
+        return TableSegmentLookup.from_marketing_export(seg_dir, d.users) if seg_dir else None
+
+    factory = variant_factory(
+        cfg,
+        dataset=ds,
+        index_cfg=icfg,
+        metrics=metrics,
+        segments_for=segments_for,
+        check=check_index_matches_model,
+    )
+    router = VariantRouter(path, factory, warmup=warm)
+    if not router.reload() and cfg.experiment:
+        raise ConfigError(f"serve.experiment: {path}: {router.last_error}")
+    servicer.router = router
+    router.watch(cfg.experiment_poll_s)
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def on_hup(signum: int, frame: Any) -> None:  # the experiment too is re-read on SIGHUP
+        import threading
+
+        threading.Thread(target=router.reload, name="ecomrec-exp-hup", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGHUP, on_hup)
+    log.info("A/B experiment file %s (polled every %.1f s)", path, cfg.experiment_poll_s)
+    return router
 
 
 def check_index_matches_model(index: object, model: object, location: str) -> None:

@@ -162,6 +162,14 @@ class ServeConfig:
     # touched); forget_users_alias names the collection.
     forget_user_index: str = ""
     forget_users_alias: str = "users"
+    # A/B test (docs/outcomes.md, "A/B tests"): a TOML/JSON experiment file naming variants
+    # (run, index version, traffic share); customers are assigned by a stable hash of
+    # (experiment, customer id); the file is re-read when it changes (every
+    # experiment_poll_s, and on SIGHUP): new shares or an ended test need no restart.
+    # "" = no test (under --follow-refresh STATE: STATE/experiment.json when it exists,
+    # written by `ecomrec refresh` with [refresh] promote = "online").
+    experiment: str = ""
+    experiment_poll_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -205,6 +213,10 @@ class ServeConfig:
         if self.served_log_flush_s <= 0 or self.outcomes_live_answers < 1:
             raise ConfigError(
                 "ServeConfig.served_log_flush_s must be > 0 and outcomes_live_answers >= 1"
+            )
+        if self.experiment_poll_s <= 0:
+            raise ConfigError(
+                f"ServeConfig.experiment_poll_s must be > 0, got {self.experiment_poll_s}"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")

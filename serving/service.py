@@ -179,6 +179,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             events = EventIntake.from_config(self.cfg)  # event_backend: sqlite / nats
         self.events = events  # TrackEvents and live history (None: no event log)
         self.forgotten: set[str] = set()  # customers forgotten since start (ForgetCustomer)
+        # A/B test (serving.variants.VariantRouter): customer -> (variant, engine); None = no test
+        self.router: Any = None
         # recommendation ids, the served log, live attribution (docs/outcomes.md)
         self.outcomes = LiveOutcomes(
             self.cfg.served_log or self.cfg.event_log or None,
@@ -212,14 +214,14 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
         return rid, variant
 
-    def _live(self, q: val.RecommendQuery) -> val.RecommendQuery:
+    def _live(self, q: val.RecommendQuery, engine: Recommender | None = None) -> val.RecommendQuery:
         """``q`` with the customer's acknowledged live events (TrackEvents) merged in; a
         customer forgotten since start is served as a stranger (live events after it only)."""
         if q.user is not None and self._forgotten(q.user_external):
             q = dataclasses.replace(q, user=None)
         if self.events is None:
             return q
-        return self.events.with_live(q, self.engine.items)
+        return self.events.with_live(q, (engine or self.engine).items)
 
     def _forgotten(self, customer: str) -> bool:
         """Forgotten since start, here or (NATS back end) announced by another replica."""
@@ -240,6 +242,13 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         if self._engine is None:
             raise UnavailableError("the model and index are still loading")
         return self._engine
+
+    def _route(self, customer_id: str) -> tuple[str, Recommender]:
+        """``(variant, engine)`` of a customer: the A/B test's (docs/outcomes.md), else
+        ``("default", self.engine)``; taken once per call."""
+        if self.router is None:
+            return "default", self.engine
+        return self.router.route(customer_id, lambda: self.engine)  # type: ignore[no-any-return]
 
     def attach(self, engine: Recommender) -> None:
         """Start answering with ``engine`` (set health SERVING after this)."""
@@ -303,6 +312,7 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                             getattr(request, "user_id", ""), self.cfg.pseudonym_salt
                         ),
                         "degraded": bool(getattr(response, "degraded", False)),
+                        "variant": getattr(response, "variant", ""),  # A/B arm (if any)
                     }
                 },
             )
@@ -312,18 +322,26 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     async def Recommend(self, request: pb2.RecommendRequest, call: _Call) -> pb2.RecommendResponse:
         """On the event loop (``ServeConfig.recommend_path``), or on a worker thread where
         concurrent requests' encode and search are batched."""
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
-        q = self._live(val.validate_recommend(request, self.cfg, engine.users, engine.items))
+        # one engine per request (a reload or an experiment change may swap it meanwhile)
+        variant, engine = self._route(request.user_id)
+        q = self._live(
+            val.validate_recommend(request, self.cfg, engine.users, engine.items), engine
+        )
         if self.cfg.recommend_on_loop:
             res = engine.recommend(q, call.ctx)
         else:
             res = await self._blocking(engine.recommend, q, call.ctx)
-        return self._recommend_response(call.rid, res, request.user_id)
+        return self._recommend_response(call.rid, res, request.user_id, variant=variant)
 
     def _recommend_response(
-        self, rid: str, res: RecommendResult, customer: str, method: str = "Recommend"
+        self,
+        rid: str,
+        res: RecommendResult,
+        customer: str,
+        method: str = "Recommend",
+        variant: str = DEFAULT_VARIANT,
     ) -> pb2.RecommendResponse:
-        rec_id, variant = self._served(method, customer, res.model_version, res.items)
+        rec_id, variant = self._served(method, customer, res.model_version, res.items, variant)
         return self.pb.RecommendResponse(  # type: ignore[no-any-return]
             request_id=rid,
             items=_filters_pb(self.pb, res.items),
@@ -337,7 +355,11 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
         )
 
     def _batch_item(
-        self, i: int, r: pb2.RecommendRequest, res: RecommendResult | BaseException
+        self,
+        i: int,
+        r: pb2.RecommendRequest,
+        res: RecommendResult | BaseException,
+        variant: str = "default",
     ) -> pb2.RecommendBatchItem:
         """One streamed item: the answer, or this request's own error."""
         pb = self.pb
@@ -353,27 +375,40 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             )
         rid = r.request_id or uuid.uuid4().hex[:16]
         return pb.RecommendBatchItem(  # type: ignore[no-any-return]
-            index=i, response=self._recommend_response(rid, res, r.user_id, "RecommendBatch")
+            index=i,
+            response=self._recommend_response(rid, res, r.user_id, "RecommendBatch", variant),
         )
 
     def _batch_results(
         self, request: pb2.RecommendBatchRequest, ctx: RequestContext
-    ) -> Iterator[RecommendResult | BaseException]:
-        """Every request's answer or error, in order (runs on the worker pool, in chunks)."""
-        engine = self.engine
-        queries: list[val.RecommendQuery] = []
+    ) -> Iterator[tuple[str, RecommendResult | BaseException]]:
+        """Every request's (variant, answer or error), in order (runs on the worker pool, in
+        chunks).  Under an A/B test each variant's requests go to its own engine."""
+        routed = [self._route(r.user_id) for r in request.requests]
+        groups: dict[int, list[int]] = {}  # engine -> request positions
+        for i, (_, eng) in enumerate(routed):
+            groups.setdefault(id(eng), []).append(i)
+        queries: dict[int, list[val.RecommendQuery]] = {g: [] for g in groups}
         failed: dict[int, Exception] = {}
         for i, r in enumerate(request.requests):
+            engine = routed[i][1]
             try:
-                queries.append(
-                    self._live(val.validate_recommend(r, self.cfg, engine.users, engine.items))
-                )
+                q = val.validate_recommend(r, self.cfg, engine.users, engine.items)
+                queries[id(engine)].append(self._live(q, engine))
             except Exception as e:
                 failed[i] = e
-        results = iter(engine.recommend_many(queries, ctx))
+        if len(groups) == 1:  # one engine: answers computed lazily, chunk by chunk
+            g = next(iter(groups))
+            results = {g: iter(routed[groups[g][0]][1].recommend_many(queries[g], ctx))}
+        else:
+            results = {
+                g: iter(list(routed[pos[0]][1].recommend_many(queries[g], ctx)))
+                for g, pos in groups.items()
+            }
         for i in range(len(request.requests)):
             bad = failed.get(i)
-            yield bad if bad is not None else next(results)
+            variant, engine = routed[i]
+            yield variant, (bad if bad is not None else next(results[id(engine)]))
 
     async def RecommendBatch(
         self, request: pb2.RecommendBatchRequest, context: grpc.aio.ServicerContext
@@ -395,8 +430,8 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
                 chunk = await self._blocking(_take, results, 64)
                 if not chunk:
                     break
-                for res in chunk:
-                    yield self._batch_item(i, request.requests[i], res)
+                for variant, res in chunk:
+                    yield self._batch_item(i, request.requests[i], res, variant)
                     i += 1
         except (asyncio.CancelledError, GeneratorExit):
             # the client cancelled or its deadline passed: grpc.aio cancels the task or
@@ -419,10 +454,11 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     async def SimilarItems(
         self, request: pb2.SimilarItemsRequest, call: _Call
     ) -> pb2.SimilarItemsResponse:
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        # one engine per request; no customer: the A/B test's control (docs/outcomes.md)
+        variant, engine = self._route("")
         q = val.validate_similar(request, self.cfg, engine.items)
         res = await self._blocking(engine.similar, q, call.ctx)  # an index search
-        rec_id, variant = self._served("SimilarItems", "", res.model_version, res.items)
+        rec_id, variant = self._served("SimilarItems", "", res.model_version, res.items, variant)
         return self.pb.SimilarItemsResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
             items=_filters_pb(self.pb, res.items),
@@ -600,11 +636,11 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     ) -> pb2.CompleteBasketResponse:
         from serving.complete import complete_basket, validate_basket
 
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        variant, engine = self._route(request.user_id)  # one engine per request
         q = validate_basket(request, self.cfg, engine.users, engine.items)
         res = await self._blocking(complete_basket, engine, q, call.ctx)
         rec_id, variant = self._served(
-            "CompleteBasket", request.user_id, res.model_version, res.items
+            "CompleteBasket", request.user_id, res.model_version, res.items, variant
         )
         return self.pb.CompleteBasketResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
@@ -623,11 +659,11 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
     ) -> pb2.SearchProductsResponse:
         from serving.search import search_products, validate_search
 
-        engine = self.engine  # one engine per request (a reload may swap it meanwhile)
+        variant, engine = self._route(request.user_id)  # one engine per request
         q = validate_search(request, self.cfg, engine.users, engine.items)
         res = await self._blocking(search_products, engine, q, call.ctx)  # MiniLM + scoring
         rec_id, variant = self._served(
-            "SearchProducts", request.user_id, res.model_version, res.items
+            "SearchProducts", request.user_id, res.model_version, res.items, variant
         )
         return self.pb.SearchProductsResponse(  # type: ignore[no-any-return]
             request_id=call.rid,
