@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -93,3 +94,59 @@ def warm(engine: Any) -> None:
         if isinstance(holder, Lazy):
             with contextlib.suppress(UnavailableError):
                 holder.get()
+    if getattr(engine, "product_search", None) is not None:
+        leg = text_leg(engine)
+        if leg is not None:
+            leg.matrix(block=True)  # the text vectors' exact copy (below exact_max_items)
+
+
+class TextLeg:
+    """SearchProducts' vector leg for one engine: the text collection that follows the
+    engine's item index (:class:`indexing.text_index.TextIndex`) and its exact in-memory
+    copy below ``exact_max_items`` (:class:`indexing.exact.ExactSearch`, the catalogue's
+    filter masks), the project's rule for item vectors (serving/retrieval.py)."""
+
+    def __init__(self, index: Any, catalog: Any, max_items: int) -> None:
+        from indexing.exact import ExactSearch
+        from indexing.text_index import open_text_index
+
+        self.index = open_text_index(index.cfg, index, index.alias)
+        self.exact = ExactSearch(catalog, max_items) if max_items > 0 else None
+
+    def matrix(self, *, block: bool = False) -> Any:
+        """The live text version's exact copy (None: not loaded yet, too big, or no text
+        collection; the caller uses the index or the in-memory fallback)."""
+        if self.exact is None:
+            return None
+        try:
+            return self.exact.matrix(self.index, self.index.version, block=block)
+        except Exception as e:  # no text collection / index down: the caller's fallback
+            log.debug("text leg: no exact copy: %r", e)
+            return None
+
+
+_legs: weakref.WeakKeyDictionary[Any, tuple[Any, TextLeg | None]] = weakref.WeakKeyDictionary()
+_legs_lock = threading.Lock()
+
+
+def text_leg(engine: Any) -> TextLeg | None:
+    """The engine's :class:`TextLeg` (None when its index is not a Qdrant reader: no text
+    collection to follow), one per (engine, index object)."""
+    from indexing.store import QdrantReader
+
+    index = getattr(engine, "index", None)
+    got = _legs.get(engine)
+    if got is not None and got[0] is index:
+        return got[1]
+    with _legs_lock:
+        got = _legs.get(engine)
+        if got is not None and got[0] is index:
+            return got[1]
+        leg = None
+        if isinstance(index, QdrantReader):
+            try:
+                leg = TextLeg(index, engine.catalog, engine.cfg.exact_max_items)
+            except Exception as e:  # the in-memory fallback answers
+                log.warning("SearchProducts: no text collection reader: %r", e)
+        _legs[engine] = (index, leg)
+        return leg

@@ -42,7 +42,7 @@ from serving import validation as val
 from serving.batching import Batcher
 from serving.complete import ProductsResult, result_item, top_k
 from serving.config import ServeConfig
-from serving.discovery import resolve
+from serving.discovery import resolve, text_leg
 from serving.encoders import EncoderUnavailableError, encode_with_status
 from serving.history import to_batch
 from serving.requests import (
@@ -52,6 +52,7 @@ from serving.requests import (
     RequestContext,
     UnavailableError,
 )
+from serving.retrieval import versioned
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +97,107 @@ def validate_search(req: Any, cfg: ServeConfig, users: Any, items: Any) -> Searc
     )
 
 
-_batchers: weakref.WeakKeyDictionary[Any, Batcher[str, np.ndarray]] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class Encoded:
+    """A query's MiniLM vector and its cosine row over the catalogue.
+
+    ``sem`` (N+1,): from the text collection's exact copy (``source`` "index-exact"), or
+    from the catalogue's cached text vectors when the index has no text collection
+    ("memory"); None: the text collection is searched by ANN per request ("index-ann",
+    above ``exact_max_items`` or while the exact copy loads)."""
+
+    vector: np.ndarray  # (384,)
+    sem: np.ndarray | None
+    source: str
+
+
+_batchers: weakref.WeakKeyDictionary[Any, Batcher[str, Encoded]] = weakref.WeakKeyDictionary()
 _batchers_lock = threading.Lock()
 
 
-def _semantic_batcher(ps: Any) -> Batcher[str, np.ndarray]:
-    """The query-encoding batcher of one ProductSearch: concurrent requests' queries go
-    through one MiniLM forward and one pass over the item text vectors (requests that
-    arrive while a batch runs form the next one; nobody waits for company)."""
-    got = _batchers.get(ps)
+def _semantic_batcher(engine: Any, ps: Any) -> Batcher[str, Encoded]:
+    """The query-encoding batcher of one engine: concurrent requests' queries go through
+    one MiniLM forward and one pass over the text vectors (requests that arrive while a
+    batch runs form the next one; nobody waits for company)."""
+    got = _batchers.get(engine)
     if got is None:
         with _batchers_lock:
-            got = _batchers.get(ps)
+            got = _batchers.get(engine)
             if got is None:
 
-                def run(texts: Sequence[str]) -> list[np.ndarray]:
-                    vecs = ps.encode(list(texts))  # (B, 384)
-                    return list(ps.semantic_many(vecs))  # B x (N+1,)
+                def run(texts: Sequence[str]) -> list[Encoded]:
+                    vecs = np.asarray(ps.encode(list(texts)), np.float32)  # (B, 384)
+                    return semantic_rows(engine, ps, vecs)
 
                 # coming() = 0: a lone query runs in its caller's thread (no hand-over);
                 # queries arriving while a batch runs queue up and form the next one
-                got = _batchers[ps] = Batcher(
+                got = _batchers[engine] = Batcher(
                     run, BATCH_MAX, 0.0, "ecomrec-search-encode", coming=lambda: 0
                 )
     return got
+
+
+def semantic_rows(engine: Any, ps: Any, vecs: np.ndarray) -> list[Encoded]:
+    """Cosine rows of B query vectors (B, 384): the text collection's exact copy when
+    loaded, else None per query (ANN per request) when the collection answers, else the
+    catalogue's cached text vectors in memory."""
+    leg = text_leg(engine)
+    m = leg.matrix() if leg is not None else None
+    n1 = ps.n_items + 1
+    if m is not None:
+        ids = m.ids
+        keep = ids < n1
+        s = vecs @ m.vectors[keep].T  # (B, Nt) one pass for the batch
+        rows = np.zeros((len(vecs), n1), np.float64)
+        rows[:, ids[keep]] = s
+        return [Encoded(v, r, "index-exact") for v, r in zip(vecs, rows, strict=True)]
+    if leg is not None and _answers(leg):
+        return [Encoded(v, None, "index-ann") for v in vecs]
+    return [Encoded(v, r, "memory") for v, r in zip(vecs, ps.semantic_many(vecs), strict=True)]
+
+
+def _answers(leg: Any) -> bool:
+    """True when the engine's text collection is readable (else the in-memory fallback)."""
+    try:
+        leg.index.manifest()
+        return True
+    except Exception as e:
+        log.debug("text collection unavailable: %r", e)
+        return False
+
+
+def _ann_semantic(
+    engine: Any, leg: Any, ps: Any, q: SearchQuery, vec: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine row (N+1,), candidate mask (N+1,)) from the text collection's HNSW graph:
+    the ``candidates`` nearest texts under the request's filters, plus the best lexical
+    matches (their vectors fetched from the same version); other items are not ranked."""
+    n1 = ps.n_items + 1
+    n = max(ps.cfg.candidates, q.k)
+    index = leg.index
+    hits, _ = versioned(
+        index,
+        lambda: index.search(
+            vec, n, q.filters, exclude_ids=q.exclude, hnsw_ef=engine.cfg.hnsw_ef,
+            with_payload=False,
+        ),
+    )  # fmt: skip
+    sem = np.zeros(n1, np.float64)
+    cand = np.zeros(n1, bool)
+    hid = np.array([h.item_id for h in hits if h.item_id < n1], np.int64)
+    sem[hid] = [h.score for h in hits if h.item_id < n1]
+    cand[hid] = True
+    lex = ps.lexical(q.text)
+    lex_ids = np.flatnonzero((lex > 0) & mask & ~cand)
+    if len(lex_ids) > 4 * n:  # the best lexical matches only
+        lex_ids = lex_ids[np.argpartition(-lex[lex_ids], 4 * n)[: 4 * n]]
+    if len(lex_ids):
+        have = sorted(index.existing_ids(lex_ids.tolist()))
+        if have:
+            v = np.asarray(index.get_vectors(have), np.float32)  # (L, 384)
+            sem[np.asarray(have, np.int64)] = v @ vec
+        cand[lex_ids] = True
+    return sem, cand
 
 
 def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> ProductsResult:
@@ -130,15 +208,24 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
     t = time.perf_counter()
     ctx.check("encode")
     try:
-        sem_q = _semantic_batcher(ps).run(q.text, max(ctx.remaining(), 0.001))  # (N+1,)
+        enc = _semantic_batcher(engine, ps).run(q.text, max(ctx.remaining(), 0.001))
     except TimeoutError:
         raise DeadlineExceededError("deadline exceeded in the query encoder") from None
     t = ctx.timed("encode", t)
     ctx.check("score")
-    scores, lex, sem = ps.hybrid(q.text, semantic=sem_q)  # (N+1,) each
     mask = engine.catalog.mask(q.filters)
     if q.exclude:
         mask[np.asarray(q.exclude, np.int64)] = False
+    sem_q = enc.sem
+    if sem_q is None:  # the text collection's HNSW graph, with the request's filters
+        try:
+            sem_q, cand = _ann_semantic(engine, text_leg(engine), ps, q, enc.vector, mask)
+            mask &= cand
+            t = ctx.timed("ann", t)
+        except IndexUnavailableError as e:
+            log.warning("SearchProducts: text collection unavailable, in memory: %s", e)
+            sem_q = ps.semantic(enc.vector)
+    scores, lex, sem = ps.hybrid(q.text, semantic=sem_q)  # (N+1,) each
     degraded: list[str] = []
     personal = np.zeros(0)
     if q.user is not None:
