@@ -97,7 +97,7 @@ def warm(engine: Any) -> None:
     if getattr(engine, "product_search", None) is not None:
         leg = text_leg(engine)
         if leg is not None:
-            leg.matrix(block=True)  # the text vectors' exact copy (below exact_max_items)
+            leg.state(block=True)  # the text vectors' exact copy (below exact_max_items)
 
 
 class TextLeg:
@@ -112,17 +112,33 @@ class TextLeg:
 
         self.index = open_text_index(index.cfg, index, index.alias)
         self.exact = ExactSearch(catalog, max_items) if max_items > 0 else None
+        self._ok: dict[str, tuple[bool, float]] = {}  # text version -> (readable, when)
 
-    def matrix(self, *, block: bool = False) -> Any:
-        """The live text version's exact copy (None: not loaded yet, too big, or no text
-        collection; the caller uses the index or the in-memory fallback)."""
-        if self.exact is None:
-            return None
+    def state(self, *, block: bool = False) -> tuple[str, Any]:
+        """("exact", the live text version's exact copy) below ``exact_max_items``;
+        ("ann", None) when the text collection answers but has no exact copy (too big, or
+        loading in the background); ("none", None) when the live item version has no
+        readable text collection (checked again every 10 s): the in-memory fallback."""
         try:
-            return self.exact.matrix(self.index, self.index.version, block=block)
-        except Exception as e:  # no text collection / index down: the caller's fallback
-            log.debug("text leg: no exact copy: %r", e)
-            return None
+            version = self.index.version
+        except Exception:
+            return "none", None
+        now = time.monotonic()
+        ok = self._ok.get(version)
+        if ok is None or (not ok[0] and now - ok[1] > 10.0):
+            try:
+                self.index.manifest()
+                ok = (True, now)
+            except Exception as e:
+                log.warning("SearchProducts: no text collection for %s: %r", version, e)
+                ok = (False, now)
+            self._ok[version] = ok
+            for old in list(self._ok)[:-4]:
+                self._ok.pop(old, None)
+        if not ok[0]:
+            return "none", None
+        m = self.exact.matrix(self.index, version, block=block) if self.exact else None
+        return ("exact", m) if m is not None else ("ann", None)
 
 
 _legs: weakref.WeakKeyDictionary[Any, tuple[Any, TextLeg | None]] = weakref.WeakKeyDictionary()

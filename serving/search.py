@@ -142,7 +142,7 @@ def semantic_rows(engine: Any, ps: Any, vecs: np.ndarray) -> list[Encoded]:
     loaded, else None per query (ANN per request) when the collection answers, else the
     catalogue's cached text vectors in memory."""
     leg = text_leg(engine)
-    m = leg.matrix() if leg is not None else None
+    state, m = leg.state() if leg is not None else ("none", None)
     n1 = ps.n_items + 1
     if m is not None:
         ids = m.ids
@@ -151,19 +151,9 @@ def semantic_rows(engine: Any, ps: Any, vecs: np.ndarray) -> list[Encoded]:
         rows = np.zeros((len(vecs), n1), np.float64)
         rows[:, ids[keep]] = s
         return [Encoded(v, r, "index-exact") for v, r in zip(vecs, rows, strict=True)]
-    if leg is not None and _answers(leg):
+    if state == "ann":
         return [Encoded(v, None, "index-ann") for v in vecs]
     return [Encoded(v, r, "memory") for v, r in zip(vecs, ps.semantic_many(vecs), strict=True)]
-
-
-def _answers(leg: Any) -> bool:
-    """True when the engine's text collection is readable (else the in-memory fallback)."""
-    try:
-        leg.index.manifest()
-        return True
-    except Exception as e:
-        log.debug("text collection unavailable: %r", e)
-        return False
 
 
 def _ann_semantic(

@@ -41,6 +41,11 @@ class Planted:
 
 @pytest.fixture(scope="module")
 def planted(parts: Any, serve_shop: Any) -> Planted:
+    return make_planted(parts, serve_shop)
+
+
+def make_planted(parts: Any, serve_shop: Any) -> Planted:
+    """The planted shop (module docstring) over the serving fixtures' shop and model."""
     vecs = parts.model.item_vectors()[1:]  # (N, D) tower vectors
     sims = vecs @ vecs.T
     np.fill_diagonal(sims, np.inf)
