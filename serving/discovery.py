@@ -19,6 +19,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 from serving.config import ServeConfig
 from serving.requests import UnavailableError
 
@@ -113,6 +115,20 @@ class TextLeg:
         self.index = open_text_index(index.cfg, index, index.alias)
         self.exact = ExactSearch(catalog, max_items) if max_items > 0 else None
         self._ok: dict[str, tuple[bool, float]] = {}  # text version -> (readable, when)
+        self._dense: tuple[Any, np.ndarray] | None = None  # (ExactMatrix, rows by item id)
+
+    def dense(self, m: Any, n_rows: int) -> np.ndarray:
+        """(n_rows, 384) float32: the exact copy ``m``'s vectors at their item ids' rows
+        (zeros elsewhere), built once per version, so a query's cosine row over the
+        catalogue is one product (no per-request gather or scatter)."""
+        got = self._dense
+        if got is not None and got[0] is m and len(got[1]) == n_rows:
+            return got[1]
+        keep = m.ids < n_rows
+        d = np.zeros((n_rows, m.vectors.shape[1]), np.float32)
+        d[m.ids[keep]] = m.vectors[keep]
+        self._dense = (m, d)
+        return d
 
     def state(self, *, block: bool = False) -> tuple[str, Any]:
         """("exact", the live text version's exact copy) below ``exact_max_items``;

@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from ecomrec.errors import IndexUnavailableError, InvalidArgumentError
 from indexing.base import SearchFilter
 from serving import validation as val
 from serving.batching import Batcher
-from serving.complete import ProductsResult, result_item, top_k
+from serving.complete import ProductsResult, result_item
 from serving.config import ServeConfig
 from serving.discovery import resolve, text_leg
 from serving.encoders import EncoderUnavailableError, encode_with_status
@@ -53,6 +54,7 @@ from serving.requests import (
     UnavailableError,
 )
 from serving.retrieval import versioned
+from towers.product_search import SemanticCandidates
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +101,54 @@ def validate_search(req: Any, cfg: ServeConfig, users: Any, items: Any) -> Searc
 
 @dataclass(frozen=True)
 class Encoded:
-    """A query's MiniLM vector and its cosine row over the catalogue.
+    """A query's MiniLM vector and its nearest item texts.
 
-    ``sem`` (N+1,): from the text collection's exact copy (``source`` "index-exact"), or
-    from the catalogue's cached text vectors when the index has no text collection
-    ("memory"); None: the text collection is searched by ANN per request ("index-ann",
-    above ``exact_max_items`` or while the exact copy loads)."""
+    ``cands``: the ``2 * candidates`` nearest texts of the whole catalogue, from the text
+    collection's exact copy (``source`` "index-exact") or, when the index has no text
+    collection, the catalogue's cached text vectors ("memory"); ``base`` is that matrix
+    (rows by item id) for the cosines of other items.  ``cands`` None: the text
+    collection is searched by ANN per request with its filters ("index-ann", above
+    ``exact_max_items`` or while the exact copy loads)."""
 
     vector: np.ndarray  # (384,)
-    sem: np.ndarray | None
+    cands: SemanticCandidates | None
+    base: np.ndarray | None  # (N+1, 384)
     source: str
 
 
-_batchers: weakref.WeakKeyDictionary[Any, Batcher[str, Encoded]] = weakref.WeakKeyDictionary()
+class QueryCache:
+    """LRU of recent queries' :class:`SemanticCandidates`, keyed by (text, text version):
+    a repeated query skips the pass over the catalogue's text vectors (search traffic
+    repeats its head queries); a new version (refresh) misses by key."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[tuple[str, str], SemanticCandidates] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> SemanticCandidates | None:
+        with self._lock:
+            got = self._d.get(key)
+            if got is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return got
+
+    def put(self, key: tuple[str, str], value: SemanticCandidates) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+_batchers: weakref.WeakKeyDictionary[Any, tuple[Batcher[str, Encoded], QueryCache]] = (
+    weakref.WeakKeyDictionary()
+)
 _batchers_lock = threading.Lock()
 
 
@@ -124,46 +161,60 @@ def _semantic_batcher(engine: Any, ps: Any) -> Batcher[str, Encoded]:
         with _batchers_lock:
             got = _batchers.get(engine)
             if got is None:
+                cache = QueryCache(ps.cfg.query_cache)
 
                 def run(texts: Sequence[str]) -> list[Encoded]:
                     vecs = np.asarray(ps.encode(list(texts)), np.float32)  # (B, 384)
-                    return semantic_rows(engine, ps, vecs)
+                    return semantic_rows(engine, ps, vecs, list(texts), cache)
 
                 # coming() = 0: a lone query runs in its caller's thread (no hand-over);
                 # queries arriving while a batch runs queue up and form the next one
-                got = _batchers[engine] = Batcher(
-                    run, BATCH_MAX, 0.0, "ecomrec-search-encode", coming=lambda: 0
-                )
-    return got
+                batcher = Batcher(run, BATCH_MAX, 0.0, "ecomrec-search-encode", coming=lambda: 0)
+                got = _batchers[engine] = (batcher, cache)
+    return got[0]
 
 
-def semantic_rows(engine: Any, ps: Any, vecs: np.ndarray) -> list[Encoded]:
-    """Cosine rows of B query vectors (B, 384): the text collection's exact copy when
-    loaded, else None per query (ANN per request) when the collection answers, else the
-    catalogue's cached text vectors in memory."""
+def semantic_rows(
+    engine: Any,
+    ps: Any,
+    vecs: np.ndarray,
+    texts: Sequence[str] | None = None,
+    cache: QueryCache | None = None,
+) -> list[Encoded]:
+    """The nearest texts of B query vectors (B, 384): from the text collection's exact copy
+    when loaded, else None per query (ANN per request) when the collection answers, else
+    from the catalogue's cached text vectors in memory.  ``texts`` + ``cache``: repeated
+    queries skip the pass."""
     leg = text_leg(engine)
     state, m = leg.state() if leg is not None else ("none", None)
     n1 = ps.n_items + 1
-    if m is not None:
-        ids = m.ids
-        keep = ids < n1
-        s = vecs @ m.vectors[keep].T  # (B, Nt) one pass for the batch
-        rows = np.zeros((len(vecs), n1), np.float64)
-        rows[:, ids[keep]] = s
-        return [Encoded(v, r, "index-exact") for v, r in zip(vecs, rows, strict=True)]
-    if state == "ann":
-        return [Encoded(v, None, "index-ann") for v in vecs]
-    return [Encoded(v, r, "memory") for v, r in zip(vecs, ps.semantic_many(vecs), strict=True)]
+    if m is not None and leg is not None:
+        base, version, source = leg.dense(m, n1), str(m.version), "index-exact"
+    elif state == "ann":
+        return [Encoded(v, None, None, "index-ann") for v in vecs]
+    else:
+        base, version, source = ps.vectors, "memory", "memory"
+    n = 2 * ps.cfg.candidates
+    out: list[SemanticCandidates | None] = [None] * len(vecs)
+    if texts is not None and cache is not None:
+        out = [cache.get((t, version)) for t in texts]
+    need = [i for i, c in enumerate(out) if c is None]
+    if need:
+        rows = vecs[need] @ base.T  # (B', N+1) one pass for the queries not cached
+        rows[:, 0] = -np.inf  # padding
+        for i, row in zip(need, rows, strict=True):
+            c = SemanticCandidates.from_row(row, n)
+            out[i] = c
+            if texts is not None and cache is not None:
+                cache.put((texts[i], version), c)
+    return [Encoded(v, c, base, source) for v, c in zip(vecs, out, strict=True)]
 
 
-def _ann_semantic(
-    engine: Any, leg: Any, ps: Any, q: SearchQuery, vec: np.ndarray, mask: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine row (N+1,), candidate mask (N+1,)) from the text collection's HNSW graph:
-    the ``candidates`` nearest texts under the request's filters, plus the best lexical
-    matches (their vectors fetched from the same version); other items are not ranked."""
-    n1 = ps.n_items + 1
-    n = max(ps.cfg.candidates, q.k)
+def _ann_candidates(
+    engine: Any, leg: Any, q: SearchQuery, vec: np.ndarray, n: int
+) -> tuple[SemanticCandidates, Any]:
+    """The ``n`` nearest texts under the request's filters from the text collection's HNSW
+    graph, and the cosine of any other item (its vector fetched from the same version)."""
     index = leg.index
     hits, _ = versioned(
         index,
@@ -172,22 +223,22 @@ def _ann_semantic(
             with_payload=False,
         ),
     )  # fmt: skip
-    sem = np.zeros(n1, np.float64)
-    cand = np.zeros(n1, bool)
-    hid = np.array([h.item_id for h in hits if h.item_id < n1], np.int64)
-    sem[hid] = [h.score for h in hits if h.item_id < n1]
-    cand[hid] = True
-    lex = ps.lexical(q.text)
-    lex_ids = np.flatnonzero((lex > 0) & mask & ~cand)
-    if len(lex_ids) > 4 * n:  # the best lexical matches only
-        lex_ids = lex_ids[np.argpartition(-lex[lex_ids], 4 * n)[: 4 * n]]
-    if len(lex_ids):
-        have = sorted(index.existing_ids(lex_ids.tolist()))
+    ids = np.array([h.item_id for h in hits], np.int64)
+    scores = np.array([h.score for h in hits], np.float64)
+    bound = float(scores[-1]) if len(hits) >= n else -np.inf
+
+    def sem_of(extra: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(extra), np.float64)
+        if not len(extra):
+            return out
+        have = sorted(index.existing_ids(extra.tolist()))
         if have:
             v = np.asarray(index.get_vectors(have), np.float32)  # (L, 384)
-            sem[np.asarray(have, np.int64)] = v @ vec
-        cand[lex_ids] = True
-    return sem, cand
+            pos = np.searchsorted(extra, np.asarray(have, np.int64))
+            out[pos] = v @ vec
+        return out
+
+    return SemanticCandidates(ids, scores, bound), sem_of
 
 
 def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> ProductsResult:
@@ -206,44 +257,64 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
     mask = engine.catalog.mask(q.filters)
     if q.exclude:
         mask[np.asarray(q.exclude, np.int64)] = False
-    sem_q = enc.sem
-    if sem_q is None:  # the text collection's HNSW graph, with the request's filters
+    hist = engine.history.get(q.user) if q.user is not None else None
+    personalise = hist is not None and len(hist) > 0
+    n_top = max(ps.cfg.candidates, q.k) if personalise else q.k
+    vec = enc.vector
+    base = enc.base
+    cands = enc.cands
+    sem_of: Any = None
+    if cands is None:  # the text collection's HNSW graph, with the request's filters
         try:
-            sem_q, cand = _ann_semantic(engine, text_leg(engine), ps, q, enc.vector, mask)
-            mask &= cand
+            cands, sem_of = _ann_candidates(engine, text_leg(engine), q, vec, 2 * n_top)
             t = ctx.timed("ann", t)
         except IndexUnavailableError as e:
             log.warning("SearchProducts: text collection unavailable, in memory: %s", e)
-            sem_q = ps.semantic(enc.vector)
-    scores, lex, sem = ps.hybrid(q.text, semantic=sem_q)  # (N+1,) each
+            base = ps.vectors
+    if cands is None:
+        assert base is not None
+        row = base @ vec
+        row[0] = -np.inf
+        cands = SemanticCandidates.from_row(row, 2 * n_top)
+    if sem_of is None:
+        mat = base
+
+        def sem_of(ids: np.ndarray) -> np.ndarray:
+            return np.asarray(mat[ids] @ vec, np.float64)  # type: ignore[index]
+
+    ranked = ps.rank(q.text, cands, sem_of, mask, n_top)
+    if not ranked.exact and base is not None:  # rare: the candidates were not enough
+        row = base @ vec
+        everything = SemanticCandidates(np.arange(1, len(row), dtype=np.int64), row[1:], -np.inf)
+        ranked = ps.rank(q.text, everything, sem_of, mask, n_top)
     degraded: list[str] = []
-    personal = np.zeros(0)
-    if q.user is not None:
-        hist = engine.history.get(q.user)
-        if len(hist):
-            cands = top_k(scores, mask, max(ps.cfg.candidates, q.k))
-            t = ctx.timed("score", t)
-            try:
-                personal = _user_relevance(engine, hist, cands, ctx, degraded)
-                t = time.perf_counter()
-            except (IndexUnavailableError, EncoderUnavailableError, UnavailableError) as e:
-                log.warning("SearchProducts: not personalised: %s", e)
-                degraded.append(
-                    INDEX_UNAVAILABLE if isinstance(e, IndexUnavailableError) else ENCODER_FALLBACK
-                )
-            if len(personal):
-                boosted = scores.copy()
-                boosted[cands] += ps.cfg.personal_weight * personal
-                plain_rank = {int(j): r for r, j in enumerate(cands)}
-                cmask = np.zeros_like(mask)
-                cmask[cands] = True
-                top = top_k(boosted, cmask, q.k)
-                t = ctx.timed("rerank", t)
-                lift = {int(j): plain_rank[int(j)] > r for r, j in enumerate(top)}
-                return _result(engine, ps, q, top, boosted, lex, sem, lift, degraded)
-    top = top_k(scores, mask, q.k)
+    if personalise:
+        cands_ids = ranked.ids[:n_top]
+        t = ctx.timed("score", t)
+        personal = np.zeros(0)
+        try:
+            personal = _user_relevance(engine, hist, cands_ids, ctx, degraded)
+            t = time.perf_counter()
+        except (IndexUnavailableError, EncoderUnavailableError, UnavailableError) as e:
+            log.warning("SearchProducts: not personalised: %s", e)
+            degraded.append(
+                INDEX_UNAVAILABLE if isinstance(e, IndexUnavailableError) else ENCODER_FALLBACK
+            )
+        if len(personal):
+            boosted = ranked.hybrid[:n_top] + ps.cfg.personal_weight * personal
+            order = np.lexsort((cands_ids, -boosted))[: q.k]
+            t = ctx.timed("rerank", t)
+            lift = {int(cands_ids[r]): int(r) > i for i, r in enumerate(order)}
+            return _result(
+                engine, ps, q, cands_ids[order], boosted[order], ranked.lex[order],
+                ranked.sem[order], lift, degraded,
+            )  # fmt: skip
     ctx.timed("score", t)
-    return _result(engine, ps, q, top, scores, lex, sem, {}, degraded)
+    k = q.k
+    return _result(
+        engine, ps, q, ranked.ids[:k], ranked.hybrid[:k], ranked.lex[:k], ranked.sem[:k], {},
+        degraded,
+    )  # fmt: skip
 
 
 def _user_relevance(
@@ -296,12 +367,13 @@ def _result(
     lifted: dict[int, bool],
     degraded: list[str],
 ) -> ProductsResult:
+    """The answer; ``scores`` / ``lex`` / ``sem`` are aligned with ``top``."""
     out = []
-    for j in top.tolist():
+    for j, sc, lx, se in zip(top.tolist(), scores.tolist(), lex.tolist(), sem.tolist()):
         reasons: list[str] = []
-        if lex[j] > 0:
+        if lx > 0:
             reasons.append(TEXT_MATCH)
-        if sem[j] >= SEMANTIC_MIN:
+        if se >= SEMANTIC_MIN:
             reasons.append(SEMANTIC_MATCH)
         if lifted.get(j):
             reasons.append(FOR_YOU)
@@ -311,7 +383,7 @@ def _result(
             reasons.append(f"brand:{ps.brands[j]}")
         if m.category:
             reasons.append(f"category:{m.category}")
-        out.append(result_item(engine.catalog, j, scores[j], sem[j], reasons))
+        out.append(result_item(engine.catalog, j, sc, se, reasons))
     if degraded and engine.metrics is not None:
         for r in degraded:
             engine.metrics.degraded.labels("SearchProducts", r).inc()

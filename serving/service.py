@@ -571,3 +571,40 @@ class RecommendServicer(_servicer_base()):  # type: ignore[misc]
             degraded=res.degraded,
             degraded_reasons=list(res.degraded_reasons),
         )
+
+    async def CompleteBasketBatch(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Stream one CompleteBasketBatchItem per request, in order (serving/products_batch.py)."""
+        from serving.products_batch import stream
+
+        call = _Call(request, context, self.cfg.default_deadline_s)
+        pb = self.pb
+        async for item in stream(
+            self, "CompleteBasketBatch", request, context, call,
+            lambda rid, res: pb.CompleteBasketResponse(
+                request_id=rid, items=_filters_pb(pb, res.items), model_version=res.model_version,
+                unknown_item_ids=list(res.unknown), degraded=res.degraded,
+                degraded_reasons=list(res.degraded_reasons),
+            ),
+            pb.CompleteBasketBatchItem,
+        ):  # fmt: skip
+            yield item
+
+    async def SearchProductsBatch(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Stream one SearchProductsBatchItem per request, in order (serving/products_batch.py)."""
+        from serving.products_batch import stream
+
+        call = _Call(request, context, self.cfg.default_deadline_s)
+        pb = self.pb
+        async for item in stream(
+            self, "SearchProductsBatch", request, context, call,
+            lambda rid, res: pb.SearchProductsResponse(
+                request_id=rid, items=_filters_pb(pb, res.items), model_version=res.model_version,
+                degraded=res.degraded, degraded_reasons=list(res.degraded_reasons),
+            ),
+            pb.SearchProductsBatchItem,
+        ):  # fmt: skip
+            yield item

@@ -106,10 +106,13 @@ def test_exact_copy_of_the_text_collection_answers_like_memory(engines: dict[str
     got = semantic_rows(engine, ps, vecs)
     assert {g.source for g in got} == {"index-exact"}
     # the index's copy holds the same vectors as the catalogue cache (unit-normalised)
-    want = ps.semantic_many(vecs)
+    want = ps.semantic_many(vecs)  # (B, N+1)
     for g, w in zip(got, want, strict=True):
-        assert g.sem is not None
-        np.testing.assert_allclose(g.sem, w, atol=1e-5)
+        assert g.cands is not None and g.base is not None
+        np.testing.assert_allclose(g.base @ g.vector, w, atol=1e-5)
+        np.testing.assert_allclose(g.cands.scores, w[g.cands.ids], atol=1e-5)
+        assert g.cands.bound <= g.cands.scores.min() + 1e-6
+        assert (np.delete(w, np.r_[0, g.cands.ids]) <= g.cands.bound + 1e-5).all()
 
 
 def test_ann_leg_over_a_real_graph_matches_exact_and_filters(
