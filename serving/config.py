@@ -137,6 +137,12 @@ class ServeConfig:
     # health turns SERVING); false = that call answers UNAVAILABLE.
     complements: bool = True
     product_search: bool = True
+    # SearchProducts with a customer: final = hybrid + search_personal_weight * cos(user,
+    # item) over the hybrid's top 100; 0.5 chosen on Beauty's validation customers by
+    # benchmarks/search.py --personal-run (docs/complements.md); 0 = never personalised
+    search_personal_weight: float = 0.5
+    # SearchProducts: recent queries whose nearest item texts are kept (0 = off)
+    search_query_cache: int = 4096
 
     def __post_init__(self) -> None:
         for name in (

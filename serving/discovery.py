@@ -80,10 +80,13 @@ def discovery_parts(cfg: ServeConfig, parts: Any) -> tuple[Lazy[Any] | None, Laz
     if getattr(cfg, "product_search", True):
 
         def build_search() -> Any:
-            from towers.product_search import ProductSearch
+            from towers.product_search import ProductSearch, SearchConfig
             from towers.text_onnx import QueryEncoder
 
-            return ProductSearch.from_items(ds.items, n_items, QueryEncoder().encode)
+            scfg = SearchConfig(
+                personal_weight=cfg.search_personal_weight, query_cache=cfg.search_query_cache
+            )
+            return ProductSearch.from_items(ds.items, n_items, QueryEncoder().encode, scfg)
 
         search = Lazy("product search", build_search)
     return comp, search

@@ -8,9 +8,9 @@ with a history, re-ranks the hybrid's top ``candidates`` (100) with the user vec
 
     final(j) = hybrid(j) + personal_weight * cos(user vector, item vector j)
 
-``personal_weight`` is 0.1 (``SearchConfig``): hybrid scores of a query's good matches
-differ by ~0.05-0.2, so the customer's taste reorders near-ties without burying what the
-text asked for.  The user vector comes from the engine's user encoder (same features as
+``personal_weight`` (``ServeConfig.search_personal_weight``, 0.5) was chosen on Beauty's
+validation customers by ``benchmarks/search.py --personal-run`` (known-item searches for
+their held-out items) with the same re-rank (:func:`towers.product_search.personal_order`).  The user vector comes from the engine's user encoder (same features as
 Recommend), the item vectors from the live index.  When either is unavailable the
 answer is the unpersonalised one, marked degraded.
 
@@ -19,9 +19,19 @@ text, ``brand:<brand>`` / ``category:<level>`` when the query names them,
 ``SEMANTIC_MATCH`` (cosine of query and item text >= 0.3), ``FOR_YOU`` when the user
 vector moved the item up.
 
-Cost (Beauty, 12,101 items, this machine under load ~9): ~5 ms of CPU for the MiniLM
-query forward (ONNX Runtime), ~2.5 ms for the exact cosine over the (N+1, 384) text
-vectors (memory-bound), under 1 ms for BM25, the blend and the reasons.
+The vector leg reads the index's text collection (:mod:`indexing.text_index`, versioned
+with the item collection): its exact in-memory copy below ``exact_max_items`` (one
+dense (N+1, 384) matrix per version, :class:`serving.discovery.TextLeg`), else its HNSW
+graph with the request's filters; without a text collection, the catalogue's cached
+text vectors in memory.  The hybrid is computed over candidates only
+(:meth:`towers.product_search.ProductSearch.rank`: the ``2 * candidates`` nearest texts
+plus the best lexical matches, exact by a bound, else one full pass), and a repeated
+query's nearest texts come from an LRU (``search_query_cache``).
+
+Cost (Beauty, 12,101 items, in process, busy machine): ~1.1 ms of CPU a request over the
+serve_load request mix (was ~5.5 ms: a full pass and a full hybrid per request); a query
+not in the encoder's LRU adds the MiniLM forward (~4 ms, ONNX Runtime) and a pass over
+the text vectors (~1 ms, memory-bound).
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from serving.requests import (
     UnavailableError,
 )
 from serving.retrieval import versioned
-from towers.product_search import SemanticCandidates
+from towers.product_search import SemanticCandidates, personal_order
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +311,10 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
                 INDEX_UNAVAILABLE if isinstance(e, IndexUnavailableError) else ENCODER_FALLBACK
             )
         if len(personal):
-            boosted = ranked.hybrid[:n_top] + ps.cfg.personal_weight * personal
-            order = np.lexsort((cands_ids, -boosted))[: q.k]
+            order, boosted = personal_order(
+                cands_ids, ranked.hybrid[:n_top], personal, ps.cfg.personal_weight
+            )
+            order = order[: q.k]
             t = ctx.timed("rerank", t)
             lift = {int(cands_ids[r]): int(r) > i for i, r in enumerate(order)}
             return _result(

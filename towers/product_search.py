@@ -49,7 +49,9 @@ class SearchConfig:
     """How :class:`ProductSearch` blends its two halves (and the user vector)."""
 
     lexical_weight: float = 0.6
-    personal_weight: float = 0.1  # serving: + weight * cos(user, item) on the candidates
+    # serving: + weight * cos(user, item) on the candidates; chosen on Beauty's validation
+    # customers by benchmarks/search.py --personal-run (ServeConfig.search_personal_weight)
+    personal_weight: float = 0.5
     candidates: int = 100  # hybrid top-n re-ranked by the user vector
     query_cache: int = 4096  # serving: recent queries' nearest texts kept (0 = off)
     k1: float = 1.5
@@ -58,8 +60,10 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.lexical_weight <= 1.0:
             raise ConfigError("SearchConfig.lexical_weight must be in [0, 1]")
-        if self.personal_weight < 0 or self.candidates < 1:
-            raise ConfigError("SearchConfig: personal_weight >= 0, candidates >= 1")
+        if self.personal_weight < 0 or self.candidates < 1 or self.query_cache < 0:
+            raise ConfigError(
+                "SearchConfig: personal_weight >= 0, candidates >= 1, query_cache >= 0"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> SearchConfig:
@@ -117,6 +121,18 @@ class Match:
     words: tuple[str, ...]  # query words found in the item's text
     brand: bool  # every word of the item's brand is in the query
     category: str  # the deepest category level whose words are all in the query ("" none)
+
+
+def personal_order(
+    ids: np.ndarray, hybrid: np.ndarray, user_cos: np.ndarray, weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The personalised re-rank of a query's candidates: ``final = hybrid + weight *
+    cos(user vector, item vector)``; returns (positions best first, ties in id order;
+    final scores aligned with ``ids``).  What SearchProducts serves for a customer with a
+    history, and what ``benchmarks/search.py --personal-run`` chooses ``personal_weight``
+    with on validation."""
+    final = np.asarray(hybrid, np.float64) + weight * np.asarray(user_cos, np.float64)
+    return np.lexsort((ids, -final)), final
 
 
 class ProductSearch:

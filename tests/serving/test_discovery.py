@@ -200,7 +200,8 @@ def test_search_finds_the_planted_product_with_reasons(
 
 
 def test_search_personalised_blend(served_shop: Served, planted: Planted) -> None:
-    """With a customer: the hybrid's candidates re-ranked by + 0.1 * cos(user, item)."""
+    """With a customer: the hybrid's candidates re-ranked by + w * cos(user, item), w =
+    ServeConfig.search_personal_weight (0.5, chosen on validation)."""
     from serving.discovery import resolve
     from serving.history import to_batch
 
@@ -214,6 +215,7 @@ def test_search_personalised_blend(served_shop: Served, planted: Planted) -> Non
     cands = cands[np.isfinite(base[cands])]
     u = engine.encoder.encode(to_batch([engine.history.get(user)], engine.max_len))[0]
     iv = np.asarray(engine.index.get_vectors(cands.tolist()), np.float32)
+    assert ps.cfg.personal_weight == engine.cfg.search_personal_weight == 0.5
     final = base[cands] + ps.cfg.personal_weight * (iv @ u)
     want = [engine.catalog.external_ids[j] for j in cands[np.argsort(-final, kind="stable")][:10]]
     got = _search(s, q, k=10, user_id=planted.ds.users.to_external(user))
