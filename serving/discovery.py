@@ -59,6 +59,11 @@ class Lazy(Generic[T]):
             return self._value
 
 
+def is_ready(holder: Any) -> bool:
+    """True when ``holder`` (a :class:`Lazy` or the model itself) needs no build."""
+    return holder.ready if isinstance(holder, Lazy) else holder is not None
+
+
 def resolve(holder: Any) -> Any:
     """A model from an engine attribute: a :class:`Lazy`, the model itself, or None."""
     return holder.get() if isinstance(holder, Lazy) else holder
