@@ -127,17 +127,18 @@ class Encoded:
 
 
 class QueryCache:
-    """LRU of recent queries' :class:`SemanticCandidates`, keyed by (text, text version):
-    a repeated query skips the pass over the catalogue's text vectors (search traffic
-    repeats its head queries); a new version (refresh) misses by key."""
+    """LRU of recent queries' :class:`Encoded` (vector and nearest texts), keyed by (text,
+    text version): a repeated query skips the MiniLM forward and the pass over the
+    catalogue's text vectors (search traffic repeats its head queries); a new version
+    (refresh) misses by key."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._d: OrderedDict[tuple[str, str], SemanticCandidates] = OrderedDict()
+        self._d: OrderedDict[tuple[str, str], Encoded] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: tuple[str, str]) -> SemanticCandidates | None:
+    def get(self, key: tuple[str, str]) -> Encoded | None:
         with self._lock:
             got = self._d.get(key)
             if got is None:
@@ -147,7 +148,7 @@ class QueryCache:
             self.hits += 1
             return got
 
-    def put(self, key: tuple[str, str], value: SemanticCandidates) -> None:
+    def put(self, key: tuple[str, str], value: Encoded) -> None:
         if self.size <= 0:
             return
         with self._lock:
@@ -205,7 +206,7 @@ def semantic_rows(
     else:
         base, version, source = ps.vectors, "memory", "memory"
     n = 2 * ps.cfg.candidates
-    out: list[SemanticCandidates | None] = [None] * len(vecs)
+    out: list[Encoded | None] = [None] * len(vecs)
     if texts is not None and cache is not None:
         out = [cache.get((t, version)) for t in texts]
     need = [i for i, c in enumerate(out) if c is None]
@@ -213,11 +214,24 @@ def semantic_rows(
         rows = vecs[need] @ base.T  # (B', N+1) one pass for the queries not cached
         rows[:, 0] = -np.inf  # padding
         for i, row in zip(need, rows, strict=True):
-            c = SemanticCandidates.from_row(row, n)
-            out[i] = c
+            e = Encoded(vecs[i], SemanticCandidates.from_row(row, n), base, source)
+            out[i] = e
             if texts is not None and cache is not None:
-                cache.put((texts[i], version), c)
-    return [Encoded(v, c, base, source) for v, c in zip(vecs, out, strict=True)]
+                cache.put((texts[i], version), e)
+    return [e for e in out if e is not None]
+
+
+def cached(engine: Any, text: str) -> Encoded | None:
+    """``text``'s vector and nearest texts when a recent query left them in the engine's
+    cache for the live text version (then answering needs ~1 ms of numpy, no MiniLM)."""
+    got = _batchers.get(engine)
+    if got is None:
+        return None
+    leg = text_leg(engine)
+    state, m = leg.state() if leg is not None else ("none", None)
+    if state == "ann":
+        return None
+    return got[1].get((text, str(m.version) if m is not None else "memory"))
 
 
 def _ann_candidates(
@@ -251,6 +265,14 @@ def _ann_candidates(
     return SemanticCandidates(ids, scores, bound), sem_of
 
 
+def on_loop(engine: Any, q: SearchQuery) -> bool:
+    """True when the request can be answered on the event loop: an anonymous (or
+    history-less) customer and a query in the cache (no MiniLM forward, no user tower)."""
+    if q.user is not None and len(engine.history.get(q.user)):
+        return False
+    return cached(engine, q.text) is not None
+
+
 def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> ProductsResult:
     """The top ``q.k`` products for ``q.text`` (see the module docstring)."""
     ps = resolve(getattr(engine, "product_search", None))
@@ -258,10 +280,12 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
         raise UnavailableError("this deployment has no product search")
     t = time.perf_counter()
     ctx.check("encode")
-    try:
-        enc = _semantic_batcher(engine, ps).run(q.text, max(ctx.remaining(), 0.001))
-    except TimeoutError:
-        raise DeadlineExceededError("deadline exceeded in the query encoder") from None
+    enc = cached(engine, q.text)
+    if enc is None:
+        try:
+            enc = _semantic_batcher(engine, ps).run(q.text, max(ctx.remaining(), 0.001))
+        except TimeoutError:
+            raise DeadlineExceededError("deadline exceeded in the query encoder") from None
     t = ctx.timed("encode", t)
     ctx.check("score")
     mask = engine.catalog.mask(q.filters)
