@@ -11,7 +11,23 @@ import pytest
 
 from towers.product_search import ProductSearch, SearchConfig, SemanticCandidates
 
-WORDS = "red blue soft hair brush nail polish cream face wash lip gloss oil dry skin".split()
+WORDS = [
+    "red",
+    "blue",
+    "soft",
+    "hair",
+    "brush",
+    "nail",
+    "polish",
+    "cream",
+    "face",
+    "wash",
+    "lip",
+    "gloss",
+    "oil",
+    "dry",
+    "skin",
+]
 
 
 @pytest.fixture(scope="module")
