@@ -265,14 +265,6 @@ def _ann_candidates(
     return SemanticCandidates(ids, scores, bound), sem_of
 
 
-def on_loop(engine: Any, q: SearchQuery) -> bool:
-    """True when the request can be answered on the event loop: an anonymous (or
-    history-less) customer and a query in the cache (no MiniLM forward, no user tower)."""
-    if q.user is not None and len(engine.history.get(q.user)):
-        return False
-    return cached(engine, q.text) is not None
-
-
 def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> ProductsResult:
     """The top ``q.k`` products for ``q.text`` (see the module docstring)."""
     ps = resolve(getattr(engine, "product_search", None))
