@@ -86,7 +86,7 @@ def test_ann_matches_exact_and_applies_filters(built: Any) -> None:
 
 
 def test_updates_and_rollback_swap_both_collections_together(built: Any) -> None:
-    cfg, store, m, items, tindex, _text = built
+    cfg, store, m, items, tindex, _unused = built
     v1 = m.version
     new_ids, new_vecs, new_pays = make_points(3, 16, seed=9, start=N + 1)
     new_text = _text(new_ids, new_pays, seed=10)
@@ -125,3 +125,28 @@ def test_a_version_without_text_is_unavailable_not_mixed(tmp_path: Path) -> None
     tindex.close()
     items.close()
     store.close()
+
+
+def test_both_backends_carry_and_swap_the_text_collection(store: Any) -> None:
+    """The same build / upsert / delete / rollback on the embedded engine and the server
+    back end (qdrant-client): the text collection follows the item alias on both."""
+    from indexing.build import open_store as _open
+
+    cfg = store.cfg
+    ids, vecs, pays = make_points(40, 8, seed=4)
+    text = _text(ids, pays, seed=5)
+    m1 = build_version(store, ids, vecs, pays, model_version="t", text=text)
+    items = _open(cfg).open(alias=cfg.alias)
+    tindex = open_text_index(cfg, items)
+    assert tindex.version == text_version_of(m1.version, cfg.alias)
+    hits = tindex.search(text.vectors[7], 1, SearchFilter(categories=(pays[7]["category"],)))
+    assert hits[0].item_id == ids[7]
+    new_ids, new_vecs, new_pays = make_points(2, 8, seed=6, start=41)
+    m2 = upsert_points(store, new_ids, new_vecs, new_pays, text=_text(new_ids, new_pays, 7))
+    assert tindex.version == text_version_of(m2.version, cfg.alias) and tindex.count() == 42
+    m3 = delete_points(store, [41])
+    assert tindex.version == text_version_of(m3.version, cfg.alias) and tindex.count() == 41
+    rollback(store, to=m1.version)
+    assert tindex.count() == 40 and not tindex.existing_ids([41, 42])
+    tindex.close()
+    items.close()
