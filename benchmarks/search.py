@@ -46,12 +46,14 @@ import numpy as np
 
 from intake.loaders import load_dataset
 from towers.complements import title_stem
-from towers.product_search import ProductSearch, SearchConfig
+from towers.product_search import ProductSearch, SearchConfig, SemanticCandidates, personal_order
 from towers.text_onnx import QueryEncoder
 
 log = logging.getLogger("benchmarks.search")
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: personal_weight candidates (SearchConfig.personal_weight), chosen on validation
+PERSONAL_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,9 @@ def run(args: argparse.Namespace) -> dict:
             "ms_per_query_ranking": round(ms, 2),
         }
         log.info("test %-12s ndcg@10 %.4f", name, m["all"]["ndcg@10"])
+    personal = run_personal(args, search, enc) if args.personal_run else None
     return {
+        "personalisation": personal,
         "dataset": {"name": ds.name, "items": n},
         "protocol": {
             "queries": {ph: len(v) for ph, v in qs.items()},
@@ -191,6 +195,113 @@ def run(args: argparse.Namespace) -> dict:
         "models": models,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def personal_cases(
+    search: ProductSearch, ds: object, model: object, phase: str, n: int, seed: int
+) -> tuple[list[Query], np.ndarray]:
+    """Known-item searches by customers: a customer's held-out item (leave-one-out: the
+    validation item for ``valid``, the test item for ``test``) searched with its brand and
+    leaf category (the ``brand-leaf`` rule: an ambiguous query many products match);
+    relevant = that item only.  Returns the queries and the customers' user vectors (the
+    run's user tower over their history before the item: train for valid, train+valid
+    for test)."""
+    from towers.sequences import Interactions, batch_for_users
+    from training.splits import leave_one_out
+
+    inter = Interactions.from_events(ds.events, len(ds.users), len(ds.item_ids))  # type: ignore[attr-defined]
+    split = leave_one_out(inter)
+    targets = split.valid if phase == "valid" else split.test
+    hist = split.train if phase == "valid" else split.train_valid
+    leaf = [_leaf(c) for c in search.categories]
+    rng = np.random.default_rng(seed + (0 if phase == "valid" else 1))
+    order = rng.permutation(len(targets.users))
+    users: list[int] = []
+    out: list[Query] = []
+    for i in order.tolist():
+        item = int(targets.items[targets.indptr[i]])
+        b, lf = search.brands[item], leaf[item]
+        if not b or not lf:
+            continue
+        users.append(int(targets.users[i]))
+        out.append(Query("customer-brand-leaf", f"{b.strip()} {lf}", np.array([item], np.int64)))
+        if len(out) == n:
+            break
+    enc = model.user_encoder()  # type: ignore[attr-defined]
+    u = np.asarray(users, np.int64)
+    vecs = np.concatenate(
+        [
+            enc.encode(batch_for_users(hist, u[a : a + 256], model.max_len))  # type: ignore[attr-defined]
+            for a in range(0, len(u), 256)
+        ]
+    )  # (Q, D)
+    return out, vecs
+
+
+def personal_eval(
+    search: ProductSearch,
+    queries: list[Query],
+    qvecs: np.ndarray,
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    weights: tuple[float, ...],
+) -> dict[float, float]:
+    """NDCG@10 per personal_weight: the hybrid's top ``candidates`` (ProductSearch.rank, as
+    SearchProducts serves) re-ranked by :func:`personal_order` (the service's blend)."""
+    c = search.cfg.candidates
+    mask = np.ones(search.n_items + 1, bool)
+    mask[0] = False
+    per: dict[float, list[float]] = {w: [] for w in weights}
+    for q, qv, u in zip(queries, qvecs, user_vecs, strict=True):
+        qv = np.asarray(qv, np.float32)
+        row = search.vectors @ qv
+        row[0] = -np.inf
+        everything = SemanticCandidates(np.arange(1, len(row)), row[1:], -np.inf)
+        r = search.rank(q.text, everything, lambda ids, qv=qv: search.vectors[ids] @ qv, mask, c)
+        ids, hyb = r.ids[:c], r.hybrid[:c]
+        cos = item_vecs[ids] @ u  # (C,)
+        for w in weights:
+            pos, _ = personal_order(ids, hyb, cos, w)
+            top = ids[pos[:10]]
+            hit = np.flatnonzero(np.isin(top, q.relevant))
+            per[w].append(float(1.0 / np.log2(hit[0] + 2)) if len(hit) else 0.0)
+    return {w: float(np.mean(v)) for w, v in per.items()}
+
+
+def run_personal(args: argparse.Namespace, search: ProductSearch, enc: QueryEncoder) -> dict:
+    """Choose ``personal_weight`` on validation customers, read test once."""
+    from towers.inference import load_run
+
+    ds = load_dataset(args.dataset, data_dir=args.data_dir)
+    model = load_run(Path(args.personal_run))
+    model.check_dataset(ds, "search benchmark")
+    item_vecs = model.item_vectors()  # (N+1, D) unit rows, as the index stores them
+    res: dict[str, dict[float, float]] = {}
+    cases: dict[str, int] = {}
+    best = 0.0
+    for phase in ("valid", "test"):
+        qs, uvecs = personal_cases(search, ds, model, phase, args.personal_queries, args.seed)
+        qvecs = enc.encode([q.text for q in qs])
+        # test: read once, at the chosen weight (and 0 = unpersonalised, 0.1 = the old default)
+        weights = PERSONAL_WEIGHTS if phase == "valid" else tuple(sorted({0.0, 0.1, best}))
+        res[phase] = personal_eval(search, qs, qvecs, uvecs, item_vecs, weights)
+        cases[phase] = len(qs)
+        if phase == "valid":
+            best = max(PERSONAL_WEIGHTS, key=lambda w: (res["valid"][w], -w))
+            for w, v in res["valid"].items():
+                log.info("valid personal_weight %.2f ndcg@10 %.4f", w, v)
+    log.info("chosen personal_weight %.2f: test ndcg@10 %.4f (0: %.4f)", best,
+             res["test"][best], res["test"][0.0])  # fmt: skip
+    return {
+        "run": str(args.personal_run),
+        "protocol": "known-item search by customers: the leave-one-out held-out item "
+        "(valid: validation item, test: test item) queried by brand + leaf category; "
+        "relevant = that item; personal_weight chosen on valid ndcg@10",
+        "cases": cases,
+        "valid_ndcg@10": {str(w): round(v, 4) for w, v in res["valid"].items()},
+        "chosen_personal_weight": best,
+        "test_ndcg@10": {str(w): round(v, 4) for w, v in res["test"].items()},
     }
 
 
@@ -216,6 +327,20 @@ def markdown_table(result: dict) -> str:
             + " | ".join(f"{m['by_kind'][k]['ndcg@10']:.4f}" for k in kinds)
             + f" | {m['valid']['ndcg@10']:.4f} | {m['params']['lexical_weight']} |"
         )
+    p13 = result.get("personalisation")
+    if p13:
+        w = p13["chosen_personal_weight"]
+        lines += [
+            "",
+            f"Personalised (customers' held-out items, {p13['cases']['test']} test cases): "
+            f"personal_weight {w} chosen on validation",
+            "",
+            "| personal_weight | valid ndcg@10 | test ndcg@10 |",
+            "|---:|---:|---:|",
+        ]
+        for k, v in p13["valid_ndcg@10"].items():
+            t = p13["test_ndcg@10"].get(k)
+            lines.append(f"| {k} | {v:.4f} | {'' if t is None else f'{t:.4f}'} |")
     return "\n".join(lines)
 
 
@@ -227,6 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", type=float, default=0.5, help="title-drop: chance to drop a word")
     ap.add_argument("--seed", type=int, default=0, help="seed products and dropped words")
     ap.add_argument("--out", default=None, help="JSON output path (markdown table beside it)")
+    ap.add_argument(
+        "--personal-run",
+        default=None,
+        help="a run trained on the dataset's leave-one-out split: choose personal_weight on "
+        "its validation customers (known-item searches), read test once (default: skip)",
+    )
+    ap.add_argument(
+        "--personal-queries", type=int, default=1000, help="customer searches per phase"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch

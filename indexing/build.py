@@ -30,6 +30,7 @@ from indexing.base import (
     new_version_name,
 )
 from indexing.store import IndexStore, QdrantReader, exact_search, plain_payload
+from indexing.text_index import TEXT_DIM, TextPoints, text_alias, text_version_of
 from intake.schema import ITEMS_SCHEMA, require_columns
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,12 @@ def _cleanup_incomplete(store: IndexStore, alias: str) -> None:
         if v != live:
             log.warning("removing incomplete version %s (failed or interrupted build)", v)
             store.drop_version(v)
+    if live is None or not live.startswith(f"{alias}_v"):
+        return
+    live_text = text_version_of(live, alias)
+    for v in store.incomplete_versions(text_alias(alias)):
+        if v != live_text:
+            store.drop_version(v)
 
 
 def prune(store: IndexStore, alias: str, keep: int) -> list[str]:
@@ -290,6 +297,14 @@ def prune(store: IndexStore, alias: str, keep: int) -> list[str]:
     for n in dropped:
         store.drop_version(n)
         log.info("pruned old version %s", n)
+    # text collections (indexing.text_index) go with their item version
+    left = {text_version_of(n, alias) for n in names if n not in dropped}
+    texts = store.versions(text_alias(alias))
+    left |= {b for b in (store.base_of(m.version) for m in texts if m.version in left) if b}
+    for m in texts:
+        if m.version not in left:
+            store.drop_version(m.version)
+            log.info("pruned text collection %s", m.version)
     return dropped
 
 
@@ -416,8 +431,12 @@ def build_version(
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
     publish: bool = True,
+    text: TextPoints | None = None,
 ) -> IndexManifest:
     """Write a new version with these points, verify it and point the alias at it.
+
+    ``text``: the catalogue's text vectors (SearchProducts), written to the version's
+    text collection (:mod:`indexing.text_index`) and committed before the alias moves.
 
     ``provenance`` (model id, catalogue hash, dataset fingerprint) is recorded in the
     manifest; updates of the version carry it over.
@@ -446,6 +465,8 @@ def build_version(
             report = verify_version(
                 store, version, expected_count=len(ids), queries=queries, vectors=vecs, ids=ids
             )
+            if text is not None and report.ok:
+                build_text_version(store, alias, version, text, progress=progress)
         except BaseException:
             store.drop_version(version)
             raise
@@ -463,6 +484,120 @@ def build_version(
             provenance=provenance,
             publish=publish,
         )
+
+
+def _commit_text(
+    store: IndexStore, alias: str, tv: str, item_version: str, report: VerifyReport, t0: float
+) -> IndexManifest:
+    if not report.ok:
+        store.drop_version(tv)
+        raise VerificationError(
+            f"text collection {tv} failed verification: {report.reason}; alias {alias!r} unchanged"
+        )
+    manifest = IndexManifest(
+        version=tv,
+        alias=text_alias(alias),
+        dim=TEXT_DIM,
+        count=report.count,
+        distance=store.cfg.distance,
+        model_version="all-MiniLM-L6-v2",
+        config_hash=_config_hash(store.cfg),
+        build_seconds=round(time.perf_counter() - t0, 3),
+        created_at=time.time(),
+        index_config=config_dict(store.cfg),
+        verify=report.to_dict(),
+        provenance={"item_version": item_version},
+    )
+    store.commit(tv, manifest)
+    log.info("text collection %s committed (%d points)", tv, report.count)
+    return manifest
+
+
+def build_text_version(
+    store: IndexStore, alias: str, item_version: str, text: TextPoints, *, progress: bool = False
+) -> IndexManifest:
+    """Write, seal, verify and commit the text collection of ``item_version`` (not yet
+    published: the caller moves the item alias afterwards)."""
+    text = text.with_text()
+    ids, vecs = _validate_points(text.ids, text.vectors, text.payloads, TEXT_DIM, "text vectors")
+    t0 = time.perf_counter()
+    tv = text_version_of(item_version, alias)
+    store.drop_version(tv)  # a leftover of an interrupted build of this very name
+    store.create_version(tv, TEXT_DIM, dict(PAYLOAD_INDEXES))
+    try:
+        _upsert_batches(store, tv, ids, vecs, list(text.payloads), progress)
+        store.seal(tv)
+        report = verify_version(store, tv, expected_count=len(ids), vectors=vecs, ids=ids)
+    except BaseException:
+        store.drop_version(tv)
+        raise
+    return _commit_text(store, alias, tv, item_version, report, t0)
+
+
+def update_text_version(
+    store: IndexStore,
+    alias: str,
+    live_version: str,
+    new_version: str,
+    *,
+    upsert: TextPoints | None = None,
+    delete: Sequence[int] = (),
+) -> IndexManifest | None:
+    """The text collection of an updated item version: a copy-on-write clone of the live
+    version's with ``upsert`` / ``delete`` applied, committed before the alias moves.
+    None when the live version has no text collection (nothing to carry)."""
+    src = text_version_of(live_version, alias)
+    if src not in {m.version for m in store.versions(text_alias(alias))}:
+        return None
+    t0 = time.perf_counter()
+    tv = text_version_of(new_version, alias)
+    store.drop_version(tv)
+    store.clone_version(src, tv)
+    try:
+        n_before = _text_count(store, alias, src)
+        added = 0
+        if upsert is not None and len(upsert.ids):
+            up = upsert.with_text()
+            ids, vecs = _validate_points(up.ids, up.vectors, up.payloads, TEXT_DIM, "text vectors")
+            reader = store.open_for_update(version=src)
+            try:
+                added = len(ids) - len(reader.existing_ids(ids.tolist()))
+            finally:
+                reader.close()
+            _upsert_batches(store, tv, ids, vecs, list(up.payloads), False)
+        gone = 0
+        if len(delete):
+            reader = store.open_for_update(version=src)
+            try:
+                present = sorted(reader.existing_ids([int(i) for i in delete]))
+            finally:
+                reader.close()
+            store.delete(tv, present)
+            gone = len(present)
+        store.seal(tv)
+        report = verify_version(
+            store,
+            tv,
+            expected_count=n_before + added - gone,
+            n_queries=store.cfg.verify_sample_update,
+        )
+    except BaseException:
+        store.drop_version(tv)
+        raise
+    return _commit_text(store, alias, tv, new_version, report, t0)
+
+
+def has_text(store: IndexStore, alias: str, version: str) -> bool:
+    """True when item version ``version`` has a committed text collection."""
+    tv = text_version_of(version, alias)
+    return tv in {m.version for m in store.versions(text_alias(alias))}
+
+
+def _text_count(store: IndexStore, alias: str, version: str) -> int:
+    for m in store.versions(text_alias(alias)):
+        if m.version == version:
+            return m.count
+    raise NotFoundError(f"text collection {version} has no manifest")
 
 
 def publish_version(store: IndexStore, version: str, alias: str | None = None) -> None:
@@ -534,8 +669,12 @@ def upsert_points(
     *,
     queries: np.ndarray | None = None,
     alias: str | None = None,
+    text: TextPoints | None = None,
 ) -> IndexManifest:
     """Insert or replace points: clone the live version, apply, verify, swap.
+
+    The live version's text collection (if any) is carried to the new version with
+    ``text`` (these items' text vectors) applied; without ``text`` new items have none.
 
     Idempotent: when every point is already stored unchanged, nothing is written and
     the live manifest is returned.  The recall check queries with ``queries`` when given,
@@ -562,6 +701,7 @@ def upsert_points(
             )  # fmt: skip
         finally:
             live_reader.close()
+        _text_update(store, alias, live.version, version, report, upsert=text)
         return _finish_update(store, alias, live, version, report, t0)
 
 
@@ -602,6 +742,7 @@ def delete_points(
             )  # fmt: skip
         finally:
             live_reader.close()
+        _text_update(store, alias, live.version, version, report, delete=present)
         return _finish_update(store, alias, live, version, report, t0)
 
 
@@ -629,6 +770,27 @@ def _copy_on_write(
         store.drop_version(version)
         raise
     return version, report
+
+
+def _text_update(
+    store: IndexStore,
+    alias: str,
+    live: str,
+    version: str,
+    report: VerifyReport,
+    *,
+    upsert: TextPoints | None = None,
+    delete: Sequence[int] = (),
+) -> None:
+    """Carry the text collection to a verified updated version (before its alias moves);
+    a failure drops the new item version too (the alias stays where it was)."""
+    if not report.ok:
+        return
+    try:
+        update_text_version(store, alias, live, version, upsert=upsert, delete=delete)
+    except BaseException:
+        store.drop_version(version)
+        raise
 
 
 def _finish_update(

@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--queries", default=None, help=".npy (Q, D) user vectors for the recall check")
     b.add_argument("--users", action="store_true", help="also build the user-vector collection")
     b.add_argument(
+        "--no-text",
+        action="store_true",
+        help="leave out the catalogue's MiniLM text vectors (SearchProducts' collection, "
+        "docs/complements.md); the service then searches them in memory from the text cache",
+    )
+    b.add_argument(
         "--user-payload",
         default=None,
         help=".parquet/.csv: user_id, segment, rfm_segment, churn_risk",
@@ -98,6 +104,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     u.add_argument(
         "--vectors", default=None, help=".npy (N, D) aligned with --items (instead of --model)"
+    )
+    u.add_argument(
+        "--no-text",
+        action="store_true",
+        help="do not embed the rows' text for the text collection (the items then have no "
+        "text vector there until the next build)",
     )
     u.set_defaults(func=_upsert)
 
@@ -258,6 +270,14 @@ def _build(args: argparse.Namespace) -> int:
         provenance["left_out_no_vector"] = left_out
         if left_out:
             print(f"{left_out:,} catalogue products have no trained vector: left out of the index")
+    text = None
+    if not args.no_text:  # every catalogue product with text, trained vector or not
+        from indexing.text_index import catalogue_text_points
+
+        all_ids, all_payloads = item_payloads(
+            items, model_version, popularity, source=args.catalog or "catalogue"
+        )
+        text = catalogue_text_points(items, all_ids, all_payloads)
     m = build_version(
         store,
         ids,
@@ -268,6 +288,7 @@ def _build(args: argparse.Namespace) -> int:
         queries=queries,
         progress=True,
         provenance=provenance,
+        text=text,
     )
     _print_manifest(m)
     if args.users:
@@ -456,7 +477,12 @@ def _upsert(args: argparse.Namespace) -> int:
         for i, p in zip(ids.tolist(), payloads):
             if i in pops:
                 p["popularity"] = pops[i]
-    m = upsert_points(store, ids, np.asarray(vectors), payloads)
+    text = None
+    if not args.no_text:
+        from indexing.text_index import catalogue_text_points
+
+        text = catalogue_text_points(items, ids, payloads)
+    m = upsert_points(store, ids, np.asarray(vectors), payloads, text=text)
     print(f"upserted {len(ids)} item(s) ({len(ids) - len(old)} new)")
     _print_manifest(m)
     return 0

@@ -46,6 +46,7 @@ from ecomrec.errors import ConfigError, DataError
 from indexing.base import IndexConfig
 from indexing.build import (
     build_version,
+    has_text,
     item_payloads,
     open_store,
     publish_version,
@@ -707,6 +708,14 @@ def _publish(
     rng = np.random.default_rng(cfg.seed)
     users = np.sort(rng.choice(users, min(cfg.index_queries, len(users)), replace=False))
     queries = user_vectors(tm.model, inter, users, tm.max_len)
+    text = None
+    live_target = store.alias_target(icfg.alias)
+    if live_target is not None and has_text(store, icfg.alias, live_target):
+        # the live version has a text collection (SearchProducts): the new one gets its own
+        from indexing.text_index import catalogue_text_points
+
+        all_ids, all_payloads = item_payloads(ds.items, tm.model_version, inter.item_counts())
+        text = catalogue_text_points(ds.items, all_ids, all_payloads)
     man = build_version(
         store,
         item_ids,
@@ -716,6 +725,7 @@ def _publish(
         queries=queries,
         alias=icfg.alias,
         publish=False,
+        text=text,
     )
     timings["index_seconds"] = time.perf_counter() - t
     timings["index_build_seconds"] = float(man.build_seconds)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ecomrec.errors import InvalidArgumentError, NotFoundError
 from indexing.base import SearchFilter
+from indexing.exact import top_rows
 from serving import validation as val
 from serving.catalog import ItemCatalog
 from serving.config import ServeConfig
@@ -105,11 +106,12 @@ def top_k(scores: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     """(<= k,) int64 ids of the best finite scores among ``mask``, best first; equal
     scores in id order (deterministic, like a stable sort of the whole array)."""
     s = np.where(mask, scores, -np.inf)
-    ok = int(np.isfinite(s).sum())
+    ok = int(np.count_nonzero(s > -np.inf))
     k = min(k, ok)
     if k <= 0:
         return np.zeros(0, np.int64)
-    kth = np.partition(s, len(s) - k)[len(s) - k]  # the k-th largest score
+    part = top_rows(s, k)  # >= k rows holding the k largest (a strided sample's cut)
+    kth = np.partition(s[part], len(part) - k)[len(part) - k]  # the k-th largest score
     cand = np.flatnonzero(s >= kth)
     return cand[np.lexsort((cand, -s[cand]))][:k].astype(np.int64)
 

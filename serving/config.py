@@ -170,6 +170,12 @@ class ServeConfig:
     # written by `ecomrec refresh` with [refresh] promote = "online").
     experiment: str = ""
     experiment_poll_s: float = 2.0
+    # SearchProducts with a customer: final = hybrid + search_personal_weight * cos(user,
+    # item) over the hybrid's top 100; 0.5 chosen on Beauty's validation customers by
+    # benchmarks/search.py --personal-run (docs/complements.md); 0 = never personalised
+    search_personal_weight: float = 0.5
+    # SearchProducts: recent queries whose nearest item texts are kept (0 = off)
+    search_query_cache: int = 4096
 
     def __post_init__(self) -> None:
         for name in (

@@ -8,9 +8,9 @@ with a history, re-ranks the hybrid's top ``candidates`` (100) with the user vec
 
     final(j) = hybrid(j) + personal_weight * cos(user vector, item vector j)
 
-``personal_weight`` is 0.1 (``SearchConfig``): hybrid scores of a query's good matches
-differ by ~0.05-0.2, so the customer's taste reorders near-ties without burying what the
-text asked for.  The user vector comes from the engine's user encoder (same features as
+``personal_weight`` (``ServeConfig.search_personal_weight``, 0.5) was chosen on Beauty's
+validation customers by ``benchmarks/search.py --personal-run`` (known-item searches for
+their held-out items) with the same re-rank (:func:`towers.product_search.personal_order`).  The user vector comes from the engine's user encoder (same features as
 Recommend), the item vectors from the live index.  When either is unavailable the
 answer is the unpersonalised one, marked degraded.
 
@@ -19,9 +19,19 @@ text, ``brand:<brand>`` / ``category:<level>`` when the query names them,
 ``SEMANTIC_MATCH`` (cosine of query and item text >= 0.3), ``FOR_YOU`` when the user
 vector moved the item up.
 
-Cost (Beauty, 12,101 items, this machine under load ~9): ~5 ms of CPU for the MiniLM
-query forward (ONNX Runtime), ~2.5 ms for the exact cosine over the (N+1, 384) text
-vectors (memory-bound), under 1 ms for BM25, the blend and the reasons.
+The vector leg reads the index's text collection (:mod:`indexing.text_index`, versioned
+with the item collection): its exact in-memory copy below ``exact_max_items`` (one
+dense (N+1, 384) matrix per version, :class:`serving.discovery.TextLeg`), else its HNSW
+graph with the request's filters; without a text collection, the catalogue's cached
+text vectors in memory.  The hybrid is computed over candidates only
+(:meth:`towers.product_search.ProductSearch.rank`: the ``2 * candidates`` nearest texts
+plus the best lexical matches, exact by a bound, else one full pass), and a repeated
+query's nearest texts come from an LRU (``search_query_cache``).
+
+Cost (Beauty, 12,101 items, in process, busy machine): ~1.1 ms of CPU a request over the
+serve_load request mix (was ~5.5 ms: a full pass and a full hybrid per request); a query
+not in the encoder's LRU adds the MiniLM forward (~4 ms, ONNX Runtime) and a pass over
+the text vectors (~1 ms, memory-bound).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +51,9 @@ from ecomrec.errors import IndexUnavailableError, InvalidArgumentError
 from indexing.base import SearchFilter
 from serving import validation as val
 from serving.batching import Batcher
-from serving.complete import ProductsResult, result_item, top_k
+from serving.complete import ProductsResult, result_item
 from serving.config import ServeConfig
-from serving.discovery import resolve
+from serving.discovery import resolve, text_leg
 from serving.encoders import EncoderUnavailableError, encode_with_status
 from serving.history import to_batch
 from serving.requests import (
@@ -52,6 +63,8 @@ from serving.requests import (
     RequestContext,
     UnavailableError,
 )
+from serving.retrieval import versioned
+from towers.product_search import SemanticCandidates, personal_order
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +109,160 @@ def validate_search(req: Any, cfg: ServeConfig, users: Any, items: Any) -> Searc
     )
 
 
-_batchers: weakref.WeakKeyDictionary[Any, Batcher[str, np.ndarray]] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class Encoded:
+    """A query's MiniLM vector and its nearest item texts.
+
+    ``cands``: the ``2 * candidates`` nearest texts of the whole catalogue, from the text
+    collection's exact copy (``source`` "index-exact") or, when the index has no text
+    collection, the catalogue's cached text vectors ("memory"); ``base`` is that matrix
+    (rows by item id) for the cosines of other items.  ``cands`` None: the text
+    collection is searched by ANN per request with its filters ("index-ann", above
+    ``exact_max_items`` or while the exact copy loads)."""
+
+    vector: np.ndarray  # (384,)
+    cands: SemanticCandidates | None
+    base: np.ndarray | None  # (N+1, 384)
+    source: str
+
+
+class QueryCache:
+    """LRU of recent queries' :class:`Encoded` (vector and nearest texts), keyed by (text,
+    text version): a repeated query skips the MiniLM forward and the pass over the
+    catalogue's text vectors (search traffic repeats its head queries); a new version
+    (refresh) misses by key."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[tuple[str, str], Encoded] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> Encoded | None:
+        with self._lock:
+            got = self._d.get(key)
+            if got is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return got
+
+    def put(self, key: tuple[str, str], value: Encoded) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+_batchers: weakref.WeakKeyDictionary[Any, tuple[Batcher[str, Encoded], QueryCache]] = (
+    weakref.WeakKeyDictionary()
+)
 _batchers_lock = threading.Lock()
 
 
-def _semantic_batcher(ps: Any) -> Batcher[str, np.ndarray]:
-    """The query-encoding batcher of one ProductSearch: concurrent requests' queries go
-    through one MiniLM forward and one pass over the item text vectors (requests that
-    arrive while a batch runs form the next one; nobody waits for company)."""
-    got = _batchers.get(ps)
+def _semantic_batcher(engine: Any, ps: Any) -> Batcher[str, Encoded]:
+    """The query-encoding batcher of one engine: concurrent requests' queries go through
+    one MiniLM forward and one pass over the text vectors (requests that arrive while a
+    batch runs form the next one; nobody waits for company)."""
+    got = _batchers.get(engine)
     if got is None:
         with _batchers_lock:
-            got = _batchers.get(ps)
+            got = _batchers.get(engine)
             if got is None:
+                cache = QueryCache(ps.cfg.query_cache)
 
-                def run(texts: Sequence[str]) -> list[np.ndarray]:
-                    vecs = ps.encode(list(texts))  # (B, 384)
-                    return list(ps.semantic_many(vecs))  # B x (N+1,)
+                def run(texts: Sequence[str]) -> list[Encoded]:
+                    vecs = np.asarray(ps.encode(list(texts)), np.float32)  # (B, 384)
+                    return semantic_rows(engine, ps, vecs, list(texts), cache)
 
                 # coming() = 0: a lone query runs in its caller's thread (no hand-over);
                 # queries arriving while a batch runs queue up and form the next one
-                got = _batchers[ps] = Batcher(
-                    run, BATCH_MAX, 0.0, "ecomrec-search-encode", coming=lambda: 0
-                )
-    return got
+                batcher = Batcher(run, BATCH_MAX, 0.0, "ecomrec-search-encode", coming=lambda: 0)
+                got = _batchers[engine] = (batcher, cache)
+    return got[0]
+
+
+def semantic_rows(
+    engine: Any,
+    ps: Any,
+    vecs: np.ndarray,
+    texts: Sequence[str] | None = None,
+    cache: QueryCache | None = None,
+) -> list[Encoded]:
+    """The nearest texts of B query vectors (B, 384): from the text collection's exact copy
+    when loaded, else None per query (ANN per request) when the collection answers, else
+    from the catalogue's cached text vectors in memory.  ``texts`` + ``cache``: repeated
+    queries skip the pass."""
+    leg = text_leg(engine)
+    state, m = leg.state() if leg is not None else ("none", None)
+    n1 = ps.n_items + 1
+    if m is not None and leg is not None:
+        base, version, source = leg.dense(m, n1), str(m.version), "index-exact"
+    elif state == "ann":
+        return [Encoded(v, None, None, "index-ann") for v in vecs]
+    else:
+        base, version, source = ps.vectors, "memory", "memory"
+    n = 2 * ps.cfg.candidates
+    out: list[Encoded | None] = [None] * len(vecs)
+    if texts is not None and cache is not None:
+        out = [cache.get((t, version)) for t in texts]
+    need = [i for i, c in enumerate(out) if c is None]
+    if need:
+        rows = vecs[need] @ base.T  # (B', N+1) one pass for the queries not cached
+        rows[:, 0] = -np.inf  # padding
+        for i, row in zip(need, rows, strict=True):
+            e = Encoded(vecs[i], SemanticCandidates.from_row(row, n), base, source)
+            out[i] = e
+            if texts is not None and cache is not None:
+                cache.put((texts[i], version), e)
+    return [e for e in out if e is not None]
+
+
+def cached(engine: Any, text: str) -> Encoded | None:
+    """``text``'s vector and nearest texts when a recent query left them in the engine's
+    cache for the live text version (then answering needs ~1 ms of numpy, no MiniLM)."""
+    got = _batchers.get(engine)
+    if got is None:
+        return None
+    leg = text_leg(engine)
+    state, m = leg.state() if leg is not None else ("none", None)
+    if state == "ann":
+        return None
+    return got[1].get((text, str(m.version) if m is not None else "memory"))
+
+
+def _ann_candidates(
+    engine: Any, leg: Any, q: SearchQuery, vec: np.ndarray, n: int
+) -> tuple[SemanticCandidates, Any]:
+    """The ``n`` nearest texts under the request's filters from the text collection's HNSW
+    graph, and the cosine of any other item (its vector fetched from the same version)."""
+    index = leg.index
+    hits, _ = versioned(
+        index,
+        lambda: index.search(
+            vec, n, q.filters, exclude_ids=q.exclude, hnsw_ef=engine.cfg.hnsw_ef,
+            with_payload=False,
+        ),
+    )  # fmt: skip
+    ids = np.array([h.item_id for h in hits], np.int64)
+    scores = np.array([h.score for h in hits], np.float64)
+    bound = float(scores[-1]) if len(hits) >= n else -np.inf
+
+    def sem_of(extra: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(extra), np.float64)
+        if not len(extra):
+            return out
+        have = sorted(index.existing_ids(extra.tolist()))
+        if have:
+            v = np.asarray(index.get_vectors(have), np.float32)  # (L, 384)
+            pos = np.searchsorted(extra, np.asarray(have, np.int64))
+            out[pos] = v @ vec
+        return out
+
+    return SemanticCandidates(ids, scores, bound), sem_of
 
 
 def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> ProductsResult:
@@ -129,44 +272,77 @@ def search_products(engine: Any, q: SearchQuery, ctx: RequestContext) -> Product
         raise UnavailableError("this deployment has no product search")
     t = time.perf_counter()
     ctx.check("encode")
-    try:
-        sem_q = _semantic_batcher(ps).run(q.text, max(ctx.remaining(), 0.001))  # (N+1,)
-    except TimeoutError:
-        raise DeadlineExceededError("deadline exceeded in the query encoder") from None
+    enc = cached(engine, q.text)
+    if enc is None:
+        try:
+            enc = _semantic_batcher(engine, ps).run(q.text, max(ctx.remaining(), 0.001))
+        except TimeoutError:
+            raise DeadlineExceededError("deadline exceeded in the query encoder") from None
     t = ctx.timed("encode", t)
     ctx.check("score")
-    scores, lex, sem = ps.hybrid(q.text, semantic=sem_q)  # (N+1,) each
     mask = engine.catalog.mask(q.filters)
     if q.exclude:
         mask[np.asarray(q.exclude, np.int64)] = False
+    hist = engine.history.get(q.user) if q.user is not None else None
+    personalise = hist is not None and len(hist) > 0
+    n_top = max(ps.cfg.candidates, q.k) if personalise else q.k
+    vec = enc.vector
+    base = enc.base
+    cands = enc.cands
+    sem_of: Any = None
+    if cands is None:  # the text collection's HNSW graph, with the request's filters
+        try:
+            cands, sem_of = _ann_candidates(engine, text_leg(engine), q, vec, 2 * n_top)
+            t = ctx.timed("ann", t)
+        except IndexUnavailableError as e:
+            log.warning("SearchProducts: text collection unavailable, in memory: %s", e)
+            base = ps.vectors
+    if cands is None:
+        assert base is not None
+        row = base @ vec
+        row[0] = -np.inf
+        cands = SemanticCandidates.from_row(row, 2 * n_top)
+    if sem_of is None:
+        mat = base
+
+        def sem_of(ids: np.ndarray) -> np.ndarray:
+            return np.asarray(mat[ids] @ vec, np.float64)  # type: ignore[index]
+
+    ranked = ps.rank(q.text, cands, sem_of, mask, n_top)
+    if not ranked.exact and base is not None:  # rare: the candidates were not enough
+        row = base @ vec
+        everything = SemanticCandidates(np.arange(1, len(row), dtype=np.int64), row[1:], -np.inf)
+        ranked = ps.rank(q.text, everything, sem_of, mask, n_top)
     degraded: list[str] = []
-    personal = np.zeros(0)
-    if q.user is not None:
-        hist = engine.history.get(q.user)
-        if len(hist):
-            cands = top_k(scores, mask, max(ps.cfg.candidates, q.k))
-            t = ctx.timed("score", t)
-            try:
-                personal = _user_relevance(engine, hist, cands, ctx, degraded)
-                t = time.perf_counter()
-            except (IndexUnavailableError, EncoderUnavailableError, UnavailableError) as e:
-                log.warning("SearchProducts: not personalised: %s", e)
-                degraded.append(
-                    INDEX_UNAVAILABLE if isinstance(e, IndexUnavailableError) else ENCODER_FALLBACK
-                )
-            if len(personal):
-                boosted = scores.copy()
-                boosted[cands] += ps.cfg.personal_weight * personal
-                plain_rank = {int(j): r for r, j in enumerate(cands)}
-                cmask = np.zeros_like(mask)
-                cmask[cands] = True
-                top = top_k(boosted, cmask, q.k)
-                t = ctx.timed("rerank", t)
-                lift = {int(j): plain_rank[int(j)] > r for r, j in enumerate(top)}
-                return _result(engine, ps, q, top, boosted, lex, sem, lift, degraded)
-    top = top_k(scores, mask, q.k)
+    if personalise:
+        cands_ids = ranked.ids[:n_top]
+        t = ctx.timed("score", t)
+        personal = np.zeros(0)
+        try:
+            personal = _user_relevance(engine, hist, cands_ids, ctx, degraded)
+            t = time.perf_counter()
+        except (IndexUnavailableError, EncoderUnavailableError, UnavailableError) as e:
+            log.warning("SearchProducts: not personalised: %s", e)
+            degraded.append(
+                INDEX_UNAVAILABLE if isinstance(e, IndexUnavailableError) else ENCODER_FALLBACK
+            )
+        if len(personal):
+            order, boosted = personal_order(
+                cands_ids, ranked.hybrid[:n_top], personal, ps.cfg.personal_weight
+            )
+            order = order[: q.k]
+            t = ctx.timed("rerank", t)
+            lift = {int(cands_ids[r]): int(r) > i for i, r in enumerate(order)}
+            return _result(
+                engine, ps, q, cands_ids[order], boosted[order], ranked.lex[order],
+                ranked.sem[order], lift, degraded,
+            )  # fmt: skip
     ctx.timed("score", t)
-    return _result(engine, ps, q, top, scores, lex, sem, {}, degraded)
+    k = q.k
+    return _result(
+        engine, ps, q, ranked.ids[:k], ranked.hybrid[:k], ranked.lex[:k], ranked.sem[:k], {},
+        degraded,
+    )  # fmt: skip
 
 
 def _user_relevance(
@@ -219,12 +395,13 @@ def _result(
     lifted: dict[int, bool],
     degraded: list[str],
 ) -> ProductsResult:
+    """The answer; ``scores`` / ``lex`` / ``sem`` are aligned with ``top``."""
     out = []
-    for j in top.tolist():
+    for j, sc, lx, se in zip(top.tolist(), scores.tolist(), lex.tolist(), sem.tolist()):
         reasons: list[str] = []
-        if lex[j] > 0:
+        if lx > 0:
             reasons.append(TEXT_MATCH)
-        if sem[j] >= SEMANTIC_MIN:
+        if se >= SEMANTIC_MIN:
             reasons.append(SEMANTIC_MATCH)
         if lifted.get(j):
             reasons.append(FOR_YOU)
@@ -234,7 +411,7 @@ def _result(
             reasons.append(f"brand:{ps.brands[j]}")
         if m.category:
             reasons.append(f"category:{m.category}")
-        out.append(result_item(engine.catalog, j, scores[j], sem[j], reasons))
+        out.append(result_item(engine.catalog, j, sc, se, reasons))
     if degraded and engine.metrics is not None:
         for r in degraded:
             engine.metrics.degraded.labels("SearchProducts", r).inc()

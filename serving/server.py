@@ -94,6 +94,11 @@ REFUSALS = (
 NO_REQUEST = "NO_REQUEST"
 
 _BATCH_METHOD = f"/{SERVICE_NAME}/RecommendBatch"
+#: every server-streaming batch call: each takes one of the gate's ``max_streams`` slots
+_BATCH_METHODS = frozenset(
+    {_BATCH_METHOD}
+    | {f"/{SERVICE_NAME}/{m}" for m in ("CompleteBasketBatch", "SearchProductsBatch")}
+)
 _REFLECTION_PREFIX = "/grpc.reflection."
 
 
@@ -267,8 +272,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if not budget.take():
             return self._refuse(label, grpc.StatusCode.RESOURCE_EXHAUSTED, reason, message)
         stream = None
-        if method == _BATCH_METHOD:
-            stream, what = self.batches, "RecommendBatch"
+        if method in _BATCH_METHODS:
+            stream, what = self.batches, "batch"
         elif method.startswith(_REFLECTION_PREFIX):
             stream, what = self.reflection, "reflection"
         if stream is not None and not stream.take():

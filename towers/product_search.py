@@ -49,16 +49,21 @@ class SearchConfig:
     """How :class:`ProductSearch` blends its two halves (and the user vector)."""
 
     lexical_weight: float = 0.6
-    personal_weight: float = 0.1  # serving: + weight * cos(user, item) on the candidates
+    # serving: + weight * cos(user, item) on the candidates; chosen on Beauty's validation
+    # customers by benchmarks/search.py --personal-run (ServeConfig.search_personal_weight)
+    personal_weight: float = 0.5
     candidates: int = 100  # hybrid top-n re-ranked by the user vector
+    query_cache: int = 4096  # serving: recent queries' nearest texts kept (0 = off)
     k1: float = 1.5
     b: float = 0.75
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lexical_weight <= 1.0:
             raise ConfigError("SearchConfig.lexical_weight must be in [0, 1]")
-        if self.personal_weight < 0 or self.candidates < 1:
-            raise ConfigError("SearchConfig: personal_weight >= 0, candidates >= 1")
+        if self.personal_weight < 0 or self.candidates < 1 or self.query_cache < 0:
+            raise ConfigError(
+                "SearchConfig: personal_weight >= 0, candidates >= 1, query_cache >= 0"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> SearchConfig:
@@ -77,12 +82,57 @@ def tokenize(text: str, stop: frozenset[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class SemanticCandidates:
+    """A query's nearest item texts: ``ids`` (n,) with cosines ``scores`` (n,), best
+    first; every other item's cosine is <= ``bound`` (-inf: ``ids`` hold every item)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    bound: float
+
+    @classmethod
+    def from_row(cls, row: np.ndarray, n: int) -> SemanticCandidates:
+        """The ``n`` best of a cosine row (N+1,) over the catalogue (row 0, padding, never)."""
+        r = np.asarray(row)
+        m = len(r) - 1
+        if n >= m:
+            ids = np.arange(1, m + 1, dtype=np.int64)
+            return cls(ids, r[1:].astype(np.float64), -np.inf)
+        sel = np.argpartition(r[1:], m - n - 1)[m - n - 1 :] + 1  # (n+1,) the n+1 largest
+        sel = sel[np.argsort(-r[sel], kind="stable")]
+        return cls(sel[:n].astype(np.int64), r[sel[:n]].astype(np.float64), float(r[sel[n]]))
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Candidates ranked by the hybrid score, best first (ties in id order)."""
+
+    ids: np.ndarray  # (U,) int64
+    hybrid: np.ndarray  # (U,)
+    lex: np.ndarray  # (U,) BM25
+    sem: np.ndarray  # (U,) cosine
+    exact: bool  # the first ``n_top`` are the catalogue's true top (within the mask)
+
+
+@dataclass(frozen=True)
 class Match:
     """What a query matched in one item (the reasons of a search hit)."""
 
     words: tuple[str, ...]  # query words found in the item's text
     brand: bool  # every word of the item's brand is in the query
     category: str  # the deepest category level whose words are all in the query ("" none)
+
+
+def personal_order(
+    ids: np.ndarray, hybrid: np.ndarray, user_cos: np.ndarray, weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The personalised re-rank of a query's candidates: ``final = hybrid + weight *
+    cos(user vector, item vector)``; returns (positions best first, ties in id order;
+    final scores aligned with ``ids``).  What SearchProducts serves for a customer with a
+    history, and what ``benchmarks/search.py --personal-run`` chooses ``personal_weight``
+    with on validation."""
+    final = np.asarray(hybrid, np.float64) + weight * np.asarray(user_cos, np.float64)
+    return np.lexsort((ids, -final)), final
 
 
 class ProductSearch:
@@ -194,6 +244,51 @@ class ProductSearch:
         s = w * (lex / top if top > 0 else lex) + (1.0 - w) * sem
         s[0] = -np.inf
         return s, lex, sem
+
+    def rank(
+        self,
+        query: str,
+        cands: SemanticCandidates,
+        sem_of: Callable[[np.ndarray], np.ndarray],
+        mask: np.ndarray,
+        n_top: int,
+        lexical_weight: float | None = None,
+    ) -> Ranked:
+        """The hybrid over candidates only: the nearest texts ``cands`` and every item a
+        query word occurs in, both within ``mask`` (N+1,); ``sem_of(ids)`` gives the
+        cosines of lexical matches outside ``cands``.  Every other item has no query word
+        and a cosine <= ``cands.bound``, so its hybrid is <= (1 - w) * bound: when the
+        ``n_top``-th candidate scores above that, the first ``n_top`` equal :meth:`hybrid`'s
+        top within the mask (``Ranked.exact``), at a fraction of its cost (no pass over
+        the catalogue beyond BM25's)."""
+        w = self.cfg.lexical_weight if lexical_weight is None else lexical_weight
+        lex = self.lexical(query)  # (N+1,)
+        top = float(lex.max())
+        keep = mask[cands.ids]
+        c_ids, c_sem = cands.ids[keep], cands.scores[keep]
+        lex_ids = np.flatnonzero((lex > 0) & mask)
+        lex_cut = 0.0  # every lexical match outside the candidates has BM25 <= lex_cut
+        m = max(2 * n_top, len(cands.ids))
+        if len(lex_ids) > m:  # only the best lexical matches (their vectors are gathered)
+            part = np.argpartition(-lex[lex_ids], m)
+            lex_cut = float(lex[lex_ids[part[m]]])
+            lex_ids = lex_ids[part[:m]]
+        taken = np.zeros(len(lex), bool)
+        taken[c_ids] = True
+        extra = lex_ids[~taken[lex_ids]]  # lexical matches not among the candidates
+        ids = np.concatenate([c_ids, extra])
+        sem = np.concatenate([c_sem, np.asarray(sem_of(extra), np.float64).reshape(-1)])
+        lx = lex[ids]
+        h = w * (lx / top if top > 0 else lx) + (1.0 - w) * sem
+        order = np.lexsort((ids, -h))
+        ids, h, lx, sem = ids[order], h[order], lx[order], sem[order]
+        # an item outside: no query word (or BM25 <= lex_cut) and cosine <= bound
+        cut = (1.0 - w) * cands.bound + w * (lex_cut / top if top > 0 else 0.0)
+        if n_top <= 0 or (not np.isfinite(cands.bound) and lex_cut == 0.0):
+            exact = True
+        else:
+            exact = len(ids) >= n_top and bool(h[n_top - 1] > cut)
+        return Ranked(ids.astype(np.int64), h, lx, sem, exact)
 
     def explain(self, query: str, item: int) -> Match:
         """The query words in ``item``'s text, and whether its brand / a category level

@@ -41,6 +41,11 @@ class Planted:
 
 @pytest.fixture(scope="module")
 def planted(parts: Any, serve_shop: Any) -> Planted:
+    return make_planted(parts, serve_shop)
+
+
+def make_planted(parts: Any, serve_shop: Any) -> Planted:
+    """The planted shop (module docstring) over the serving fixtures' shop and model."""
     vecs = parts.model.item_vectors()[1:]  # (N, D) tower vectors
     sims = vecs @ vecs.T
     np.fill_diagonal(sims, np.inf)
@@ -195,7 +200,8 @@ def test_search_finds_the_planted_product_with_reasons(
 
 
 def test_search_personalised_blend(served_shop: Served, planted: Planted) -> None:
-    """With a customer: the hybrid's candidates re-ranked by + 0.1 * cos(user, item)."""
+    """With a customer: the hybrid's candidates re-ranked by + w * cos(user, item), w =
+    ServeConfig.search_personal_weight (0.5, chosen on validation)."""
     from serving.discovery import resolve
     from serving.history import to_batch
 
@@ -209,6 +215,7 @@ def test_search_personalised_blend(served_shop: Served, planted: Planted) -> Non
     cands = cands[np.isfinite(base[cands])]
     u = engine.encoder.encode(to_batch([engine.history.get(user)], engine.max_len))[0]
     iv = np.asarray(engine.index.get_vectors(cands.tolist()), np.float32)
+    assert ps.cfg.personal_weight == engine.cfg.search_personal_weight == 0.5
     final = base[cands] + ps.cfg.personal_weight * (iv @ u)
     want = [engine.catalog.external_ids[j] for j in cands[np.argsort(-final, kind="stable")][:10]]
     got = _search(s, q, k=10, user_id=planted.ds.users.to_external(user))
@@ -260,3 +267,72 @@ def test_concurrent_searches_equal_single_ones(served_shop: Served, planted: Pla
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda q: [i.item_id for i in _search(s, q, k=5).items], queries))
     assert together == alone
+
+
+def _plain(r: Any) -> list[tuple[str, tuple[str, ...]]]:
+    return [(i.item_id, tuple(i.reasons)) for i in r.items]
+
+
+def test_batch_calls_stream_the_single_answers(served_shop: Served, planted: Planted) -> None:
+    """CompleteBasketBatch / SearchProductsBatch: one item per request, in order, each equal
+    to the single call; a bad request's error is in its own item; the limits of
+    RecommendBatch (request count, API key)."""
+    s = served_shop
+    pb = s.pb
+    user = planted.ds.users.to_external(7)
+    baskets = [
+        pb.CompleteBasketRequest(item_ids=[planted.a], k=5),
+        pb.CompleteBasketRequest(item_ids=["NO-SUCH-ITEM"], k=5),  # NOT_FOUND, its own item
+        pb.CompleteBasketRequest(item_ids=[planted.a, planted.b], k=4, user_id=user),
+        pb.CompleteBasketRequest(item_ids=[], k=5),  # INVALID_ARGUMENT
+        pb.CompleteBasketRequest(item_ids=[planted.b], k=3, filters=pb.Filters(price_max=20.0)),
+    ]
+    got = list(
+        s.stub.CompleteBasketBatch(
+            pb.CompleteBasketBatchRequest(requests=baskets), metadata=s.md, timeout=20
+        )
+    )
+    assert [g.index for g in got] == list(range(len(baskets)))
+    assert got[1].error_code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert got[3].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "item_ids" in got[3].error_message
+    for i in (0, 2, 4):
+        assert got[i].error_code == 0
+        assert _plain(got[i].response) == _plain(s.call("CompleteBasket", baskets[i]))
+    queries = [
+        pb.SearchProductsRequest(query="dinosaur lunchbox", k=5),
+        pb.SearchProductsRequest(query="   ", k=5),  # INVALID_ARGUMENT
+        pb.SearchProductsRequest(query="Lipstick", k=10, user_id=user),
+        pb.SearchProductsRequest(query="garden hose", k=5, filters=pb.Filters(price_max=20.0)),
+        pb.SearchProductsRequest(query="dinosaur lunchbox", k=3, exclude_item_ids=[planted.d]),
+    ]
+    got = list(
+        s.stub.SearchProductsBatch(
+            pb.SearchProductsBatchRequest(requests=queries), metadata=s.md, timeout=20
+        )
+    )
+    assert [g.index for g in got] == list(range(len(queries)))
+    assert got[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert got[0].response.items[0].item_id == planted.d
+    assert planted.d not in [i.item_id for i in got[4].response.items]
+    for i in (0, 2, 3, 4):
+        single = s.call("SearchProducts", queries[i])
+        assert _plain(got[i].response) == _plain(single)
+        assert got[i].response.variant == single.variant == "default"
+    # every answer of a batch is attributable on its own (docs/outcomes.md)
+    rec_ids = [got[i].response.recommendation_id for i in (0, 2, 3, 4)]
+    assert all(rec_ids) and len(set(rec_ids)) == len(rec_ids)
+    with pytest.raises(grpc.RpcError) as e:  # the request limit of RecommendBatch
+        list(
+            s.stub.SearchProductsBatch(
+                pb.SearchProductsBatchRequest(
+                    requests=[queries[0]] * (s.cfg.max_batch_requests + 1)
+                ),
+                metadata=s.md,
+                timeout=20,
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "requests" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # and its API key
+        list(s.stub.CompleteBasketBatch(pb.CompleteBasketBatchRequest(requests=baskets[:1])))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
