@@ -466,7 +466,11 @@ def build_version(
                 store, version, expected_count=len(ids), queries=queries, vectors=vecs, ids=ids
             )
             if text is not None and report.ok:
-                build_text_version(store, alias, version, text, progress=progress)
+                text = text.with_text()
+                if len(text.ids):
+                    build_text_version(store, alias, version, text, progress=progress)
+                else:  # a catalogue without titles: nothing for SearchProducts to search
+                    log.info("no product has text: version %s gets no text collection", version)
         except BaseException:
             store.drop_version(version)
             raise
