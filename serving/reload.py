@@ -182,16 +182,11 @@ class EngineReloader:
     # --- triggers -------------------------------------------------------------------
     def watch(self, interval_s: float = 2.0) -> threading.Thread:
         """Poll the manifest every ``interval_s`` in a daemon thread (stop with :meth:`stop`)."""
+        from serving.polling import poll_in_thread
 
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.check()
-                except Exception:  # never let the watcher die
-                    log.exception("deploy manifest check failed")
-
-        self._thread = threading.Thread(target=loop, name="ecomrec-reload", daemon=True)
-        self._thread.start()
+        self._thread = poll_in_thread(
+            self.check, interval_s, self._stop, "ecomrec-reload", "deploy manifest"
+        )
         return self._thread
 
     def install_sighup(self) -> None:

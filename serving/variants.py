@@ -166,16 +166,11 @@ class VariantRouter:
     # --- triggers ------------------------------------------------------------------------
     def watch(self, interval_s: float = 2.0) -> threading.Thread:
         """Poll the file every ``interval_s`` in a daemon thread (stop with :meth:`stop`)."""
+        from serving.polling import poll_in_thread
 
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.check()
-                except Exception:  # never let the watcher die
-                    log.exception("experiment file check failed")
-
-        self._thread = threading.Thread(target=loop, name="ecomrec-experiment", daemon=True)
-        self._thread.start()
+        self._thread = poll_in_thread(
+            self.check, interval_s, self._stop, "ecomrec-experiment", "experiment file"
+        )
         return self._thread
 
     def stop(self) -> None:
