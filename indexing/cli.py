@@ -555,20 +555,10 @@ def build_index(
 ) -> int:
     """``ecomrec index build --index I --model M --dataset D`` as a function (``serve
     --build-index`` uses it): a new verified version from the run, swapped in."""
-    ns = argparse.Namespace(
-        index=index,
-        backend=None,
-        api_key=None,
-        alias=alias,
-        config=None,
-        set=[],
-        model=model,
-        dataset=dataset,
-        data_dir=data_dir,
-        catalog=None,
-        vectors=None,
-        queries=None,
-        users=False,
-        user_payload=None,
-    )
+    argv = ["index", "build", "--index", index, "--model", model, "--dataset", dataset]
+    argv += ["--data-dir", data_dir] if data_dir else []
+    argv += ["--alias", alias] if alias else []
+    parser = argparse.ArgumentParser(prog="ecomrec")
+    register(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(argv)  # every option of `index build` with its default
     return _build(ns)

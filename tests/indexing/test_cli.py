@@ -91,3 +91,22 @@ def test_cli_bad_catalogue_writes_nothing(files: dict[str, str], tmp_path: Path)
     assert main(["index", "build", *ix, "--catalog", files["cat"], "--vectors", str(short)]) == 2
     assert store.alias_target("items") == before
     assert len(store.versions("items")) == 1 and store.incomplete_versions("items") == []
+
+
+def test_build_index_function_passes_every_option_of_index_build(monkeypatch) -> None:
+    """``serve --build-index`` calls ``build_index``: its namespace must carry every option
+    ``index build`` has (a hand-built one missed ``--no-text`` and serve crashed)."""
+    import argparse
+
+    import indexing.cli as icli
+
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(icli, "_build", lambda ns: seen.append(ns) or 0)
+    assert icli.build_index("IDX", "RUN", "DS", data_dir="DATA", alias="items") == 0
+    parser = argparse.ArgumentParser()
+    icli.register(parser.add_subparsers(dest="command"))
+    cli_ns = parser.parse_args(["index", "build", "--index", "I"])
+    assert set(vars(cli_ns)) <= set(vars(seen[0]))
+    got = vars(seen[0])
+    assert (got["index"], got["model"], got["dataset"]) == ("IDX", "RUN", "DS")
+    assert (got["data_dir"], got["alias"], got["no_text"]) == ("DATA", "items", False)
