@@ -176,6 +176,9 @@ class ServeConfig:
     search_personal_weight: float = 0.5
     # SearchProducts: recent queries whose nearest item texts are kept (0 = off)
     search_query_cache: int = 4096
+    # SearchProducts: recent customers' user vectors kept, keyed by their stored history
+    # (a customer's next search skips the user-tower forward; 0 = off)
+    search_user_cache: int = 4096
 
     def __post_init__(self) -> None:
         for name in (

@@ -89,7 +89,9 @@ def discovery_parts(cfg: ServeConfig, parts: Any) -> tuple[Lazy[Any] | None, Laz
             from towers.text_onnx import QueryEncoder
 
             scfg = SearchConfig(
-                personal_weight=cfg.search_personal_weight, query_cache=cfg.search_query_cache
+                personal_weight=cfg.search_personal_weight,
+                query_cache=cfg.search_query_cache,
+                user_cache=getattr(cfg, "search_user_cache", 4096),
             )
             return ProductSearch.from_items(ds.items, n_items, QueryEncoder().encode, scfg)
 

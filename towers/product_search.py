@@ -54,6 +54,7 @@ class SearchConfig:
     personal_weight: float = 0.5
     candidates: int = 100  # hybrid top-n re-ranked by the user vector
     query_cache: int = 4096  # serving: recent queries' nearest texts kept (0 = off)
+    user_cache: int = 4096  # serving: recent customers' user vectors kept (0 = off)
     k1: float = 1.5
     b: float = 0.75
 
@@ -64,6 +65,8 @@ class SearchConfig:
             raise ConfigError(
                 "SearchConfig: personal_weight >= 0, candidates >= 1, query_cache >= 0"
             )
+        if self.user_cache < 0:
+            raise ConfigError("SearchConfig.user_cache must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> SearchConfig:
@@ -166,6 +169,8 @@ class ProductSearch:
         # bm25s needs a token in every document; the padding row gets a placeholder
         self._bm25.index([t or ["\x00"] for t in self.tokens], show_progress=False)
         self._vocab = frozenset(self._bm25.vocab_dict)
+        # item -> (brand words, (category level, its words)...): explain's, filled lazily
+        self._words: dict[int, tuple[frozenset[str], tuple[tuple[str, frozenset[str]], ...]]] = {}
 
     @classmethod
     def from_items(
@@ -293,17 +298,41 @@ class ProductSearch:
     def explain(self, query: str, item: int) -> Match:
         """The query words in ``item``'s text, and whether its brand / a category level
         was named by the query."""
+        return self.explain_many(query, [item])[0]
+
+    def explain_many(self, query: str, items: Sequence[int]) -> list[Match]:
+        """:meth:`explain` of several items: the query is tokenised once, and each item's
+        brand / category-level words once per process (kept)."""
         q = self.query_tokens(query)
-        have = self._token_sets[item] if 0 <= item < len(self._token_sets) else frozenset()
-        words = tuple(dict.fromkeys(t for t in q if t in have))
         qs = set(q)
-        brand = self.brands[item] if 0 <= item < len(self.brands) else None
-        bt = set(tokenize(brand, self._stop)) if brand else set()
-        cat = ""
-        c = self.categories[item] if 0 <= item < len(self.categories) else None
-        if c:
-            for level in str(c).split(" | ")[0].split(">"):
-                lt = set(tokenize(level, self._stop))
+        out = []
+        for item in items:
+            have = self._token_sets[item] if 0 <= item < len(self._token_sets) else frozenset()
+            words = tuple(dict.fromkeys(t for t in q if t in have))
+            bt, levels = self._item_words(item)
+            cat = ""
+            for level, lt in levels:
                 if lt and lt <= qs:
-                    cat = level.strip()
-        return Match(words, bool(bt) and bt <= qs, cat)
+                    cat = level
+            out.append(Match(words, bool(bt) and bt <= qs, cat))
+        return out
+
+    def _item_words(
+        self, item: int
+    ) -> tuple[frozenset[str], tuple[tuple[str, frozenset[str]], ...]]:
+        """``item``'s brand words and (level, words) of its first category path, cached."""
+        got = self._words.get(item)
+        if got is None:
+            brand = self.brands[item] if 0 <= item < len(self.brands) else None
+            bt = frozenset(tokenize(brand, self._stop)) if brand else frozenset()
+            c = self.categories[item] if 0 <= item < len(self.categories) else None
+            levels = (
+                tuple(
+                    (level.strip(), frozenset(tokenize(level, self._stop)))
+                    for level in str(c).split(" | ")[0].split(">")
+                )
+                if c
+                else ()
+            )
+            got = self._words[item] = (bt, levels)  # racing threads store equal values
+        return got
