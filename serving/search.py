@@ -50,7 +50,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -73,6 +73,8 @@ from serving.requests import (
 from serving.retrieval import versioned
 from towers.product_search import SemanticCandidates, personal_order
 
+K = TypeVar("K")
+V = TypeVar("V")
 log = logging.getLogger(__name__)
 
 TEXT_MATCH = "TEXT_MATCH"
@@ -133,19 +135,17 @@ class Encoded:
     source: str
 
 
-class QueryCache:
-    """LRU of recent queries' :class:`Encoded` (vector and nearest texts), keyed by (text,
-    text version): a repeated query skips the MiniLM forward and the pass over the
-    catalogue's text vectors (search traffic repeats its head queries); a new version
-    (refresh) misses by key."""
+class LruCache(Generic[K, V]):
+    """A thread-safe LRU of at most ``size`` entries (``size`` <= 0: holds nothing), with
+    hit and miss counts."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._d: OrderedDict[tuple[str, str], Encoded] = OrderedDict()
+        self._d: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: tuple[str, str]) -> Encoded | None:
+    def get(self, key: K) -> V | None:
         with self._lock:
             got = self._d.get(key)
             if got is None:
@@ -155,13 +155,25 @@ class QueryCache:
             self.hits += 1
             return got
 
-    def put(self, key: tuple[str, str], value: Encoded) -> None:
+    def peek(self, key: K) -> bool:
+        """Whether ``key`` is held (no LRU update, not counted)."""
+        with self._lock:
+            return key in self._d
+
+    def put(self, key: K, value: V) -> None:
         if self.size <= 0:
             return
         with self._lock:
             self._d[key] = value
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
+
+
+class QueryCache(LruCache[tuple[str, str], Encoded]):
+    """LRU of recent queries' :class:`Encoded` (vector and nearest texts), keyed by (text,
+    text version): a repeated query skips the MiniLM forward and the pass over the
+    catalogue's text vectors (search traffic repeats its head queries); a new version
+    (refresh) misses by key."""
 
 
 _batchers: weakref.WeakKeyDictionary[Any, tuple[Batcher[str, Encoded], QueryCache]] = (
@@ -388,18 +400,12 @@ def _user_relevance(
     return (items @ u).astype(np.float64)
 
 
-class UserVectorCache:
+class UserVectorCache(LruCache[bytes, np.ndarray]):
     """LRU of recent customers' user vectors, keyed by their history's content (items, times,
     event types): a customer's next search with the same stored history skips the
     user-tower forward (~2.5 ms of CPU on Beauty, most of a personalised request); a new
     event changes the key.  Only the engine's own encoder's vectors are kept (a fallback's,
     marked degraded, never); one cache per engine, so a new model starts empty."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     @staticmethod
     def key(hist: Any) -> bytes:
@@ -407,32 +413,9 @@ class UserVectorCache:
         parts = [
             np.ascontiguousarray(hist.items, np.int64),
             np.ascontiguousarray(hist.ts, np.int64),
+            np.ascontiguousarray(hist.event_type, np.int64),
         ]
-        parts.append(np.ascontiguousarray(hist.event_type, np.int64))
         return len(hist.items).to_bytes(8, "little") + b"".join(p.tobytes() for p in parts)
-
-    def get(self, key: bytes) -> np.ndarray | None:
-        with self._lock:
-            got = self._d.get(key)
-            if got is None:
-                self.misses += 1
-                return None
-            self._d.move_to_end(key)
-            self.hits += 1
-            return got
-
-    def peek(self, key: bytes) -> bool:
-        """Whether ``key`` is held (no LRU update, not counted)."""
-        with self._lock:
-            return key in self._d
-
-    def put(self, key: bytes, vec: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._d[key] = vec
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
 
 
 _user_caches: weakref.WeakKeyDictionary[Any, UserVectorCache] = weakref.WeakKeyDictionary()
