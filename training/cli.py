@@ -156,7 +156,21 @@ def prepare_run_dir(out: Path, ds: Any, *, overwrite: bool) -> None:
             log.warning("--overwrite: removing the run in %s", out)
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / FINGERPRINT_FILE).write_text(json.dumps({"dataset": fp}, indent=2, default=str))
+    tmp = out / f".{FINGERPRINT_FILE}.tmp"  # a reader never sees half a fingerprint
+    tmp.write_text(json.dumps({"dataset": fp}, indent=2, default=str))
+    tmp.replace(out / FINGERPRINT_FILE)
+
+
+def _prepare_run_dir_once(out: Path, ds: Any, *, overwrite: bool) -> None:
+    """:func:`prepare_run_dir` on rank 0 only, the other ranks waiting for it.
+
+    Every rank preparing the folder raced: one rank rewrote ``fingerprint.json`` while another
+    read it half-written and refused the run (seen in CI on a resumed 2-process run)."""
+    from training.distributed import barrier, is_main_process
+
+    if is_main_process():
+        prepare_run_dir(out, ds, overwrite=overwrite)
+    barrier()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -178,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_dir)
     if not args.test_only:
-        prepare_run_dir(Path(args.out), ds, overwrite=args.overwrite)
+        _prepare_run_dir_once(Path(args.out), ds, overwrite=args.overwrite)
     if args.no_text:
         from training.two_tower import hide_item_content
 

@@ -90,6 +90,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def barrier() -> None:
+    """Wait for every process of the job (a no-op outside one)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def is_main_process() -> bool:
     """True outside a distributed job and on rank 0 inside one."""
     return not is_distributed() or dist.get_rank() == 0

@@ -132,7 +132,6 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
         ) as lc,
         Client(lc) as c,
     ):
-        addr0, pid0 = next(iter(c.run(os.getpid).items()))
         result: dict[str, Any] = {}
 
         def job() -> None:
@@ -147,19 +146,30 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
         th = threading.Thread(target=job)
         th.start()
         deadline = time.monotonic() + 600  # the first shard waits for torch to load in a worker
-        flight: list[str] = []
-        while not (list(out.glob("part-*.parquet")) and flight):
-            assert th.is_alive(), "the job ended before a worker could be killed mid-shard"
-            assert time.monotonic() < deadline, "no shard finished"
-            time.sleep(0.02)
-            flight = c.run(in_flight, workers=[addr0])[addr0]
-        for f in out.glob("part-*.parquet"):  # finished before the kill
-            st = f.stat()
-            seen[f.name] = (st.st_ino, st.st_mtime_ns)
-        t_kill = time.time_ns()
-        os.kill(pid0, signal.SIGKILL)  # a worker dies mid-shard; its nanny restarts it
-        interrupted = [Path(f) for f in flight if not Path(f).exists()]
-        assert interrupted, f"{flight} finished before the kill landed"
+        interrupted: list[Path] = []
+        t_kill = 0
+        # a shard can finish between asking a worker what it computes and the kill landing
+        # (a loaded machine): then kill the next busy worker, until a kill interrupts one
+        while not interrupted:
+            flight: list[str] = []
+            pids: dict[str, int] = {}
+            addr: str | None = None
+            while not (list(out.glob("part-*.parquet")) and flight):
+                assert th.is_alive(), "the job ended before a worker could be killed mid-shard"
+                assert time.monotonic() < deadline, "no kill landed mid-shard"
+                time.sleep(0.02)
+                pids = c.run(os.getpid)
+                busy = c.run(in_flight, workers=list(pids))
+                addr = next((a for a, f in busy.items() if f), None)
+                flight = busy[addr] if addr else []
+            for f in out.glob("part-*.parquet"):  # finished before the kill
+                if f.name not in seen:
+                    st = f.stat()
+                    seen[f.name] = (st.st_ino, st.st_mtime_ns)
+            assert addr is not None
+            t_kill = time.time_ns()
+            os.kill(pids[addr], signal.SIGKILL)  # a worker dies mid-shard; its nanny restarts it
+            interrupted = [Path(f) for f in flight if not Path(f).exists()]
         th.join(timeout=300)
     rep = result["rep"]
     assert rep.computed == 8 and len(seen) >= 1
