@@ -231,6 +231,15 @@ class RecommendClient:
         self.close()
 
 
+def _attribution(resp: Any) -> list[str]:
+    """The line a shop's frontend copies into the events it sends back (docs/outcomes.md):
+    the answer's ``recommendation_id`` and the A/B ``variant`` that served it."""
+    rid = getattr(resp, "recommendation_id", "")
+    if not rid:
+        return []
+    return [f"recommendation_id {rid}  variant {getattr(resp, 'variant', '') or 'default'}"]
+
+
 def format_response(resp: Any) -> str:
     """A human-readable block for one RecommendResponse."""
     # an empty segment: the customer is in no segment, so "popular" is over all customers
@@ -238,7 +247,7 @@ def format_response(resp: Any) -> str:
     head = f"segment {seg}  model {resp.model_version}  index {resp.index_version or 'none'}"
     if resp.degraded:
         head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
-    lines = [head]
+    lines = [head, *_attribution(resp)]
     for n, it in enumerate(resp.items, 1):
         title = (it.title[:60] + "...") if len(it.title) > 63 else it.title
         reasons = [
@@ -256,7 +265,7 @@ def format_products(resp: Any) -> str:
         head += f"  ignored unknown items: {', '.join(unknown)}"
     if resp.degraded:
         head += f"  DEGRADED {','.join(resp.degraded_reasons)}"
-    lines = [head]
+    lines = [head, *_attribution(resp)]
     for n, it in enumerate(resp.items, 1):
         title = (it.title[:50] + "...") if len(it.title) > 53 else it.title
         lines.append(

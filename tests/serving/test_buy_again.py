@@ -145,7 +145,8 @@ def test_cli_recommend_buy_again_mode(
     base += ["--api-key", API_KEY]
     args = ap.parse_args([*base, "--mode", "buy-again"])
     assert args.func(args) == 0
-    first = capsys.readouterr().out.splitlines()[1].split()
+    _head, ids, first = (ln.split() for ln in capsys.readouterr().out.splitlines()[:3])
+    assert ids[0] == "recommendation_id" and ids[2:] == ["variant", "default"]
     assert first[1] == staple and "BUY_AGAIN" in first[3]
     args = ap.parse_args(base)
     assert args.func(args) == 0

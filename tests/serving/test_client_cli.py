@@ -173,3 +173,20 @@ def test_format_response_names_the_segment_or_says_there_is_none() -> None:
     assert line.split()[3] == "POPULAR" and "segment -" not in none
     seg = format_response(pb.RecommendResponse(items=[item], segment="Champions"))
     assert seg.startswith("segment Champions") and "POPULAR_IN_SEGMENT" in seg
+
+
+def test_formatted_answers_carry_the_recommendation_id_and_variant() -> None:
+    """What `ecomrec recommend` / `basket` / `search` print names the answer's id and A/B
+    variant, so a developer can send a click with that id by hand (docs/outcomes.md)."""
+    from serving._generated.ecomrec.v1 import recommend_pb2 as pb
+    from serving.client import format_products, format_response
+
+    item = pb.ScoredItem(item_id="85123A", score=0.5, reasons=["COLLABORATIVE"])
+    rec = format_response(
+        pb.RecommendResponse(items=[item], recommendation_id="r-42", variant="treatment")
+    ).splitlines()
+    assert rec[1] == "recommendation_id r-42  variant treatment" and "85123A" in rec[2]
+    prod = format_products(pb.SearchProductsResponse(items=[item], recommendation_id="r-7"))
+    assert prod.splitlines()[1] == "recommendation_id r-7  variant default"
+    # an answer without an id (an old server): no attribution line
+    assert len(format_response(pb.RecommendResponse(items=[item])).splitlines()) == 2

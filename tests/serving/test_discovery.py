@@ -248,13 +248,14 @@ def test_cli_basket_and_search(served_shop: Served, planted: Planted) -> None:
     out = io.StringIO()
     with redirect_stdout(out):
         assert main(["basket", planted.a, "-k", "3", *common]) == 0
-    first = out.getvalue().splitlines()[1]
+    ids, first = out.getvalue().splitlines()[1:3]
+    assert ids.startswith("recommendation_id ") and ids.endswith(" variant default")
     assert planted.b in first and "BOUGHT_TOGETHER" in first
     out = io.StringIO()
     with redirect_stdout(out):
         user = planted.ds.users.to_external(7)
         assert main(["search", "dinosaur lunchbox", "-k", "2", "--user", user, *common]) == 0
-    assert planted.d in out.getvalue().splitlines()[1]
+    assert planted.d in out.getvalue().splitlines()[2]
 
 
 def test_concurrent_searches_equal_single_ones(served_shop: Served, planted: Planted) -> None:
