@@ -47,7 +47,7 @@ import numpy as np
 from intake.loaders import load_dataset
 from towers.complements import title_stem
 from towers.product_search import ProductSearch, SearchConfig, SemanticCandidates, personal_order
-from towers.text_onnx import QueryEncoder
+from towers.text_onnx import QueryEncoder, choose_precision
 
 log = logging.getLogger("benchmarks.search")
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
@@ -178,9 +178,13 @@ def run(args: argparse.Namespace) -> dict:
             "ms_per_query_ranking": round(ms, 2),
         }
         log.info("test %-12s ndcg@10 %.4f", name, m["all"]["ndcg@10"])
+    precision = compare_precisions(search, qs, vecs, models["ours-hybrid"]) if args.int8 else None
+    if precision:
+        models["ours-hybrid-int8"] = precision.pop("model")
     personal = run_personal(args, search, enc) if args.personal_run else None
     return {
         "personalisation": personal,
+        "query_precision": precision,
         "dataset": {"name": ds.name, "items": n},
         "protocol": {
             "queries": {ph: len(v) for ph, v in qs.items()},
@@ -195,6 +199,39 @@ def run(args: argparse.Namespace) -> dict:
         "models": models,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def compare_precisions(
+    search: ProductSearch, qs: dict[str, list[Query]], vecs: dict[str, np.ndarray], fp32: dict
+) -> dict | None:
+    """The hybrid with int8 query vectors (:class:`QueryEncoder` ``precision="int8"``) at
+    the float hybrid's lexical weight (chosen on validation), test read once, and the
+    served precision by :func:`towers.text_onnx.choose_precision` on validation NDCG@10."""
+    enc8 = QueryEncoder(lru=0, precision="int8")
+    if enc8.backend != "onnx-int8":
+        log.warning("no int8 query encoder (%s): precision comparison skipped", enc8.backend)
+        return None
+    v8 = {ph: enc8.encode([q.text for q in v]) for ph, v in qs.items()}  # (Q, 384)
+    cos = {ph: float((v8[ph] * vecs[ph]).sum(1).min()) for ph in qs}
+    w = fp32["params"]["lexical_weight"]  # the same hybrid, only the query vectors differ
+    valid = evaluate(search, qs["valid"], v8["valid"], w)
+    m = evaluate(search, qs["test"], v8["test"], w)
+    valid_ndcg = {"fp32": fp32["valid"]["ndcg@10"], "int8": valid["all"]["ndcg@10"]}
+    chosen = choose_precision(valid_ndcg)
+    log.info("int8 queries: valid ndcg@10 %.4f (fp32 %.4f), test %.4f: serve %s",
+             valid_ndcg["int8"], valid_ndcg["fp32"], m["all"]["ndcg@10"], chosen)  # fmt: skip
+    return {
+        "valid_ndcg@10": {k: round(v, 4) for k, v in valid_ndcg.items()},
+        "min_cosine_to_fp32": {k: round(v, 4) for k, v in cos.items()},
+        "chosen": chosen,
+        "rule": "int8 unless its validation ndcg@10 is more than 0.005 below fp32's",
+        "model": {
+            **m["all"],
+            "by_kind": {k: x for k, x in m.items() if k != "all"},
+            "valid": valid["all"],
+            "params": {"lexical_weight": w, "query_precision": "int8"},
+        },
     }
 
 
@@ -327,6 +364,15 @@ def markdown_table(result: dict) -> str:
             + " | ".join(f"{m['by_kind'][k]['ndcg@10']:.4f}" for k in kinds)
             + f" | {m['valid']['ndcg@10']:.4f} | {m['params']['lexical_weight']} |"
         )
+    qp = result.get("query_precision")
+    if qp:
+        v = qp["valid_ndcg@10"]
+        lines += [
+            "",
+            f"Query encoder precision: valid NDCG@10 fp32 {v['fp32']:.4f}, int8 {v['int8']:.4f} "
+            f"(query cosine to fp32 >= {min(qp['min_cosine_to_fp32'].values()):.3f}): "
+            f"serve **{qp['chosen']}** ({qp['rule']})",
+        ]
     p13 = result.get("personalisation")
     if p13:
         w = p13["chosen_personal_weight"]
@@ -360,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--personal-queries", type=int, default=1000, help="customer searches per phase"
+    )
+    ap.add_argument(
+        "--no-int8",
+        dest="int8",
+        action="store_false",
+        help="skip the int8 query encoder's comparison (default: compare and choose the "
+        "served precision on validation)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

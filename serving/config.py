@@ -179,6 +179,10 @@ class ServeConfig:
     # SearchProducts: recent customers' user vectors kept, keyed by their stored history
     # (a customer's next search skips the user-tower forward; 0 = off)
     search_user_cache: int = 4096
+    # SearchProducts: the query encoder's precision, "int8" (quantised MiniLM, ~2.4x less CPU
+    # per new query) or "fp32"; int8 chosen on validation queries by benchmarks/search.py
+    # (Beauty 0.8433 vs 0.8424, Online Retail: docs/complements.md)
+    search_query_precision: str = "int8"
 
     def __post_init__(self) -> None:
         for name in (
@@ -229,6 +233,11 @@ class ServeConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ServeConfig: set both tls_cert and tls_key, or neither")
+        if self.search_query_precision not in ("fp32", "int8"):
+            raise ConfigError(
+                "ServeConfig.search_query_precision must be fp32 or int8, "
+                f"got {self.search_query_precision!r}"
+            )
         if self.event_backend not in ("sqlite", "nats"):
             raise ConfigError(
                 f"ServeConfig.event_backend must be sqlite or nats, got {self.event_backend!r}"

@@ -93,7 +93,8 @@ def discovery_parts(cfg: ServeConfig, parts: Any) -> tuple[Lazy[Any] | None, Laz
                 query_cache=cfg.search_query_cache,
                 user_cache=getattr(cfg, "search_user_cache", 4096),
             )
-            return ProductSearch.from_items(ds.items, n_items, QueryEncoder().encode, scfg)
+            enc = QueryEncoder(precision=getattr(cfg, "search_query_precision", "fp32"))
+            return ProductSearch.from_items(ds.items, n_items, enc.encode, scfg)
 
         search = Lazy("product search", build_search)
     return comp, search

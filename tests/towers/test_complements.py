@@ -108,6 +108,40 @@ def test_onnx_query_encoder_equals_torch(tmp_path: Path) -> None:
     np.testing.assert_array_equal(enc.encode(["oily skin"]), enc.encode(["oily skin"]))  # LRU
 
 
+def test_int8_query_encoder_is_close_to_torch_and_batch_independent(tmp_path: Path) -> None:
+    """``precision="int8"`` (what SearchProducts serves): block-quantised MatMul weights,
+    vectors within cosine 0.998 of torch's, and a query's vector does not depend on the
+    other queries of its batch (dynamic per-tensor quantisation failed this: 0.98)."""
+    from towers.text_encoder import encode_texts
+    from towers.text_onnx import QueryEncoder
+
+    enc = QueryEncoder(cache_dir=tmp_path, lru=0, precision="int8")
+    assert enc.backend == "onnx-int8" and list(tmp_path.glob("*-int8b32.onnx"))
+    texts = ["moisturizer for dry skin", "x", "hair dryer ionic 1875 watt with a long cord"]
+    batch = enc.encode(texts)  # (3, 384)
+    want = encode_texts(texts)
+    assert (batch * want).sum(1).min() > 0.998
+    assert np.abs(batch - want).max() > 1e-5  # it is the quantised graph, not the float one
+    alone = np.concatenate([enc.encode([t]) for t in texts])
+    np.testing.assert_allclose(alone, batch, atol=1e-6)
+    # a broken quantised file: the float graph answers (exactly torch), logged
+    for f in tmp_path.glob("*-int8b32.onnx"):
+        f.write_bytes(b"not onnx")
+    fallback = QueryEncoder(cache_dir=tmp_path, lru=0, precision="int8")
+    assert fallback.backend == "onnx" and not list(tmp_path.glob("*-int8b32.onnx"))
+    np.testing.assert_allclose(fallback.encode(texts), want, atol=1e-4)
+    assert QueryEncoder(cache_dir=tmp_path, precision="int8").backend == "onnx-int8"  # redone
+
+
+def test_int8_is_served_unless_it_loses_on_validation() -> None:
+    from towers.text_onnx import choose_precision
+
+    assert choose_precision({"fp32": 0.8424, "int8": 0.8433}) == "int8"
+    assert choose_precision({"fp32": 0.8424, "int8": 0.8380}) == "int8"  # within 0.005
+    assert choose_precision({"fp32": 0.8424, "int8": 0.8370}) == "fp32"
+    assert choose_precision({"fp32": 0.8424}) == "fp32"
+
+
 def test_batched_queries_equal_single_ones(tmp_path: Path) -> None:
     """SearchProducts batches concurrent queries (one MiniLM forward, one pass over the
     item vectors): each row equals the query encoded and scored alone."""
