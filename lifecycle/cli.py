@@ -99,16 +99,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--served-log",
-        default=None,
+        action="append",
+        default=[],
         metavar="DB",
-        help="with --event-log: the served-recommendation log when it is not in the event "
-        "log's file (serve.served_log)",
+        help="with --event-log: a served-recommendation log (serve.served_log) when it is not "
+        "in the event log's file; repeat it for every replica's (required with a NATS log; "
+        "default: none)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from intake.live_log import is_nats_spec
     from lifecycle.refresh import EXIT_LOCKED, load_config, result_json
     from lifecycle.state import RefreshLockedError
 
@@ -116,8 +119,9 @@ def _run(args: argparse.Namespace) -> int:
         cfg, index_cfg = load_config(args.config, args.set)
         event_log = args.event_log or cfg.event_log
         report = _online_report(args.online_report) if args.online_report else None
-        if report is None and event_log and not event_log.startswith("nats://"):
-            report = _report_from_logs(args, event_log)
+        # a NATS log holds no served answers: its report needs the replicas' --served-log
+        if report is None and event_log and (not is_nats_spec(event_log) or args.served_log):
+            report = _report_from_logs(args, event_log, cfg.event_log_stream)
         if args.decide:
             return _decide(args, cfg, index_cfg, report)
         if not args.run or not args.dataset:
@@ -161,7 +165,8 @@ def _refresh_from_log(
     args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any], report: Any
 ) -> Any:
     """``--event-log``: the log's new events into ``--dataset``, then the refresh."""
-    from lifecycle.live_loop import open_event_log, refresh_from_log
+    from intake.live_log import open_event_log
+    from lifecycle.live_loop import refresh_from_log
     from lifecycle.refresh import default_state_dir
 
     if not (Path(args.dataset) / "dataset.json").is_file():
@@ -170,7 +175,9 @@ def _refresh_from_log(
             "`ecomrec data import --events FOLDER --out DIR` (it records the history folder "
             "and the log position consumed)"
         )
-    event_log, name = open_event_log(args.event_log or cfg.event_log, cfg.event_log_stream)
+    event_log, name = open_event_log(
+        args.event_log or cfg.event_log, cfg.event_log_stream, "refresh.event_log / --event-log"
+    )
     try:
         return refresh_from_log(
             args.run,
@@ -227,7 +234,9 @@ def _online_report(path: str) -> dict[str, object]:
     return data
 
 
-def _report_from_logs(args: argparse.Namespace, event_log: str) -> dict[str, Any] | None:
+def _report_from_logs(
+    args: argparse.Namespace, event_log: str, stream: str
+) -> dict[str, Any] | None:
     """The online report of the staged test from the service's logs (None: no test)."""
     import datetime as dt
 
@@ -239,7 +248,13 @@ def _report_from_logs(args: argparse.Namespace, event_log: str) -> dict[str, Any
     if staged is None:
         return None
     since = dt.datetime.fromtimestamp(float(staged["started_at"]), dt.UTC)
-    return online_report(event_log, since, served_log=args.served_log, baseline=staged["baseline"])
+    return online_report(
+        event_log,
+        since,
+        served_log=args.served_log or None,
+        baseline=staged["baseline"],
+        stream=stream,
+    )
 
 
 def _decide(args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any], report: Any) -> int:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ecomrec.errors import ConfigError, DataError
+from ecomrec.errors import ConfigError
 from indexing.base import IndexConfig
 from indexing.deploy import DeployState, write_json_atomic
 from intake.dataset import Dataset
@@ -47,27 +47,6 @@ from lifecycle.refresh import (
 from lifecycle.state import refresh_lock
 
 log = logging.getLogger(__name__)
-
-NATS_SCHEMES = ("nats://", "tls://")
-
-
-def open_event_log(spec: str, stream: str = "ECOMREC_EVENTS") -> tuple[EventLog, dict[str, Any]]:
-    """The log ``spec`` names and how the lineage names it: ``nats://host:4222[,nats://...]``
-    (the JetStream log, stream ``stream``) or the path of the embedded SQLite log (which
-    must exist: a refresh never creates an empty log)."""
-    spec = spec.strip()
-    if spec.startswith(NATS_SCHEMES):
-        from intake.live_log_nats import NatsEventLog, NatsLogConfig
-
-        servers = tuple(u.strip() for u in spec.split(",") if u.strip())
-        nats = NatsEventLog(NatsLogConfig(servers=servers, stream=stream))
-        return nats, {"stream": stream, "servers": list(servers)}
-    from intake.live_log import SqliteEventLog
-
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError("no event log here (refresh.event_log / --event-log)", file=spec)
-    return SqliteEventLog(path), {"path": str(path.resolve())}
 
 
 def refresh_from_log(

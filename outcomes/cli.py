@@ -27,14 +27,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--event-log",
         required=True,
-        help="the service's SQLite event log (serve.toml event_log); its served-recommendation "
-        "table is read too",
+        help="the service's SQLite event log (serve.toml event_log; its served-recommendation "
+        "table is read too), or its NATS JetStream log as nats://host:4222[,nats://...] "
+        '(event_backend = "nats"; then give --served-log)',
     )
     p.add_argument(
         "--served-log",
-        default=None,
-        help="served-recommendation log, when it is not the event log's own file "
-        "(default: the event log file)",
+        action="append",
+        default=[],
+        metavar="DB",
+        help="a served-recommendation log (serve.toml served_log) when it is not the event "
+        "log's own file; repeat it for every replica's, merged by time (default: the event "
+        "log file; required with a NATS log)",
+    )
+    p.add_argument(
+        "--stream",
+        default="ECOMREC_EVENTS",
+        help="with a NATS --event-log: the JetStream stream (the service's stream; "
+        "default: %(default)s)",
     )
     p.add_argument(
         "--since",

@@ -1,6 +1,8 @@
 """The online report: ``online_report(...) -> dict`` (online.json) and its HTML page.
 
     ecomrec report online --event-log state/events.db --since 2026-12-01 --out reports/online
+    ecomrec report online --event-log nats://nats-0:4222,nats://nats-1:4222 \
+        --served-log replica-0/served.db --served-log replica-1/served.db --since ... --out ...
 
 Reads the answers served in ``[since, until)`` (the served log) and the events of the event
 log that can be attributed to them (up to the longest window after ``until``), attributes
@@ -18,15 +20,16 @@ import html
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ecomrec.errors import ConfigError
-from intake.live_log import LiveEvent
+from intake.live_log import LiveEvent, is_nats_spec, open_event_log
 from outcomes.attribution import ATTRIBUTED_TYPES, AttributionRule, attribute
 from outcomes.metrics import METRICS, Tally, differences, pooled, tally
-from outcomes.served_log import read_served
+from outcomes.served_log import Served, read_served
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,16 @@ def _utc(t: dt.datetime) -> dt.datetime:
     return (t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
 
 
-def read_outcome_events(path: str | Path, since: float, until: float) -> Iterator[LiveEvent]:
-    """Events of the attributed types with ``since <= ts < until`` from a SQLite event log."""
-    p = Path(path)
+def read_outcome_events(
+    spec: str | Path, since: float, until: float, stream: str = "ECOMREC_EVENTS"
+) -> Iterator[LiveEvent]:
+    """Events of the attributed types with ``since <= ts < until``, in (time, position)
+    order, from the embedded SQLite event log (a path) or the NATS JetStream log
+    (``nats://host:4222[,...]``, stream ``stream``: the whole stream is read once)."""
+    if is_nats_spec(str(spec)):
+        yield from _nats_outcome_events(str(spec), since, until, stream)
+        return
+    p = Path(spec)
     if not p.is_file():
         raise ConfigError(f"--event-log: {p} does not exist")
     try:
@@ -74,6 +84,42 @@ def read_outcome_events(path: str | Path, since: float, until: float) -> Iterato
             yield LiveEvent(r[0], r[1], r[2], int(r[3]), int(r[4]), *r[5:])
     finally:
         conn.close()
+
+
+def _nats_outcome_events(spec: str, since: float, until: float, stream: str) -> Iterator[LiveEvent]:
+    """:func:`read_outcome_events` over the JetStream log (the SQLite query's filter and
+    order: ``int(since) <= ts <= int(until)``, by time then stream sequence)."""
+    log, _ = open_event_log(spec, stream)
+    lo, hi = int(since), int(until) + 1
+    try:
+        kept = [
+            (s.event.ts, s.seq, s.event)
+            for s in log.read()
+            if lo <= s.event.ts < hi and s.event.event_type in ATTRIBUTED_TYPES
+        ]
+    finally:
+        log.close()
+    kept.sort(key=lambda x: (x[0], x[1]))
+    for _, _, e in kept:
+        yield e
+
+
+def read_served_logs(
+    paths: Sequence[str | Path], since: float | None = None, until: float | None = None
+) -> list[Served]:
+    """The answers of several served logs (one per replica) in ``[since, until)``, in time
+    order; a recommendation id held by two files is an error (ids carry a per-process
+    prefix, so the same file was given twice, or a copy of it)."""
+    answers = [s for p in paths for s in read_served(p, since, until)]
+    answers.sort(key=lambda s: s.ts)
+    ids = [s.recommendation_id for s in answers]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, n in Counter(ids).items() if n > 1)
+        raise ConfigError(
+            f"--served-log: recommendation id {dup!r} is in more than one file "
+            f"({', '.join(map(str, paths))}): give each replica's log once"
+        )
+    return answers
 
 
 def _metric_dict(v: tuple[float, float, float]) -> dict[str, float]:
@@ -101,17 +147,20 @@ def online_report(
     since: dt.datetime,
     until: dt.datetime | None = None,
     *,
-    served_log: str | Path | None = None,
+    served_log: str | Path | Sequence[str | Path] | None = None,
     baseline: str | None = None,
     confidence: float = 0.95,
     rule: AttributionRule | None = None,
     out: str | Path | None = None,
+    stream: str = "ECOMREC_EVENTS",
 ) -> dict[str, Any]:
     """The report's JSON (docs/outcomes.md); with ``out`` also writes online.json + online.html.
 
-    ``event_log``: the service's SQLite event log; ``served_log``: the served-recommendation
-    log's file when it is not the event log's. Answers served in ``[since, until)`` (until
-    default: now) are the cohort; their events are read up to the longest window after it.
+    ``event_log``: the service's SQLite event log, or its NATS JetStream log
+    (``nats://...``, stream ``stream``); ``served_log``: the served-recommendation log's
+    file when it is not the event log's, or several (one per replica), merged by time;
+    required with a NATS log. Answers served in ``[since, until)`` (until default: now)
+    are the cohort; their events are read up to the longest window after it.
     """
     rule = rule or AttributionRule()
     if not 0.0 < confidence < 1.0:
@@ -122,11 +171,22 @@ def online_report(
     if t1 <= t0:
         raise ConfigError(f"--until ({t1.isoformat()}) must be after --since ({t0.isoformat()})")
     s0, s1 = t0.timestamp(), t1.timestamp()
-    served_path = Path(served_log) if served_log is not None else Path(event_log)
+    if served_log is None or (not isinstance(served_log, str | Path) and not served_log):
+        if is_nats_spec(str(event_log)):
+            raise ConfigError(
+                "--served-log: a NATS event log holds no served answers; give each "
+                "replica's served log (serve.served_log), e.g. --served-log a.db "
+                "--served-log b.db"
+            )
+        served_paths = [Path(event_log)]
+    elif isinstance(served_log, str | Path):
+        served_paths = [Path(served_log)]
+    else:
+        served_paths = [Path(p) for p in served_log]
     # answers from one window before the period too: an event carrying the id of an answer
     # served before it is that answer's (then left out), not a window match inside it
-    answers = list(read_served(served_path, s0 - rule.max_window_s, s1))
-    events = read_outcome_events(event_log, s0 - rule.clock_skew_s, s1 + rule.max_window_s)
+    answers = read_served_logs(served_paths, s0 - rule.max_window_s, s1)
+    events = read_outcome_events(event_log, s0 - rule.clock_skew_s, s1 + rule.max_window_s, stream)
     attributed, stats = attribute(answers, events, rule)
     in_period = [s for s in answers if s.ts >= s0]
     attributed = [a for a in attributed if a.served.ts >= s0]
@@ -190,7 +250,10 @@ def online_report(
         "until": t1.isoformat(),
         "generated_at": now.isoformat(),
         "event_log": str(event_log),
-        "served_log": str(served_path),
+        # one file: its path (as before); several replicas': the list
+        "served_log": str(served_paths[0])
+        if len(served_paths) == 1
+        else [str(p) for p in served_paths],
         "confidence": confidence,
         "baseline": base,
         "impressions_tracked": impressions_tracked,
@@ -448,10 +511,11 @@ def run_online_report(args: argparse.Namespace) -> int:
         args.event_log,
         since,
         until,
-        served_log=args.served_log,
+        served_log=args.served_log or None,
         baseline=args.baseline,
         confidence=args.confidence,
         out=args.out,
+        stream=args.stream,
     )
     for r in report["variant_totals"]:
         m = r["metrics"]
