@@ -111,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from intake.live_log import is_nats_spec
+    from intake.log_spec import is_nats_spec
     from lifecycle.refresh import EXIT_LOCKED, load_config, result_json
     from lifecycle.state import RefreshLockedError
 
@@ -165,7 +165,7 @@ def _refresh_from_log(
     args: argparse.Namespace, cfg: Any, index_cfg: dict[str, Any], report: Any
 ) -> Any:
     """``--event-log``: the log's new events into ``--dataset``, then the refresh."""
-    from intake.live_log import open_event_log
+    from intake.log_spec import open_event_log
     from lifecycle.live_loop import refresh_from_log
     from lifecycle.refresh import default_state_dir
 

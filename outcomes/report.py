@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ecomrec.errors import ConfigError
-from intake.live_log import LiveEvent, is_nats_spec, open_event_log
+from intake.live_log import LiveEvent
+from intake.log_spec import is_nats_spec, open_event_log
 from outcomes.attribution import ATTRIBUTED_TYPES, AttributionRule, attribute
 from outcomes.metrics import METRICS, Tally, differences, pooled, tally
 from outcomes.served_log import Served, read_served
