@@ -113,10 +113,16 @@ def test_readme_your_own_shop_commands(tmp_path: Path) -> None:
     assert kinds == {"view", "cart", "purchase", "return"}
     # artifacts record what they were made from
     fp = json.loads((tmp_path / "runs" / "shop" / "fingerprint.json").read_text())["dataset"]
-    versions = list((tmp_path / "artifacts" / "shop-index").rglob("manifest.json"))
-    assert versions, "the serve --build-index command built no index version"
-    man = json.loads(versions[0].read_text())
-    assert man["provenance"]["dataset"]["id"] == fp["id"]
+    mans = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "artifacts" / "shop-index").rglob("manifest.json")
+    ]
+    # the item collection's versions (its text collection's point back at one: item_version)
+    items = [m for m in mans if "item_version" not in m["provenance"]]
+    assert items, "the serve --build-index command built no index version"
+    assert all(m["provenance"]["dataset"]["id"] == fp["id"] for m in items)
+    item_versions = {m["version"] for m in items}
+    assert all(m["provenance"]["item_version"] in item_versions for m in mans if m not in items)
     report = (tmp_path / "reports" / "shop" / "report.html").read_text()
     assert "As of <b>2026-07-01</b>" in report and "data up to 2026-06-30" in report
     assert "Horizon <b>90 days</b>" in report and "checked at <b>" in report

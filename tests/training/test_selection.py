@@ -116,7 +116,11 @@ def _served(run: Path, shop: Path, idx: Path, capsys: pytest.CaptureFixture[str]
     ds = load_dataset(str(shop))
     parts = load_parts(run, ds)
     reader = open_reader(idx)
-    man = json.loads(next(idx.rglob("manifest.json")).read_text())
+    (man,) = [  # the item collection's version (not a text collection's: item_version)
+        m
+        for m in (json.loads(p.read_text()) for p in idx.rglob("manifest.json"))
+        if "item_version" not in m["provenance"]
+    ]
     assert man["provenance"]["left_out_no_vector"] == N_UNSEEN
     assert man["count"] == ds.n_items - N_UNSEEN
     return ds, parts, reader, Served(make_engine(parts, reader, exact_max_items=0))
