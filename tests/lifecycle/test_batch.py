@@ -139,37 +139,47 @@ def test_a_killed_worker_and_a_rerun_redo_no_finished_shard(
                 "embed-users", out, c, run_dir=shop["run"], sequences=shop["ingest"]
             )
 
-        def in_flight(dask_worker: Any) -> list[str]:  # part files of the shards it computes
+        note = tmp_path / "killed-mid.json"
+
+        def die_mid_shard(note: str, dask_worker: Any = None) -> list[str]:
+            """In the worker: when it is computing shards whose part files do not exist yet,
+            note them and SIGKILL itself (no round trip between the check and the kill)."""
             specs = [a for ts in dask_worker.state.executing for a in ts.run_spec.args]
-            return [a.out_file for a in specs if hasattr(a, "out_file")]
+            files = [a.out_file for a in specs if hasattr(a, "out_file")]
+            if not files or any(Path(f).exists() for f in files):
+                return []
+            Path(note).write_text(json.dumps(files))
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-shard; its nanny restarts it
+            return files  # never reached
 
         th = threading.Thread(target=job)
         th.start()
         deadline = time.monotonic() + 600  # the first shard waits for torch to load in a worker
         interrupted: list[Path] = []
         t_kill = 0
-        # a shard can finish between asking a worker what it computes and the kill landing
-        # (a loaded machine): then kill the next busy worker, until a kill interrupts one
+        # a shard can still finish between the worker's check and its death: then the next
+        # busy worker is killed, until a kill interrupts one
         while not interrupted:
-            flight: list[str] = []
-            pids: dict[str, int] = {}
-            addr: str | None = None
-            while not (list(out.glob("part-*.parquet")) and flight):
-                assert th.is_alive(), "the job ended before a worker could be killed mid-shard"
-                assert time.monotonic() < deadline, "no kill landed mid-shard"
-                time.sleep(0.02)
-                pids = c.run(os.getpid)
-                busy = c.run(in_flight, workers=list(pids))
-                addr = next((a for a, f in busy.items() if f), None)
-                flight = busy[addr] if addr else []
-            for f in out.glob("part-*.parquet"):  # finished before the kill
+            assert th.is_alive(), "the job ended before a worker could be killed mid-shard"
+            assert time.monotonic() < deadline, "no kill landed mid-shard"
+            time.sleep(0.02)
+            if not list(out.glob("part-*.parquet")):  # a shard finished before any kill
+                continue
+            for f in out.glob("part-*.parquet"):
                 if f.name not in seen:
                     st = f.stat()
                     seen[f.name] = (st.st_ino, st.st_mtime_ns)
-            assert addr is not None
             t_kill = time.time_ns()
-            os.kill(pids[addr], signal.SIGKILL)  # a worker dies mid-shard; its nanny restarts it
-            interrupted = [Path(f) for f in flight if not Path(f).exists()]
+            for addr in list(c.scheduler_info()["workers"]):  # one worker at a time
+                # on_error="ignore": the worker that died, or one killed by an earlier try and
+                # still listed while its nanny restarts it
+                c.run(die_mid_shard, str(note), workers=[addr], on_error="ignore")
+                if note.exists():
+                    break
+            if note.exists():
+                flight = json.loads(note.read_text())
+                note.unlink()
+                interrupted = [Path(f) for f in flight if not Path(f).exists()]
         th.join(timeout=300)
     rep = result["rep"]
     assert rep.computed == 8 and len(seen) >= 1
