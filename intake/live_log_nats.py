@@ -473,16 +473,7 @@ class NatsEventLog:
                 idle_heartbeat=1.0,
             )
 
-        sub = self._call(start())
-
-        def stop() -> None:
-            if not self._closed:
-                try:
-                    self._call(sub.unsubscribe(), timeout=10)
-                except Exception as e:
-                    log.debug("nats: stopping a follower: %r", e)
-
-        return stop
+        return self._stopper(self._call(start()), "a follower")
 
     # ------------------------------------------------ forget, told to every replica
     @property
@@ -519,14 +510,17 @@ class NatsEventLog:
             await self._nc.flush(timeout=max(1, round(self.config.ack_timeout_s)))
             return sub
 
-        sub = self._call(start())
+        return self._stopper(self._call(start()), "the forget listener")
+
+    def _stopper(self, sub: Any, what: str) -> Callable[[], None]:
+        """A function that unsubscribes ``sub`` (a no-op once the log is closed)."""
 
         def stop() -> None:
             if not self._closed:
                 try:
                     self._call(sub.unsubscribe(), timeout=10)
                 except Exception as e:
-                    log.debug("nats: stopping the forget listener: %r", e)
+                    log.debug("nats: stopping %s: %r", what, e)
 
         return stop
 

@@ -172,7 +172,14 @@ def online_report(
     if t1 <= t0:
         raise ConfigError(f"--until ({t1.isoformat()}) must be after --since ({t0.isoformat()})")
     s0, s1 = t0.timestamp(), t1.timestamp()
-    if served_log is None or (not isinstance(served_log, str | Path) and not served_log):
+    if served_log is None:
+        named: list[str | Path] = []
+    elif isinstance(served_log, str | Path):
+        named = [served_log]
+    else:
+        named = list(served_log)
+    served_paths = [Path(p) for p in named]
+    if not served_paths:
         if is_nats_spec(str(event_log)):
             raise ConfigError(
                 "--served-log: a NATS event log holds no served answers; give each "
@@ -180,10 +187,6 @@ def online_report(
                 "--served-log b.db"
             )
         served_paths = [Path(event_log)]
-    elif isinstance(served_log, str | Path):
-        served_paths = [Path(served_log)]
-    else:
-        served_paths = [Path(p) for p in served_log]
     # answers from one window before the period too: an event carrying the id of an answer
     # served before it is that answer's (then left out), not a window match inside it
     answers = read_served_logs(served_paths, s0 - rule.max_window_s, s1)

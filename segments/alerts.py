@@ -35,6 +35,7 @@ import polars as pl
 from ecomrec.errors import ConfigError, DataError, EcomrecError, MismatchError, NotFoundError
 from intake.dataset import Dataset
 from intake.live_log import EventLog, StoredEvent
+from intake.schema import EVENTS_SCHEMA
 from segments.churn import ChurnConfig, limited_threads
 from segments.labels import LabelConfig, make_labels
 from segments.rfm import FEATURE_COLUMNS, SEGMENTS, RFMScorer, customer_features
@@ -494,14 +495,8 @@ class AlertModel:
 
 
 # --------------------------------------------------------------------------- watcher
-_EVENT_SCHEMA = {
-    "user_id": pl.Int32(),
-    "item_id": pl.Int32(),
-    "ts": pl.Int64(),
-    "event_type": pl.Utf8(),
-    "quantity": pl.Int32(),
-    "price": pl.Float64(),
-}
+# the canonical events frame's columns but the order id (the watcher needs no baskets)
+_EVENT_SCHEMA = {k: v for k, v in EVENTS_SCHEMA.items() if k != "order"}
 STATE_VERSION = 1
 
 
