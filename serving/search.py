@@ -456,18 +456,33 @@ def _user_vector(engine: Any, hist: Any, ctx: RequestContext, degraded: list[str
 
 def _item_vectors(engine: Any, index: Any, ids: np.ndarray) -> np.ndarray:
     """(C, D) item vectors of the live version: from the engine's exact-search copy when it
-    is loaded and holds them all (no index round trip), else from the index."""
+    is loaded, else from the index.  An item the index does not hold (left out of it: no
+    trained vector, e.g. a product first sold after training) gets a zero row, so no
+    personal boost, instead of the whole answer losing its personalisation."""
     exact = getattr(engine, "exact", None)
     try:
         m = exact.matrix(index, index.version) if exact is not None else None
-        if m is not None and int(ids.max(initial=0)) < len(m.row_of):
-            rows = m.row_of[ids]
-            if (rows >= 0).all():
-                return np.asarray(m.vectors[rows], np.float32)
-        return np.asarray(index.get_vectors(ids.tolist()), np.float32)
+        out: np.ndarray | None = None
+        todo = ids
+        if m is not None:
+            out = np.zeros((len(ids), m.vectors.shape[1]), np.float32)
+            rows = np.full(len(ids), -1, np.int64)
+            inside = ids < len(m.row_of)
+            rows[inside] = m.row_of[ids[inside]]
+            out[rows >= 0] = m.vectors[rows[rows >= 0]]
+            todo = ids[rows < 0]
+            if not len(todo):
+                return out
+        have = sorted(index.existing_ids(todo.tolist()))
+        if out is None:
+            out = np.zeros((len(ids), int(index.dim)), np.float32)
+        if have:
+            pos = {int(j): r for r, j in enumerate(ids.tolist())}
+            out[[pos[j] for j in have]] = np.asarray(index.get_vectors(have), np.float32)
+        return out
     except IndexUnavailableError:
         raise
-    except Exception as e:  # items missing from the index or an engine fault
+    except Exception as e:  # an engine fault
         raise IndexUnavailableError(f"index lookup failed: {e}") from e
 
 
